@@ -1,0 +1,222 @@
+"""Benchmarks. ``python -m pipeline.bench encoder [--device cpu|cuda] [--dtypes float32,bfloat16]``
+
+Encoder alone, real-size random weights (768 wide, 12 layers, 8 experts, 250048 vocab), on a
+synthetic passage mix (median ~110 tokens, tail to 512). Runs side by side, in one process:
+
+* ``packed``: this project's path (length-sorted, token-budgeted packed batches, grouped MoE);
+* ``baseline``: the straightforward usage of the hub code: sort by length, batches of 32
+  padded to the longest, masked dense attention, a loop over experts that routes every
+  position, pads included (:func:`pipeline.model.reference.padded_forward`).
+
+Reports real tokens/s, padding waste, peak memory, and MFU on CUDA. Needs no Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import time
+
+import numpy as np
+import torch
+
+from .batching import DEFAULT_MAX_TOKENS, fixed_size_batches, padding_stats, plan_batches
+from .embedder import resolve_device, resolve_dtype
+from .model import EncoderConfig, PackedBatch, mean_pool
+from .model.builder import REAL_CONFIG, random_encoder
+from .model.reference import padded_forward
+
+H100_BF16_FLOPS = 790e12  # measured dense bf16 matmul peak (MISSION.md)
+BASELINE_BATCH = 32
+
+
+def length_mix(n: int, seed: int = 0, median: float = 110.0, max_len: int = 512) -> np.ndarray:
+    """Passage lengths in tokens (incl. ``<s>``/``</s>``): log-normal, median ~110, tail to 512."""
+    rng = np.random.default_rng(seed)
+    lengths = np.exp(rng.normal(np.log(median), 0.75, n)).round().astype(np.int64)
+    return np.clip(lengths, 8, max_len)
+
+
+def synthetic_ids(lengths: np.ndarray, vocab: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed + 1)
+    seqs = []
+    for n in lengths:
+        s = rng.integers(4, min(vocab, 250002), n)
+        s[0], s[-1] = 0, 2
+        seqs.append(s)
+    return seqs
+
+
+def flops_per_sequence(cfg: EncoderConfig, n: int) -> float:
+    """Matmul FLOPs of one sequence of ``n`` tokens (active experts only, no embedding)."""
+    D, F, K, E = cfg.hidden_size, cfg.ffn_size, cfg.top_k, cfg.num_experts
+    moe = len(cfg.moe_layers)
+    dense = cfg.num_layers - moe
+    per_token = cfg.num_layers * 8 * D * D + dense * 4 * D * F + moe * (K * 4 * D * F + 2 * D * E)
+    attention = cfg.num_layers * 4 * n * D  # q.k and p.v per token, at length n
+    return float(n * (per_token + attention))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, process-wide
+
+
+@torch.inference_mode()
+def run_packed(model, seqs, max_tokens: int, device) -> float:
+    lengths = np.array([len(s) for s in seqs])
+    for group in plan_batches(lengths, max_tokens):
+        batch = PackedBatch.from_sequences([seqs[i] for i in group]).to(device)
+        pooled = mean_pool(model.forward_packed(batch), batch)
+    _sync(device)
+    return float(pooled.sum())
+
+
+@torch.inference_mode()
+def run_baseline(model, seqs, device) -> float:
+    lengths = np.array([len(s) for s in seqs])
+    for group in fixed_size_batches(lengths, BASELINE_BATCH):
+        L = int(lengths[group].max())
+        ids = torch.full((len(group), L), model.config.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(group):
+            ids[row, : lengths[i]] = torch.from_numpy(seqs[i])
+            mask[row, : lengths[i]] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = padded_forward(model, ids, mask)
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    _sync(device)
+    return float(pooled.sum())
+
+
+def measure(name, fn, seqs, cfg, device, repeats: int) -> dict:
+    fn(seqs[:4])  # warm-up: kernels, allocator, thread pools
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(seqs)
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    tokens = int(sum(len(s) for s in seqs))
+    result = {
+        "path": name, "seconds": round(best, 3), "tokens": tokens,
+        "tokens_per_s": round(tokens / best, 1), "peak_mem_gib": round(_peak_memory_gib(device), 2),
+    }
+    if device.type == "cuda":
+        flops = sum(flops_per_sequence(cfg, len(s)) for s in seqs)
+        result["mfu"] = round(flops / best / H100_BF16_FLOPS, 4)
+    return result
+
+
+def cpu_has_bf16() -> bool:
+    """AVX-512 BF16 or AMX: without them CPU bf16 matmuls are emulated and very slow."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bench_encoder(args) -> list[dict]:
+    device = resolve_device(args.device)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    lengths = length_mix(args.texts, args.seed)
+    seqs = synthetic_ids(lengths, REAL_CONFIG.vocab_size, args.seed)
+    base_pad = padding_stats(lengths, fixed_size_batches(lengths, BASELINE_BATCH)).waste
+    ours_pad = padding_stats(lengths, plan_batches(lengths, args.max_tokens)).waste
+    results = []
+    for name in args.dtypes.split(","):
+        dtype = resolve_dtype(name, device)
+        if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bf16():
+            print(f"skip {name}: this CPU has no AVX-512 BF16/AMX")
+            continue
+        model = random_encoder(REAL_CONFIG, seed=0, device=device, dtype=dtype)
+        common = {"dtype": str(dtype).removeprefix("torch."), "device": str(device)}
+        packed = measure("packed", lambda s: run_packed(model, s, args.max_tokens, device),
+                         seqs, REAL_CONFIG, device, args.repeats)
+        results.append(common | packed | {"matmul_padding": 0.0, "attention_padding":
+                                          round(ours_pad, 4)})
+        if not args.no_baseline:
+            base = measure("baseline", lambda s: run_baseline(model, s, device), seqs,
+                           REAL_CONFIG, device, args.repeats)
+            results.append(common | base | {"matmul_padding": round(base_pad, 4),
+                                            "attention_padding": round(base_pad, 4)})
+        del model
+    return results
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
+
+
+def print_table(results: list[dict], header: dict) -> None:
+    print(json.dumps(header))
+    cols = ["device", "dtype", "path", "tokens", "seconds", "tokens_per_s", "matmul_padding",
+            "attention_padding", "peak_mem_gib", "mfu"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in results:
+        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    base = {r["dtype"]: r for r in results if r["path"] == "baseline"}
+    fp32_base = base.get("float32")
+    for r in results:
+        if r["path"] == "packed":
+            ref = base.get(r["dtype"])
+            if ref:
+                print(f"{r['dtype']}: packed / baseline = {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x")
+            if fp32_base and r["dtype"] != "float32":
+                print(f"{r['dtype']}: packed / float32 baseline = "
+                      f"{r['tokens_per_s'] / fp32_base['tokens_per_s']:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="what", required=True)
+    enc = sub.add_parser("encoder", help="encoder alone: packed path vs. straightforward baseline")
+    enc.add_argument("--device", default="auto")
+    enc.add_argument("--dtypes", default=None, help="comma list; default float32,bfloat16 on "
+                     "CPU, bfloat16 on CUDA")
+    enc.add_argument("--texts", type=int, default=192)
+    enc.add_argument("--seed", type=int, default=0)
+    enc.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    enc.add_argument("--repeats", type=int, default=1)
+    enc.add_argument("--threads", type=int, default=None)
+    enc.add_argument("--no-baseline", action="store_true")
+    enc.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.dtypes is None:
+        args.dtypes = "bfloat16" if resolve_device(args.device).type == "cuda" else "float32,bfloat16"
+    results = bench_encoder(args)
+    header = {"benchmark": "encoder", "date": datetime.date.today().isoformat(),
+              "machine": machine(), "texts": args.texts,
+              "median_len": float(np.median(length_mix(args.texts, args.seed))),
+              "max_tokens_per_batch": args.max_tokens}
+    print_table(results, header)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

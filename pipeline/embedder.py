@@ -1,0 +1,157 @@
+"""``Embedder``: texts in, unit-norm Matryoshka embeddings out, on one device.
+
+The in-process API the pipeline's encoder stage and the tests build on::
+
+    emb = Embedder.from_pretrained("nomic-ai/nomic-embed-text-v2-moe", device="cuda")
+    out = emb.encode(["some text"], task="document", dims=(768, 256))  # {768: [N, 768], ...}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .batching import DEFAULT_MAX_TOKENS, padding_stats, plan_batches
+from .model import NomicMoEEncoder, PackedBatch, check_dims, load_encoder, matryoshka, mean_pool
+from .tokenize import TextTokenizer, TokenizedBatch, TokenizerError, add_prefix, task_prefix
+from .tokenize import text_problem
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` is the current CUDA device when there is one, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but torch sees no CUDA device")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """A torch dtype or its name; ``"auto"`` is bfloat16 on CUDA and float32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)} or auto") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeStats:
+    """What one :meth:`Embedder.embed_tokenized` call did."""
+
+    texts: int
+    tokens: int
+    texts_truncated: int
+    batches: int
+    attention_padding: float  # fraction of attention-grid slots that were padding
+
+
+class Embedder:
+    """A loaded encoder and tokenizer, and the batching between them."""
+
+    def __init__(
+        self, encoder: NomicMoEEncoder, tokenizer: TextTokenizer, *, model_id: str | None = None,
+        revision: str | None = None, max_tokens_per_batch: int = DEFAULT_MAX_TOKENS,
+    ) -> None:
+        if tokenizer.vocab_size > encoder.config.vocab_size:
+            raise TokenizerError(
+                f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has "
+                f"{encoder.config.vocab_size}: they are not from the same model"
+            )
+        if max_tokens_per_batch < tokenizer.max_length:
+            raise ValueError(
+                f"max_tokens_per_batch {max_tokens_per_batch} is below the longest sequence "
+                f"({tokenizer.max_length} tokens)"
+            )
+        self.encoder, self.tokenizer = encoder, tokenizer
+        self.model_id, self.revision = model_id, revision
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.last_stats: EncodeStats | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str | os.PathLike | None = None, *, revision: str | None = None,
+        device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+        cache_dir: str | os.PathLike | None = None,
+        max_tokens_per_batch: int = DEFAULT_MAX_TOKENS, moe_backend: str = "auto",
+    ) -> "Embedder":
+        """Load from a local directory, a hub id (default the real model) or an fsspec prefix.
+
+        ``dtype`` is a torch dtype or its name (float32, bfloat16, float16; ``auto`` picks
+        bfloat16 on CUDA, float32 on CPU). The router always runs in float32.
+        """
+        from .model.sources import DEFAULT_MODEL, resolve_model
+
+        resolved = resolve_model(source or DEFAULT_MODEL, revision=revision, cache_dir=cache_dir)
+        dev = resolve_device(device)
+        encoder = load_encoder(resolved.local_dir, dev, resolve_dtype(dtype, dev), moe_backend)
+        return cls(
+            encoder, TextTokenizer.from_dir(resolved.local_dir), model_id=resolved.model_id,
+            revision=resolved.revision, max_tokens_per_batch=max_tokens_per_batch,
+        )
+
+    @property
+    def hidden_size(self) -> int:
+        return self.encoder.config.hidden_size
+
+    def tokenize(self, texts: Sequence[str], task: str = "document") -> TokenizedBatch:
+        """Validate, prefix and tokenise ``texts``; raises ``ValueError`` naming bad texts."""
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("texts must be a sequence of strings, not a single string")
+        texts = list(texts)
+        prefix = task_prefix(task)
+        problems = [(i, p) for i, t in enumerate(texts) if (p := text_problem(t)) is not None]
+        if problems:
+            shown = "; ".join(f"text {i}: {p}" for i, p in problems[:5])
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise ValueError(f"{len(problems)} text(s) cannot be embedded: {shown}{more}")
+        return self.tokenizer.encode([add_prefix(t, prefix) for t in texts])
+
+    def encode(
+        self, texts: Sequence[str], task: str = "document", dims: Sequence[int] = (768, 256),
+    ) -> dict[int, np.ndarray]:
+        """Embed ``texts``: ``{width: float32 array [N, width]}``, every row unit-norm.
+
+        ``task`` is document, query, classification or clustering (its prefix is added unless
+        a text already starts with a known prefix). Texts over 512 tokens are truncated and
+        counted in :attr:`last_stats`.
+        """
+        dims = check_dims(dims, self.hidden_size)
+        return self.embed_tokenized(self.tokenize(texts, task), dims)
+
+    @torch.inference_mode()
+    def embed_tokenized(self, batch: TokenizedBatch, dims: Sequence[int]) -> dict[int, np.ndarray]:
+        """Embed already tokenised sequences in token-budgeted packed batches, input order kept."""
+        dims = check_dims(dims, self.hidden_size)
+        n = len(batch.lengths)
+        out = {d: np.empty((n, d), dtype=np.float32) for d in dims}
+        groups = plan_batches(batch.lengths, self.max_tokens_per_batch)
+        offsets = batch.offsets
+        for group in groups:
+            ids = np.concatenate([batch.ids[offsets[i] : offsets[i + 1]] for i in group])
+            packed = PackedBatch.from_lengths_and_ids(ids, batch.lengths[group])
+            packed = packed.to(self.encoder.device)
+            hidden_TD = self.encoder.forward_packed(packed)
+            widths = matryoshka(mean_pool(hidden_TD, packed), dims)
+            for d, vectors in widths.items():
+                out[d][group] = vectors.cpu().numpy()
+        self.last_stats = EncodeStats(
+            texts=n, tokens=int(batch.lengths.sum()), texts_truncated=int(batch.truncated.sum()),
+            batches=len(groups), attention_padding=padding_stats(batch.lengths, groups).waste,
+        )
+        return out
+

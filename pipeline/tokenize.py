@@ -1,0 +1,123 @@
+"""Text -> token ids: task prefixes, validation, truncation to the model's 512 tokens.
+
+Uses the model directory's fast tokenizer (``tokenizer.json``, batch encoding in Rust). The
+task prefix is plain text prepended before tokenisation and counts toward the 512 tokens
+(model-spec section 4); truncation cuts the text and keeps ``</s>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .model.config import MAX_SEQ_LEN
+
+TASK_PREFIXES = {
+    "document": "search_document: ",
+    "query": "search_query: ",
+    "classification": "classification: ",
+    "clustering": "clustering: ",
+}
+# Token ids the model was trained with (XLM-R SentencePiece); a tokenizer that disagrees is
+# not this model's tokenizer.
+SPECIAL_IDS = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class TokenizerError(ValueError):
+    """The model directory has no usable tokenizer for this model."""
+
+
+def task_prefix(task: str) -> str:
+    """The text prefix of ``task`` (document, query, classification, clustering)."""
+    try:
+        return TASK_PREFIXES[task]
+    except KeyError:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASK_PREFIXES)}") from None
+
+
+def add_prefix(text: str, prefix: str) -> str:
+    """``prefix + text`` unless the text already starts with a known task prefix."""
+    if any(text.startswith(p) for p in TASK_PREFIXES.values()):
+        return text
+    return prefix + text
+
+
+def text_problem(text: Any) -> str | None:
+    """Why ``text`` cannot be embedded, or ``None`` if it can.
+
+    Empty and whitespace-only texts carry no content (the embedding would be the prefix's);
+    lone surrogates are not Unicode scalar values and cannot be encoded as UTF-8.
+    """
+    if not isinstance(text, str):
+        return f"text is {type(text).__name__}, not str"
+    if not text.strip():
+        return "text is empty or whitespace only"
+    bad = _SURROGATE.search(text)
+    if bad:
+        return f"text has a lone surrogate U+{ord(bad.group()):04X} at position {bad.start()}"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedBatch:
+    """Token ids of ``N`` texts, flat: text ``i`` is ``ids[offsets[i]:offsets[i+1]]``."""
+
+    ids: np.ndarray  # int32 [sum(lengths)]
+    lengths: np.ndarray  # int32 [N], each including <s> and </s>
+    truncated: np.ndarray  # bool [N]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate(([0], np.cumsum(self.lengths, dtype=np.int64)))
+
+    def sequence(self, i: int) -> np.ndarray:
+        o = self.offsets
+        return self.ids[o[i] : o[i + 1]]
+
+
+class TextTokenizer:
+    """The fast tokenizer of a model directory, truncating to ``max_length`` tokens."""
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int = MAX_SEQ_LEN) -> None:
+        if not 3 <= max_length <= MAX_SEQ_LEN:
+            raise ValueError(f"max_length must be in [3, {MAX_SEQ_LEN}], got {max_length}")
+        for token, want in SPECIAL_IDS.items():
+            got = tokenizer.token_to_id(token)
+            if got != want:
+                raise TokenizerError(f"tokenizer maps {token} to {got}, this model needs {want}")
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length=max_length)
+        self._tok = tokenizer
+        self.max_length = max_length
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, max_length: int = MAX_SEQ_LEN) -> "TextTokenizer":
+        path = Path(model_dir) / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(
+                f"no tokenizer.json in model directory {str(model_dir)!r}; the encoder needs the "
+                "model's fast tokenizer file (it is part of the hub repo)"
+            )
+        return cls(Tokenizer.from_file(str(path)), max_length)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, texts: Sequence[str]) -> TokenizedBatch:
+        """Tokenise already-prefixed, already-validated texts (see :func:`text_problem`)."""
+        encodings = self._tok.encode_batch(list(texts), add_special_tokens=True)
+        lengths = np.fromiter((len(e.ids) for e in encodings), np.int32, len(encodings))
+        truncated = np.fromiter((bool(e.overflowing) for e in encodings), bool, len(encodings))
+        ids = (
+            np.concatenate([np.asarray(e.ids, dtype=np.int32) for e in encodings])
+            if encodings else np.zeros(0, np.int32)
+        )
+        return TokenizedBatch(ids, lengths, truncated)
