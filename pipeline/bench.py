@@ -24,9 +24,10 @@ import time
 import numpy as np
 import torch
 
-from .batching import DEFAULT_MAX_TOKENS, fixed_size_batches, padding_stats, plan_batches
+from .batching import attention_padding, default_max_tokens, fixed_size_batches, padding_stats, plan_batches
 from .embedder import resolve_device, resolve_dtype
 from .model import EncoderConfig, PackedBatch, mean_pool
+from .model.cpu import retain_freed_memory
 from .model.builder import REAL_CONFIG, random_encoder
 from .model.reference import padded_forward
 
@@ -66,43 +67,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 resets the process's peak resident set size (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _peak_memory_gib(device: torch.device) -> float:
+    """CUDA: peak allocated. CPU: peak resident set since the last reset (weights included)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, process-wide
-
-
-@torch.inference_mode()
-def run_packed(model, seqs, max_tokens: int, device) -> float:
-    lengths = np.array([len(s) for s in seqs])
-    for group in plan_batches(lengths, max_tokens):
-        batch = PackedBatch.from_sequences([seqs[i] for i in group]).to(device)
-        pooled = mean_pool(model.forward_packed(batch), batch)
-    _sync(device)
-    return float(pooled.sum())
-
-
-@torch.inference_mode()
-def run_baseline(model, seqs, device) -> float:
-    lengths = np.array([len(s) for s in seqs])
-    for group in fixed_size_batches(lengths, BASELINE_BATCH):
-        L = int(lengths[group].max())
-        ids = torch.full((len(group), L), model.config.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(group):
-            ids[row, : lengths[i]] = torch.from_numpy(seqs[i])
-            mask[row, : lengths[i]] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        hidden = padded_forward(model, ids, mask)
-        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-    _sync(device)
-    return float(pooled.sum())
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # KiB -> GiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def measure(name, fn, seqs, cfg, device, repeats: int) -> dict:
     fn(seqs[:4])  # warm-up: kernels, allocator, thread pools
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    _reset_peak_memory(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -131,11 +122,17 @@ def cpu_has_bf16() -> bool:
 
 def bench_encoder(args) -> list[dict]:
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        retain_freed_memory()  # as Embedder.from_pretrained does for CPU workers
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     lengths = length_mix(args.texts, args.seed)
     seqs = synthetic_ids(lengths, REAL_CONFIG.vocab_size, args.seed)
     base_pad = padding_stats(lengths, fixed_size_batches(lengths, BASELINE_BATCH)).waste
-    ours_pad = padding_stats(lengths, plan_batches(lengths, args.max_tokens)).waste
+    if args.max_tokens is None:
+        args.max_tokens = default_max_tokens(device.type)
+    groups = plan_batches(lengths, args.max_tokens)
+    # varlen attention on CUDA in half precision has no padding at all
+    ours_pad = 0.0 if device.type == "cuda" else attention_padding(lengths, groups)
     results = []
     for name in args.dtypes.split(","):
         dtype = resolve_dtype(name, device)
@@ -199,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
                      "CPU, bfloat16 on CUDA")
     enc.add_argument("--texts", type=int, default=192)
     enc.add_argument("--seed", type=int, default=0)
-    enc.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    enc.add_argument("--max-tokens", type=int, default=None,
+                     help="token budget per batch (default 4096 on CPU, 16384 on CUDA)")
     enc.add_argument("--repeats", type=int, default=1)
     enc.add_argument("--threads", type=int, default=None)
     enc.add_argument("--no-baseline", action="store_true")
@@ -207,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.dtypes is None:
         args.dtypes = "bfloat16" if resolve_device(args.device).type == "cuda" else "float32,bfloat16"
-    results = bench_encoder(args)
+    results = bench_encoder(args)  # fills in args.max_tokens when left to the default
     header = {"benchmark": "encoder", "date": datetime.date.today().isoformat(),
               "machine": machine(), "texts": args.texts,
               "median_len": float(np.median(length_mix(args.texts, args.seed))),

@@ -15,7 +15,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .batching import DEFAULT_MAX_TOKENS, padding_stats, plan_batches
+from .batching import attention_padding, default_max_tokens, plan_batches
+from .model.cpu import retain_freed_memory
 from .model import NomicMoEEncoder, PackedBatch, check_dims, load_encoder, matryoshka, mean_pool
 from .tokenize import TextTokenizer, TokenizedBatch, TokenizerError, add_prefix, task_prefix
 from .tokenize import text_problem
@@ -57,7 +58,7 @@ class EncodeStats:
     tokens: int
     texts_truncated: int
     batches: int
-    attention_padding: float  # fraction of attention-grid slots that were padding
+    attention_padding: float  # fraction of attention-grid slots that were padding (CPU path)
 
 
 class Embedder:
@@ -65,8 +66,10 @@ class Embedder:
 
     def __init__(
         self, encoder: NomicMoEEncoder, tokenizer: TextTokenizer, *, model_id: str | None = None,
-        revision: str | None = None, max_tokens_per_batch: int = DEFAULT_MAX_TOKENS,
+        revision: str | None = None, max_tokens_per_batch: int | None = None,
     ) -> None:
+        if max_tokens_per_batch is None:
+            max_tokens_per_batch = default_max_tokens(encoder.device.type)
         if tokenizer.vocab_size > encoder.config.vocab_size:
             raise TokenizerError(
                 f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has "
@@ -87,17 +90,21 @@ class Embedder:
         cls, source: str | os.PathLike | None = None, *, revision: str | None = None,
         device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
         cache_dir: str | os.PathLike | None = None,
-        max_tokens_per_batch: int = DEFAULT_MAX_TOKENS, moe_backend: str = "auto",
+        max_tokens_per_batch: int | None = None, moe_backend: str = "auto",
     ) -> "Embedder":
         """Load from a local directory, a hub id (default the real model) or an fsspec prefix.
 
         ``dtype`` is a torch dtype or its name (float32, bfloat16, float16; ``auto`` picks
         bfloat16 on CUDA, float32 on CPU). The router always runs in float32.
+        ``max_tokens_per_batch`` bounds ``sequences x longest`` per forward pass (default
+        4096 on CPU, 16384 on CUDA).
         """
         from .model.sources import DEFAULT_MODEL, resolve_model
 
         resolved = resolve_model(source or DEFAULT_MODEL, revision=revision, cache_dir=cache_dir)
         dev = resolve_device(device)
+        if dev.type == "cpu":
+            retain_freed_memory()
         encoder = load_encoder(resolved.local_dir, dev, resolve_dtype(dtype, dev), moe_backend)
         return cls(
             encoder, TextTokenizer.from_dir(resolved.local_dir), model_id=resolved.model_id,
@@ -151,7 +158,7 @@ class Embedder:
                 out[d][group] = vectors.cpu().numpy()
         self.last_stats = EncodeStats(
             texts=n, tokens=int(batch.lengths.sum()), texts_truncated=int(batch.truncated.sum()),
-            batches=len(groups), attention_padding=padding_stats(batch.lengths, groups).waste,
+            batches=len(groups), attention_padding=attention_padding(batch.lengths, groups),
         )
         return out
 

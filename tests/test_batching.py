@@ -42,3 +42,18 @@ def test_padding_stats():
     assert padding_stats(lengths, [np.array([0, 1, 2, 3])]).waste == pytest.approx(1 - 20 / 40)
     assert padding_stats(lengths, [np.array([0]), np.array([1, 2]), np.array([3])]).waste == 0.0
     assert as_lists(fixed_size_batches([3, 1, 2], 2)) == [[1, 2], [0]]
+
+
+def test_segment_runs_keep_attention_grids_nearly_full():
+    from pipeline.batching import attention_padding, segment_runs
+
+    assert segment_runs([]) == []
+    assert segment_runs([5, 5, 5]) == [(0, 3)]
+    assert segment_runs([1, 100]) == [(0, 1), (1, 2)]  # 1 + 100 on a 2 x 100 grid wastes 50%
+    lengths = np.random.default_rng(0).integers(1, 513, 300)
+    groups = plan_batches(lengths, max_tokens=4096)
+    assert attention_padding(lengths, groups) <= 0.125
+    for g in groups:
+        runs = segment_runs(lengths[g].tolist())
+        assert runs[0][0] == 0 and runs[-1][1] == len(g)
+        assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))

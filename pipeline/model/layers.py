@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..batching import segment_runs
 from .config import EncoderConfig
 from .packed import PackedBatch
 
@@ -55,11 +56,6 @@ def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return x
 
 
-# A run of consecutive sequences shares one SDPA call on a [B, L_max] grid while its padding
-# stays under this fraction of the grid; batches arrive length-sorted, so runs are long.
-MAX_SEGMENT_PADDING = 0.125
-
-
 @dataclasses.dataclass(frozen=True)
 class GridSegment:
     """Consecutive sequences ``[start, end)`` of the packed row, attended as one padded grid."""
@@ -70,20 +66,6 @@ class GridSegment:
     max_len: int
     pad_index: torch.Tensor | None  # grid slot of each token of the segment; None: no padding
     key_mask_B11L: torch.Tensor | None  # True = real key
-
-
-def segment_runs(lengths: list[int], max_padding: float = MAX_SEGMENT_PADDING):
-    """Split sequences (in order) into runs whose ``count * max_len`` grid wastes little."""
-    runs, first, real, longest = [], 0, 0, 0
-    for i, n in enumerate(lengths):
-        new_real, new_longest = real + n, max(longest, n)
-        if i > first and (i - first + 1) * new_longest * (1 - max_padding) > new_real:
-            runs.append((first, i))
-            first, new_real, new_longest = i, n, n
-        real, longest = new_real, new_longest
-    if lengths:
-        runs.append((first, len(lengths)))
-    return runs
 
 
 @dataclasses.dataclass(frozen=True)
