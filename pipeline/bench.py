@@ -28,7 +28,7 @@ from .batching import attention_padding, default_max_tokens, fixed_size_batches,
 from .embedder import resolve_device, resolve_dtype
 from .model import EncoderConfig, PackedBatch, mean_pool
 from .model.cpu import retain_freed_memory
-from .model.builder import REAL_CONFIG, random_encoder
+from .model.builder import SIZES, random_encoder
 from .model.reference import padded_forward
 
 H100_BF16_FLOPS = 790e12  # measured dense bf16 matmul peak (MISSION.md)
@@ -91,6 +91,33 @@ def _peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+@torch.inference_mode()
+def run_packed(model, seqs, max_tokens: int, device) -> float:
+    lengths = np.array([len(s) for s in seqs])
+    for group in plan_batches(lengths, max_tokens):
+        batch = PackedBatch.from_sequences([seqs[i] for i in group]).to(device)
+        pooled = mean_pool(model.forward_packed(batch), batch)
+    _sync(device)
+    return float(pooled.sum())
+
+
+@torch.inference_mode()
+def run_baseline(model, seqs, device) -> float:
+    lengths = np.array([len(s) for s in seqs])
+    for group in fixed_size_batches(lengths, BASELINE_BATCH):
+        L = int(lengths[group].max())
+        ids = torch.full((len(group), L), model.config.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(group):
+            ids[row, : lengths[i]] = torch.from_numpy(seqs[i])
+            mask[row, : lengths[i]] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = padded_forward(model, ids, mask)
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    _sync(device)
+    return float(pooled.sum())
+
+
 def measure(name, fn, seqs, cfg, device, repeats: int) -> dict:
     fn(seqs[:4])  # warm-up: kernels, allocator, thread pools
     _reset_peak_memory(device)
@@ -126,7 +153,8 @@ def bench_encoder(args) -> list[dict]:
         retain_freed_memory()  # as Embedder.from_pretrained does for CPU workers
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     lengths = length_mix(args.texts, args.seed)
-    seqs = synthetic_ids(lengths, REAL_CONFIG.vocab_size, args.seed)
+    cfg = SIZES[args.size]
+    seqs = synthetic_ids(lengths, cfg.vocab_size, args.seed)
     base_pad = padding_stats(lengths, fixed_size_batches(lengths, BASELINE_BATCH)).waste
     if args.max_tokens is None:
         args.max_tokens = default_max_tokens(device.type)
@@ -139,15 +167,15 @@ def bench_encoder(args) -> list[dict]:
         if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bf16():
             print(f"skip {name}: this CPU has no AVX-512 BF16/AMX")
             continue
-        model = random_encoder(REAL_CONFIG, seed=0, device=device, dtype=dtype)
+        model = random_encoder(cfg, seed=0, device=device, dtype=dtype)
         common = {"dtype": str(dtype).removeprefix("torch."), "device": str(device)}
         packed = measure("packed", lambda s: run_packed(model, s, args.max_tokens, device),
-                         seqs, REAL_CONFIG, device, args.repeats)
+                         seqs, cfg, device, args.repeats)
         results.append(common | packed | {"matmul_padding": 0.0, "attention_padding":
                                           round(ours_pad, 4)})
         if not args.no_baseline:
             base = measure("baseline", lambda s: run_baseline(model, s, device), seqs,
-                           REAL_CONFIG, device, args.repeats)
+                           cfg, device, args.repeats)
             results.append(common | base | {"matmul_padding": round(base_pad, 4),
                                             "attention_padding": round(base_pad, 4)})
         del model
@@ -192,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     enc = sub.add_parser("encoder", help="encoder alone: packed path vs. straightforward baseline")
     enc.add_argument("--device", default="auto")
+    enc.add_argument("--size", choices=sorted(SIZES), default="real",
+                     help="model size with random weights (tiny: for a quick smoke run)")
     enc.add_argument("--dtypes", default=None, help="comma list; default float32,bfloat16 on "
                      "CPU, bfloat16 on CUDA")
     enc.add_argument("--texts", type=int, default=192)
@@ -206,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.dtypes is None:
         args.dtypes = "bfloat16" if resolve_device(args.device).type == "cuda" else "float32,bfloat16"
     results = bench_encoder(args)  # fills in args.max_tokens when left to the default
-    header = {"benchmark": "encoder", "date": datetime.date.today().isoformat(),
+    header = {"benchmark": "encoder", "model": args.size, "date": datetime.date.today().isoformat(),
               "machine": machine(), "texts": args.texts,
               "median_len": float(np.median(length_mix(args.texts, args.seed))),
               "max_tokens_per_batch": args.max_tokens}
