@@ -11,15 +11,19 @@ import dataclasses
 
 import numpy as np
 
-# Grid tokens per batch. On CPU (2 cores, fp32, real-size model) 4096 measured fastest: 787
-# tokens/s vs 771 at 8192, 717 at 32768 and 704 at 2048 (`python -m pipeline.bench encoder
-# --max-tokens N`). GPUs need larger batches to fill the device.
-DEFAULT_MAX_TOKENS = {"cpu": 4096, "cuda": 16384}
+# Grid tokens per batch, measured with `python -m pipeline.bench encoder --max-tokens N` on the
+# 2-core dev machine (real-size model, 192-text mix). CPU fp32: 4096 -> 787 tokens/s, 8192 ->
+# 771, 32768 -> 717, 2048 -> 704. CPU bf16 wants bigger matmuls: 16384 -> 2133, 8192 -> 1880,
+# 4096 -> 1562. GPUs need large batches to fill the device.
+DEFAULT_MAX_TOKENS = {("cpu", "float32"): 4096, ("cpu", "bfloat16"): 16384}
+DEFAULT_MAX_TOKENS_GPU = 16384
 
 
-def default_max_tokens(device_type: str) -> int:
-    """The default token budget per batch for a device type (``cpu``, ``cuda``, ...)."""
-    return DEFAULT_MAX_TOKENS.get(device_type, DEFAULT_MAX_TOKENS["cpu"])
+def default_max_tokens(device_type: str, dtype_name: str = "float32") -> int:
+    """The default token budget per batch for a device type and dtype name."""
+    if device_type != "cpu":
+        return DEFAULT_MAX_TOKENS_GPU
+    return DEFAULT_MAX_TOKENS.get((device_type, dtype_name), 4096)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -156,11 +156,6 @@ def bench_encoder(args) -> list[dict]:
     cfg = SIZES[args.size]
     seqs = synthetic_ids(lengths, cfg.vocab_size, args.seed)
     base_pad = padding_stats(lengths, fixed_size_batches(lengths, BASELINE_BATCH)).waste
-    if args.max_tokens is None:
-        args.max_tokens = default_max_tokens(device.type)
-    groups = plan_batches(lengths, args.max_tokens)
-    # varlen attention on CUDA in half precision has no padding at all
-    ours_pad = 0.0 if device.type == "cuda" else attention_padding(lengths, groups)
     results = []
     for name in args.dtypes.split(","):
         dtype = resolve_dtype(name, device)
@@ -168,8 +163,13 @@ def bench_encoder(args) -> list[dict]:
             print(f"skip {name}: this CPU has no AVX-512 BF16/AMX")
             continue
         model = random_encoder(cfg, seed=0, device=device, dtype=dtype)
-        common = {"dtype": str(dtype).removeprefix("torch."), "device": str(device)}
-        packed = measure("packed", lambda s: run_packed(model, s, args.max_tokens, device),
+        dtype_name = str(dtype).removeprefix("torch.")
+        budget = args.max_tokens or default_max_tokens(device.type, dtype_name)
+        # varlen attention on CUDA in half precision has no padding at all
+        ours_pad = (0.0 if device.type == "cuda"
+                    else attention_padding(lengths, plan_batches(lengths, budget)))
+        common = {"dtype": dtype_name, "device": str(device), "max_tokens_per_batch": budget}
+        packed = measure("packed", lambda s: run_packed(model, s, budget, device),
                          seqs, cfg, device, args.repeats)
         results.append(common | packed | {"matmul_padding": 0.0, "attention_padding":
                                           round(ours_pad, 4)})
@@ -197,7 +197,7 @@ def machine() -> str:
 
 def print_table(results: list[dict], header: dict) -> None:
     print(json.dumps(header))
-    cols = ["device", "dtype", "path", "tokens", "seconds", "tokens_per_s", "matmul_padding",
+    cols = ["device", "dtype", "path", "max_tokens_per_batch", "tokens", "seconds", "tokens_per_s", "matmul_padding",
             "attention_padding", "peak_mem_gib", "mfu"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     enc.add_argument("--texts", type=int, default=192)
     enc.add_argument("--seed", type=int, default=0)
     enc.add_argument("--max-tokens", type=int, default=None,
-                     help="token budget per batch (default 4096 on CPU, 16384 on CUDA)")
+                     help="token budget per batch (default: pipeline.batching.default_max_tokens)")
     enc.add_argument("--repeats", type=int, default=1)
     enc.add_argument("--threads", type=int, default=None)
     enc.add_argument("--no-baseline", action="store_true")
@@ -235,11 +235,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.dtypes is None:
         args.dtypes = "bfloat16" if resolve_device(args.device).type == "cuda" else "float32,bfloat16"
-    results = bench_encoder(args)  # fills in args.max_tokens when left to the default
+    results = bench_encoder(args)
     header = {"benchmark": "encoder", "model": args.size, "date": datetime.date.today().isoformat(),
               "machine": machine(), "texts": args.texts,
-              "median_len": float(np.median(length_mix(args.texts, args.seed))),
-              "max_tokens_per_batch": args.max_tokens}
+              "median_len": float(np.median(length_mix(args.texts, args.seed)))}
     print_table(results, header)
     if args.json:
         with open(args.json, "w") as f:

@@ -69,7 +69,8 @@ class Embedder:
         revision: str | None = None, max_tokens_per_batch: int | None = None,
     ) -> None:
         if max_tokens_per_batch is None:
-            max_tokens_per_batch = default_max_tokens(encoder.device.type)
+            dtype_name = str(encoder.dtype).removeprefix("torch.")
+            max_tokens_per_batch = default_max_tokens(encoder.device.type, dtype_name)
         if tokenizer.vocab_size > encoder.config.vocab_size:
             raise TokenizerError(
                 f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has "
@@ -97,7 +98,7 @@ class Embedder:
         ``dtype`` is a torch dtype or its name (float32, bfloat16, float16; ``auto`` picks
         bfloat16 on CUDA, float32 on CPU). The router always runs in float32.
         ``max_tokens_per_batch`` bounds ``sequences x longest`` per forward pass (default
-        4096 on CPU, 16384 on CUDA).
+        4096 on CPU in float32, 16384 on CPU in bfloat16 and on CUDA).
         """
         from .model.sources import DEFAULT_MODEL, resolve_model
 
