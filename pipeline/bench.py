@@ -176,7 +176,8 @@ def bench_encoder(args) -> list[dict]:
         if not args.no_baseline:
             base = measure("baseline", lambda s: run_baseline(model, s, device), seqs,
                            cfg, device, args.repeats)
-            results.append(common | base | {"matmul_padding": round(base_pad, 4),
+            results.append(common | base | {"max_tokens_per_batch": f"{BASELINE_BATCH} seqs",
+                                            "matmul_padding": round(base_pad, 4),
                                             "attention_padding": round(base_pad, 4)})
         del model
     return results
