@@ -98,6 +98,24 @@ def segment_runs(lengths: list[int], max_padding: float = MAX_SEGMENT_PADDING):
     return runs
 
 
+def attention_slots(lengths, groups, varlen: bool = False) -> np.ndarray:
+    """Per sequence, the attention-grid width the packed encoder computes it at.
+
+    With varlen attention that is its own length; otherwise the longest length of its
+    segment run (see :func:`segment_runs`) within its group. Summed, it is the encoder's
+    computed token slots; the gap to the real tokens is its padding.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if varlen:
+        return lengths.copy()
+    slots = np.zeros(len(lengths), np.int64)
+    for g in groups:
+        lens = lengths[g].tolist()
+        for a, b in segment_runs(lens):
+            slots[g[a:b]] = max(lens[a:b])
+    return slots
+
+
 def attention_padding(lengths, groups) -> float:
     """Padding fraction of the attention grids that the packed CPU path builds for a plan."""
     lengths = np.asarray(lengths, dtype=np.int64)

@@ -15,7 +15,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .batching import attention_padding, default_max_tokens, plan_batches
+from .batching import attention_padding, attention_slots, default_max_tokens, plan_batches
+from .model.layers import uses_varlen
 from .model.cpu import retain_freed_memory
 from .model import NomicMoEEncoder, PackedBatch, check_dims, load_encoder, matryoshka, mean_pool
 from .tokenize import TextTokenizer, TokenizedBatch, TokenizerError, add_prefix, task_prefix
@@ -141,13 +142,28 @@ class Embedder:
         dims = check_dims(dims, self.hidden_size)
         return self.embed_tokenized(self.tokenize(texts, task), dims)
 
+    def plan(self, lengths) -> list[np.ndarray]:
+        """Length-sorted, token-budgeted groups of sequence indices (see ``plan_batches``)."""
+        return plan_batches(lengths, self.max_tokens_per_batch)
+
+    def attention_slots(self, lengths, groups: list[np.ndarray]) -> np.ndarray:
+        """Per sequence, the attention-grid width it is computed at (its length with varlen)."""
+        varlen = uses_varlen(self.encoder.device, self.encoder.dtype)
+        return attention_slots(lengths, groups, varlen)
+
     @torch.inference_mode()
-    def embed_tokenized(self, batch: TokenizedBatch, dims: Sequence[int]) -> dict[int, np.ndarray]:
-        """Embed already tokenised sequences in token-budgeted packed batches, input order kept."""
+    def embed_tokenized(
+        self, batch: TokenizedBatch, dims: Sequence[int], groups: list[np.ndarray] | None = None,
+    ) -> dict[int, np.ndarray]:
+        """Embed already tokenised sequences in token-budgeted packed batches, input order kept.
+
+        ``groups`` (default :meth:`plan`) are the index groups run as one packed batch each.
+        """
         dims = check_dims(dims, self.hidden_size)
         n = len(batch.lengths)
         out = {d: np.empty((n, d), dtype=np.float32) for d in dims}
-        groups = plan_batches(batch.lengths, self.max_tokens_per_batch)
+        if groups is None:
+            groups = self.plan(batch.lengths)
         offsets = batch.offsets
         for group in groups:
             ids = np.concatenate([batch.ids[offsets[i] : offsets[i + 1]] for i in group])

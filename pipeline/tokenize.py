@@ -107,6 +107,11 @@ class TextTokenizer:
             )
         return cls(Tokenizer.from_file(str(path)), max_length)
 
+    @classmethod
+    def from_json(cls, text: str, max_length: int = MAX_SEQ_LEN) -> "TextTokenizer":
+        """From the contents of a ``tokenizer.json`` (how Ray actors receive it: no model files)."""
+        return cls(Tokenizer.from_str(text), max_length)
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)

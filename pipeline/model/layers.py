@@ -68,6 +68,12 @@ class GridSegment:
     key_mask_B11L: torch.Tensor | None  # True = real key
 
 
+def uses_varlen(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether attention runs as flash varlen (no padding) for this device and dtype."""
+    return (_varlen_attn is not None and device.type == "cuda"
+            and dtype in (torch.float16, torch.bfloat16))
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionPlan:
     """How one packed batch runs attention; built once per batch, shared by every layer."""
@@ -79,11 +85,7 @@ class AttentionPlan:
     @classmethod
     def build(cls, batch: PackedBatch, dtype: torch.dtype) -> "AttentionPlan":
         device = batch.input_ids_T.device
-        if (
-            _varlen_attn is not None
-            and device.type == "cuda"
-            and dtype in (torch.float16, torch.bfloat16)
-        ):
+        if uses_varlen(device, dtype):
             return cls(batch, True, ())
         lengths = batch.lengths_B.tolist()
         cu = batch.cu_seqlens_B1.tolist()

@@ -1,0 +1,149 @@
+"""The run configuration: every option of ``python -m pipeline run``, typed and declared once.
+
+The CLI (``pipeline/cli.py``) builds its arguments from these fields, so a default lives only
+here. Values are checked when the config is built; checks that need the model (widths against
+the model width) or the storage (paths, columns) happen in the pre-flight, before any heavy work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .model.sources import DEFAULT_MODEL
+from .tokenize import TASK_PREFIXES
+
+FORMATS = ("auto", "parquet", "jsonl")
+OUTPUT_DTYPES = ("float32", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+PROGRESS = ("auto", "on", "off")
+# Internal column names start with this; user columns may not.
+RESERVED_PREFIX = "__"
+
+
+def _field(default: Any, help: str, *, metavar: str | None = None, choices=None, **kw):
+    meta = {"help": help, "metavar": metavar, "choices": choices} | kw
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One embedding run: where from, where to, which model, and how to spread the work."""
+
+    input: str = _field(None, "input file, prefix or glob (s3://, gs://, file://, local path)",
+                        metavar="URI", required=True)
+    output: str = _field(None, "output prefix for the Parquet files and _summary.json",
+                         metavar="URI", required=True)
+    model: str = _field(DEFAULT_MODEL, "hub id, local model directory or fsspec prefix",
+                        metavar="SOURCE")
+    revision: str | None = _field(None, "hub revision (branch, tag or commit) to pin",
+                                  metavar="REV")
+    task: str = _field("document", "task prefix applied to every text",
+                       choices=tuple(TASK_PREFIXES))
+    dims: tuple[int, ...] = _field((768, 512, 256), "Matryoshka widths, comma separated",
+                                   metavar="D,D,...")
+    id_column: str = _field("id", "column holding the row id", metavar="NAME")
+    text_column: str = _field("text", "column holding the text to embed", metavar="NAME")
+    keep_columns: tuple[str, ...] = _field((), "columns carried through to the output unchanged",
+                                           metavar="A,B,...")
+    format: str = _field("auto", "input format (auto: by extension, .gz/.zst allowed)",
+                         choices=FORMATS)
+    output_dtype: str = _field("float32", "element type of the embedding columns",
+                               choices=OUTPUT_DTYPES)
+    device: str = _field("auto", "encoder device (auto: GPUs when the cluster has any)",
+                         choices=DEVICES)
+    dtype: str = _field("auto", "encoder compute dtype (auto: bfloat16 on GPU, float32 on CPU)",
+                        choices=MODEL_DTYPES)
+    encoder_replicas: int | None = _field(None, "encoder actors (default: one per GPU, else 1)",
+                                          metavar="N")
+    tokenizer_actors: int | None = _field(None, "tokenizer actors (default: 4 per GPU "
+                                          "replica, 1 on CPU)", metavar="N")
+    max_tokens_per_batch: int | None = _field(None, "token budget per encoder batch (default: "
+                                              "by device and dtype)", metavar="N")
+    window_rows: int | None = _field(None, "rows sorted together for length bucketing "
+                                     "(default: 8192 on GPU, 1024 on CPU)", metavar="N")
+    rows_per_file: int | None = _field(None, "minimum rows per output file (default: about "
+                                       "128 MiB of embeddings)", metavar="N")
+    encoder_threads: int | None = _field(None, "torch threads per CPU encoder actor (default: "
+                                         "the node's cores / replicas)", metavar="N")
+    address: str | None = _field(None, "Ray cluster address (default: $RAY_ADDRESS, else a "
+                                 "local Ray)", metavar="ADDR")
+    s3_endpoint: str | None = _field(None, "S3-compatible endpoint URL (default: the AWS "
+                                     "environment, e.g. AWS_ENDPOINT_URL)", metavar="URL")
+    overwrite: bool = _field(False, "replace an earlier run's files at the output")
+    progress: str = _field("auto", "Ray Data progress bars (auto: when stderr is a terminal)",
+                           choices=PROGRESS)
+
+    def __post_init__(self) -> None:
+        for name in ("input", "output"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must be a URI or path, got {getattr(self, name)!r}")
+        for name in ("task", "format", "output_dtype", "device", "dtype", "progress"):
+            allowed = self.__dataclass_fields__[name].metadata["choices"]
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not one of {list(allowed)}")
+        object.__setattr__(self, "dims", _dims(self.dims))
+        object.__setattr__(self, "keep_columns", tuple(self.keep_columns))
+        for name in ("encoder_replicas", "tokenizer_actors", "max_tokens_per_batch",
+                     "window_rows", "rows_per_file", "encoder_threads"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self._check_columns()
+
+    def _check_columns(self) -> None:
+        names = [self.id_column, self.text_column, *self.keep_columns]
+        for name in names:
+            if not name or name.startswith(RESERVED_PREFIX):
+                raise ValueError(f"column name {name!r} is empty or uses the reserved prefix "
+                                 f"{RESERVED_PREFIX!r}")
+        if self.id_column in self.keep_columns:
+            raise ValueError(f"keep_columns lists the id column {self.id_column!r}; the id is "
+                             "always written")
+        if len(set(self.keep_columns)) != len(self.keep_columns):
+            raise ValueError(f"keep_columns {list(self.keep_columns)} repeat a column")
+        clash = set(self.keep_columns) & {embedding_column(d) for d in self.dims}
+        if clash:
+            raise ValueError(f"keep_columns {sorted(clash)} clash with the embedding columns")
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec options for S3 URIs: the endpoint when one is given, else nothing."""
+        return {"endpoint_url": self.s3_endpoint} if self.s3_endpoint else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def embedding_column(width: int) -> str:
+    """The output column of one Matryoshka width."""
+    return f"embedding_{width}"
+
+
+def _dims(dims: Any) -> tuple[int, ...]:
+    if isinstance(dims, str):
+        dims = parse_int_list(dims, "dims")
+    dims = tuple(dims)
+    if not dims:
+        raise ValueError("dims must name at least one width")
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise ValueError(f"width {d!r} is not a positive integer")
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"dims {list(dims)} repeat a width")
+    return dims
+
+
+def parse_int_list(text: str, name: str) -> tuple[int, ...]:
+    """``"768,512"`` -> ``(768, 512)``, with an error naming the option on bad items."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{name} must be a comma-separated list of integers, got {text!r}") from None
+
+
+def parse_name_list(text: str) -> tuple[str, ...]:
+    """``"a, b"`` -> ``("a", "b")``."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())

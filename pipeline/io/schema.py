@@ -1,0 +1,78 @@
+"""Column names inside the pipeline, and the output and rejects schemas users read.
+
+Rows travel between stages as Arrow tables with the internal columns below (``__`` prefix,
+which user column names may not use) beside the user's kept columns. The row id and its
+origin (source file, row) travel with every row, so no stage relies on row order.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from ..config import embedding_column
+
+# Set by the reader.
+ID = "__id"
+TEXT = "__text"
+SOURCE = "__source"  # the input file's URI
+ROW = "__row"  # 0-based row index in a Parquet file, 1-based line number in a JSONL file
+FILE_ROWS = "__file_rows"  # rows in the source file when its footer says (Parquet), else null
+REJECT = "__reject"  # why the row cannot be embedded; null for a good row
+EXCERPT = "__excerpt"  # a short excerpt of the raw value, for rejected rows
+# Set by the tokenizer stage (TEXT is dropped there: token ids, not strings, go downstream).
+TOKENS = "__tokens"  # list<int32>, empty for rejected rows
+NUM_TOKENS = "__num_tokens"
+TRUNCATED = "__truncated"
+TOKENIZE_S = "__tokenize_s"  # this row's share of its tokenizer batch's wall time
+# Set by the encoder stage.
+GRID_TOKENS = "__grid_tokens"  # attention slots the encoder computed this row at
+BATCH_MAX = "__batch_max"  # the longest sequence of this row's encoder batch
+ENCODE_S = "__encode_s"
+
+EXCERPT_CHARS = 200
+METADATA_KEY = b"nomic_moe_pipeline"
+NORMALIZATION = ("mean pooling over all tokens, then for each width the first d features "
+                 "L2-normalised (every stored vector has unit norm)")
+
+REJECTS_SCHEMA = pa.schema([
+    ("id", pa.string()),  # the id as text (ids of any type share one rejects schema); null if none
+    ("source", pa.string()),
+    ("row", pa.int64()),
+    ("reason", pa.string()),
+    ("excerpt", pa.string()),
+])
+
+
+def excerpt(value: Any) -> str:
+    """A short, printable excerpt of a raw value for the rejects output."""
+    text = value if isinstance(value, str) else repr(value)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "..."
+
+
+def embedding_type(width: int, output_dtype: str) -> pa.DataType:
+    value = pa.float16() if output_dtype == "float16" else pa.float32()
+    return pa.list_(value, width)
+
+
+def output_metadata(*, model_id: str, revision: str | None, fingerprint: str, task: str,
+                    prefix: str, dims: tuple[int, ...], output_dtype: str) -> dict[str, Any]:
+    """What a consumer needs to trust the vectors; stored in every file's schema metadata."""
+    return {
+        "model_id": model_id, "revision": revision, "weights_fingerprint": fingerprint,
+        "task": task, "prefix": prefix, "widths": list(dims),
+        "columns": {str(d): embedding_column(d) for d in dims},
+        "dtype": output_dtype, "normalization": NORMALIZATION,
+    }
+
+
+def encode_metadata(metadata: dict[str, Any]) -> dict[bytes, bytes]:
+    return {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()}
+
+
+def read_metadata(schema: pa.Schema) -> dict[str, Any]:
+    """The pipeline metadata of an output file's schema (``KeyError`` if it has none)."""
+    return json.loads(schema.metadata[METADATA_KEY])

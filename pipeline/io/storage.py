@@ -1,0 +1,274 @@
+"""Where the data lives: fsspec filesystems, input listing and format detection, output checks.
+
+Everything here runs in the pre-flight on the driver, so that a wrong path, an unreachable
+endpoint, an unknown format, a missing column or an unwritable output fails in seconds with a
+message naming the URI, before Ray starts any work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+import json
+import posixpath
+import uuid
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMAT_SUFFIXES = {".parquet": "parquet", ".pq": "parquet",
+                   ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
+COMPRESSION_SUFFIXES = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+OUTPUT_PART_GLOB = "part-*.parquet"
+SUMMARY_NAME = "_summary.json"
+REJECTS_DIR = "_rejects"
+# S3 data access: botocore's standard retry mode backs off on throttling, 5xx and resets;
+# the connect timeout bounds how long an unreachable endpoint takes to report.
+S3_CONFIG = {"connect_timeout": 10, "read_timeout": 120,
+             "retries": {"max_attempts": 5, "mode": "standard"}}
+
+
+class InputError(ValueError):
+    """The input is missing, in an unknown format, or lacks a needed column."""
+
+
+class StorageError(RuntimeError):
+    """A filesystem could not be reached or refused an operation."""
+
+
+class OutputError(RuntimeError):
+    """The output location cannot be written, or holds an earlier run's files."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFile:
+    """One input shard: its URI, size in bytes, format and compression."""
+
+    uri: str
+    size: int
+    format: str  # parquet | jsonl
+    compression: str | None  # gzip | zstd | None
+
+
+def open_filesystem(uri: str, storage_options: dict[str, Any] | None = None):
+    """``(fsspec filesystem, path within it)`` for ``uri``; S3 gets bounded retries."""
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    options = dict(storage_options or {}) if protocol in ("s3", "s3a") else {}
+    if protocol in ("s3", "s3a"):
+        options["config_kwargs"] = S3_CONFIG | dict(options.get("config_kwargs") or {})
+    with storage_errors(uri, "open"):
+        return fsspec.core.url_to_fs(uri, **options)
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in _protocols(fs)
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A full URI for ``path`` on ``fs`` (``s3://bucket/key``; local paths stay plain)."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+@contextlib.contextmanager
+def storage_errors(uri: str, action: str) -> Iterator[None]:
+    """Turn a backend error into a :class:`StorageError` that names ``uri`` and the cause."""
+    try:
+        yield
+    except (InputError, OutputError, StorageError):
+        raise
+    except FileNotFoundError:
+        raise
+    except PermissionError as err:
+        raise StorageError(f"cannot {action} {uri}: permission denied ({err}); check the "
+                           "credentials (AWS_PROFILE / AWS_ACCESS_KEY_ID, ...)") from err
+    except Exception as err:  # noqa: BLE001 - any backend failure, reported with its type
+        raise StorageError(f"cannot {action} {uri}: {type(err).__name__}: {err} (is the "
+                           "endpoint reachable? for S3-compatible stores set --s3-endpoint or "
+                           "AWS_ENDPOINT_URL)") from err
+
+
+def detect_format(path: str, forced: str = "auto") -> tuple[str | None, str | None]:
+    """``(format, compression)`` of a file name; format is None when the suffix is unknown."""
+    name = posixpath.basename(path).lower()
+    stem, ext = posixpath.splitext(name)
+    compression = COMPRESSION_SUFFIXES.get(ext)
+    if compression:
+        stem, ext = posixpath.splitext(stem)
+    fmt = FORMAT_SUFFIXES.get(ext)
+    if forced != "auto":
+        fmt = forced
+    if fmt == "parquet" and compression:
+        fmt = None  # Parquet compresses inside the file; a .parquet.gz is not readable as such
+    return fmt, compression
+
+
+def list_inputs(uri: str, storage_options: dict[str, Any] | None = None,
+                forced_format: str = "auto") -> list[InputFile]:
+    """The input shards under ``uri`` (a file, a prefix, or a glob), sorted by URI.
+
+    Names starting with ``_`` or ``.`` below the prefix are skipped (metadata and hidden files,
+    as Ray Data and Spark skip them). Raises :class:`InputError` for a missing input, an empty
+    prefix, unknown or mixed formats; :class:`StorageError` when the store cannot be reached.
+    """
+    fs, path = open_filesystem(uri, storage_options)
+    entries = _list(fs, uri, path)
+    files, unknown = [], []
+    for entry_path, size in entries:
+        fmt, compression = detect_format(entry_path, forced_format)
+        target = files if fmt else unknown
+        target.append(InputFile(to_uri(fs, entry_path), int(size or 0), fmt or "", compression))
+    if unknown:
+        shown = ", ".join(f.uri for f in unknown[:5])
+        raise InputError(
+            f"{len(unknown)} input file(s) under {uri} have no known format ({shown}); known "
+            f"suffixes: {sorted(FORMAT_SUFFIXES)} with optional {sorted(COMPRESSION_SUFFIXES)} "
+            "for JSONL; pass --format parquet|jsonl or a narrower glob"
+        )
+    formats = sorted({f.format for f in files})
+    if len(formats) > 1:
+        raise InputError(f"input {uri} mixes formats {formats}; give one format per run "
+                         "(a narrower prefix or glob)")
+    return sorted(files, key=lambda f: f.uri)
+
+
+def _list(fs: fsspec.AbstractFileSystem, uri: str, path: str) -> list[tuple[str, int]]:
+    with storage_errors(uri, "list"):
+        if any(ch in path for ch in "*?["):
+            found = fs.glob(path, detail=True)
+            return [(p, i.get("size", 0)) for p, i in found.items() if i.get("type") != "directory"]
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            raise InputError(f"input {uri} does not exist") from None
+        if info.get("type") != "directory":
+            return [(info["name"], info.get("size", 0))]
+        found = fs.find(path, detail=True)
+    base = path.rstrip("/")
+    entries = [(p, i.get("size", 0)) for p, i in sorted(found.items())
+               if not _hidden(p[len(base):]) and i.get("type") != "directory"]
+    if not entries:
+        raise InputError(f"input prefix {uri} holds no data files (names starting with '_' or "
+                         "'.' are skipped)")
+    return entries
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(("_", ".")) for part in relative.split("/") if part)
+
+
+def sample_columns(file: InputFile, storage_options: dict[str, Any] | None = None,
+                   max_lines: int = 100) -> dict[str, Any] | None:
+    """Column names of a shard -> Arrow type (Parquet) or first JSON value (JSONL).
+
+    None when the shard holds no rows to sample (an empty file).
+    """
+    fs, path = open_filesystem(file.uri, storage_options)
+    with storage_errors(file.uri, "read"):
+        if file.format == "parquet":
+            with fs.open(path, "rb") as f:
+                schema = pq.read_schema(f)
+            return {name: schema.field(name).type for name in schema.names}
+        from .readers import iter_lines, open_decompressed
+
+        with fs.open(path, "rb") as raw:
+            lines = iter_lines(open_decompressed(raw, file.compression), 1 << 16)
+            for _, line in zip(range(max_lines), lines):
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except ValueError as err:
+                        raise InputError(f"{file.uri}: first line is not JSON ({err})") from None
+                    if not isinstance(record, dict):
+                        raise InputError(f"{file.uri}: lines must be JSON objects, the first "
+                                         f"is a {type(record).__name__}")
+                    return record
+    return None
+
+
+def json_id_type(value: Any, uri: str, id_column: str) -> pa.DataType:
+    """The Arrow type of JSONL ids, from the first row's id (integers or strings)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InputError(f"{uri}: id column {id_column!r} holds {type(value).__name__} "
+                         f"{value!r}; ids must be integers or strings")
+    return pa.int64() if isinstance(value, int) else pa.string()
+
+
+def prepare_output(uri: str, storage_options: dict[str, Any] | None = None,
+                   overwrite: bool = False) -> None:
+    """Check that ``uri`` is writable and holds no earlier run, or clear one with ``overwrite``.
+
+    Only the pipeline's own files (``part-*.parquet``, ``_summary.json``, ``_rejects/``) are
+    ever deleted, and only inside ``uri``.
+    """
+    fs, path = open_filesystem(uri, storage_options)
+    with storage_errors(uri, "prepare output"):
+        previous = _previous_run(fs, path)
+        if previous and not overwrite:
+            raise OutputError(
+                f"output {uri} already holds {len(previous)} file(s) of an earlier run (e.g. "
+                f"{to_uri(fs, previous[0])}); pass --overwrite to replace them, or choose "
+                "another output"
+            )
+        for old in previous:
+            fs.rm(old)
+    probe = f"{path.rstrip('/')}/_write_probe-{uuid.uuid4().hex}"
+    try:
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except Exception as err:  # noqa: BLE001 - any backend failure, reported with its type
+        raise OutputError(f"cannot write to output {uri}: {type(err).__name__}: {err}") from err
+
+
+def _previous_run(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    try:
+        if not fs.isdir(path):
+            return []
+        found = fs.find(path)
+    except FileNotFoundError:
+        return []
+    base = path.rstrip("/") + "/"
+    ours = []
+    for p in found:
+        rel = p[len(base):] if p.startswith(base) else posixpath.basename(p)
+        if (rel == SUMMARY_NAME or rel.startswith(REJECTS_DIR + "/")
+                or ("/" not in rel and fnmatch.fnmatch(rel, OUTPUT_PART_GLOB))):
+            ours.append(p)
+    return sorted(ours)
+
+
+def check_disjoint(input_uri: str, output_uri: str) -> None:
+    """Refuse an output inside the input prefix: the next run would read its own output."""
+    a, b = _normalise(input_uri), _normalise(output_uri)
+    if b == a or b.startswith(a.rstrip("/") + "/"):
+        raise OutputError(f"output {output_uri} lies inside the input {input_uri}; choose an "
+                          "output outside the input prefix")
+
+
+def _normalise(uri: str) -> str:
+    if "://" not in uri or uri.startswith("file://"):
+        import os
+
+        return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+    return uri.rstrip("/")
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def count_rows(file: InputFile, storage_options: dict[str, Any] | None = None) -> int:
+    """Rows of a shard: its Parquet footer's count, or its non-blank JSONL lines."""
+    from .readers import iter_lines, open_decompressed
+
+    fs, path = open_filesystem(file.uri, storage_options)
+    with storage_errors(file.uri, "read"), fs.open(path, "rb") as f:
+        if file.format == "parquet":
+            return pq.ParquetFile(f).metadata.num_rows if file.size else 0
+        return sum(1 for _, line in iter_lines(open_decompressed(f, file.compression))
+                   if line.strip())

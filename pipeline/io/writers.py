@@ -1,0 +1,137 @@
+"""The output side: encoder rows -> Parquet embeddings, rejects, and per-write statistics.
+
+``split_rows`` is pure (tables in, tables and counts out); ``write_parquet`` puts one table at
+a path so that a reader never sees a partial file: object stores publish an object only when
+its upload completes, and on local disks the file is written under a temporary name first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..config import embedding_column
+from . import schema as S
+from .storage import REJECTS_DIR, is_local
+
+ROW_GROUP_ROWS = 8192
+# Output files of about this many bytes of embeddings (no swarm of tiny files, none too big
+# for one reader task).
+TARGET_FILE_BYTES = 128 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSpec:
+    """The output layout: id and kept columns, widths, element type, schema metadata."""
+
+    id_column: str
+    keep_columns: tuple[str, ...]
+    dims: tuple[int, ...]
+    output_dtype: str
+    metadata: dict[str, Any]
+
+    @property
+    def bytes_per_row(self) -> int:
+        return sum(self.dims) * (2 if self.output_dtype == "float16" else 4)
+
+    def rows_per_file(self) -> int:
+        return max(1024, TARGET_FILE_BYTES // self.bytes_per_row)
+
+
+def split_rows(table: pa.Table, spec: OutputSpec) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+    """``(embedded, rejects, stats)`` of a table of encoder rows.
+
+    ``embedded`` has the id, the kept columns and the embedding columns, with the run metadata
+    in its schema; ``rejects`` follows :data:`schema.REJECTS_SCHEMA`.
+    """
+    rejected = pc.is_valid(table[S.REJECT])
+    good = table.filter(pc.invert(rejected))
+    bad = table.filter(rejected)
+    columns = {spec.id_column: good[S.ID]}
+    columns |= {c: good[c] for c in spec.keep_columns}
+    columns |= {embedding_column(d): good[embedding_column(d)] for d in spec.dims}
+    embedded = pa.table(columns).replace_schema_metadata(S.encode_metadata(spec.metadata))
+    rejects = pa.table({
+        "id": pc.cast(bad[S.ID], pa.string()) if bad.num_rows else pa.array([], pa.string()),
+        "source": bad[S.SOURCE], "row": bad[S.ROW], "reason": bad[S.REJECT],
+        "excerpt": bad[S.EXCERPT],
+    }, schema=S.REJECTS_SCHEMA)
+    return embedded, rejects, row_stats(table, good, bad)
+
+
+def row_stats(table: pa.Table, good: pa.Table, bad: pa.Table) -> dict[str, Any]:
+    """Counts and timings of one write's rows (summed over writes into the run summary)."""
+    sources = _rows_by_source(table)
+    return {
+        "rows_embedded": good.num_rows,
+        "rows_rejected": bad.num_rows,
+        "tokens": int(pc.sum(good[S.NUM_TOKENS]).as_py() or 0),
+        "texts_truncated": int(pc.sum(pc.cast(good[S.TRUNCATED], pa.int64())).as_py() or 0),
+        "grid_tokens": int(pc.sum(pc.cast(good[S.GRID_TOKENS], pa.int64())).as_py() or 0),
+        "batch_grid_tokens": int(pc.sum(pc.cast(good[S.BATCH_MAX], pa.int64())).as_py() or 0),
+        "tokenize_s": float(pc.sum(table[S.TOKENIZE_S]).as_py() or 0.0),
+        "encode_s": float(pc.sum(table[S.ENCODE_S]).as_py() or 0.0),
+        "reject_reasons": dict(Counter(_reason_kind(r) for r in bad[S.REJECT].to_pylist())),
+        "sources": sources,
+    }
+
+
+def _rows_by_source(table: pa.Table) -> dict[str, list[int]]:
+    """``{source: [rows, highest row number, rows the file holds or -1]}``."""
+    if not table.num_rows:
+        return {}
+    sources = table[S.SOURCE].to_numpy(zero_copy_only=False)
+    rows = table[S.ROW].to_numpy()
+    file_rows = pc.fill_null(table[S.FILE_ROWS], -1).to_numpy()
+    out = {}
+    for s in np.unique(sources):
+        mine = sources == s
+        out[str(s)] = [int(mine.sum()), int(rows[mine].max()), int(file_rows[mine].max())]
+    return out
+
+
+def _reason_kind(reason: str) -> str:
+    """The reason without its details (``malformed JSON: ...`` -> ``malformed JSON``)."""
+    return reason.split(":", 1)[0]
+
+
+def part_name() -> str:
+    """A fresh output file name; ``part-*.parquet`` is what readers and the overwrite check see."""
+    return f"part-{uuid.uuid4().hex[:16]}.parquet"
+
+
+def write_parquet(fs, path: str, table: pa.Table) -> int:
+    """Write ``table`` to ``path`` so that no reader sees it half-written; returns its bytes."""
+    target = path
+    if is_local(fs):
+        parent, _, name = path.rpartition("/")
+        fs.makedirs(parent, exist_ok=True)
+        target = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(target, "wb") as f:
+        pq.write_table(table, f, row_group_size=ROW_GROUP_ROWS)
+    if target != path:
+        fs.mv(target, path)
+    return int(fs.size(path))
+
+
+def write_outputs(fs, output_path: str, table: pa.Table, spec: OutputSpec) -> dict[str, Any]:
+    """Split ``table`` and write its embedded rows and its rejects; return the write's stats."""
+    embedded, rejects, stats = split_rows(table, spec)
+    files, size = [], 0
+    base = output_path.rstrip("/")
+    if embedded.num_rows:
+        path = f"{base}/{part_name()}"
+        size += write_parquet(fs, path, embedded)
+        files.append(path)
+    if rejects.num_rows:
+        path = f"{base}/{REJECTS_DIR}/{part_name()}"
+        size += write_parquet(fs, path, rejects)
+        files.append(path)
+    return stats | {"files": files, "bytes": size}

@@ -1,0 +1,152 @@
+"""From a :class:`RunConfig` and what the cluster has to a :class:`RunPlan`. Pure, no Ray.
+
+The plan holds every stage's constructor arguments, actor counts, batch sizes and resources;
+``pipeline/graph.py`` only wires it. Tests read the plan to check that each option reaches the
+stage that uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pyarrow as pa
+
+from .config import RunConfig
+from .io.readers import ReadSpec
+from .io.schema import output_metadata
+from .io.storage import InputFile
+from .io.writers import OutputSpec
+from .tokenize import task_prefix
+
+TOKENIZE_BATCH_ROWS = 1024
+WINDOW_ROWS = {"cuda": 8192, "cpu": 1024}
+TOKENIZERS_PER_GPU = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """Logical resources of the Ray cluster the run uses."""
+
+    cpus: float
+    gpus: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """The model as the driver resolved and checked it."""
+
+    source: str  # what the encoder actors resolve (hub id, local dir, fsspec prefix)
+    model_id: str
+    revision: str | None  # hub commit when resolved from the hub
+    fingerprint: str
+    hidden_size: int
+    tokenizer_json: str = dataclasses.field(repr=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "revision": self.revision,
+                "weights_fingerprint": self.fingerprint, "hidden_size": self.hidden_size}
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """One actor-pool stage: its constructor arguments, pool size, batch rows and resources."""
+
+    kwargs: dict[str, Any] = dataclasses.field(repr=False)
+    actors: int
+    batch_rows: int
+    num_cpus: float
+    num_gpus: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    files: tuple[InputFile, ...]
+    format: str
+    read: ReadSpec
+    tokenize: StagePlan
+    encode: StagePlan
+    output_uri: str
+    output: OutputSpec
+    rows_per_file: int
+    storage_options: dict[str, Any]
+    device: str
+
+
+def resolve_device(config: RunConfig, cluster: Cluster) -> str:
+    """``cuda`` or ``cpu`` for the encoder actors, from ``--device`` and the cluster's GPUs."""
+    if config.device == "cuda" and cluster.gpus < 1:
+        raise ValueError("--device cuda, but the Ray cluster has no GPUs; use --device cpu or "
+                         "a cluster with GPU nodes")
+    if config.device == "auto":
+        return "cuda" if cluster.gpus >= 1 else "cpu"
+    return config.device
+
+
+def encoder_replicas(config: RunConfig, device: str, cluster: Cluster) -> int:
+    replicas = config.encoder_replicas or (int(cluster.gpus) if device == "cuda" else 1)
+    if device == "cuda" and replicas > cluster.gpus:
+        raise ValueError(f"--encoder-replicas {replicas} needs {replicas} GPUs, the cluster has "
+                         f"{cluster.gpus:g}")
+    return replicas
+
+
+def tokenizer_actors(config: RunConfig, device: str, replicas: int, cpus: float) -> int:
+    if config.tokenizer_actors:
+        return config.tokenizer_actors
+    if device == "cuda":
+        # Tokenising ~1M tokens/s takes several cores; keep some CPUs for reads and writes.
+        return max(1, min(TOKENIZERS_PER_GPU * replicas, int(cpus) - replicas - 1))
+    return 1
+
+
+def local_cpus(config: RunConfig, gpus: int, cpu_count: int) -> int:
+    """CPUs to give a local Ray we start: the machine's, or enough for every actor plus I/O.
+
+    Ray's CPUs are logical; on a small machine the actors would otherwise hold them all and
+    leave none for read and write tasks, and the run would wait forever.
+    """
+    device = "cuda" if gpus and config.device != "cpu" else "cpu"
+    replicas = config.encoder_replicas or (gpus if device == "cuda" else 1)
+    actors = tokenizer_actors(config, device, replicas, cpu_count) + replicas
+    return max(cpu_count, actors + 2)
+
+
+def plan_run(config: RunConfig, cluster: Cluster, model: ModelInfo, files: list[InputFile],
+             id_type: pa.DataType | None) -> RunPlan:
+    """The plan of a run; raises ``ValueError`` for settings the cluster or model cannot meet."""
+    from .model.pooling import check_dims
+
+    check_dims(config.dims, model.hidden_size)
+    device = resolve_device(config, cluster)
+    replicas = encoder_replicas(config, device, cluster)
+    tokenize = StagePlan(
+        kwargs={"tokenizer_json": model.tokenizer_json, "task": config.task},
+        actors=tokenizer_actors(config, device, replicas, cluster.cpus),
+        batch_rows=TOKENIZE_BATCH_ROWS, num_cpus=1.0,
+    )
+    encode = StagePlan(
+        kwargs={
+            "model": model.source, "revision": model.revision, "device": device,
+            "dtype": config.dtype, "dims": config.dims, "output_dtype": config.output_dtype,
+            "max_tokens_per_batch": config.max_tokens_per_batch,
+            "threads": config.encoder_threads, "replicas": replicas,
+            "storage_options": config.storage_options, "fingerprint": model.fingerprint,
+        },
+        actors=replicas, batch_rows=config.window_rows or WINDOW_ROWS[device],
+        num_cpus=1.0, num_gpus=1.0 if device == "cuda" else 0.0,
+    )
+    metadata = output_metadata(
+        model_id=model.model_id, revision=model.revision, fingerprint=model.fingerprint,
+        task=config.task, prefix=task_prefix(config.task), dims=config.dims,
+        output_dtype=config.output_dtype,
+    )
+    output = OutputSpec(config.id_column, config.keep_columns, config.dims,
+                        config.output_dtype, metadata)
+    return RunPlan(
+        files=tuple(files), format=files[0].format if files else "parquet",
+        read=ReadSpec(config.id_column, config.text_column, config.keep_columns, id_type),
+        tokenize=tokenize, encode=encode, output_uri=config.output, output=output,
+        rows_per_file=config.rows_per_file or output.rows_per_file(),
+        storage_options=config.storage_options, device=device,
+    )

@@ -1,0 +1,102 @@
+"""Run one embedding job: pre-flight, Ray, the graph, the summary.
+
+``run(config)`` is what ``python -m pipeline run`` and the job entrypoints call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import ray
+
+from . import summary
+from .config import RunConfig
+from .graph import build_dataset, sink_for
+from .io.storage import SUMMARY_NAME, count_rows, is_local, open_filesystem
+from .plan import Cluster, local_cpus, plan_run
+from .preflight import check_inputs, check_output, load_model_info
+
+log = logging.getLogger("pipeline")
+
+
+def run(config: RunConfig) -> dict[str, Any]:
+    """Embed ``config.input`` into ``config.output``; returns the run summary."""
+    inputs = check_inputs(config)
+    check_output(config)
+    model = load_model_info(config)
+    log.info("inputs: %d %s file(s); model %s (%s)", len(inputs.files),
+             inputs.files[0].format if inputs.files else "?", model.model_id, model.fingerprint)
+    started = init_ray(config)
+    try:
+        resources = ray.cluster_resources()
+        cluster = Cluster(cpus=resources.get("CPU", 0.0), gpus=resources.get("GPU", 0.0))
+        plan = plan_run(config, cluster, model, inputs.files, inputs.id_type)
+        configure_progress(config.progress)
+        sink = sink_for(plan)
+        t0 = time.perf_counter()
+        build_dataset(plan).write_datasink(sink)
+        wall = time.perf_counter() - t0
+    finally:
+        if started:
+            ray.shutdown()
+    stats = sink.stats or summary.combine([])
+    unseen = {f.uri: count_rows(f, config.storage_options)
+              for f in inputs.files if f.uri not in stats["sources"]}
+    result = summary.build(
+        stats=stats, unseen_rows=unseen, wall_s=wall, config=_jsonable(config.to_dict()),
+        model=model.describe() | {"device": plan.device,
+                                  "encoder_replicas": plan.encode.actors,
+                                  "tokenizer_actors": plan.tokenize.actors},
+        input_files=len(inputs.files),
+    )
+    write_summary(config, result)
+    return result
+
+
+def init_ray(config: RunConfig) -> bool:
+    """Connect to ``--address`` or ``$RAY_ADDRESS``, else start a local Ray; True if started."""
+    if ray.is_initialized():
+        return False
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return True
+    import torch
+
+    gpus = torch.cuda.device_count()
+    cpus = local_cpus(config, gpus, os.cpu_count() or 1)
+    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False)
+    return True
+
+
+def configure_progress(progress: str) -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = progress == "on" or (progress == "auto" and sys.stderr.isatty())
+
+
+def write_summary(config: RunConfig, result: dict[str, Any]) -> str:
+    """Write ``<output>/_summary.json`` (one PUT, or a rename on local disks)."""
+    fs, path = open_filesystem(config.output, config.storage_options)
+    target = f"{path.rstrip('/')}/{SUMMARY_NAME}"
+    data = json.dumps(result, indent=2, sort_keys=True).encode()
+    tmp = target + ".tmp" if is_local(fs) else target
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    if tmp != target:
+        fs.mv(tmp, target)
+    return target
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

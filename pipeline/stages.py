@@ -1,0 +1,151 @@
+"""The pipeline's stages as small classes: heavy state in ``__init__``, work in ``__call__``.
+
+Each stage maps one Arrow table to another (Ray Data calls them with ``batch_format="pyarrow"``
+from ``pipeline/graph.py``, but nothing here imports Ray, so tests call them directly). Rows
+carry their id and origin; no stage relies on row order. A rejected row (``__reject`` set)
+passes through every stage untouched until the writer sends it to ``_rejects/``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .config import embedding_column
+from .io import schema as S
+from .io.schema import embedding_type
+from .tokenize import TextTokenizer, add_prefix, task_prefix, text_problem
+
+
+def require_columns(table: pa.Table, columns, stage: str) -> None:
+    """Raise naming the stage and the columns it needs that ``table`` lacks."""
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise KeyError(f"{stage} needs columns {missing}; the batch has {table.column_names}")
+
+
+def _good_rows(table: pa.Table) -> np.ndarray:
+    """Indices of rows not rejected so far."""
+    return np.flatnonzero(pc.is_null(table[S.REJECT]).to_numpy(zero_copy_only=False))
+
+
+class TokenizeStage:
+    """Validate ids and texts, add the task prefix, tokenize; strings stop here."""
+
+    NEEDS = (S.ID, S.TEXT, S.REJECT, S.EXCERPT)
+
+    def __init__(self, tokenizer_json: str, task: str) -> None:
+        self.tokenizer = TextTokenizer.from_json(tokenizer_json)
+        self.prefix = task_prefix(task)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        require_columns(table, self.NEEDS, "tokenize")
+        t0 = time.perf_counter()
+        rejects = table[S.REJECT].to_pylist()
+        excerpts = table[S.EXCERPT].to_pylist()
+        ids_null = pc.is_null(table[S.ID]).to_pylist()
+        texts = table[S.TEXT].to_pylist()
+        good = []
+        for i, text in enumerate(texts):
+            if rejects[i] is not None:
+                continue
+            reason = "id is null" if ids_null[i] else text_problem(text)
+            if reason:
+                rejects[i], excerpts[i] = reason, S.excerpt(text)
+            else:
+                good.append(i)
+        tokens = self.tokenizer.encode([add_prefix(texts[i], self.prefix) for i in good])
+        lengths = np.zeros(table.num_rows, np.int32)
+        truncated = np.zeros(table.num_rows, bool)
+        lengths[good], truncated[good] = tokens.lengths, tokens.truncated
+        offsets = np.concatenate(([0], np.cumsum(lengths, dtype=np.int64))).astype(np.int32)
+        out = table.drop_columns([S.TEXT, S.REJECT, S.EXCERPT])
+        elapsed = (time.perf_counter() - t0) / max(table.num_rows, 1)
+        return out.append_column(S.REJECT, pa.array(rejects, pa.string())) \
+            .append_column(S.EXCERPT, pa.array(excerpts, pa.string())) \
+            .append_column(S.TOKENS, pa.ListArray.from_arrays(offsets, pa.array(tokens.ids))) \
+            .append_column(S.NUM_TOKENS, pa.array(lengths)) \
+            .append_column(S.TRUNCATED, pa.array(truncated)) \
+            .append_column(S.TOKENIZE_S, pa.array(np.full(table.num_rows, elapsed)))
+
+
+class EncodeStage:
+    """Embed a window of tokenized rows: sort by length, cut by token budget, encode, pool.
+
+    The window is one Ray Data batch (``window_rows`` rows): sorting happens inside it, never
+    across the dataset. Adds one ``embedding_<width>`` column per width (null for rejected
+    rows), and drops the token ids.
+    """
+
+    NEEDS = (S.TOKENS, S.NUM_TOKENS, S.REJECT)
+
+    def __init__(self, model: str, *, revision: str | None, device: str, dtype: str,
+                 dims: tuple[int, ...], output_dtype: str, max_tokens_per_batch: int | None,
+                 threads: int | None = None, replicas: int = 1,
+                 storage_options: dict[str, Any] | None = None,
+                 fingerprint: str | None = None) -> None:
+        import torch
+
+        from .embedder import Embedder
+        from .model.sources import ModelSourceError, resolve_model, weights_fingerprint
+
+        if threads or device == "cpu":
+            # Ray pins OMP_NUM_THREADS to the actor's logical CPUs (1); the encoder's matmuls
+            # want the node's cores, shared among the replicas placed there.
+            torch.set_num_threads(threads or default_threads(replicas))
+        resolved = resolve_model(model, revision=revision, storage_options=storage_options)
+        if fingerprint is not None and weights_fingerprint(resolved.local_dir) != fingerprint:
+            raise ModelSourceError(
+                f"the weights of {model} on this node differ from the ones the driver checked "
+                f"({fingerprint}); the model source changed during the run"
+            )
+        self.embedder = Embedder.from_pretrained(
+            resolved.local_dir, device=device, dtype=dtype, max_tokens_per_batch=max_tokens_per_batch
+        )
+        self.dims, self.output_dtype = dims, output_dtype
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from .tokenize import TokenizedBatch
+
+        require_columns(table, self.NEEDS, "encode")
+        t0 = time.perf_counter()
+        good = _good_rows(table)
+        tokens = table[S.TOKENS].combine_chunks()
+        lengths = table[S.NUM_TOKENS].to_numpy()[good]
+        flat = pc.list_flatten(tokens.take(pa.array(good))).to_numpy().astype(np.int32, copy=False)
+        batch = TokenizedBatch(flat, lengths, np.zeros(len(good), bool))
+        groups = self.embedder.plan(lengths)
+        vectors = self.embedder.embed_tokenized(batch, self.dims, groups)
+        grid = np.zeros(table.num_rows, np.int32)
+        batch_max = np.zeros(table.num_rows, np.int32)
+        grid[good] = self.embedder.attention_slots(lengths, groups)
+        for g in groups:
+            batch_max[good[g]] = lengths[g].max()
+        out = table.drop_columns([S.TOKENS])
+        for d in self.dims:
+            out = out.append_column(embedding_column(d), self._column(vectors[d], good, table.num_rows, d))
+        elapsed = (time.perf_counter() - t0) / max(table.num_rows, 1)
+        return out.append_column(S.GRID_TOKENS, pa.array(grid)) \
+            .append_column(S.BATCH_MAX, pa.array(batch_max)) \
+            .append_column(S.ENCODE_S, pa.array(np.full(table.num_rows, elapsed)))
+
+    def _column(self, vectors_ND: np.ndarray, good: np.ndarray, n: int, width: int) -> pa.Array:
+        """A fixed-size-list column with the rows of ``good`` filled and the others null."""
+        dtype = np.float16 if self.output_dtype == "float16" else np.float32
+        full = np.zeros((n, width), dtype)
+        full[good] = vectors_ND
+        mask = np.ones(n, bool)
+        mask[good] = False
+        values = pa.array(full.reshape(-1))
+        return pa.FixedSizeListArray.from_arrays(values, width, mask=pa.array(mask)) \
+            .cast(embedding_type(width, self.output_dtype))
+
+
+def default_threads(replicas_per_node: int) -> int:
+    """Torch threads for a CPU encoder actor: this node's usable cores shared by the replicas."""
+    return max(1, len(os.sched_getaffinity(0)) // max(replicas_per_node, 1))
