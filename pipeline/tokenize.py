@@ -55,6 +55,8 @@ def text_problem(text: Any) -> str | None:
     Empty and whitespace-only texts carry no content (the embedding would be the prefix's);
     lone surrogates are not Unicode scalar values and cannot be encoded as UTF-8.
     """
+    if text is None:
+        return "text is null"
     if not isinstance(text, str):
         return f"text is {type(text).__name__}, not str"
     if not text.strip():

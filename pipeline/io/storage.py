@@ -175,7 +175,7 @@ def sample_columns(file: InputFile, storage_options: dict[str, Any] | None = Non
 
         with fs.open(path, "rb") as raw:
             lines = iter_lines(open_decompressed(raw, file.compression), 1 << 16)
-            for _, line in zip(range(max_lines), lines):
+            for _, (_, line) in zip(range(max_lines), lines):
                 if line.strip():
                     try:
                         record = json.loads(line)
@@ -216,7 +216,9 @@ def prepare_output(uri: str, storage_options: dict[str, Any] | None = None,
             fs.rm(old)
     probe = f"{path.rstrip('/')}/_write_probe-{uuid.uuid4().hex}"
     try:
-        fs.makedirs(path, exist_ok=True)
+        if is_local(fs):
+            # Not on object stores: s3fs's makedirs would create a missing bucket.
+            fs.makedirs(path, exist_ok=True)
         with fs.open(probe, "wb") as f:
             f.write(b"ok")
         fs.rm(probe)

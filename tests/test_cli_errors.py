@@ -1,0 +1,114 @@
+"""``python -m pipeline run`` fails fast and clearly, before Ray starts, on setup mistakes."""
+
+from __future__ import annotations
+
+import gzip
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from pipeline.__main__ import main
+from tests.s3server import closed_port_url, s3_bucket, s3_client, s3_endpoint  # noqa: F401
+
+# A setup error must surface well before a run would have done any work.
+FAST_S = 30
+
+
+@pytest.fixture
+def local_corpus(tmp_path):
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": [1, 2], "text": ["a", "b"]}), tmp_path / "in" / "p.parquet")
+    return tmp_path
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    start = time.monotonic()
+    code = main(["run", "--progress", "off", *argv])
+    elapsed = time.monotonic() - start
+    assert elapsed < FAST_S, f"took {elapsed:.1f} s"
+    assert not ray.is_initialized(), "Ray started before the setup error was found"
+    return code, capsys.readouterr().err
+
+
+def test_missing_input(capsys, tmp_path, tiny_model_dir):
+    code, err = run_cli(capsys, "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o"),
+                        "--model", str(tiny_model_dir))
+    assert code == 2 and "does not exist" in err and str(tmp_path / "nope") in err
+
+
+def test_empty_input_prefix_on_s3(capsys, s3_bucket, tmp_path, tiny_model_dir):
+    code, err = run_cli(capsys, "--input", f"s3://{s3_bucket}/nothing/", "--output",
+                        str(tmp_path / "o"), "--model", str(tiny_model_dir))
+    assert code == 2 and f"s3://{s3_bucket}/nothing" in err
+
+
+def test_unknown_format(capsys, tmp_path, tiny_model_dir):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "data.csv").write_text("id,text\n1,a\n")
+    code, err = run_cli(capsys, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"),
+                        "--model", str(tiny_model_dir))
+    assert code == 2 and "no known format" in err and "data.csv" in err
+
+
+def test_missing_id_column(capsys, local_corpus, tiny_model_dir):
+    code, err = run_cli(capsys, "--input", str(local_corpus / "in"), "--output",
+                        str(local_corpus / "o"), "--model", str(tiny_model_dir),
+                        "--id-column", "doc_id")
+    assert code == 2 and "no column 'doc_id'" in err and "--id-column" in err
+
+
+def test_missing_text_column_jsonl_gz(capsys, tmp_path, tiny_model_dir):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl.gz").write_bytes(gzip.compress(b'{"id": 1, "body": "x"}\n'))
+    code, err = run_cli(capsys, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o"),
+                        "--model", str(tiny_model_dir))
+    assert code == 2 and "no column 'text'" in err and "--text-column" in err
+
+
+def test_missing_kept_column(capsys, local_corpus, tiny_model_dir):
+    code, err = run_cli(capsys, "--input", str(local_corpus / "in"), "--output",
+                        str(local_corpus / "o"), "--model", str(tiny_model_dir),
+                        "--keep-columns", "url")
+    assert code == 2 and "no column 'url'" in err
+
+
+def test_unreachable_endpoint(capsys, s3_endpoint, tmp_path, tiny_model_dir):
+    url = closed_port_url()
+    code, err = run_cli(capsys, "--input", "s3://bucket/in/", "--output", str(tmp_path / "o"),
+                        "--model", str(tiny_model_dir), "--s3-endpoint", url)
+    assert code == 2 and "cannot list s3://bucket/in" in err and "endpoint" in err
+
+
+def test_unwritable_output(capsys, local_corpus, tiny_model_dir):
+    blocker = local_corpus / "a-file"
+    blocker.write_text("not a directory")
+    code, err = run_cli(capsys, "--input", str(local_corpus / "in"), "--output",
+                        str(blocker / "out"), "--model", str(tiny_model_dir))
+    assert code == 2 and "cannot write to output" in err and str(blocker / "out") in err
+
+
+def test_output_bucket_missing(capsys, s3_bucket, local_corpus, tiny_model_dir):
+    code, err = run_cli(capsys, "--input", str(local_corpus / "in"), "--output",
+                        "s3://no-such-bucket-here/out/", "--model", str(tiny_model_dir))
+    assert code == 2 and "s3://no-such-bucket-here/out/" in err
+
+
+def test_output_inside_input(capsys, local_corpus, tiny_model_dir):
+    code, err = run_cli(capsys, "--input", str(local_corpus / "in"), "--output",
+                        str(local_corpus / "in" / "emb"), "--model", str(tiny_model_dir))
+    assert code == 2 and "inside the input" in err
+
+
+def test_unreachable_model(capsys, s3_bucket, local_corpus):
+    code, err = run_cli(capsys, "--input", str(local_corpus / "in"), "--output",
+                        str(local_corpus / "o"), "--model", f"s3://{s3_bucket}/no-model/")
+    assert code == 2 and f"s3://{s3_bucket}/no-model" in err
+
+
+def test_width_wider_than_the_model(capsys, local_corpus, tiny_model_dir):
+    code, err = run_cli(capsys, "--input", str(local_corpus / "in"), "--output",
+                        str(local_corpus / "o"), "--model", str(tiny_model_dir))
+    assert code == 2 and "768" in err and "[1, 64]" in err

@@ -1,0 +1,180 @@
+"""End to end through the CLI: a real local Ray, moto's S3 server on 127.0.0.1, real Parquet.
+
+Inputs, model and outputs all live on the S3 endpoint. The in-process runs reach it only
+through ``--s3-endpoint`` (the Ray workers were started before ``AWS_ENDPOINT_URL`` was set);
+the subprocess run reaches it only through the standard AWS environment.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import s3fs
+
+from pipeline import Embedder
+from pipeline.__main__ import main
+from pipeline.io.schema import read_metadata
+from pipeline.model.builder import sample_texts
+from tests.s3server import s3_bucket, s3_client, s3_endpoint, upload_dir  # noqa: F401
+
+pytestmark = pytest.mark.slow
+DIMS = (64, 32)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3_endpoint):
+    """One local Ray for the module, started after the fake AWS credentials are installed."""
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_model_dir) -> Embedder:
+    return Embedder.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def corpus_rows(n: int, start: int = 0) -> list[dict]:
+    texts = sample_texts()
+    return [{"id": start + i, "text": texts[(start + i) % len(texts)] + f" #{start + i}",
+             "lang": f"l{(start + i) % 7}", "score": (start + i) * 0.5} for i in range(n)]
+
+
+def upload_model(endpoint: str, bucket: str, model_dir: Path) -> str:
+    files = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+    upload_dir(s3_client(endpoint), bucket, "models/tiny", files)
+    return f"s3://{bucket}/models/tiny/"
+
+
+def read_output(endpoint: str, uri: str) -> tuple[pa.Table, dict]:
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+    path = uri.removeprefix("s3://").rstrip("/")
+    parts = sorted(p for p in fs.ls(path) if p.rsplit("/", 1)[-1].startswith("part-"))
+    tables = [pq.read_table(fs.open(p, "rb")) for p in parts]
+    summary = json.loads(fs.cat(f"{path}/_summary.json"))
+    assert summary["output_files"] == sorted(f"s3://{p}" for p in parts)
+    return pa.concat_tables(tables), summary
+
+
+def check_embeddings(table: pa.Table, rows: list[dict], embedder: Embedder, id_column: str,
+                     task: str, dims=DIMS) -> None:
+    by_id = {r[id_column]: r for r in rows}
+    ids = table[id_column].to_pylist()
+    assert sorted(ids) == sorted(by_id), "output ids must equal input ids, each once"
+    want = embedder.encode([by_id[i]["text"] for i in ids], task=task, dims=dims)
+    for d in dims:
+        got = np.stack(table[f"embedding_{d}"].to_numpy(zero_copy_only=False))
+        assert table.schema.field(f"embedding_{d}").type == pa.list_(pa.float32(), d)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(got, want[d], atol=1e-5, rtol=0)
+
+
+def test_parquet_shards_on_s3(local_ray, s3_endpoint, s3_bucket, tiny_model_dir, embedder):
+    sizes = [37, 5, 0, 130]  # uneven, one empty
+    rows, client, start = [], s3_client(s3_endpoint), 0
+    for i, n in enumerate(sizes):
+        shard = corpus_rows(n, start)
+        start += n
+        rows += shard
+        schema = pa.schema([("id", pa.int64()), ("text", pa.string()), ("lang", pa.string()),
+                            ("score", pa.float64())])
+        data = parquet_bytes(pa.Table.from_pylist(shard, schema=schema))
+        client.put_object(Bucket=s3_bucket, Key=f"corpus/part-{i}.parquet", Body=data)
+    client.put_object(Bucket=s3_bucket, Key="corpus/_SUCCESS", Body=b"")
+    model = upload_model(s3_endpoint, s3_bucket, tiny_model_dir)
+    out = f"s3://{s3_bucket}/emb/"
+    code = main(["run", "--input", f"s3://{s3_bucket}/corpus/", "--output", out,
+                 "--model", model, "--dims", "64,32", "--keep-columns", "lang,score",
+                 "--s3-endpoint", s3_endpoint, "--progress", "off", "--window-rows", "64",
+                 "--rows-per-file", "100"])
+    assert code == 0
+    table, summary = read_output(s3_endpoint, out)
+    check_embeddings(table, rows, embedder, "id", "document")
+    by_id = {r["id"]: r for r in rows}
+    assert table.column_names == ["id", "lang", "score", "embedding_64", "embedding_32"]
+    assert table.schema.field("score").type == pa.float64()
+    assert [by_id[i]["lang"] for i in table["id"].to_pylist()] == table["lang"].to_pylist()
+    assert [by_id[i]["score"] for i in table["id"].to_pylist()] == table["score"].to_pylist()
+    meta = read_metadata(table.schema)
+    assert meta["widths"] == [64, 32] and meta["prefix"] == "search_document: "
+    assert meta["weights_fingerprint"] == summary["model"]["weights_fingerprint"]
+    assert meta["model_id"] == model.rstrip("/") + "/" or meta["model_id"].startswith("s3://")
+    assert summary["rows_in"] == summary["rows_embedded"] == len(rows) == sum(sizes)
+    assert summary["rows_rejected"] == 0 and summary["reconciled"] is True
+    assert summary["tokens"] > 0 and 0 <= summary["padding_waste"] < 1
+    assert summary["input_files"] == 4 and summary["widths"] == [64, 32]
+    # 172 rows with at least 100 per file: not one file per block.
+    assert 1 <= len(summary["output_files"]) <= 2
+
+
+def test_gzip_jsonl_with_bad_rows(local_ray, s3_endpoint, s3_bucket, tiny_model_dir, embedder):
+    rows = [{"doc_id": f"d{r['id']}", "body": r["text"], "lang": r["lang"]}
+            for r in corpus_rows(45)]
+    lines = [json.dumps(r) for r in rows[:30]]
+    lines += ['{"doc_id": "bad1", "body": ', json.dumps({"doc_id": "bad2", "body": ""}), ""]
+    shards = {
+        "a.jsonl.gz": gzip.compress("\n".join(lines).encode()),
+        "b.jsonl.gz": gzip.compress(b""),
+        "c.jsonl.gz": gzip.compress("\n".join(json.dumps(r) for r in rows[30:]).encode()),
+    }
+    upload_dir(s3_client(s3_endpoint), s3_bucket, "jsonl", shards)
+    out = f"s3://{s3_bucket}/jsonl-emb/"
+    code = main(["run", "--input", f"s3://{s3_bucket}/jsonl/*.jsonl.gz", "--output", out,
+                 "--model", str(tiny_model_dir), "--dims", "64,32", "--id-column", "doc_id",
+                 "--text-column", "body", "--keep-columns", "lang", "--task", "query",
+                 "--s3-endpoint", s3_endpoint, "--progress", "off"])
+    assert code == 0
+    table, summary = read_output(s3_endpoint, out)
+    check_embeddings(table, [{"doc_id": r["doc_id"], "text": r["body"]} for r in rows], embedder,
+                     "doc_id", "query")
+    assert summary["rows_in"] == 47 and summary["rows_embedded"] == 45
+    assert summary["rows_rejected"] == 2 and summary["reconciled"]
+    assert summary["reject_reasons"] == {"malformed JSON": 1, "text is empty or whitespace only": 1}
+    rejects = pq.read_table(s3fs.S3FileSystem(endpoint_url=s3_endpoint).open(
+        summary["rejects_files"][0].removeprefix("s3://"), "rb"))
+    assert sorted(rejects["row"].to_pylist()) == [31, 32]
+    assert set(rejects["id"].to_pylist()) == {None, "bad2"}
+
+
+def test_cli_subprocess_with_the_aws_environment_only(s3_endpoint, s3_bucket, tiny_model_dir,
+                                                      tmp_path, embedder):
+    rows = corpus_rows(25)
+    data = "\n".join(json.dumps({"id": r["id"], "text": r["text"]}) for r in rows).encode()
+    upload_dir(s3_client(s3_endpoint), s3_bucket, "sub", {"x.jsonl": data})
+    model = upload_model(s3_endpoint, s3_bucket, tiny_model_dir)
+    out = f"s3://{s3_bucket}/sub-emb/"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["AWS_ENDPOINT_URL"] = s3_endpoint  # the standard variable, and no --s3-endpoint
+    env["NOMIC_PIPELINE_CACHE"] = str(tmp_path / "cache")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "--input", f"s3://{s3_bucket}/sub/",
+         "--output", out, "--model", model, "--dims", "64,32", "--output-dtype", "float16"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert printed["rows_embedded"] == 25 and printed["reconciled"]
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    (part,) = [p for p in fs.ls(out.removeprefix("s3://")) if "/part-" in p]
+    table = pq.read_table(fs.open(part, "rb"))
+    assert table.schema.field("embedding_64").type == pa.list_(pa.float16(), 64)
+    want = embedder.encode([r["text"] for r in rows], dims=(64,))[64]
+    got = np.stack(table["embedding_64"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    np.testing.assert_allclose(got, want[table["id"].to_numpy()], atol=2e-3)

@@ -1,0 +1,242 @@
+"""Each ``python -m pipeline run`` option reaches the stage or step that uses it.
+
+One case per :class:`RunConfig` field: parse the command line, then look where the value must
+arrive (the plan the graph is wired from, a stage built from that plan, or the step that uses
+it). A final test fails when an option is added without a case here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.cli import add_run_arguments, config_from_args
+from pipeline.config import RunConfig
+from pipeline.io.storage import InputFile, OutputError, StorageError
+from pipeline.model.sources import ModelSourceError
+from pipeline.plan import Cluster, ModelInfo, RunPlan, plan_run
+from pipeline.stages import EncodeStage, TokenizeStage
+
+CPU_CLUSTER = Cluster(cpus=8, gpus=0)
+GPU_CLUSTER = Cluster(cpus=32, gpus=4)
+FILES = [InputFile("s3://b/in/part-0.parquet", 10, "parquet", None)]
+
+
+def parse(*extra: str, input="s3://b/in/", output="s3://b/out/") -> RunConfig:
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    return config_from_args(parser.parse_args(["--input", input, "--output", output, *extra]))
+
+
+@pytest.fixture(scope="module")
+def model_info(tiny_model_dir) -> ModelInfo:
+    from pipeline.preflight import load_model_info
+
+    return load_model_info(parse("--model", str(tiny_model_dir), "--dims", "64,32"))
+
+
+def plan(model_info: ModelInfo, *extra: str, cluster: Cluster = CPU_CLUSTER) -> RunPlan:
+    extra = extra if "--dims" in extra else (*extra, "--dims", "64,32")
+    return plan_run(parse("--model", model_info.source, *extra), cluster, model_info, FILES, None)
+
+
+def encode_stage(p: RunPlan) -> EncodeStage:
+    return EncodeStage(**p.encode.kwargs)
+
+
+# --- options that shape the plan and the stages built from it --------------------------------
+
+
+def test_task(model_info):
+    p = plan(model_info, "--task", "query")
+    assert TokenizeStage(**p.tokenize.kwargs).prefix == "search_query: "
+    assert p.output.metadata["prefix"] == "search_query: "
+
+
+def test_dims(model_info):
+    p = plan(model_info, "--dims", "48,16")
+    assert encode_stage(p).dims == (48, 16) and p.output.dims == (48, 16)
+    with pytest.raises(ValueError, match=r"\[1, 64\]"):
+        plan(model_info, "--dims", "768")
+
+
+def test_id_column(model_info):
+    p = plan(model_info, "--id-column", "doc_id")
+    assert p.read.id_column == "doc_id" and p.output.id_column == "doc_id"
+
+
+def test_text_column(model_info):
+    assert plan(model_info, "--text-column", "body").read.text_column == "body"
+
+
+def test_keep_columns(model_info):
+    p = plan(model_info, "--keep-columns", "lang, url")
+    assert p.read.keep_columns == ("lang", "url") and p.output.keep_columns == ("lang", "url")
+
+
+def test_output_dtype(model_info):
+    p = plan(model_info, "--output-dtype", "float16")
+    assert encode_stage(p).output_dtype == "float16" and p.output.output_dtype == "float16"
+
+
+def test_device(model_info):
+    p = plan(model_info, "--device", "cpu", cluster=GPU_CLUSTER)
+    assert p.device == "cpu" and p.encode.num_gpus == 0 and p.encode.kwargs["device"] == "cpu"
+    assert plan(model_info, cluster=GPU_CLUSTER).encode.num_gpus == 1
+    with pytest.raises(ValueError, match="no GPUs"):
+        plan(model_info, "--device", "cuda")
+
+
+def test_dtype(model_info):
+    p = plan(model_info, "--dtype", "bfloat16")
+    assert encode_stage(p).embedder.encoder.dtype == torch.bfloat16
+
+
+def test_encoder_replicas(model_info):
+    assert plan(model_info, "--encoder-replicas", "3").encode.actors == 3
+    assert plan(model_info, cluster=GPU_CLUSTER).encode.actors == 4
+    with pytest.raises(ValueError, match="needs 5 GPUs"):
+        plan(model_info, "--encoder-replicas", "5", cluster=GPU_CLUSTER)
+
+
+def test_tokenizer_actors(model_info):
+    assert plan(model_info, "--tokenizer-actors", "6").tokenize.actors == 6
+
+
+def test_max_tokens_per_batch(model_info):
+    p = plan(model_info, "--max-tokens-per-batch", "2048")
+    assert encode_stage(p).embedder.max_tokens_per_batch == 2048
+
+
+def test_window_rows(model_info):
+    assert plan(model_info, "--window-rows", "300").encode.batch_rows == 300
+
+
+def test_rows_per_file(model_info):
+    assert plan(model_info, "--rows-per-file", "5000").rows_per_file == 5000
+
+
+def test_encoder_threads(model_info):
+    before = torch.get_num_threads()
+    try:
+        encode_stage(plan(model_info, "--encoder-threads", "1"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_s3_endpoint(model_info):
+    p = plan(model_info, "--s3-endpoint", "http://127.0.0.1:9")
+    assert p.storage_options == {"endpoint_url": "http://127.0.0.1:9"}
+    assert p.encode.kwargs["storage_options"] == {"endpoint_url": "http://127.0.0.1:9"}
+
+
+def test_s3_endpoint_reaches_the_input_listing():
+    from pipeline.preflight import check_inputs
+    from tests.s3server import closed_port_url
+
+    url = closed_port_url()
+    with pytest.raises(StorageError, match="cannot list s3://bucket/in"):
+        check_inputs(parse("--s3-endpoint", url, input="s3://bucket/in/"))
+
+
+def test_output(model_info):
+    p = plan_run(parse("--model", model_info.source, "--dims", "64", output="s3://x/y/"),
+                 CPU_CLUSTER, model_info, FILES, None)
+    assert p.output_uri == "s3://x/y/"
+
+
+# --- options used by the steps around the graph ------------------------------------------------
+
+
+def test_input_and_format(tmp_path):
+    from pipeline.preflight import check_inputs
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "data.txt").write_text('{"id": 1, "text": "a"}\n')
+    config = parse("--format", "jsonl", input=str(tmp_path / "in"), output=str(tmp_path / "o"))
+    inputs = check_inputs(config)
+    assert [f.format for f in inputs.files] == ["jsonl"] and inputs.id_type == pa.int64()
+    with pytest.raises(ValueError, match="no known format"):
+        check_inputs(parse(input=str(tmp_path / "in"), output=str(tmp_path / "o")))
+
+
+def test_model(tiny_model_dir):
+    from pipeline.preflight import load_model_info
+
+    info = load_model_info(parse("--model", str(tiny_model_dir), "--dims", "64"))
+    assert info.source == str(tiny_model_dir) and info.hidden_size == 64
+    with pytest.raises(ModelSourceError, match="does not exist|not found|no such"):
+        load_model_info(parse("--model", str(tiny_model_dir / "nope"), "--dims", "64"))
+
+
+def test_revision(tiny_model_dir):
+    from pipeline.preflight import load_model_info
+
+    with pytest.raises(ModelSourceError, match="revision='v1' applies to hub repo ids only"):
+        load_model_info(parse("--model", str(tiny_model_dir), "--revision", "v1"))
+
+
+def test_overwrite(tmp_path):
+    from pipeline.preflight import check_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"id": [1]}), out / "part-old.parquet")
+    with pytest.raises(OutputError, match="--overwrite"):
+        check_output(parse(output=str(out)))
+    check_output(parse("--overwrite", output=str(out)))
+    assert not (out / "part-old.parquet").exists()
+
+
+def test_address(monkeypatch):
+    import ray
+
+    from pipeline import runner
+
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    assert runner.init_ray(parse("--address", "ray://head:10001"))
+    assert seen["address"] == "ray://head:10001"
+
+
+def test_progress():
+    from ray.data import DataContext
+
+    from pipeline.runner import configure_progress
+
+    ctx = DataContext.get_current()
+    before = ctx.enable_progress_bars
+    try:
+        configure_progress(parse("--progress", "on").progress)
+        assert ctx.enable_progress_bars is True
+        configure_progress(parse("--progress", "off").progress)
+        assert ctx.enable_progress_bars is False
+    finally:
+        ctx.enable_progress_bars = before
+
+
+def test_every_option_has_a_test_here():
+    tested = {name.removeprefix("test_") for name in globals() if name.startswith("test_")}
+    tested |= {"input", "format"}  # test_input_and_format
+    missing = [f.name for f in dataclasses.fields(RunConfig) if f.name not in tested]
+    assert not missing, f"options without a test that they reach their stage: {missing}"
+
+
+def test_bad_option_values_are_refused():
+    with pytest.raises(SystemExit):
+        parse("--dims", "a,b")
+    with pytest.raises(ValueError, match="reserved prefix"):
+        RunConfig(input="a", output="b", keep_columns=("__x",))
+    with pytest.raises(ValueError, match="id column"):
+        RunConfig(input="a", output="b", keep_columns=("id",))
+    with pytest.raises(ValueError, match="repeat a width"):
+        RunConfig(input="a", output="b", dims=(64, 64))
+    with pytest.raises(ValueError, match="positive integer"):
+        RunConfig(input="a", output="b", window_rows=0)

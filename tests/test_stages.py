@@ -1,0 +1,140 @@
+"""The pipeline stages called directly (no Ray): ids travel, rejects pass, values match."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.embedder import Embedder
+from pipeline.io import schema as S
+from pipeline.io.readers import ReadSpec, read_jsonl
+from pipeline.model.builder import sample_texts
+from pipeline.stages import EncodeStage, TokenizeStage, require_columns
+
+DIMS = (64, 32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tiny_model_dir) -> str:
+    return (tiny_model_dir / "tokenizer.json").read_text()
+
+
+@pytest.fixture(scope="module")
+def encode_stage(tiny_model_dir) -> EncodeStage:
+    return EncodeStage(str(tiny_model_dir), revision=None, device="cpu", dtype="float32",
+                       dims=DIMS, output_dtype="float32", max_tokens_per_batch=512)
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_model_dir) -> Embedder:
+    return Embedder.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
+
+
+def reader_table(ids, texts, rejects=None) -> pa.Table:
+    n = len(ids)
+    return pa.table({
+        S.ID: pa.array(ids), S.TEXT: pa.array(texts, pa.string()),
+        S.SOURCE: pa.array(["mem://a"] * n), S.ROW: pa.array(range(n), pa.int64()),
+        S.FILE_ROWS: pa.nulls(n, pa.int64()),
+        S.REJECT: pa.array(rejects or [None] * n, pa.string()),
+        S.EXCERPT: pa.nulls(n, pa.string()),
+    })
+
+
+def vectors(table: pa.Table, width: int) -> np.ndarray:
+    return np.stack(table[f"embedding_{width}"].to_numpy(zero_copy_only=False))
+
+
+def test_tokenize_rejects_bad_rows_and_keeps_every_row(tokenizer_json):
+    table = reader_table([1, 2, None, 4, 5], ["good text", "", "orphan", "   ", "also good"],
+                         [None, None, None, None, "malformed JSON: x"])
+    out = TokenizeStage(tokenizer_json, "query")(table)
+    assert out.num_rows == 5 and S.TEXT not in out.column_names
+    assert out[S.REJECT].to_pylist() == [
+        None, "text is empty or whitespace only", "id is null",
+        "text is empty or whitespace only", "malformed JSON: x"]
+    lengths = out[S.NUM_TOKENS].to_pylist()
+    assert lengths[0] > 2 and lengths[1:] == [0, 0, 0, 0]
+    assert [len(t) for t in out[S.TOKENS].to_pylist()] == lengths
+    assert out[S.EXCERPT].to_pylist()[2] == "orphan"
+    assert out[S.ID].to_pylist() == [1, 2, None, 4, 5]
+
+
+def test_tokenize_applies_the_task_prefix(tokenizer_json, embedder):
+    out = TokenizeStage(tokenizer_json, "query")(reader_table([7], ["what is ray"]))
+    want = embedder.tokenize(["what is ray"], task="query").ids.tolist()
+    assert out[S.TOKENS].to_pylist()[0] == want
+    other = embedder.tokenize(["what is ray"], task="document").ids.tolist()
+    assert want != other
+
+
+def test_stages_equal_embedder_encode_in_any_row_order(tokenizer_json, encode_stage, embedder):
+    texts = sample_texts()
+    ids = list(range(100, 100 + len(texts)))
+    order = np.random.default_rng(0).permutation(len(texts))
+    table = reader_table([ids[i] for i in order], [texts[i] for i in order])
+    out = encode_stage(TokenizeStage(tokenizer_json, "document")(table))
+    want = embedder.encode(texts, task="document", dims=DIMS)
+    got_ids = np.asarray(out[S.ID].to_pylist()) - 100
+    for d in DIMS:
+        np.testing.assert_allclose(vectors(out, d), want[d][got_ids], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.linalg.norm(vectors(out, d), axis=1), 1.0, atol=1e-5)
+    assert sorted(got_ids) == list(range(len(texts)))
+    # Several budgeted batches ran (512-token budget), and their grid covers the tokens.
+    assert (out[S.GRID_TOKENS].to_numpy() >= out[S.NUM_TOKENS].to_numpy()).all()
+    assert len(set(out[S.BATCH_MAX].to_pylist())) > 1
+
+
+def test_encode_passes_rejected_rows_with_null_embeddings(tokenizer_json, encode_stage):
+    table = reader_table(["a", "b", "c"], ["first", None, "third"], [None, None, None])
+    out = encode_stage(TokenizeStage(tokenizer_json, "document")(table))
+    assert out[S.REJECT].to_pylist() == [None, "text is null", None]
+    for d in DIMS:
+        assert out[f"embedding_{d}"].is_null().to_pylist() == [False, True, False]
+        assert out[f"embedding_{d}"].type == pa.list_(pa.float32(), d)
+
+
+def test_encode_of_an_all_rejected_window(tokenizer_json, encode_stage):
+    table = reader_table([1, 2], ["", " "])
+    out = encode_stage(TokenizeStage(tokenizer_json, "document")(table))
+    assert out[f"embedding_{DIMS[0]}"].null_count == 2
+
+
+def test_float16_output(tokenizer_json, tiny_model_dir, embedder):
+    stage = EncodeStage(str(tiny_model_dir), revision=None, device="cpu", dtype="float32",
+                        dims=(64,), output_dtype="float16", max_tokens_per_batch=None)
+    out = stage(TokenizeStage(tokenizer_json, "document")(reader_table([1], ["half"])))
+    assert out["embedding_64"].type == pa.list_(pa.float16(), 64)
+    want = embedder.encode(["half"], dims=(64,))[64]
+    np.testing.assert_allclose(vectors(out, 64).astype(np.float32), want, atol=1e-3)
+
+
+def test_fingerprint_mismatch_is_refused(tiny_model_dir):
+    from pipeline.model.sources import ModelSourceError
+
+    with pytest.raises(ModelSourceError, match="differ from the ones the driver checked"):
+        EncodeStage(str(tiny_model_dir), revision=None, device="cpu", dtype="float32",
+                    dims=DIMS, output_dtype="float32", max_tokens_per_batch=None,
+                    fingerprint="sha256:not-this-one")
+
+
+def test_stages_name_missing_columns(tokenizer_json, encode_stage):
+    with pytest.raises(KeyError, match="tokenize needs columns"):
+        TokenizeStage(tokenizer_json, "document")(pa.table({"x": [1]}))
+    with pytest.raises(KeyError, match=r"encode needs columns \['__tokens'"):
+        encode_stage(pa.table({"x": [1]}))
+    require_columns(pa.table({"a": [1]}), ["a"], "any")
+
+
+def test_reader_rejects_flow_to_the_end(tokenizer_json, encode_stage, tmp_path):
+    import io
+
+    data = b'{"id": 1, "text": "fine"}\n{"id": 2, "text": \n{"id": 3, "text": 5}\n'
+    spec = ReadSpec("id", "text", (), pa.int64())
+    (table,) = read_jsonl(io.BytesIO(data), "mem://x.jsonl", spec)
+    out = encode_stage(TokenizeStage(tokenizer_json, "document")(table))
+    reasons = out[S.REJECT].to_pylist()
+    assert reasons[0] is None
+    assert reasons[1].startswith("malformed JSON") and reasons[2] == "text is int, not str"
+    assert out[S.ROW].to_pylist() == [1, 2, 3]
