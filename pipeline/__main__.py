@@ -10,46 +10,45 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Build the tiny random-weight model if needed and embed the bundled sample with it."""
-    import numpy as np
+    """Embed the bundled sample corpus with the offline tiny model on a local Ray."""
+    from importlib import resources
 
-    from .embedder import Embedder
-    from .model.builder import build_model_dir, sample_texts
+    from .config import RunConfig
+    from .model.builder import build_model_dir
 
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
         build_model_dir(model_dir, "tiny", seed=0)
         print(f"built tiny random-weight model in {model_dir}")
-    embedder = Embedder.from_pretrained(model_dir, device=args.device, dtype=args.dtype)
-    texts = sample_texts()
-    t0 = time.perf_counter()
-    dims = tuple(int(d) for d in args.dims.split(","))
-    out = embedder.encode(texts, task=args.task, dims=dims)
-    seconds = time.perf_counter() - t0
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / "embeddings.npz"
-    np.savez(path, **{f"embedding_{d}": v for d, v in out.items()})
-    stats = embedder.last_stats
-    summary = {"texts": stats.texts, "tokens": stats.tokens, "texts_truncated":
-               stats.texts_truncated, "widths": list(dims), "seconds": round(seconds, 3),
-               "output": str(path)}
-    print(json.dumps(summary, indent=2))
-    return 0
+    corpus = resources.files("pipeline.data").joinpath("sample_corpus")
+    # A demo is rerun often: replace its previous output (only the pipeline's own files).
+    config = RunConfig(input=str(corpus), output=args.out, model=str(model_dir),
+                       dims=args.dims, keep_columns=("lang",), overwrite=True,
+                       progress=args.progress)
+    return _run_and_report(config)
 
 
 def run(args: argparse.Namespace) -> int:
     """Pre-flight, run the Ray Data job, print the summary; exit 2 on a user error."""
     from .cli import config_from_args
+
+    try:
+        config = config_from_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return _run_and_report(config)
+
+
+def _run_and_report(config) -> int:
     from .runner import run as run_job
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        config = config_from_args(args)
         result = run_job(config)
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
@@ -80,13 +79,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("run", help="embed a corpus with Ray Data (the main job)")
     add_run_arguments(p)
-    p = sub.add_parser("demo", help="embed the bundled sample with an offline tiny model")
-    p.add_argument("--model-dir", default="models/nomic-moe-tiny")
-    p.add_argument("--out", default="out/demo")
-    p.add_argument("--task", default="document")
-    p.add_argument("--dims", default="64,32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p = sub.add_parser("demo", help="embed the bundled sample corpus with an offline tiny "
+                       "model on a local Ray")
+    p.add_argument("--model-dir", default="models/nomic-moe-tiny",
+                   help="where the tiny model is built on first use")
+    p.add_argument("--out", default="out/demo", help="output folder (replaced on each run)")
+    p.add_argument("--dims", default="64,32,16", help="widths (the tiny model is 64 wide)")
+    p.add_argument("--progress", default="auto", choices=("auto", "on", "off"))
     args = parser.parse_args(argv)
     return {"demo": demo, "run": run}[args.command](args)
 

@@ -1,4 +1,5 @@
 """Benchmarks. ``python -m pipeline.bench encoder [--device cpu|cuda] [--dtypes float32,bfloat16]``
+(this module; no Ray) and ``python -m pipeline.bench pipeline`` (``pipeline/bench_pipeline.py``).
 
 Encoder alone, real-size random weights (768 wide, 12 layers, 8 experts, 250048 vocab), on a
 synthetic passage mix (median ~110 tokens, tail to 512). Runs side by side, in one process:
@@ -233,7 +234,14 @@ def main(argv: list[str] | None = None) -> None:
     enc.add_argument("--threads", type=int, default=None)
     enc.add_argument("--no-baseline", action="store_true")
     enc.add_argument("--json", help="also write the results to this file")
+    pipe = sub.add_parser("pipeline", help="the Ray Data job vs. the encoder alone (needs ray)")
+    from . import bench_pipeline
+
+    bench_pipeline.add_arguments(pipe)
     args = parser.parse_args(argv)
+    if args.what == "pipeline":
+        bench_pipeline.main(args)
+        return
     if args.dtypes is None:
         args.dtypes = "bfloat16" if resolve_device(args.device).type == "cuda" else "float32,bfloat16"
     results = bench_encoder(args)

@@ -113,7 +113,7 @@ class EncodeStage:
         from .tokenize import TokenizedBatch
 
         require_columns(table, self.NEEDS, "encode")
-        t0 = time.perf_counter()
+        t0, start = time.perf_counter(), time.time()
         good = _good_rows(table)
         tokens = table[S.TOKENS].combine_chunks()
         lengths = table[S.NUM_TOKENS].to_numpy()[good]
@@ -129,10 +129,13 @@ class EncodeStage:
         out = table.drop_columns([S.TOKENS])
         for d in self.dims:
             out = out.append_column(embedding_column(d), self._column(vectors[d], good, table.num_rows, d))
-        elapsed = (time.perf_counter() - t0) / max(table.num_rows, 1)
+        elapsed = time.perf_counter() - t0
+        n = table.num_rows
         return out.append_column(S.GRID_TOKENS, pa.array(grid)) \
             .append_column(S.BATCH_MAX, pa.array(batch_max)) \
-            .append_column(S.ENCODE_S, pa.array(np.full(table.num_rows, elapsed)))
+            .append_column(S.ENCODE_S, pa.array(np.full(n, elapsed / max(n, 1)))) \
+            .append_column(S.ENCODE_START, pa.array(np.full(n, start))) \
+            .append_column(S.ENCODE_END, pa.array(np.full(n, start + elapsed)))
 
     def _column(self, vectors_ND: np.ndarray, good: np.ndarray, n: int, width: int) -> pa.Array:
         """A fixed-size-list column with the rows of ``good`` filled and the others null."""

@@ -26,6 +26,11 @@ def combine(writes: Iterable[dict[str, Any]]) -> dict[str, Any]:
     for w in writes:
         for k in COUNTS + TIMES:
             total[k] += w.get(k, 0)
+        if "encode_first_start" in w:
+            first = total.get("encode_first_start")
+            total["encode_first_start"] = min(first, w["encode_first_start"]) if first else \
+                w["encode_first_start"]
+            total["encode_last_end"] = max(total.get("encode_last_end", 0.0), w["encode_last_end"])
         reasons.update(w.get("reject_reasons", {}))
         for source, (count, last, file_rows) in w.get("sources", {}).items():
             seen = sources.setdefault(source, [0, -1, -1])
@@ -67,6 +72,7 @@ def build(*, stats: dict[str, Any], unseen_rows: dict[str, int], wall_s: float,
     tokens, grid = stats["tokens"], stats["grid_tokens"]
     total_in = rows_in(stats["sources"]) + sum(unseen_rows.values())
     problems = reconcile(stats["sources"], unseen_rows)
+    window = stats.get("encode_last_end", 0.0) - stats.get("encode_first_start", 0.0)
     if total_in != rows_embedded + rows_rejected and not problems:
         problems.append(f"rows_in {total_in} != rows_embedded + rows_rejected")
     return {
@@ -84,6 +90,9 @@ def build(*, stats: dict[str, Any], unseen_rows: dict[str, int], wall_s: float,
         # The padding that a [batch, longest] layout of the same batches would have held.
         "batch_padding": _waste(tokens, stats["batch_grid_tokens"]),
         "tokens_per_s": round(tokens / wall_s, 1) if wall_s > 0 else 0.0,
+        # From the first encoder window's start to the last one's end: the rate once the
+        # actors are up (start-up, model loading and the final write excluded).
+        "tokens_per_s_steady": round(tokens / window, 1) if window > 0 else 0.0,
         "wall_s": round(wall_s, 3),
         # Seconds each stage's actors or tasks spent on their batches, summed over actors.
         "stage_busy_s": {

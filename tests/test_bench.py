@@ -30,3 +30,30 @@ def test_flops_per_token_match_the_brief():
 def test_length_mix_is_realistic():
     lengths = bench.length_mix(192)
     assert 100 <= float(sorted(lengths)[96]) <= 125 and lengths.max() <= 512 and lengths.min() >= 8
+
+
+def test_bench_texts_follow_the_length_mix(tiny_model_dir):
+    from pipeline.bench_pipeline import texts_of_lengths
+    from pipeline.tokenize import TextTokenizer
+
+    tokenizer = TextTokenizer.from_dir(tiny_model_dir)
+    targets = bench.length_mix(40, seed=3)
+    texts = texts_of_lengths(targets, tokenizer, seed=3)
+    got = tokenizer.encode(["search_document: " + t for t in texts]).lengths
+    # The fewest words reaching each target: over it by at most one "word" (a CJK sentence
+    # without spaces is one word of many tokens).
+    assert (got >= targets).all() and (got - targets).max() <= 40
+    assert abs(float(got.sum()) / targets.sum() - 1) < 0.05
+
+
+@pytest.mark.slow
+def test_bench_pipeline_smoke(tmp_path, tiny_model_dir):
+    out = tmp_path / "pipe.json"
+    bench.main(["pipeline", "--size", "tiny", "--model-dir", str(tiny_model_dir), "--texts", "30",
+                "--shards", "3", "--json", str(out)])
+    result = json.loads(out.read_text())
+    alone, piped = result["encoder_alone"], result["pipeline"]
+    assert piped["tokens"] == alone["tokens"] > 0 and piped["rows_embedded"] == 30
+    assert piped["reconciled"] and piped["tokens_per_s_steady"] > 0
+    assert result["steady_vs_alone"] == pytest.approx(
+        piped["tokens_per_s_steady"] / alone["tokens_per_s"], rel=1e-2)

@@ -475,13 +475,14 @@ def test_prepare_output_fresh_dir_created(tmp_path):
 def test_prepare_output_refuses_earlier_run_unless_overwrite(tmp_path):
     out = tmp_path / "out"
     for rel in ["part-0001.parquet", "_summary.json", "_rejects/part-0002.parquet",
-                "README.txt", "sub/part-0003.parquet", "other.parquet"]:
+                "README.txt", "sub/part-0003.parquet", "part-dir/x.parquet", "other.parquet"]:
         write_bytes(out / rel, b"x")
     with pytest.raises(OutputError, match="earlier run.*--overwrite"):
         prepare_output(str(out))
-    assert len(files_under(out)) == 6  # nothing deleted without overwrite
+    assert len(files_under(out)) == 7  # nothing deleted without overwrite
     prepare_output(str(out), overwrite=True)
-    assert files_under(out) == ["README.txt", "other.parquet", "sub/part-0003.parquet"]
+    assert files_under(out) == ["README.txt", "other.parquet", "part-dir/x.parquet",
+                                "sub/part-0003.parquet"]
     prepare_output(str(out))  # no earlier run left
 
 

@@ -31,6 +31,8 @@ TOKENIZE_S = "__tokenize_s"  # this row's share of its tokenizer batch's wall ti
 GRID_TOKENS = "__grid_tokens"  # attention slots the encoder computed this row at
 BATCH_MAX = "__batch_max"  # the longest sequence of this row's encoder batch
 ENCODE_S = "__encode_s"
+ENCODE_START = "__encode_start"  # wall-clock (epoch) start and end of this row's encoder window
+ENCODE_END = "__encode_end"
 
 EXCERPT_CHARS = 200
 METADATA_KEY = b"nomic_moe_pipeline"

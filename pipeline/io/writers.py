@@ -78,6 +78,8 @@ def row_stats(table: pa.Table, good: pa.Table, bad: pa.Table) -> dict[str, Any]:
         "batch_grid_tokens": int(pc.sum(pc.cast(good[S.BATCH_MAX], pa.int64())).as_py() or 0),
         "tokenize_s": float(pc.sum(table[S.TOKENIZE_S]).as_py() or 0.0),
         "encode_s": float(pc.sum(table[S.ENCODE_S]).as_py() or 0.0),
+        "encode_first_start": float(pc.min(table[S.ENCODE_START]).as_py() or 0.0),
+        "encode_last_end": float(pc.max(table[S.ENCODE_END]).as_py() or 0.0),
         "reject_reasons": dict(Counter(_reason_kind(r) for r in bad[S.REJECT].to_pylist())),
         "sources": sources,
     }

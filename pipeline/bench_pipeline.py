@@ -1,0 +1,135 @@
+"""``python -m pipeline.bench pipeline``: the Ray Data job against the encoder alone.
+
+Same machine, same texts (the encoder benchmark's length mix, as real text), same model
+(random weights of the chosen size, written once to ``--model-dir``), same device, dtype and
+token budget. Reports:
+
+* ``encoder_alone``: ``Embedder.embed_tokenized`` in this process, tokens already made;
+* ``pipeline``: ``python -m pipeline run`` on a local Ray over Parquet shards of the same texts,
+  end to end (actor start-up and model loading included) and steady (from the first encoder
+  window's start to the last one's end), with its padding waste.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .bench import length_mix
+from .model.builder import build_model_dir, sample_texts
+from .tokenize import TASK_PREFIXES, TextTokenizer
+
+
+def texts_of_lengths(lengths: np.ndarray, tokenizer: TextTokenizer, seed: int = 0) -> list[str]:
+    """Texts whose token counts (with the document prefix, ``<s>`` and ``</s>``) follow ``lengths``."""
+    words = " ".join(sample_texts()).split()
+    rng = np.random.default_rng(seed)
+    texts = []
+    for target in lengths:
+        start = int(rng.integers(len(words)))
+        stream = (words * (2 + 4 * int(target) // len(words) + 1))[start:]
+
+        def tokens(k: int) -> int:
+            text = TASK_PREFIXES["document"] + " ".join(stream[:k])
+            return int(tokenizer.encode([text]).lengths[0])
+
+        lo, hi = 1, 4 * int(target)
+        while lo < hi:  # the fewest words reaching the target length
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if tokens(mid) < target else (lo, mid)
+        texts.append(" ".join(stream[:lo]))
+    return texts
+
+
+def write_corpus(texts: list[str], out: Path, shards: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for i, part in enumerate(np.array_split(np.arange(len(texts)), shards)):
+        table = pa.table({"id": pa.array(part, pa.int64()), "text": [texts[j] for j in part]})
+        pq.write_table(table, out / f"part-{i:03d}.parquet")
+
+
+def encoder_alone(model_dir: Path, texts: list[str], device: str, dtype: str,
+                  max_tokens: int | None, dims: tuple[int, ...]) -> dict:
+    from .embedder import Embedder
+
+    embedder = Embedder.from_pretrained(model_dir, device=device, dtype=dtype,
+                                        max_tokens_per_batch=max_tokens)
+    batch = embedder.tokenize(texts, task="document")
+    embedder.encode(texts[:8], dims=dims)  # warm-up: first-call kernel setup
+    t0 = time.perf_counter()
+    embedder.embed_tokenized(batch, dims)
+    seconds = time.perf_counter() - t0
+    tokens = int(batch.lengths.sum())
+    stats = embedder.last_stats
+    return {"tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1),
+            "padding_waste": round(stats.attention_padding, 4),
+            "max_tokens_per_batch": embedder.max_tokens_per_batch}
+
+
+def pipeline_run(model_dir: Path, corpus: Path, out: Path, args) -> dict:
+    from .config import RunConfig
+    from .runner import run
+
+    config = RunConfig(input=str(corpus), output=str(out), model=str(model_dir), dims=args.dims,
+                       device=args.device, dtype=args.dtype, overwrite=True, progress="off",
+                       max_tokens_per_batch=args.max_tokens)
+    summary = run(config)
+    keep = ("rows_embedded", "tokens", "wall_s", "tokens_per_s", "tokens_per_s_steady",
+            "padding_waste", "batch_padding", "stage_busy_s", "encoder_tokens_per_busy_s",
+            "reconciled")
+    return {k: summary[k] for k in keep}
+
+
+def bench_pipeline(args) -> dict:
+    from .bench import machine
+
+    model_dir = Path(args.model_dir or f"models/bench-{args.size}")
+    if not (model_dir / "config.json").is_file():
+        print(f"building a random-weight {args.size} model in {model_dir} ...", flush=True)
+        build_model_dir(model_dir, args.size, seed=0)
+    tokenizer = TextTokenizer.from_dir(model_dir)
+    texts = texts_of_lengths(length_mix(args.texts, args.seed), tokenizer, args.seed)
+    alone = encoder_alone(model_dir, texts, args.device, args.dtype, args.max_tokens, args.dims)
+    gc.collect()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_corpus(texts, Path(tmp) / "corpus", args.shards)
+        piped = pipeline_run(model_dir, Path(tmp) / "corpus", Path(tmp) / "out", args)
+    return {
+        "benchmark": "pipeline", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+        "model": args.size, "texts": args.texts, "device": args.device, "dtype": args.dtype,
+        "encoder_alone": alone, "pipeline": piped,
+        "steady_vs_alone": round(piped["tokens_per_s_steady"] / alone["tokens_per_s"], 3),
+        "end_to_end_vs_alone": round(piped["tokens_per_s"] / alone["tokens_per_s"], 3),
+    }
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--size", choices=("tiny", "real"), default="real")
+    parser.add_argument("--model-dir", default=None, help="default models/bench-<size>")
+    parser.add_argument("--texts", type=int, default=600)
+    parser.add_argument("--shards", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--dims", default=None, help="widths (default 768,512,256; 64,32 tiny)")
+    parser.add_argument("--json", help="also write the result to this file")
+
+
+def main(args) -> None:
+    from .config import parse_int_list
+
+    default_dims = "64,32" if args.size == "tiny" else "768,512,256"
+    args.dims = parse_int_list(args.dims or default_dims, "--dims")
+    result = bench_pipeline(args)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
