@@ -63,7 +63,7 @@ def text_problem(text: Any) -> str | None:
         return "text is empty or whitespace only"
     bad = _SURROGATE.search(text)
     if bad:
-        return f"text has a lone surrogate U+{ord(bad.group()):04X} at position {bad.start()}"
+        return f"text has a lone surrogate: U+{ord(bad.group()):04X} at position {bad.start()}"
     return None
 
 

@@ -99,7 +99,7 @@ def test_odd_but_valid_texts_embed(embedder, text):
     [
         ("", "is empty or whitespace only"),
         (" \t\n\u3000", "is empty or whitespace only"),
-        ("lone \ud800 surrogate", "has a lone surrogate U\\+D800 at position 5"),
+        ("lone \ud800 surrogate", "has a lone surrogate: U\\+D800 at position 5"),
         (None, "is null"),
         (b"bytes", "is bytes, not str"),
         (42, "is int, not str"),

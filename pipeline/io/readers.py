@@ -19,6 +19,7 @@ from . import schema as S
 from .storage import InputError
 
 READ_CHUNK_BYTES = 4 << 20
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 BLOCK_ROWS = 4096
 
 
@@ -82,7 +83,7 @@ def _parse_line(line: bytes, spec: ReadSpec):
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as err:
-        return None, None, {}, f"invalid UTF-8 at byte {err.start}", S.excerpt(line)
+        return None, None, {}, f"invalid UTF-8: at byte {err.start}", S.excerpt(line)
     try:
         record = json.loads(text)
     except ValueError as err:
@@ -91,7 +92,9 @@ def _parse_line(line: bytes, spec: ReadSpec):
         return None, None, {}, f"line is a JSON {type(record).__name__}, not an object", \
             S.excerpt(text)
     keep = {c: record.get(c) for c in spec.keep_columns}
-    reason = _value_problem(record, spec)
+    reason = _value_problem(record, spec) or _surrogate_problem(record, spec)
+    if reason and reason.startswith("lone surrogate"):
+        return None, None, {}, reason, S.excerpt(text)
     if reason:
         id_ok = spec.id_column in record and _id_matches(record[spec.id_column], spec.id_type)
         return (record[spec.id_column] if id_ok else None), None, keep, reason, S.excerpt(text)
@@ -103,6 +106,9 @@ def _value_problem(record: dict, spec: ReadSpec) -> str | None:
         return f"id column {spec.id_column!r} is missing"
     value = record[spec.id_column]
     if value is not None and not _id_matches(value, spec.id_type):
+        if pa.types.is_integer(spec.id_type) and isinstance(value, int) \
+                and not isinstance(value, bool):
+            return f"id out of range: {value} does not fit {spec.id_type}"
         return f"id is {type(value).__name__}, the shard's ids are {spec.id_type}"
     if spec.text_column not in record:
         return f"text column {spec.text_column!r} is missing"
@@ -112,11 +118,21 @@ def _value_problem(record: dict, spec: ReadSpec) -> str | None:
     return None
 
 
+def _surrogate_problem(record: dict, spec: ReadSpec) -> str | None:
+    """JSON ``\\ud800`` escapes decode to lone surrogates, which Arrow strings cannot hold."""
+    for column in (spec.id_column, spec.text_column, *spec.keep_columns):
+        try:
+            json.dumps(record.get(column), ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as err:
+            return f"lone surrogate: in column {column!r} at position {err.start}"
+    return None
+
+
 def _id_matches(value: Any, id_type: pa.DataType | None) -> bool:
     if value is None or id_type is None:
         return True
     if pa.types.is_integer(id_type):
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, int) and not isinstance(value, bool) and _INT64_MIN <= value <= _INT64_MAX
     return isinstance(value, str)
 
 
@@ -142,9 +158,10 @@ def read_parquet(f, source: str, spec: ReadSpec) -> Iterator[pa.Table]:
     """Tables of at most ``spec.block_rows`` rows from a Parquet file (random access)."""
     pf = pq.ParquetFile(f)
     names = pf.schema_arrow.names
-    missing = [c for c in (spec.id_column, spec.text_column) if c not in names]
+    missing = [c for c in spec.columns if c not in names]
     if missing:
-        raise InputError(f"{source}: no column {missing[0]!r} (columns: {', '.join(names)})")
+        raise InputError(f"{source}: no column {missing[0]!r} (columns: {', '.join(names)}); "
+                         "check --id-column, --text-column and --keep-columns")
     offset = 0
     for batch in pf.iter_batches(batch_size=spec.block_rows, columns=spec.columns):
         table = pa.Table.from_batches([batch])

@@ -77,4 +77,6 @@ def encode_metadata(metadata: dict[str, Any]) -> dict[bytes, bytes]:
 
 def read_metadata(schema: pa.Schema) -> dict[str, Any]:
     """The pipeline metadata of an output file's schema (``KeyError`` if it has none)."""
+    if not schema.metadata or METADATA_KEY not in schema.metadata:
+        raise KeyError(f"schema has no {METADATA_KEY.decode()} metadata: not a pipeline output")
     return json.loads(schema.metadata[METADATA_KEY])

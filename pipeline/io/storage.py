@@ -138,7 +138,12 @@ def _list(fs: fsspec.AbstractFileSystem, uri: str, path: str) -> list[tuple[str,
     with storage_errors(uri, "list"):
         if any(ch in path for ch in "*?["):
             found = fs.glob(path, detail=True)
-            return [(p, i.get("size", 0)) for p, i in found.items() if i.get("type") != "directory"]
+            entries = [(p, i.get("size", 0)) for p, i in sorted(found.items())
+                       if i.get("type") != "directory" and not _hidden(posixpath.basename(p))]
+            if not entries:
+                raise InputError(f"input glob {uri} matches no data files (names starting "
+                                 "with '_' or '.' are skipped)")
+            return entries
         try:
             info = fs.info(path)
         except FileNotFoundError:
@@ -165,6 +170,8 @@ def sample_columns(file: InputFile, storage_options: dict[str, Any] | None = Non
 
     None when the shard holds no rows to sample (an empty file).
     """
+    if file.size == 0:
+        return None
     fs, path = open_filesystem(file.uri, storage_options)
     with storage_errors(file.uri, "read"):
         if file.format == "parquet":
