@@ -29,6 +29,9 @@ REJECTS_DIR = "_rejects"
 # the connect timeout bounds how long an unreachable endpoint takes to report.
 S3_CONFIG = {"connect_timeout": 10, "read_timeout": 120,
              "retries": {"max_attempts": 5, "mode": "standard"}}
+# The pre-flight (listing, sampling, the output probe) must report a dead endpoint in seconds.
+S3_PREFLIGHT_CONFIG = {"connect_timeout": 5, "read_timeout": 30,
+                       "retries": {"max_attempts": 2, "mode": "standard"}}
 
 
 class InputError(ValueError):
@@ -53,12 +56,19 @@ class InputFile:
     compression: str | None  # gzip | zstd | None
 
 
-def open_filesystem(uri: str, storage_options: dict[str, Any] | None = None):
-    """``(fsspec filesystem, path within it)`` for ``uri``; S3 gets bounded retries."""
+def open_filesystem(uri: str, storage_options: dict[str, Any] | None = None,
+                    preflight: bool = False):
+    """``(fsspec filesystem, path within it)`` for ``uri``; S3 gets bounded retries.
+
+    ``preflight`` trades retries for a quick failure (listing and probes before a run).
+    """
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
     options = dict(storage_options or {}) if protocol in ("s3", "s3a") else {}
     if protocol in ("s3", "s3a"):
-        options["config_kwargs"] = S3_CONFIG | dict(options.get("config_kwargs") or {})
+        config = S3_PREFLIGHT_CONFIG if preflight else S3_CONFIG
+        options["config_kwargs"] = config | dict(options.get("config_kwargs") or {})
+        # A fresh client: fsspec's instance cache would reuse one with the other retry config.
+        options["skip_instance_cache"] = True
     with storage_errors(uri, "open"):
         return fsspec.core.url_to_fs(uri, **options)
 
@@ -113,7 +123,7 @@ def list_inputs(uri: str, storage_options: dict[str, Any] | None = None,
     as Ray Data and Spark skip them). Raises :class:`InputError` for a missing input, an empty
     prefix, unknown or mixed formats; :class:`StorageError` when the store cannot be reached.
     """
-    fs, path = open_filesystem(uri, storage_options)
+    fs, path = open_filesystem(uri, storage_options, preflight=True)
     entries = _list(fs, uri, path)
     files, unknown = [], []
     for entry_path, size in entries:
@@ -172,7 +182,7 @@ def sample_columns(file: InputFile, storage_options: dict[str, Any] | None = Non
     """
     if file.size == 0:
         return None
-    fs, path = open_filesystem(file.uri, storage_options)
+    fs, path = open_filesystem(file.uri, storage_options, preflight=True)
     with storage_errors(file.uri, "read"):
         if file.format == "parquet":
             with fs.open(path, "rb") as f:
@@ -210,7 +220,7 @@ def prepare_output(uri: str, storage_options: dict[str, Any] | None = None,
     Only the pipeline's own files (``part-*.parquet``, ``_summary.json``, ``_rejects/``) are
     ever deleted, and only inside ``uri``.
     """
-    fs, path = open_filesystem(uri, storage_options)
+    fs, path = open_filesystem(uri, storage_options, preflight=True)
     with storage_errors(uri, "prepare output"):
         previous = _previous_run(fs, path)
         if previous and not overwrite:
