@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .model.sources import DEFAULT_MODEL
+from .model.config import DEFAULT_MODEL
 from .tokenize import TASK_PREFIXES
 
 FORMATS = ("auto", "parquet", "jsonl")

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 # Tokens per sequence the model was fine-tuned for, including <s>, </s> and the task prefix.
 MAX_SEQ_LEN = 512
+# The official checkpoint on the Hugging Face Hub: the default model source everywhere.
+DEFAULT_MODEL = "nomic-ai/nomic-embed-text-v2-moe"
 
 
 class UnsupportedConfigError(ValueError):

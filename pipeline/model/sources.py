@@ -28,8 +28,8 @@ from typing import Any, Literal
 import fsspec
 
 from .checkpoint import PICKLE_SUFFIXES, weight_files
+from .config import DEFAULT_MODEL
 
-DEFAULT_MODEL = "nomic-ai/nomic-embed-text-v2-moe"
 
 # The files a model directory needs; anything else under a remote prefix is left behind.
 MODEL_FILES = frozenset({
