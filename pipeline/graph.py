@@ -85,11 +85,13 @@ def build_dataset(plan: RunPlan) -> Dataset:
         batch_size=plan.tokenize.batch_rows, batch_format="pyarrow",
         compute=ActorPoolStrategy(size=plan.tokenize.actors), num_cpus=plan.tokenize.num_cpus,
     )
+    # Merged by Ray with the job's runtime_env (working_dir, credentials by reference).
+    env = {"runtime_env": {"env_vars": plan.encode.env_vars}} if plan.encode.env_vars else {}
     return ds.map_batches(
         EncodeStage, fn_constructor_kwargs=plan.encode.kwargs,
         batch_size=plan.encode.batch_rows, batch_format="pyarrow",
         compute=ActorPoolStrategy(size=plan.encode.actors),
-        num_cpus=plan.encode.num_cpus, num_gpus=plan.encode.num_gpus,
+        num_cpus=plan.encode.num_cpus, num_gpus=plan.encode.num_gpus, **env,
     )
 
 

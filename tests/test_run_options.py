@@ -87,7 +87,9 @@ def test_output_dtype(model_info):
 def test_device(model_info):
     p = plan(model_info, "--device", "cpu", cluster=GPU_CLUSTER)
     assert p.device == "cpu" and p.encode.num_gpus == 0 and p.encode.kwargs["device"] == "cpu"
+    assert p.encode.env_vars == {"MALLOC_ARENA_MAX": "1"}
     assert plan(model_info, cluster=GPU_CLUSTER).encode.num_gpus == 1
+    assert plan(model_info, cluster=GPU_CLUSTER).encode.env_vars == {}
     with pytest.raises(ValueError, match="no GPUs"):
         plan(model_info, "--device", "cuda")
 
