@@ -1,10 +1,10 @@
 """The run summary: per-write statistics summed into ``_summary.json``. Pure, no Ray.
 
-Every row carries its source file and row number. :func:`reconcile` checks each input file: a
-Parquet file's rows (its footer says how many) must all come out, embedded or rejected,
-exactly once; a JSONL file's count must fit its highest line number; a file that produced no
-row at all must be empty. ``rows_in`` counts rows by their sources: footers where known, rows
-read otherwise.
+Every row carries its source file and row number, and the rows of each file carry the file's
+row count (a Parquet footer's; for JSONL, counted by the reader and set on the file's last
+block). :func:`reconcile` checks each input file: its rows must all come out, embedded or
+rejected, exactly once, and a file that produced no row at all must be empty. ``rows_in``
+counts rows by their sources.
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ def reconcile(sources: dict[str, list[int]], unseen_rows: dict[str, int]) -> lis
     problems = [f"{source}: {n} rows in the file, none written or rejected"
                 for source, n in sorted(unseen_rows.items()) if n]
     for source, (count, last, file_rows) in sorted(sources.items()):
-        if file_rows >= 0 and count != file_rows:
+        if file_rows < 0:
+            problems.append(f"{source}: the rows read at its end never came out ({count} did)")
+        elif count != file_rows:
             problems.append(f"{source}: {file_rows} rows in the file, {count} written or rejected")
-        elif file_rows < 0 and count > last:
-            problems.append(f"{source}: {count} rows written or rejected but the last line is {last}")
     return problems
 
 

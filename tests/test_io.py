@@ -107,7 +107,8 @@ def test_read_jsonl_plain_and_compressed(tmp_path, suffix, compression):
     assert [r[S.ROW] for r in rows] == [1, 2]
     assert all(r[S.SOURCE] == str(path) for r in rows)
     assert all(r[S.REJECT] is None and r[S.EXCERPT] is None for r in rows)
-    assert all(r[S.FILE_ROWS] is None for r in rows)  # JSONL has no footer count
+    # JSONL has no footer: the reader counts the rows and sets the count on the last block.
+    assert all(r[S.FILE_ROWS] == 2 for r in rows)
 
 
 def test_read_jsonl_blank_lines_skipped_but_counted_in_line_numbers():
@@ -202,6 +203,9 @@ def test_read_jsonl_blocks_at_most_block_rows():
     rows = rows_of(tables)
     assert [r[S.ID] for r in rows] == list(range(8))
     assert [r[S.ROW] for r in rows] == list(range(1, 16, 2))
+    # Only the last block knows the file's row count; a file whose last block is lost is
+    # therefore visible in the summary.
+    assert [t[S.FILE_ROWS].to_pylist() for t in tables] == [[None] * 3, [None] * 3, [8, 8]]
 
 
 def test_read_jsonl_empty_and_blank_streams_yield_nothing():
@@ -734,7 +738,7 @@ def test_rows_in_uses_footer_counts_where_known():
     assert summary.rows_in({}) == 0
 
 
-CLEAN = {"a.parquet": [5, 4, 5], "b.jsonl": [4, 6, -1]}
+CLEAN = {"a.parquet": [5, 4, 5], "b.jsonl": [4, 6, 4]}
 
 
 def test_reconcile_clean():
@@ -744,9 +748,10 @@ def test_reconcile_clean():
 @pytest.mark.parametrize("sources,unseen,problem", [
     ({"a.parquet": [4, 4, 5]}, {}, "a.parquet: 5 rows in the file, 4 written or rejected"),
     ({"a.parquet": [6, 4, 5]}, {}, "a.parquet: 5 rows in the file, 6 written or rejected"),
-    ({"b.jsonl": [7, 6, -1]}, {}, "b.jsonl: 7 rows written or rejected but the last line is 6"),
+    ({"b.jsonl": [5, 6, 4]}, {}, "b.jsonl: 4 rows in the file, 5 written or rejected"),
+    ({"b.jsonl": [3, 4, -1]}, {}, "b.jsonl: the rows read at its end never came out (3 did)"),
     (CLEAN, {"c.parquet": 3}, "c.parquet: 3 rows in the file, none written or rejected"),
-], ids=["lost-row", "duplicated-row", "jsonl-duplicates", "unseen-file"])
+], ids=["lost-row", "duplicated-row", "jsonl-duplicates", "jsonl-last-block-lost", "unseen-file"])
 def test_reconcile_problems(sources, unseen, problem):
     assert summary.reconcile(sources, unseen) == [problem]
 

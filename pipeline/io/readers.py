@@ -64,18 +64,28 @@ def iter_lines(stream, chunk_bytes: int = READ_CHUNK_BYTES) -> Iterator[tuple[in
 def read_jsonl(stream, source: str, spec: ReadSpec) -> Iterator[pa.Table]:
     """Tables of at most ``spec.block_rows`` rows from a decompressed JSONL stream.
 
-    Blank lines are not rows and are skipped; every other line becomes one row.
+    Blank lines are not rows and are skipped; every other line becomes one row. The last
+    table's rows carry the file's row count in ``__file_rows`` (null before it), so the run
+    summary can tell that a file was read to its end and every row came out.
     """
     rows: list[tuple[int, Any, Any, dict, str | None, str | None]] = []
+    pending, total = None, 0
     for number, line in iter_lines(stream):
         if not line.strip():
             continue
         rows.append((number, *_parse_line(line, spec)))
+        total += 1
         if len(rows) >= spec.block_rows:
-            yield _jsonl_table(rows, source, spec)
-            rows = []
+            if pending is not None:
+                yield pending
+            pending, rows = _jsonl_table(rows, source, spec), []
     if rows:
-        yield _jsonl_table(rows, source, spec)
+        if pending is not None:
+            yield pending
+        pending = _jsonl_table(rows, source, spec)
+    if pending is not None:
+        column = pending.schema.get_field_index(S.FILE_ROWS)
+        yield pending.set_column(column, S.FILE_ROWS, pa.array([total] * pending.num_rows, pa.int64()))
 
 
 def _parse_line(line: bytes, spec: ReadSpec):
