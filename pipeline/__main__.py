@@ -45,11 +45,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_and_report(config) -> int:
+    from .runner import RunFailed
     from .runner import run as run_job
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         result = run_job(config)
+    except RunFailed as err:
+        print(f"error: {str(err)[:4000]}", file=sys.stderr)
+        return 3
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -12,10 +12,14 @@ import typing
 
 from .config import RunConfig, parse_int_list, parse_name_list
 
-_CONVERTERS = {
-    "dims": lambda text: parse_int_list(text, "--dims"),
-    "keep_columns": parse_name_list,
-}
+def _dims(text: str) -> tuple[int, ...]:
+    try:
+        return parse_int_list(text, "--dims")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+_CONVERTERS = {"dims": _dims, "keep_columns": parse_name_list}
 
 
 def option_name(field_name: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .model.config import DEFAULT_MODEL
+from .model.config import DEFAULT_MODEL, MAX_SEQ_LEN
 from .tokenize import TASK_PREFIXES
 
 FORMATS = ("auto", "parquet", "jsonl")
@@ -91,6 +91,9 @@ class RunConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < MAX_SEQ_LEN:
+            raise ValueError(f"max_tokens_per_batch must be at least {MAX_SEQ_LEN} (one "
+                             f"sequence of the longest length), got {self.max_tokens_per_batch}")
         self._check_columns()
 
     def _check_columns(self) -> None:

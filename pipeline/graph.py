@@ -17,7 +17,7 @@ from ray.data import ActorPoolStrategy, Dataset
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink, FileBasedDatasource
 
-from .io.readers import ReadSpec, read_jsonl, read_parquet
+from .io.readers import ReadSpec, open_decompressed, read_jsonl, read_parquet
 from .io.storage import InputFile, open_filesystem, to_uri
 from .io.writers import OutputSpec, write_outputs
 from .plan import RunPlan
@@ -33,12 +33,17 @@ class ShardDatasource(FileBasedDatasource):
         files = list(files)
         fs, _ = open_filesystem(files[0].uri, storage_options)
         self._spec, self._format, self._fs = spec, fmt, fs
-        super().__init__([fs._strip_protocol(f.uri) for f in files], filesystem=fs)
+        paths = [fs._strip_protocol(f.uri) for f in files]
+        # Our listing decided each file's compression (.gzip, .zstd, upper case included);
+        # Ray's own guess from the name knows fewer suffixes and would pass raw bytes on.
+        self._compression = {p: f.compression for p, f in zip(paths, files)}
+        super().__init__(paths, filesystem=fs)
 
     def _open_input_source(self, filesystem, path: str, **open_args):
         if self._format == "parquet":
             return filesystem.open_input_file(path)  # Parquet needs random access
-        return super()._open_input_source(filesystem, path, **open_args)
+        stream = filesystem.open_input_stream(path, compression=None)
+        return open_decompressed(stream, self._compression.get(path))
 
     def _read_stream(self, f, path: str) -> Iterator[Block]:
         source = to_uri(self._fs, path)

@@ -118,6 +118,18 @@ def local_cpus(config: RunConfig, gpus: int, cpu_count: int) -> int:
     return max(cpu_count, actors + 2)
 
 
+def check_fits(tokenize: StagePlan, encode: StagePlan, cluster: Cluster) -> None:
+    """Refuse actor pools that would hold every CPU: read and write tasks would never run."""
+    held = tokenize.actors * tokenize.num_cpus + encode.actors * encode.num_cpus
+    if held + 1 > cluster.cpus:
+        raise ValueError(
+            f"{tokenize.actors} tokenizer actor(s) and {encode.actors} encoder actor(s) hold "
+            f"{held:g} of the cluster's {cluster.cpus:g} CPUs, leaving none for reading and "
+            "writing (the run would wait forever); lower --tokenizer-actors or "
+            "--encoder-replicas, or use a bigger cluster"
+        )
+
+
 def plan_run(config: RunConfig, cluster: Cluster, model: ModelInfo, files: list[InputFile],
              id_type: pa.DataType | None) -> RunPlan:
     """The plan of a run; raises ``ValueError`` for settings the cluster or model cannot meet."""
@@ -143,6 +155,7 @@ def plan_run(config: RunConfig, cluster: Cluster, model: ModelInfo, files: list[
         num_cpus=1.0, num_gpus=1.0 if device == "cuda" else 0.0,
         env_vars=CPU_ENCODER_ENV if device == "cpu" else {},
     )
+    check_fits(tokenize, encode, cluster)
     metadata = output_metadata(
         model_id=model.model_id, revision=model.revision, fingerprint=model.fingerprint,
         task=config.task, prefix=task_prefix(config.task), dims=config.dims,

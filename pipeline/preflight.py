@@ -51,8 +51,9 @@ def check_inputs(config: RunConfig) -> Inputs:
     return Inputs(files, pa.string() if files and files[0].format == "jsonl" else None)
 
 
-def check_output(config: RunConfig) -> None:
-    prepare_output(config.output, config.storage_options, config.overwrite)
+def check_output(config: RunConfig) -> list[str]:
+    """Check the output; returns an earlier run's files (to delete later, with --overwrite)."""
+    return prepare_output(config.output, config.storage_options, config.overwrite)
 
 
 def load_model_info(config: RunConfig) -> ModelInfo:

@@ -17,17 +17,25 @@ import ray
 from . import summary
 from .config import RunConfig
 from .graph import build_dataset, sink_for
-from .io.storage import SUMMARY_NAME, count_rows, is_local, open_filesystem
+from .io.storage import SUMMARY_NAME, count_rows, is_local, open_filesystem, remove_previous
 from .plan import Cluster, local_cpus, plan_run
 from .preflight import check_inputs, check_output, load_model_info
 
 log = logging.getLogger("pipeline")
 
 
+class RunFailed(RuntimeError):
+    """The run started and then failed (a stage raised, an actor died, storage failed)."""
+
+
 def run(config: RunConfig) -> dict[str, Any]:
-    """Embed ``config.input`` into ``config.output``; returns the run summary."""
+    """Embed ``config.input`` into ``config.output``; returns the run summary.
+
+    Setup mistakes raise the pre-flight's errors before any work; a failure once the run has
+    started raises :class:`RunFailed`.
+    """
     inputs = check_inputs(config)
-    check_output(config)
+    previous = check_output(config)
     model = load_model_info(config)
     log.info("inputs: %d %s file(s); model %s (%s)", len(inputs.files),
              inputs.files[0].format if inputs.files else "?", model.model_id, model.fingerprint)
@@ -36,10 +44,15 @@ def run(config: RunConfig) -> dict[str, Any]:
         resources = ray.cluster_resources()
         cluster = Cluster(cpus=resources.get("CPU", 0.0), gpus=resources.get("GPU", 0.0))
         plan = plan_run(config, cluster, model, inputs.files, inputs.id_type)
+        if previous:
+            remove_previous(config.output, previous, config.storage_options)
         configure_progress(config.progress)
         sink = sink_for(plan)
         t0 = time.perf_counter()
-        build_dataset(plan).write_datasink(sink)
+        try:
+            build_dataset(plan).write_datasink(sink)
+        except Exception as err:  # noqa: BLE001 - reported whole, with its type
+            raise RunFailed(f"the run failed: {type(err).__name__}: {err}") from err
         wall = time.perf_counter() - t0
     finally:
         if started:

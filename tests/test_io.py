@@ -23,7 +23,7 @@ from pipeline.io import schema as S
 from pipeline.io.readers import ReadSpec, iter_lines, open_decompressed, read_jsonl, read_parquet
 from pipeline.io.storage import (InputError, OutputError, check_disjoint, count_rows,
                                  detect_format, json_id_type, list_inputs, open_filesystem,
-                                 prepare_output, sample_columns)
+                                 prepare_output, remove_previous, sample_columns)
 from pipeline.io.writers import OutputSpec, split_rows, write_outputs
 
 INT_IDS = ReadSpec("id", "text", keep_columns=("lang",), id_type=pa.int64())
@@ -466,10 +466,12 @@ def test_prepare_output_refuses_earlier_run_unless_overwrite(tmp_path):
     with pytest.raises(OutputError, match="earlier run.*--overwrite"):
         prepare_output(str(out))
     assert len(files_under(out)) == 7  # nothing deleted without overwrite
-    prepare_output(str(out), overwrite=True)
+    previous = prepare_output(str(out), overwrite=True)
+    assert len(files_under(out)) == 7  # checking deletes nothing: later checks may still fail
+    remove_previous(str(out), previous)
     assert files_under(out) == ["README.txt", "other.parquet", "part-dir/x.parquet",
                                 "sub/part-0003.parquet"]
-    prepare_output(str(out))  # no earlier run left
+    assert prepare_output(str(out)) == []  # no earlier run left
 
 
 def test_prepare_output_unrelated_files_allowed(tmp_path):
@@ -808,3 +810,11 @@ def test_build_empty_run():
     doc = build(summary.combine([]), {"e.jsonl": 0})
     assert doc["reconciled"] is True and doc["rows_in"] == 0
     assert doc["padding_waste"] == 0.0 and doc["encoder_tokens_per_busy_s"] == 0.0
+
+
+def test_read_parquet_accepts_dictionary_encoded_text(tmp_path):
+    text = pa.array(["a", "b", "a"]).dictionary_encode()
+    path = write_parquet_file(tmp_path / "d.parquet", pa.table({"id": [1, 2, 3], "text": text}))
+    rows = rows_of(read_parquet(str(path), "d.parquet", ReadSpec("id", "text")))
+    assert [r[S.TEXT] for r in rows] == ["a", "b", "a"]
+    assert all(r[S.REJECT] is None for r in rows)

@@ -98,6 +98,7 @@ def test_parquet_shards_on_s3(local_ray, s3_endpoint, s3_bucket, tiny_model_dir,
         data = parquet_bytes(pa.Table.from_pylist(shard, schema=schema))
         client.put_object(Bucket=s3_bucket, Key=f"corpus/part-{i}.parquet", Body=data)
     client.put_object(Bucket=s3_bucket, Key="corpus/_SUCCESS", Body=b"")
+    client.put_object(Bucket=s3_bucket, Key="corpus/", Body=b"")  # a console "folder" marker
     model = upload_model(s3_endpoint, s3_bucket, tiny_model_dir)
     out = f"s3://{s3_bucket}/emb/"
     code = main(["run", "--input", f"s3://{s3_bucket}/corpus/", "--output", out,
@@ -178,3 +179,45 @@ def test_cli_subprocess_with_the_aws_environment_only(s3_endpoint, s3_bucket, ti
     want = embedder.encode([r["text"] for r in rows], dims=(64,))[64]
     got = np.stack(table["embedding_64"].to_numpy(zero_copy_only=False)).astype(np.float32)
     np.testing.assert_allclose(got, want[table["id"].to_numpy()], atol=2e-3)
+
+
+def test_compression_suffixes_and_binary_ids(local_ray, tmp_path, tiny_model_dir, embedder):
+    import pyarrow as pa_
+
+    rows = corpus_rows(12)
+    body = "\n".join(json.dumps({"id": r["id"], "text": r["text"]}) for r in rows).encode()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl.gzip").write_bytes(gzip.compress(body[: body.index(b"\n", 600)]))
+    rest = body[body.index(b"\n", 600) + 1:]
+    with pa_.CompressedOutputStream(str(tmp_path / "in" / "B.JSONL.ZSTD"), "zstd") as f:
+        f.write(rest)
+    out = tmp_path / "out"
+    assert main(["run", "--input", str(tmp_path / "in"), "--output", str(out), "--model",
+                 str(tiny_model_dir), "--dims", "64", "--progress", "off"]) == 0
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["rows_embedded"] == 12 and summary["rows_rejected"] == 0
+    assert summary["reconciled"]
+    table = pq.read_table(sorted(out.glob("part-*.parquet")))
+    check_embeddings(table, rows, embedder, "id", "document", dims=(64,))
+
+    # Binary ids (UUID bytes) with a rejected row: the rejects file shows the id as hex.
+    ids = [bytes([i]) * 16 for i in range(3)]
+    pq.write_table(pa.table({"id": pa.array(ids, pa.binary(16)), "text": ["one", "", "three"]}),
+                   tmp_path / "bin.parquet")
+    out2 = tmp_path / "out2"
+    assert main(["run", "--input", str(tmp_path / "bin.parquet"), "--output", str(out2),
+                 "--model", str(tiny_model_dir), "--dims", "64", "--progress", "off"]) == 0
+    rejects = pq.read_table(sorted((out2 / "_rejects").glob("part-*.parquet")))
+    assert rejects["id"].to_pylist() == [ids[1].hex()]
+    assert pq.read_table(sorted(out2.glob("part-*.parquet")))["id"].type == pa.binary(16)
+
+
+def test_a_failure_during_the_run_exits_3(local_ray, tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "in").mkdir()
+    lines = [{"id": 1, "text": "a", "score": 1}, {"id": 2, "text": "b", "score": "n/a"}]
+    (tmp_path / "in" / "a.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    code = main(["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                 "--model", str(tiny_model_dir), "--dims", "64", "--keep-columns", "score",
+                 "--progress", "off"])
+    err = capsys.readouterr().err
+    assert code == 3 and "the run failed" in err and "mixes value types" in err

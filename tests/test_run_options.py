@@ -108,11 +108,16 @@ def test_encoder_replicas(model_info):
 
 def test_tokenizer_actors(model_info):
     assert plan(model_info, "--tokenizer-actors", "6").tokenize.actors == 6
+    # 7 tokenizers + 1 encoder would hold all 8 CPUs: reads and writes could never run.
+    with pytest.raises(ValueError, match="leaving none for reading and writing"):
+        plan(model_info, "--tokenizer-actors", "7")
 
 
 def test_max_tokens_per_batch(model_info):
     p = plan(model_info, "--max-tokens-per-batch", "2048")
     assert encode_stage(p).embedder.max_tokens_per_batch == 2048
+    with pytest.raises(ValueError, match="at least 512"):
+        parse("--max-tokens-per-batch", "100")
 
 
 def test_window_rows(model_info):
@@ -184,16 +189,24 @@ def test_revision(tiny_model_dir):
         load_model_info(parse("--model", str(tiny_model_dir), "--revision", "v1"))
 
 
-def test_overwrite(tmp_path):
+def test_overwrite(tmp_path, tiny_model_dir):
     from pipeline.preflight import check_output
+    from pipeline.runner import run
 
     out = tmp_path / "out"
     out.mkdir()
     pq.write_table(pa.table({"id": [1]}), out / "part-old.parquet")
     with pytest.raises(OutputError, match="--overwrite"):
         check_output(parse(output=str(out)))
-    check_output(parse("--overwrite", output=str(out)))
-    assert not (out / "part-old.parquet").exists()
+    assert check_output(parse("--overwrite", output=str(out))) == [str(out / "part-old.parquet")]
+    # A mistake found after the output check (here: a width the model lacks) must not cost
+    # the earlier run: deletion waits until every check has passed.
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": [1], "text": ["a"]}), tmp_path / "in" / "a.parquet")
+    with pytest.raises(ValueError, match=r"\[1, 64\]"):
+        run(parse("--overwrite", "--model", str(tiny_model_dir), "--dims", "1024",
+                  input=str(tmp_path / "in"), output=str(out)))
+    assert (out / "part-old.parquet").exists()
 
 
 def test_address(monkeypatch):
@@ -231,9 +244,10 @@ def test_every_option_has_a_test_here():
     assert not missing, f"options without a test that they reach their stage: {missing}"
 
 
-def test_bad_option_values_are_refused():
+def test_bad_option_values_are_refused(capsys):
     with pytest.raises(SystemExit):
         parse("--dims", "a,b")
+    assert "comma-separated list of integers" in capsys.readouterr().err
     with pytest.raises(ValueError, match="reserved prefix"):
         RunConfig(input="a", output="b", keep_columns=("__x",))
     with pytest.raises(ValueError, match="id column"):

@@ -42,7 +42,9 @@ def open_decompressed(raw: BinaryIO, compression: str | None):
     """A readable stream of the decompressed bytes of ``raw`` (gzip or zstd via Arrow)."""
     if compression is None:
         return raw
-    return pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), compression)
+    if not isinstance(raw, pa.NativeFile):
+        raw = pa.PythonFile(raw, mode="r")
+    return pa.CompressedInputStream(raw, compression)
 
 
 def iter_lines(stream, chunk_bytes: int = READ_CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
@@ -178,7 +180,7 @@ def read_parquet(f, source: str, spec: ReadSpec) -> Iterator[pa.Table]:
         n = table.num_rows
         text = table[spec.text_column]
         rejects = excerpts = [None] * n
-        if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
+        if not _is_text_type(text.type):
             rejects = [f"text column has type {text.type}, not string"] * n
             excerpts = [S.excerpt(v) for v in text.to_pylist()]
             text = pa.nulls(n, pa.string())
@@ -187,6 +189,13 @@ def read_parquet(f, source: str, spec: ReadSpec) -> Iterator[pa.Table]:
         rows = pa.array(range(offset, offset + n), pa.int64())
         yield _with_origin(columns, source, rows, rejects, excerpts, pf.metadata.num_rows)
         offset += n
+
+
+def _is_text_type(t: pa.DataType) -> bool:
+    """String columns in any of Arrow's layouts (plain, large, view, dictionary-encoded)."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
 def _with_origin(columns: dict, source: str, rows: pa.Array, rejects, excerpts,

@@ -149,7 +149,7 @@ def _list(fs: fsspec.AbstractFileSystem, uri: str, path: str) -> list[tuple[str,
         if any(ch in path for ch in "*?["):
             found = fs.glob(path, detail=True)
             entries = [(p, i.get("size", 0)) for p, i in sorted(found.items())
-                       if i.get("type") != "directory" and not _hidden(posixpath.basename(p))]
+                       if _is_file(p, i) and not _hidden(posixpath.basename(p))]
             if not entries:
                 raise InputError(f"input glob {uri} matches no data files (names starting "
                                  "with '_' or '.' are skipped)")
@@ -163,11 +163,16 @@ def _list(fs: fsspec.AbstractFileSystem, uri: str, path: str) -> list[tuple[str,
         found = fs.find(path, detail=True)
     base = path.rstrip("/")
     entries = [(p, i.get("size", 0)) for p, i in sorted(found.items())
-               if not _hidden(p[len(base):]) and i.get("type") != "directory"]
+               if not _hidden(p[len(base):]) and _is_file(p, i)]
     if not entries:
         raise InputError(f"input prefix {uri} holds no data files (names starting with '_' or "
                          "'.' are skipped)")
     return entries
+
+
+def _is_file(path: str, info: dict) -> bool:
+    # Zero-byte keys ending in "/" are the folder markers of S3 consoles and sync tools.
+    return info.get("type") != "directory" and not path.endswith("/")
 
 
 def _hidden(relative: str) -> bool:
@@ -214,11 +219,11 @@ def json_id_type(value: Any, uri: str, id_column: str) -> pa.DataType:
 
 
 def prepare_output(uri: str, storage_options: dict[str, Any] | None = None,
-                   overwrite: bool = False) -> None:
-    """Check that ``uri`` is writable and holds no earlier run, or clear one with ``overwrite``.
+                   overwrite: bool = False) -> list[str]:
+    """Check that ``uri`` is writable and holds no earlier run (allowed with ``overwrite``).
 
-    Only the pipeline's own files (``part-*.parquet``, ``_summary.json``, ``_rejects/``) are
-    ever deleted, and only inside ``uri``.
+    Returns the earlier run's files, for :func:`remove_previous` once every other check has
+    passed: a mistake in another option must not cost the user their previous output.
     """
     fs, path = open_filesystem(uri, storage_options, preflight=True)
     with storage_errors(uri, "prepare output"):
@@ -229,8 +234,6 @@ def prepare_output(uri: str, storage_options: dict[str, Any] | None = None,
                 f"{to_uri(fs, previous[0])}); pass --overwrite to replace them, or choose "
                 "another output"
             )
-        for old in previous:
-            fs.rm(old)
     probe = f"{path.rstrip('/')}/_write_probe-{uuid.uuid4().hex}"
     try:
         if is_local(fs):
@@ -241,6 +244,16 @@ def prepare_output(uri: str, storage_options: dict[str, Any] | None = None,
         fs.rm(probe)
     except Exception as err:  # noqa: BLE001 - any backend failure, reported with its type
         raise OutputError(f"cannot write to output {uri}: {type(err).__name__}: {err}") from err
+    return previous
+
+
+def remove_previous(uri: str, previous: list[str],
+                    storage_options: dict[str, Any] | None = None) -> None:
+    """Delete an earlier run's files found by :func:`prepare_output` (only those, only there)."""
+    fs, _ = open_filesystem(uri, storage_options)
+    with storage_errors(uri, "clear the earlier run at"):
+        for old in previous:
+            fs.rm(old)
 
 
 def _previous_run(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:

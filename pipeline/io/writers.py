@@ -59,11 +59,22 @@ def split_rows(table: pa.Table, spec: OutputSpec) -> tuple[pa.Table, pa.Table, d
     columns |= {embedding_column(d): good[embedding_column(d)] for d in spec.dims}
     embedded = pa.table(columns).replace_schema_metadata(S.encode_metadata(spec.metadata))
     rejects = pa.table({
-        "id": pc.cast(bad[S.ID], pa.string()) if bad.num_rows else pa.array([], pa.string()),
+        "id": id_text(bad[S.ID]),
         "source": bad[S.SOURCE], "row": bad[S.ROW], "reason": bad[S.REJECT],
         "excerpt": bad[S.EXCERPT],
     }, schema=S.REJECTS_SCHEMA)
     return embedded, rejects, row_stats(table, good, bad)
+
+
+def id_text(ids: pa.ChunkedArray) -> pa.Array:
+    """Ids as text for the rejects file: strings and numbers as such, bytes as hex."""
+    t = ids.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t) \
+            or pa.types.is_floating(t):
+        return pc.cast(ids, pa.string())
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        return pa.array([None if v is None else v.hex() for v in ids.to_pylist()], pa.string())
+    return pa.array([None if v is None else S.excerpt(v) for v in ids.to_pylist()], pa.string())
 
 
 def row_stats(table: pa.Table, good: pa.Table, bad: pa.Table) -> dict[str, Any]:
