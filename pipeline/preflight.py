@@ -31,7 +31,7 @@ def check_inputs(config: RunConfig) -> Inputs:
     files = list_inputs(config.input, config.storage_options, config.format)
     check_disjoint(config.input, config.output)
     for file in files[:MAX_SAMPLED_FILES]:
-        columns = sample_columns(file, config.storage_options)
+        columns = sample_columns(file, config.storage_options, prefer_key=config.id_column)
         if columns is None:
             continue
         required = [config.id_column, config.text_column]
@@ -44,8 +44,10 @@ def check_inputs(config: RunConfig) -> Inputs:
                 raise InputError(f"{file.uri} has no column {name!r} (columns: "
                                  f"{', '.join(columns)}); set {option}")
         id_type = None
-        if file.format == "jsonl":
+        if file.format == "jsonl" and columns[config.id_column] is not None:
             id_type = json_id_type(columns[config.id_column], file.uri, config.id_column)
+        elif file.format == "jsonl":
+            id_type = pa.string()  # no id in the sample: such rows are rejected anyway
         return Inputs(files, id_type)
     # Every sampled shard is empty: nothing to check, the readers will judge the rest.
     return Inputs(files, pa.string() if files and files[0].format == "jsonl" else None)

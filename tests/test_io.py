@@ -404,11 +404,19 @@ def test_sample_columns_jsonl_first_non_blank_record(tmp_path, suffix, compressi
     assert sample_columns(input_file(path)) == {"id": "x", "text": "first"}
 
 
-@pytest.mark.parametrize("data,match", [(b"oops\n", "not JSON"), (b"[1]\n", "JSON objects")])
-def test_sample_columns_jsonl_bad_first_line(tmp_path, data, match):
+@pytest.mark.parametrize("data,match", [(b"oops\n", "line 1: Expecting value"),
+                                        (b"[1]\n", "line 1: a JSON list, not an object")])
+def test_sample_columns_jsonl_no_object_in_sample(tmp_path, data, match):
     path = write_bytes(tmp_path / "a.jsonl", data)
     with pytest.raises(InputError, match=match):
         sample_columns(input_file(path))
+
+
+def test_sample_columns_skips_bad_lines_and_null_ids_like_the_reader(tmp_path):
+    data = b'oops\n{"id": null, "text": "a"}\n\xef\xbb\xbf{"id": 7, "text": "b"}\n'
+    path = write_bytes(tmp_path / "a.jsonl", data)
+    assert sample_columns(input_file(path), prefer_key="id") == {"id": 7, "text": "b"}
+    assert sample_columns(input_file(path)) == {"id": None, "text": "a"}
 
 
 @pytest.mark.parametrize("name,data,compression", [
@@ -818,3 +826,10 @@ def test_read_parquet_accepts_dictionary_encoded_text(tmp_path):
     rows = rows_of(read_parquet(str(path), "d.parquet", ReadSpec("id", "text")))
     assert [r[S.TEXT] for r in rows] == ["a", "b", "a"]
     assert all(r[S.REJECT] is None for r in rows)
+
+
+def test_a_file_that_is_not_what_its_name_says_is_an_input_error(tmp_path):
+    path = write_bytes(tmp_path / "a.parquet", b"this is not parquet at all")
+    with pytest.raises(InputError, match="not a readable file of its format") as info:
+        sample_columns(input_file(path))
+    assert "endpoint" not in str(info.value)

@@ -97,7 +97,8 @@ def _parse_line(line: bytes, spec: ReadSpec):
     except UnicodeDecodeError as err:
         return None, None, {}, f"invalid UTF-8: at byte {err.start}", S.excerpt(line)
     try:
-        record = json.loads(text)
+        # A UTF-8 byte-order mark (first line of files saved by some editors) is not content.
+        record = json.loads(text.removeprefix("\ufeff"))
     except ValueError as err:
         return None, None, {}, f"malformed JSON: {err}", S.excerpt(text)
     if not isinstance(record, dict):

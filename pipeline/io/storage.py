@@ -91,6 +91,9 @@ def storage_errors(uri: str, action: str) -> Iterator[None]:
         raise
     except FileNotFoundError:
         raise
+    except pa.ArrowInvalid as err:  # the bytes arrived: the file itself is not what it claims
+        raise InputError(f"cannot {action} {uri}: not a readable file of its format ({err})") \
+            from err
     except PermissionError as err:
         raise StorageError(f"cannot {action} {uri}: permission denied ({err}); check the "
                            "credentials (AWS_PROFILE / AWS_ACCESS_KEY_ID, ...)") from err
@@ -180,10 +183,11 @@ def _hidden(relative: str) -> bool:
 
 
 def sample_columns(file: InputFile, storage_options: dict[str, Any] | None = None,
-                   max_lines: int = 100) -> dict[str, Any] | None:
+                   max_lines: int = 100, prefer_key: str | None = None) -> dict[str, Any] | None:
     """Column names of a shard -> Arrow type (Parquet) or first JSON value (JSONL).
 
-    None when the shard holds no rows to sample (an empty file).
+    For JSONL, the first object among the first ``max_lines`` lines whose ``prefer_key`` is
+    not null (else the first object). None when the shard holds no rows to sample.
     """
     if file.size == 0:
         return None
@@ -197,16 +201,27 @@ def sample_columns(file: InputFile, storage_options: dict[str, Any] | None = Non
 
         with fs.open(path, "rb") as raw:
             lines = iter_lines(open_decompressed(raw, file.compression), 1 << 16)
-            for _, (_, line) in zip(range(max_lines), lines):
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                    except ValueError as err:
-                        raise InputError(f"{file.uri}: first line is not JSON ({err})") from None
-                    if not isinstance(record, dict):
-                        raise InputError(f"{file.uri}: lines must be JSON objects, the first "
-                                         f"is a {type(record).__name__}")
-                    return record
+            bad, first = [], None
+            for _, (number, line) in zip(range(max_lines), lines):
+                if not line.strip():
+                    continue
+                # Decoded as the reader does; a bad line here is the reader's reject later.
+                try:
+                    record = json.loads(line.decode("utf-8").removeprefix("\ufeff"))
+                except ValueError as err:
+                    bad.append(f"line {number}: {err}")
+                    continue
+                if isinstance(record, dict):
+                    if prefer_key is None or record.get(prefer_key) is not None:
+                        return record
+                    first = first or record
+                    continue
+                bad.append(f"line {number}: a JSON {type(record).__name__}, not an object")
+            if first is not None:
+                return first
+            if bad:
+                raise InputError(f"{file.uri}: none of its first {len(bad)} line(s) is a JSON "
+                                 f"object ({bad[0]})")
     return None
 
 
