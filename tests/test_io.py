@@ -833,3 +833,13 @@ def test_a_file_that_is_not_what_its_name_says_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="not a readable file of its format") as info:
         sample_columns(input_file(path))
     assert "endpoint" not in str(info.value)
+
+
+def test_globs_skip_hidden_directories_and_are_checked_against_the_output(tmp_path):
+    for rel in ["in/a/p.jsonl", "in/.tmp/partial.jsonl", "in/_rejects/old.jsonl"]:
+        write_bytes(tmp_path / rel, b'{"id": 1, "text": "x"}\n')
+    files = list_inputs(str(tmp_path / "in" / "**" / "*.jsonl"))
+    assert [Path(f.uri).relative_to(tmp_path).as_posix() for f in files] == ["in/a/p.jsonl"]
+    with pytest.raises(OutputError, match="inside the input"):
+        check_disjoint(str(tmp_path / "in" / "**" / "*.jsonl"), str(tmp_path / "in" / "out"))
+    check_disjoint(str(tmp_path / "in" / "*.jsonl"), str(tmp_path / "out"))

@@ -151,8 +151,9 @@ def _list(fs: fsspec.AbstractFileSystem, uri: str, path: str) -> list[tuple[str,
     with storage_errors(uri, "list"):
         if any(ch in path for ch in "*?["):
             found = fs.glob(path, detail=True)
+            base = glob_base(path)
             entries = [(p, i.get("size", 0)) for p, i in sorted(found.items())
-                       if _is_file(p, i) and not _hidden(posixpath.basename(p))]
+                       if _is_file(p, i) and not _hidden(p[len(base):])]
             if not entries:
                 raise InputError(f"input glob {uri} matches no data files (names starting "
                                  "with '_' or '.' are skipped)")
@@ -171,6 +172,12 @@ def _list(fs: fsspec.AbstractFileSystem, uri: str, path: str) -> list[tuple[str,
         raise InputError(f"input prefix {uri} holds no data files (names starting with '_' or "
                          "'.' are skipped)")
     return entries
+
+
+def glob_base(path: str) -> str:
+    """The directory part of a glob before its first wildcard (``a/b/*/c*`` -> ``a/b/``)."""
+    cut = min((i for i in (path.find(ch) for ch in "*?[") if i >= 0), default=len(path))
+    return path[: path.rfind("/", 0, cut) + 1]
 
 
 def _is_file(path: str, info: dict) -> bool:
@@ -290,6 +297,8 @@ def _previous_run(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
 
 def check_disjoint(input_uri: str, output_uri: str) -> None:
     """Refuse an output inside the input prefix: the next run would read its own output."""
+    if any(ch in input_uri for ch in "*?["):
+        input_uri = glob_base(input_uri)
     a, b = _normalise(input_uri), _normalise(output_uri)
     if b == a or b.startswith(a.rstrip("/") + "/"):
         raise OutputError(f"output {output_uri} lies inside the input {input_uri}; choose an "
