@@ -17,7 +17,8 @@ import ray
 from . import summary
 from .config import RunConfig
 from .graph import build_dataset, sink_for
-from .io.storage import SUMMARY_NAME, count_rows, is_local, open_filesystem, remove_previous
+from .io.storage import (SUMMARY_NAME, count_rows, open_for_publish, open_filesystem,
+                         remove_previous)
 from .plan import Cluster, local_cpus, plan_run
 from .preflight import check_inputs, check_output, load_model_info
 
@@ -61,7 +62,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     unseen = {f.uri: count_rows(f, config.storage_options)
               for f in inputs.files if f.uri not in stats["sources"]}
     result = summary.build(
-        stats=stats, unseen_rows=unseen, wall_s=wall, config=_jsonable(config.to_dict()),
+        stats=stats, unseen_rows=unseen, wall_s=wall, config=config.to_dict(),
         model=model.describe() | {"device": plan.device,
                                   "encoder_replicas": plan.encode.actors,
                                   "tokenizer_actors": plan.tokenize.actors},
@@ -95,21 +96,9 @@ def configure_progress(progress: str) -> None:
 
 
 def write_summary(config: RunConfig, result: dict[str, Any]) -> str:
-    """Write ``<output>/_summary.json`` (one PUT, or a rename on local disks)."""
+    """Write ``<output>/_summary.json``, whole or not at all."""
     fs, path = open_filesystem(config.output, config.storage_options)
     target = f"{path.rstrip('/')}/{SUMMARY_NAME}"
-    data = json.dumps(result, indent=2, sort_keys=True).encode()
-    tmp = target + ".tmp" if is_local(fs) else target
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    if tmp != target:
-        fs.mv(tmp, target)
+    with open_for_publish(fs, target) as f:
+        f.write(json.dumps(result, indent=2, sort_keys=True).encode())
     return target
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value

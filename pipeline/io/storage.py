@@ -318,6 +318,24 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
+@contextlib.contextmanager
+def open_for_publish(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Any]:
+    """A writable file that appears at ``path`` whole or not at all.
+
+    Object stores publish an upload only when it completes; on local disks the file is
+    written under a hidden temporary name and renamed into place.
+    """
+    target = path
+    if is_local(fs):
+        parent, _, name = path.rpartition("/")
+        fs.makedirs(parent, exist_ok=True)
+        target = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(target, "wb") as f:
+        yield f
+    if target != path:
+        fs.mv(target, path)
+
+
 def count_rows(file: InputFile, storage_options: dict[str, Any] | None = None) -> int:
     """Rows of a shard: its Parquet footer's count, or its non-blank JSONL lines."""
     from .readers import iter_lines, open_decompressed

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from ..config import embedding_column
 from . import schema as S
-from .storage import REJECTS_DIR, is_local
+from .storage import REJECTS_DIR, open_for_publish
 
 ROW_GROUP_ROWS = 8192
 # Output files of about this many bytes of embeddings (no swarm of tiny files, none too big
@@ -122,15 +122,8 @@ def part_name() -> str:
 
 def write_parquet(fs, path: str, table: pa.Table) -> int:
     """Write ``table`` to ``path`` so that no reader sees it half-written; returns its bytes."""
-    target = path
-    if is_local(fs):
-        parent, _, name = path.rpartition("/")
-        fs.makedirs(parent, exist_ok=True)
-        target = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(target, "wb") as f:
+    with open_for_publish(fs, path) as f:
         pq.write_table(table, f, row_group_size=ROW_GROUP_ROWS)
-    if target != path:
-        fs.mv(target, path)
     return int(fs.size(path))
 
 
