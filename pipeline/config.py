@@ -18,6 +18,8 @@ OUTPUT_DTYPES = ("float32", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 PROGRESS = ("auto", "on", "off")
+ON_DUPLICATE = ("keep-first", "keep-all")
+ON_BAD_ROWS = ("reject", "fail")
 # Internal column names start with this; user columns may not.
 RESERVED_PREFIX = "__"
 
@@ -71,7 +73,17 @@ class RunConfig:
                                  "local Ray)", metavar="ADDR")
     s3_endpoint: str | None = _field(None, "S3-compatible endpoint URL (default: the AWS "
                                      "environment, e.g. AWS_ENDPOINT_URL)", metavar="URL")
-    overwrite: bool = _field(False, "replace an earlier run's files at the output")
+    overwrite: bool = _field(False, "replace an earlier run at the output instead of resuming it "
+                             "(needed when the model, widths, task or columns changed)")
+    on_duplicate: str = _field("keep-first", "a repeated id within a shard: keep-first embeds "
+                               "the first row and rejects the rest; keep-all embeds every row",
+                               choices=ON_DUPLICATE)
+    on_bad_rows: str = _field("reject", "a row that cannot be embedded: reject writes it to "
+                              "_rejects/ with its reason; fail stops the run on the first one",
+                              choices=ON_BAD_ROWS)
+    max_reject_fraction: float = _field(0.1, "fail the run when more than this fraction of "
+                                        "the rows read is rejected (1 disables the check)",
+                                        metavar="F")
     progress: str = _field("auto", "Ray Data progress bars (auto: when stderr is a terminal)",
                            choices=PROGRESS)
 
@@ -79,7 +91,8 @@ class RunConfig:
         for name in ("input", "output"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must be a URI or path, got {getattr(self, name)!r}")
-        for name in ("task", "format", "output_dtype", "device", "dtype", "progress"):
+        for name in ("task", "format", "output_dtype", "device", "dtype", "progress",
+                     "on_duplicate", "on_bad_rows"):
             allowed = self.__dataclass_fields__[name].metadata["choices"]
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not one of {list(allowed)}")
@@ -94,6 +107,10 @@ class RunConfig:
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < MAX_SEQ_LEN:
             raise ValueError(f"max_tokens_per_batch must be at least {MAX_SEQ_LEN} (one "
                              f"sequence of the longest length), got {self.max_tokens_per_batch}")
+        fraction = self.max_reject_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+                or not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"max_reject_fraction must be a number from 0 to 1, got {fraction!r}")
         self._check_columns()
 
     def _check_columns(self) -> None:

@@ -1,6 +1,7 @@
 """The Ray Data graph: the one place that wires the stages with Ray.
 
-    read shards (ShardDatasource) -> TokenizeStage actors -> EncodeStage actors -> EmbeddingDatasink
+    read shards (ShardDatasource) -> TokenizeStage actors -> EncodeStage actors
+        -> write tasks (one file per input file per batch) -> records the driver consumes
 
 Everything it wires is built from a :class:`~pipeline.plan.RunPlan`; the stages and the I/O
 functions it calls live in modules that do not import Ray.
@@ -8,80 +9,87 @@ functions it calls live in modules that do not import Ray.
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, Dataset
-from ray.data.block import Block, BlockAccessor
-from ray.data.datasource import Datasink, FileBasedDatasource
+from ray.data.block import Block, BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
 from .io.readers import ReadSpec, open_decompressed, read_jsonl, read_parquet
-from .io.storage import InputFile, open_filesystem, to_uri
+from .io.storage import InputFile, open_filesystem, storage_errors
 from .io.writers import OutputSpec, write_outputs
 from .plan import RunPlan
 from .stages import EncodeStage, TokenizeStage
-from .summary import combine
 
 
-class ShardDatasource(FileBasedDatasource):
-    """Reads the run's shards with Ray Data's file reader (listing, retries with replay)."""
+class ShardDatasource(Datasource):
+    """The run's shards as Ray read tasks, each reading whole files through fsspec.
+
+    The driver already listed the files with their sizes, so no task or driver call looks
+    them up again (Ray's file-based reader would ask the store for each path, one by one,
+    before the run starts). S3 requests retry transient errors with backoff (botocore's
+    standard mode, ``io/storage.py``); a permanent error fails the read naming the object.
+    """
 
     def __init__(self, files: Iterable[InputFile], fmt: str, spec: ReadSpec,
                  storage_options: dict[str, Any]) -> None:
-        files = list(files)
-        fs, _ = open_filesystem(files[0].uri, storage_options)
-        self._spec, self._format, self._fs = spec, fmt, fs
-        paths = [fs._strip_protocol(f.uri) for f in files]
-        # Our listing decided each file's compression (.gzip, .zstd, upper case included);
-        # Ray's own guess from the name knows fewer suffixes and would pass raw bytes on.
-        self._compression = {p: f.compression for p, f in zip(paths, files)}
-        super().__init__(paths, filesystem=fs)
+        super().__init__()
+        self._files, self._format = list(files), fmt
+        self._spec, self._storage_options = spec, storage_options
 
-    def _open_input_source(self, filesystem, path: str, **open_args):
-        if self._format == "parquet":
-            return filesystem.open_input_file(path)  # Parquet needs random access
-        stream = filesystem.open_input_stream(path, compression=None)
-        return open_decompressed(stream, self._compression.get(path))
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(f.size for f in self._files)
 
-    def _read_stream(self, f, path: str) -> Iterator[Block]:
-        source = to_uri(self._fs, path)
-        reader = read_parquet if self._format == "parquet" else read_jsonl
-        yield from reader(f, source, self._spec)
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None,
+                       data_context=None) -> list[ReadTask]:
+        # Largest first, dealt round-robin: tasks of similar bytes, files kept whole.
+        ordered = sorted(self._files, key=lambda f: -f.size)
+        groups = [ordered[i::max(1, min(parallelism, len(ordered)))]
+                  for i in range(max(1, min(parallelism, len(ordered))))]
+        return [ReadTask(functools.partial(read_files, group, self._format, self._spec,
+                                           self._storage_options),
+                         BlockMetadata(num_rows=None, size_bytes=sum(f.size for f in group),
+                                       input_files=tuple(f.uri for f in group),
+                                       exec_stats=None))
+                for group in groups if group]
 
 
-class EmbeddingDatasink(Datasink[dict]):
-    """Writes embedded rows as Parquet files and rejects under ``_rejects/``; sums statistics."""
+def read_files(files: list[InputFile], fmt: str, spec: ReadSpec,
+               storage_options: dict[str, Any]) -> Iterator[Block]:
+    """Blocks of the given shards, one file after another (a zero-byte file holds no rows)."""
+    reader = read_parquet if fmt == "parquet" else read_jsonl
+    for file in files:
+        if not file.size:
+            continue
+        fs, path = open_filesystem(file.uri, storage_options)
+        with storage_errors(file.uri, "read"):
+            raw = fs.open(path, "rb")
+        with raw:
+            stream = raw if fmt == "parquet" else open_decompressed(raw, file.compression)
+            yield from reader(stream, file.uri, spec)
 
-    def __init__(self, output_uri: str, storage_options: dict[str, Any], spec: OutputSpec,
-                 rows_per_file: int) -> None:
-        self.output_uri, self.storage_options = output_uri, storage_options
-        self.spec, self.rows_per_file = spec, rows_per_file
-        self.stats: dict[str, Any] | None = None
 
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_file
+STATS = "__stats"  # the write stage's output: one JSON record per unit and write
 
-    def write(self, blocks: Iterable[Block], ctx) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        tables = [t for t in tables if t.num_rows]
-        if not tables:
-            return {}
-        table = pa.concat_tables(tables, promote_options="permissive")
-        fs, path = open_filesystem(self.output_uri, self.storage_options)
-        stats = write_outputs(fs, path, table, self.spec)
-        stats["files"] = [to_uri(fs, p) for p in stats["files"]]
-        return stats | {"write_s": time.perf_counter() - t0}
 
-    def on_write_complete(self, write_result) -> None:
-        self.stats = combine(write_result.write_returns)
+def write_batch(table: pa.Table, output_uri: str, storage_options: dict[str, Any],
+                spec: OutputSpec) -> pa.Table:
+    """Write one batch of encoded rows (files of one input file each); return its records."""
+    t0 = time.perf_counter()
+    fs, path = open_filesystem(output_uri, storage_options)
+    records = write_outputs(fs, path, table, spec)
+    share = (time.perf_counter() - t0) / max(len(records), 1)
+    return pa.table({STATS: [json.dumps(r | {"write_s": share}) for r in records]})
 
 
 def build_dataset(plan: RunPlan) -> Dataset:
-    """Read -> tokenize -> encode, as a lazy Dataset (nothing runs until it is written)."""
+    """Read -> tokenize -> encode -> write, as a lazy Dataset of write records (JSON strings
+    in ``__stats``); nothing runs until the driver iterates over it."""
     ds = ray.data.read_datasource(
         ShardDatasource(plan.files, plan.format, plan.read, plan.storage_options)
     )
@@ -92,13 +100,17 @@ def build_dataset(plan: RunPlan) -> Dataset:
     )
     # Merged by Ray with the job's runtime_env (working_dir, credentials by reference).
     env = {"runtime_env": {"env_vars": plan.encode.env_vars}} if plan.encode.env_vars else {}
-    return ds.map_batches(
+    ds = ds.map_batches(
         EncodeStage, fn_constructor_kwargs=plan.encode.kwargs,
         batch_size=plan.encode.batch_rows, batch_format="pyarrow",
         compute=ActorPoolStrategy(size=plan.encode.actors),
         num_cpus=plan.encode.num_cpus, num_gpus=plan.encode.num_gpus, **env,
     )
-
-
-def sink_for(plan: RunPlan) -> EmbeddingDatasink:
-    return EmbeddingDatasink(plan.output_uri, plan.storage_options, plan.output, plan.rows_per_file)
+    # Tasks, so a write that dies is retried by Ray; the files of a failed attempt are named
+    # by no record, never committed, and deleted at the end of the run.
+    return ds.map_batches(
+        write_batch, batch_size=plan.rows_per_file, batch_format="pyarrow",
+        fn_kwargs={"output_uri": plan.output_uri, "storage_options": plan.storage_options,
+                   "spec": plan.output},
+        num_cpus=1,
+    )

@@ -77,6 +77,14 @@ class RunPlan:
     rows_per_file: int
     storage_options: dict[str, Any]
     device: str
+    dtype: str  # the encoder's compute dtype, "auto" resolved
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto`` is bfloat16 on GPUs and float32 on CPUs (as the encoder resolves it)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device == "cuda" else "float32"
 
 
 def resolve_device(config: RunConfig, cluster: Cluster) -> str:
@@ -131,7 +139,7 @@ def check_fits(tokenize: StagePlan, encode: StagePlan, cluster: Cluster) -> None
 
 
 def plan_run(config: RunConfig, cluster: Cluster, model: ModelInfo, files: list[InputFile],
-             id_type: pa.DataType | None) -> RunPlan:
+             id_type: pa.DataType | None, keep_types: tuple = ()) -> RunPlan:
     """The plan of a run; raises ``ValueError`` for settings the cluster or model cannot meet."""
     from .model.pooling import check_dims
 
@@ -165,8 +173,11 @@ def plan_run(config: RunConfig, cluster: Cluster, model: ModelInfo, files: list[
                         config.output_dtype, metadata)
     return RunPlan(
         files=tuple(files), format=files[0].format if files else "parquet",
-        read=ReadSpec(config.id_column, config.text_column, config.keep_columns, id_type),
+        read=ReadSpec(config.id_column, config.text_column, config.keep_columns, id_type,
+                      keep_types=tuple(keep_types),
+                      dedupe=config.on_duplicate == "keep-first"),
         tokenize=tokenize, encode=encode, output_uri=config.output, output=output,
         rows_per_file=config.rows_per_file or output.rows_per_file(),
         storage_options=config.storage_options, device=device,
+        dtype=resolve_dtype(config.dtype, device),
     )

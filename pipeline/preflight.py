@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from .config import RunConfig
-from .io.storage import (InputError, InputFile, check_disjoint, json_id_type, list_inputs,
-                         prepare_output, sample_columns)
+from .io.storage import (InputError, InputFile, check_disjoint, json_id_type, json_value_type,
+                         list_inputs, prepare_output, sample_columns, sample_records)
 from .plan import ModelInfo
 
 # Shards to look at for a first row before giving up on checking the columns up front.
@@ -23,7 +23,8 @@ MAX_SAMPLED_FILES = 20
 @dataclasses.dataclass(frozen=True)
 class Inputs:
     files: list[InputFile]
-    id_type: pa.DataType | None  # JSONL ids' type, from the first row; None for Parquet
+    id_type: pa.DataType | None  # the run's id type, from the first non-empty shard
+    keep_types: tuple[tuple[str, object], ...] = ()  # the kept columns' types, likewise
 
 
 def check_inputs(config: RunConfig) -> Inputs:
@@ -43,19 +44,26 @@ def check_inputs(config: RunConfig) -> Inputs:
                           config.text_column: "--text-column"}.get(name, "--keep-columns")
                 raise InputError(f"{file.uri} has no column {name!r} (columns: "
                                  f"{', '.join(columns)}); set {option}")
-        id_type = None
-        if file.format == "jsonl" and columns[config.id_column] is not None:
+        if file.format == "parquet":
+            return Inputs(files, columns[config.id_column],
+                          tuple((c, columns[c]) for c in config.keep_columns))
+        id_type = pa.string()  # no id in the sample: such rows are rejected anyway
+        if columns[config.id_column] is not None:
             id_type = json_id_type(columns[config.id_column], file.uri, config.id_column)
-        elif file.format == "jsonl":
-            id_type = pa.string()  # no id in the sample: such rows are rejected anyway
-        return Inputs(files, id_type)
+        records = sample_records(file, config.storage_options)
+        keep_types = tuple((c, json_value_type([r.get(c) for r in records]))
+                           for c in config.keep_columns)
+        return Inputs(files, id_type, keep_types)
     # Every sampled shard is empty: nothing to check, the readers will judge the rest.
-    return Inputs(files, pa.string() if files and files[0].format == "jsonl" else None)
+    if files and files[0].format == "jsonl":
+        return Inputs(files, pa.string(), tuple((c, json_value_type([]))
+                                                for c in config.keep_columns))
+    return Inputs(files, None)
 
 
 def check_output(config: RunConfig) -> list[str]:
-    """Check the output; returns an earlier run's files (to delete later, with --overwrite)."""
-    return prepare_output(config.output, config.storage_options, config.overwrite)
+    """Check that the output is writable; returns the pipeline's files already there."""
+    return prepare_output(config.output, config.storage_options)
 
 
 def load_model_info(config: RunConfig) -> ModelInfo:

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -14,11 +16,11 @@ from typing import Any
 
 import ray
 
-from . import summary
+from . import summary, units
 from .config import RunConfig
-from .graph import build_dataset, sink_for
-from .io.storage import (SUMMARY_NAME, count_rows, open_for_publish, open_filesystem,
-                         remove_previous)
+from .graph import STATS, build_dataset
+from .io.storage import (SUMMARY_NAME, count_rows, open_for_publish, open_filesystem, own_files,
+                         remove_files)
 from .plan import Cluster, local_cpus, plan_run
 from .preflight import check_inputs, check_output, load_model_info
 
@@ -26,50 +28,144 @@ log = logging.getLogger("pipeline")
 
 
 class RunFailed(RuntimeError):
-    """The run started and then failed (a stage raised, an actor died, storage failed)."""
+    """The run started and then failed (a stage raised, an actor died, storage failed, too
+    many rows rejected)."""
+
+
+# The reject fraction is judged early only once this many rows came out; always at the end.
+EARLY_REJECT_CHECK_ROWS = 10_000
+PROGRESS_LOG_S = 30.0
 
 
 def run(config: RunConfig) -> dict[str, Any]:
     """Embed ``config.input`` into ``config.output``; returns the run summary.
 
-    Setup mistakes raise the pre-flight's errors before any work; a failure once the run has
-    started raises :class:`RunFailed`.
+    An output holding an earlier run of the same settings is resumed: its committed units are
+    kept and skipped, everything else there is deleted and redone. Setup mistakes raise the
+    pre-flight's errors before any work; a failure once the run has started raises
+    :class:`RunFailed`.
     """
     inputs = check_inputs(config)
     previous = check_output(config)
     model = load_model_info(config)
+    fs, out_path = open_filesystem(config.output, config.storage_options)
+    state = units.load_state(fs, out_path, previous)
     log.info("inputs: %d %s file(s); model %s (%s)", len(inputs.files),
              inputs.files[0].format if inputs.files else "?", model.model_id, model.fingerprint)
+    if not config.overwrite:  # before Ray starts; the encoder's dtype is known once it has
+        units.resumable_units(state, run_identity(config, None, model), inputs.files,
+                              config.output, unknown=("dtype",))
     started = init_ray(config)
     try:
         resources = ray.cluster_resources()
         cluster = Cluster(cpus=resources.get("CPU", 0.0), gpus=resources.get("GPU", 0.0))
-        plan = plan_run(config, cluster, model, inputs.files, inputs.id_type)
-        if previous:
-            remove_previous(config.output, previous, config.storage_options)
+        plan = plan_run(config, cluster, model, inputs.files, inputs.id_type, inputs.keep_types)
+        identity = run_identity(config, plan, model)
+        if config.overwrite:
+            keep: dict[str, dict[str, Any]] = {}
+            remove_files(config.output, previous, config.storage_options)
+        else:
+            keep = units.resumable_units(state, identity, inputs.files, config.output)
+            stale = units.stray_files(fs, state, keep)
+            stale += [p for p in previous if p.endswith("/" + SUMMARY_NAME)]
+            remove_files(config.output, stale, config.storage_options)
+        if keep:
+            log.info("resuming %s: %d of %d unit(s) committed earlier are kept", config.output,
+                     len(keep), len(inputs.files))
+        units.write_identity(fs, out_path, identity)
+        todo = [f for f in inputs.files if units.unit_key(f.uri) not in keep]
+        tracker = units.Tracker(todo, commit=lambda u: units.write_json(
+            fs, units.manifest_path(out_path, u["unit"]), u))
         configure_progress(config.progress)
-        sink = sink_for(plan)
         t0 = time.perf_counter()
-        try:
-            build_dataset(plan).write_datasink(sink)
-        except Exception as err:  # noqa: BLE001 - reported whole, with its type
-            raise RunFailed(f"the run failed: {type(err).__name__}: {err}") from err
+        if todo:
+            consume(build_dataset(dataclasses.replace(plan, files=tuple(todo))), tracker, config)
         wall = time.perf_counter() - t0
     finally:
         if started:
             ray.shutdown()
-    stats = sink.stats or summary.combine([])
-    unseen = {f.uri: count_rows(f, config.storage_options)
-              for f in inputs.files if f.uri not in stats["sources"]}
+    unseen = {}
+    for key in tracker.unseen():
+        f = tracker.files[key]
+        rows = count_rows(f, config.storage_options)
+        if tracker.finish_empty(key, rows) is None:
+            unseen[f.uri] = rows
+    committed = keep | tracker.committed
+    # Files of units left open, and of write attempts Ray retried, are not output.
+    done = units.OutputState(out_path, identity, committed, own_files(fs, out_path))
+    remove_files(config.output, units.stray_files(fs, done, committed), config.storage_options)
     result = summary.build(
-        stats=stats, unseen_rows=unseen, wall_s=wall, config=config.to_dict(),
-        model=model.describe() | {"device": plan.device,
+        committed=committed, resumed=keep, open_units=list(tracker.open.values()),
+        unseen_rows=unseen, wall_s=wall, config=config.to_dict(),
+        model=model.describe() | {"device": plan.device, "dtype": plan.dtype,
                                   "encoder_replicas": plan.encode.actors,
                                   "tokenizer_actors": plan.tokenize.actors},
         input_files=len(inputs.files),
     )
     write_summary(config, result)
+    if result["rows_in"] and result["reject_fraction"] > config.max_reject_fraction:
+        raise RunFailed(
+            f"{result['rows_rejected']} of {result['rows_in']} rows were rejected "
+            f"({result['reject_fraction']:.1%}), more than --max-reject-fraction "
+            f"{config.max_reject_fraction:g}; reasons: {result['reject_reasons']} (see "
+            f"{config.output.rstrip('/')}/_rejects/)")
     return result
+
+
+def run_identity(config: RunConfig, plan, model) -> dict[str, Any]:
+    """The settings that decide what the output holds (see :data:`units.IDENTITY_FIELDS`)."""
+    return {
+        "model_fingerprint": model.fingerprint,
+        "tokenizer_sha256": hashlib.sha256(model.tokenizer_json.encode()).hexdigest(),
+        "task": config.task, "dims": list(config.dims), "output_dtype": config.output_dtype,
+        "dtype": plan.dtype if plan else None, "id_column": config.id_column, "text_column": config.text_column,
+        "keep_columns": list(config.keep_columns), "on_duplicate": config.on_duplicate,
+        "model_id": model.model_id, "revision": model.revision,
+    }
+
+
+def consume(ds, tracker: units.Tracker, config: RunConfig) -> None:
+    """Run the dataset, taking the write records as they come and committing units."""
+    rows = rejected = 0
+    last_log = time.monotonic()
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for text in batch[STATS].to_pylist():
+                record = json.loads(text)
+                if config.on_bad_rows == "fail" and record["rows_rejected"]:
+                    row, reason = record["first_reject"]
+                    raise RunFailed(f"row {row} of {record['source']} was rejected "
+                                    f"(--on-bad-rows fail): {reason}")
+                tracker.add(record)
+                rows, rejected = rows + record["rows"], rejected + record["rows_rejected"]
+                if rows >= EARLY_REJECT_CHECK_ROWS and rejected > config.max_reject_fraction * rows:
+                    raise RunFailed(
+                        f"{rejected} of the first {rows} rows were rejected, more than "
+                        f"--max-reject-fraction {config.max_reject_fraction:g}; stopping early "
+                        f"(the last: {record['first_reject']} in {record['source']})")
+            if time.monotonic() - last_log > PROGRESS_LOG_S:
+                last_log = time.monotonic()
+                log.info("%d of %d unit(s) committed; %d rows out this run",
+                         len(tracker.committed), len(tracker.files), rows)
+    except RunFailed:
+        raise
+    except units.RowsDuplicated as err:
+        raise RunFailed(f"the run stopped to keep the output exact: {err}") from err
+    except Exception as err:  # noqa: BLE001 - reported whole, with its type
+        cause = root_cause(err)
+        raise RunFailed(f"the run failed: {type(cause).__name__}: {cause}") from err
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The error a stage raised, unwrapped from Ray's task errors (their text is a traceback)."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        inner = getattr(err, "cause", None) or err.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        err = inner
+    return err
 
 
 def init_ray(config: RunConfig) -> bool:

@@ -1,110 +1,114 @@
-"""The run summary: per-write statistics summed into ``_summary.json``. Pure, no Ray.
+"""The run summary: the committed units' totals in ``_summary.json``. Pure, no Ray.
 
-Every row carries its source file and row number, and the rows of each file carry the file's
-row count (a Parquet footer's; for JSONL, counted by the reader and set on the file's last
-block). :func:`reconcile` checks each input file: its rows must all come out, embedded or
-rejected, exactly once, and a file that produced no row at all must be empty. ``rows_in``
-counts rows by their sources.
+Each unit (input file) is committed with its counts once all of its rows came out (see
+``pipeline/units.py``), so the summary of a resumed run covers the whole output: the units
+committed earlier and the ones committed now. A unit that did not complete (rows missing, a
+file that produced no row but holds some) is a reconcile problem, and the run is not
+reconciled. Rates (tokens per second) are of this run's work only.
 """
 
 from __future__ import annotations
 
-import collections
 from typing import Any, Iterable
 
-COUNTS = ("rows_embedded", "rows_rejected", "tokens", "texts_truncated", "grid_tokens",
-          "batch_grid_tokens", "bytes")
-TIMES = ("tokenize_s", "encode_s", "write_s")
+from .units import COUNTS, TIMES
 
 
-def combine(writes: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Sum the statistics of all writes of a run."""
+def totals(units: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Sum the counts, times, reject reasons and files of units."""
     total: dict[str, Any] = {k: 0 for k in COUNTS} | {k: 0.0 for k in TIMES}
-    reasons: collections.Counter = collections.Counter()
-    sources: dict[str, list[int]] = {}
+    reasons: dict[str, int] = {}
     files: list[str] = []
-    for w in writes:
+    first, last = 0.0, 0.0
+    for u in units:
         for k in COUNTS + TIMES:
-            total[k] += w.get(k, 0)
-        if "encode_first_start" in w:
-            first = total.get("encode_first_start")
-            total["encode_first_start"] = min(first, w["encode_first_start"]) if first else \
-                w["encode_first_start"]
-            total["encode_last_end"] = max(total.get("encode_last_end", 0.0), w["encode_last_end"])
-        reasons.update(w.get("reject_reasons", {}))
-        for source, (count, last, file_rows) in w.get("sources", {}).items():
-            seen = sources.setdefault(source, [0, -1, -1])
-            seen[0] += count
-            seen[1] = max(seen[1], last)
-            seen[2] = max(seen[2], file_rows)
-        files.extend(w.get("files", []))
-    total["reject_reasons"] = dict(sorted(reasons.items()))
-    total["sources"] = sources
-    total["files"] = sorted(files)
-    return total
+            total[k] += u.get(k, 0)
+        for reason, n in u.get("reject_reasons", {}).items():
+            reasons[reason] = reasons.get(reason, 0) + n
+        files += u.get("files", [])
+        if u.get("encode_first_start"):
+            first = min(first, u["encode_first_start"]) if first else u["encode_first_start"]
+            last = max(last, u["encode_last_end"])
+    return total | {"reject_reasons": dict(sorted(reasons.items())), "files": sorted(files),
+                    "encode_first_start": first, "encode_last_end": last}
 
 
-def rows_in(sources: dict[str, list[int]]) -> int:
-    """Rows of the input: the file's own count where known, else the rows that came out."""
-    return sum(file_rows if file_rows >= 0 else count for count, _, file_rows in sources.values())
+def reconcile(open_units: Iterable[dict[str, Any]], unseen_rows: dict[str, int]) -> list[str]:
+    """Problems with the row accounting: units that did not complete.
 
-
-def reconcile(sources: dict[str, list[int]], unseen_rows: dict[str, int]) -> list[str]:
-    """Problems with the row accounting per input file; empty when every row is accounted for.
-
-    ``sources`` maps a file to ``[rows out, highest row number, rows in the file or -1]``;
-    ``unseen_rows`` maps each input file that produced no row to its row count (0 if empty).
+    ``open_units`` are units some of whose rows came out but not all (or more than all);
+    ``unseen_rows`` maps each input file that produced no row to its row count.
     """
-    problems = [f"{source}: {n} rows in the file, none written or rejected"
-                for source, n in sorted(unseen_rows.items()) if n]
-    for source, (count, last, file_rows) in sorted(sources.items()):
-        if file_rows < 0:
-            problems.append(f"{source}: the rows read at its end never came out ({count} did)")
-        elif count != file_rows:
-            problems.append(f"{source}: {file_rows} rows in the file, {count} written or rejected")
+    problems = [f"{uri}: {n} rows in the file, none written or rejected"
+                for uri, n in sorted(unseen_rows.items()) if n]
+    for u in sorted(open_units, key=lambda u: u["uri"]):
+        if u["file_rows"] < 0:
+            problems.append(f"{u['uri']}: the rows read at its end never came out "
+                            f"({u['rows']} did)")
+        elif u["rows"] != u["file_rows"]:
+            problems.append(f"{u['uri']}: {u['file_rows']} rows in the file, {u['rows']} "
+                            "written or rejected")
+        else:
+            problems.append(f"{u['uri']}: its row numbers do not add up (a row came out twice "
+                            "and another not at all)")
     return problems
 
 
-def build(*, stats: dict[str, Any], unseen_rows: dict[str, int], wall_s: float,
+def build(*, committed: dict[str, dict[str, Any]], resumed: Iterable[str],
+          open_units: list[dict[str, Any]], unseen_rows: dict[str, int], wall_s: float,
           config: dict[str, Any], model: dict[str, Any], input_files: int) -> dict[str, Any]:
-    """The ``_summary.json`` document of a finished run."""
-    rows_embedded, rows_rejected = stats["rows_embedded"], stats["rows_rejected"]
-    tokens, grid = stats["tokens"], stats["grid_tokens"]
-    total_in = rows_in(stats["sources"]) + sum(unseen_rows.values())
-    problems = reconcile(stats["sources"], unseen_rows)
-    window = stats.get("encode_last_end", 0.0) - stats.get("encode_first_start", 0.0)
-    if total_in != rows_embedded + rows_rejected and not problems:
-        problems.append(f"rows_in {total_in} != rows_embedded + rows_rejected")
+    """The ``_summary.json`` document of a finished run (all committed units, this run's rates).
+
+    ``resumed`` names the units committed by earlier runs of the same output.
+    """
+    resumed = set(resumed)
+    every = totals(committed.values())  # the output: committed units only
+    now = totals([u for k, u in committed.items() if k not in resumed] + open_units)
+    problems = reconcile(open_units, unseen_rows)
+    rows_in = sum(u["file_rows"] for u in committed.values()) + sum(unseen_rows.values()) \
+        + sum(u["file_rows"] if u["file_rows"] >= 0 else u["rows"] for u in open_units)
+    rows_embedded, rows_rejected = every["rows_embedded"], every["rows_rejected"]
+    # The rows of units left open are not in the output (their files are deleted), so
+    # rows_in exceeds embedded + rejected exactly when some unit did not complete.
+    if rows_in != rows_embedded + rows_rejected and not problems:
+        problems.append(f"rows_in {rows_in} != rows_embedded + rows_rejected")
+    window = now["encode_last_end"] - now["encode_first_start"]
     return {
-        "rows_in": total_in,
+        "rows_in": rows_in,
         "rows_embedded": rows_embedded,
         "rows_rejected": rows_rejected,
+        "reject_fraction": round(rows_rejected / rows_in, 6) if rows_in else 0.0,
         "reconciled": not problems,
         "reconcile_problems": problems[:20],
-        "reject_reasons": stats["reject_reasons"],
-        "tokens": tokens,
-        "texts_truncated": stats["texts_truncated"],
+        "reject_reasons": every["reject_reasons"],
+        "units": {"total": input_files, "committed": len(committed),
+                  "resumed": len(resumed & set(committed)),
+                  "committed_now": len(set(committed) - resumed)},
+        "rows_now": now["rows"],
+        "tokens": every["tokens"],
+        "texts_truncated": every["texts_truncated"],
         # Padding in what the encoder computed: its matmuls run on real tokens only, and its
         # attention on varlen (GPU, no padding) or on grids of similar lengths (CPU).
-        "padding_waste": _waste(tokens, grid),
+        "padding_waste": _waste(every["tokens"], every["grid_tokens"]),
         # The padding that a [batch, longest] layout of the same batches would have held.
-        "batch_padding": _waste(tokens, stats["batch_grid_tokens"]),
-        "tokens_per_s": round(tokens / wall_s, 1) if wall_s > 0 else 0.0,
+        "batch_padding": _waste(every["tokens"], every["batch_grid_tokens"]),
+        # Rates of this run's work (a resumed run skips the units committed before).
+        "tokens_per_s": round(now["tokens"] / wall_s, 1) if wall_s > 0 else 0.0,
         # From the first encoder window's start to the last one's end: the rate once the
         # actors are up (start-up, model loading and the final write excluded).
-        "tokens_per_s_steady": round(tokens / window, 1) if window > 0 else 0.0,
+        "tokens_per_s_steady": round(now["tokens"] / window, 1) if window > 0 else 0.0,
         "wall_s": round(wall_s, 3),
-        # Seconds each stage's actors or tasks spent on their batches, summed over actors.
+        # Seconds each stage's actors or tasks spent on this run's batches, summed over actors.
         "stage_busy_s": {
-            "tokenize": round(stats["tokenize_s"], 3), "encode": round(stats["encode_s"], 3),
-            "write": round(stats["write_s"], 3),
+            "tokenize": round(now["tokenize_s"], 3), "encode": round(now["encode_s"], 3),
+            "write": round(now["write_s"], 3),
         },
-        "encoder_tokens_per_busy_s": round(tokens / stats["encode_s"], 1)
-        if stats["encode_s"] > 0 else 0.0,
+        "encoder_tokens_per_busy_s": round(now["tokens"] / now["encode_s"], 1)
+        if now["encode_s"] > 0 else 0.0,
         "input_files": input_files,
-        "output_files": [f for f in stats["files"] if "/_rejects/" not in f],
-        "rejects_files": [f for f in stats["files"] if "/_rejects/" in f],
-        "output_bytes": stats["bytes"],
+        "output_files": [f for f in every["files"] if "/_rejects/" not in f],
+        "rejects_files": [f for f in every["files"] if "/_rejects/" in f],
+        "output_bytes": every["bytes"],
         "model": model,
         "widths": list(config["dims"]),
         "config": config,

@@ -56,4 +56,4 @@ def test_bench_pipeline_smoke(tmp_path, tiny_model_dir):
     assert piped["tokens"] == alone["tokens"] > 0 and piped["rows_embedded"] == 30
     assert piped["reconciled"] and piped["tokens_per_s_steady"] > 0
     assert result["steady_vs_alone"] == pytest.approx(
-        piped["tokens_per_s_steady"] / alone["tokens_per_s"], rel=1e-2)
+        piped["tokens_per_s_steady"] / alone["tokens_per_s"], rel=1e-2, abs=1e-3)

@@ -2,15 +2,19 @@
 
 Readers: JSONL lines and Parquet row groups -> the pipeline's row layout, bad rows rejected
 with a reason and never dropped. Storage: format detection, input listing, output checks.
-Writers: encoder rows -> embeddings and rejects files. Summary: row accounting per file.
+Writers: encoder rows -> embeddings and rejects files, one record per input file. Summary:
+totals and row accounting over units (one unit per input file).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
 import os
+import re
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +24,14 @@ import pytest
 
 from pipeline import summary
 from pipeline.io import schema as S
-from pipeline.io.readers import ReadSpec, iter_lines, open_decompressed, read_jsonl, read_parquet
-from pipeline.io.storage import (InputError, OutputError, check_disjoint, count_rows,
-                                 detect_format, json_id_type, list_inputs, open_filesystem,
-                                 prepare_output, remove_previous, sample_columns)
+from pipeline.io.readers import (JSON_TEXT, ReadSpec, iter_lines, open_decompressed, read_jsonl,
+                                 read_parquet)
+from pipeline.io.storage import (InputError, OutputError, StorageError, check_disjoint,
+                                 count_rows, detect_format, json_id_type, json_value_type,
+                                 list_inputs, open_filesystem, prepare_output, remove_files,
+                                 sample_columns, sample_records)
 from pipeline.io.writers import OutputSpec, split_rows, write_outputs
+from pipeline.units import merge, unit_key
 
 INT_IDS = ReadSpec("id", "text", keep_columns=("lang",), id_type=pa.int64())
 
@@ -225,6 +232,223 @@ def test_read_jsonl_lone_surrogate_text_is_rejected_not_raised():
     assert len(rows) == 2 and rows[1][S.REJECT] is not None
 
 
+def compress(data: bytes, compression: str | None) -> bytes:
+    if compression == "gzip":
+        return gzip.compress(data, compresslevel=1)
+    if compression == "zstd":
+        sink = pa.BufferOutputStream()
+        with pa.CompressedOutputStream(sink, "zstd") as out:
+            out.write(data)
+        return sink.getvalue().to_pybytes()
+    return data
+
+
+def read_bytes(data: bytes, compression: str | None = None, spec: ReadSpec = INT_IDS,
+               source: str = "s") -> list[pa.Table]:
+    return list(read_jsonl(open_decompressed(io.BytesIO(data), compression), source, spec))
+
+
+def test_read_jsonl_row_sum_and_count_on_the_last_block_only():
+    spec = ReadSpec("id", "text", id_type=pa.int64(), block_rows=2)
+    data = b"\n" + b"\n\n".join(json.dumps({"id": i, "text": "t"}).encode() for i in range(5))
+    tables = read_bytes(data, spec=spec)
+    rows = rows_of(tables)
+    lines = [r[S.ROW] for r in rows]
+    assert lines == [2, 4, 6, 8, 10]
+    assert [t[S.FILE_ROWSUM].to_pylist() for t in tables] == [[None] * 2, [None] * 2, [30]]
+    assert [t[S.FILE_ROWS].to_pylist() for t in tables] == [[None] * 2, [None] * 2, [5]]
+    assert tables[0].schema.field(S.FILE_ROWSUM).type == pa.int64()
+
+
+def test_read_jsonl_duplicate_ids_keep_first():
+    data = jsonl({"id": 1, "text": "a"}, {"id": 2, "text": "b"}, {"id": 1, "text": "c"},
+                 {"id": None, "text": "d"}, {"id": None, "text": "e"},  # null ids: not counted
+                 {"id": 4},  # rejected (no text): not counted as the first 4
+                 {"id": 4, "text": "f"}, {"id": 2, "text": "g"}, {"id": 1, "text": "h"})
+    rows = rows_of(read_bytes(data))
+    assert [r[S.REJECT] for r in rows] == [
+        None, None, "duplicate id: first seen at row 1 of this file", None, None,
+        "text column 'text' is missing", None,
+        "duplicate id: first seen at row 2 of this file",
+        "duplicate id: first seen at row 1 of this file"]
+    assert [r[S.ID] for r in rows] == [1, 2, 1, None, None, 4, 4, 2, 1]  # ids stay for rejects
+    assert rows[2][S.EXCERPT] == "1" and rows[2][S.TEXT] == "c"
+
+
+def test_read_jsonl_duplicates_found_across_blocks():
+    spec = ReadSpec("id", "text", id_type=pa.string(), block_rows=2)
+    data = jsonl(*({"id": i, "text": i} for i in ["a", "b", "c", "d", "b", "e", "a"]))
+    tables = read_bytes(data, spec=spec)
+    assert len(tables) == 4
+    assert [r[S.REJECT] for r in rows_of(tables)] == [
+        None, None, None, None, "duplicate id: first seen at row 2 of this file", None,
+        "duplicate id: first seen at row 1 of this file"]
+
+
+def test_read_jsonl_dedupe_off_keeps_every_row():
+    spec = ReadSpec("id", "text", id_type=pa.int64(), dedupe=False, block_rows=2)
+    rows = rows_of(read_bytes(jsonl(*({"id": 7, "text": str(i)} for i in range(5))), spec=spec))
+    assert [r[S.REJECT] for r in rows] == [None] * 5 and [r[S.ID] for r in rows] == [7] * 5
+
+
+def test_read_jsonl_duplicates_are_not_tracked_across_files():
+    data = jsonl({"id": 1, "text": "a"}, {"id": 2, "text": "b"})
+    for source in ("one.jsonl", "two.jsonl", "one.jsonl"):  # every read starts afresh
+        assert [r[S.REJECT] for r in rows_of(read_bytes(data, source=source))] == [None, None]
+
+
+KEEP_SPEC = ReadSpec("id", "text", keep_columns=("n", "f", "b", "s", "j"), id_type=pa.int64(),
+                     keep_types=(("n", pa.int64()), ("f", pa.float64()), ("b", pa.bool_()),
+                                 ("s", pa.string()), ("j", JSON_TEXT)))
+
+
+def test_read_jsonl_kept_columns_converted_to_the_run_types():
+    data = jsonl({"id": 1, "text": "a", "n": 3, "f": 1.5, "b": True, "s": "x", "j": {"k": [1]}},
+                 {"id": 2, "text": "b", "f": 2},  # an integer in a float column is a float
+                 {"id": 3, "text": "c", "n": None, "j": "plain"})
+    (table,) = read_bytes(data, spec=KEEP_SPEC)
+    assert [table.schema.field(c).type for c in "nfbsj"] == [
+        pa.int64(), pa.float64(), pa.bool_(), pa.string(), pa.string()]
+    assert table.select(list("nfbsj")).to_pylist() == [
+        {"n": 3, "f": 1.5, "b": True, "s": "x", "j": '{"k": [1]}'},
+        {"n": None, "f": 2.0, "b": None, "s": None, "j": None},
+        {"n": None, "f": None, "b": None, "s": None, "j": "plain"}]
+    assert table[S.REJECT].to_pylist() == [None] * 3
+
+
+@pytest.mark.parametrize("record,column,excerpt", [
+    ({"n": "7"}, "n", "7"), ({"n": 2**70}, "n", str(2**70)), ({"n": [1]}, "n", "[1]"),
+    ({"b": 1}, "b", "1"), ({"s": 5}, "s", "5"), ({"s": {"a": 1}}, "s", "{'a': 1}"),
+    ({"f": "1.5"}, "f", "1.5"),
+], ids=["str-in-int", "huge-int", "list-in-int", "int-in-bool", "int-in-str", "obj-in-str",
+        "str-in-float"])
+def test_read_jsonl_kept_value_of_another_type_rejects_its_row(record, column, excerpt):
+    data = jsonl({"id": 1, "text": "a"}, {"id": 2, "text": "b"} | record, {"id": 3, "text": "c"})
+    rows = rows_of(read_bytes(data, spec=KEEP_SPEC))
+    kind = dict(KEEP_SPEC.keep_types)[column]
+    assert [r[S.REJECT] for r in rows] == [
+        None, f"kept column {column!r}: value is not {kind}, the run's type", None]
+    assert rows[1][S.EXCERPT] == excerpt and rows[1][column] is None
+    assert rows[1][S.ID] == 2  # the row is still known by its id in the rejects
+
+
+def test_read_jsonl_kept_reject_does_not_replace_an_earlier_reason():
+    data = jsonl({"id": 1, "n": "bad"})  # no text, and a bad kept value: the first reason stays
+    (row,) = rows_of(read_bytes(data, spec=KEEP_SPEC))
+    assert row[S.REJECT] == "text column 'text' is missing"
+
+
+def test_read_jsonl_json_text_keeps_strings_and_encodes_the_rest():
+    spec = ReadSpec("id", "text", keep_columns=("meta",), id_type=pa.int64(),
+                    keep_types=(("meta", JSON_TEXT),))
+    values = ["as is", {"a": [1, "é"]}, [1, 2], 3, 2.5, True, None, '{"already": "text"}']
+    data = jsonl(*({"id": i, "text": "t", "meta": v} for i, v in enumerate(values)))
+    (table,) = read_bytes(data, spec=spec)
+    assert table.schema.field("meta").type == pa.string()
+    assert table["meta"].to_pylist() == ["as is", '{"a": [1, "é"]}', "[1, 2]", "3", "2.5",
+                                         "true", None, '{"already": "text"}']
+    assert table[S.REJECT].null_count == len(values)
+
+
+def test_read_jsonl_fraction_in_an_integer_kept_column_is_rejected_not_truncated():
+    data = jsonl({"id": 1, "text": "a", "n": 1}, {"id": 2, "text": "b", "n": 2.5})
+    rows = rows_of(read_bytes(data, spec=KEEP_SPEC))
+    assert rows[1]["n"] != 2  # silently changed data
+    assert rows[1][S.REJECT] == "kept column 'n': value is not int64, the run's type"
+
+
+def test_read_jsonl_boolean_in_a_float_kept_column_is_rejected():
+    rows = rows_of(read_bytes(jsonl({"id": 1, "text": "a", "f": True}), spec=KEEP_SPEC))
+    assert rows[0][S.REJECT] == "kept column 'f': value is not double, the run's type"
+
+
+# Lines of about 1 KiB: 5000 of them decompress to ~5 MiB, more than one 4 MiB read.
+BIG = [{"id": i, "text": f"{i} " + "x" * 1000} for i in range(1, 5001)]
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_read_jsonl_damaged_compressed_file_keeps_rows_before_the_damage(compression, damage):
+    blob = bytearray(compress(jsonl(*BIG), compression))
+    at = len(blob) * 9 // 10
+    if damage == "truncated":
+        blob = blob[:at]
+    else:
+        blob[at:at + 64] = bytes(64)
+    tables = read_bytes(bytes(blob), compression, ReadSpec("id", "text", id_type=pa.int64()))
+    rows = rows_of(tables)
+    *good, bad = rows
+    k = len(good)
+    assert 1000 < k < len(BIG)
+    assert [r[S.ROW] for r in good] == list(range(1, k + 1))
+    assert [r[S.ID] for r in good] == list(range(1, k + 1))
+    assert all(r[S.REJECT] is None for r in good)
+    assert bad[S.ROW] == k + 1 and bad[S.ID] is None and bad[S.TEXT] is None
+    assert bad[S.REJECT].startswith(f"damaged compressed data after line {k}: ")
+    assert bad[S.REJECT].endswith("the rest of the file is unreadable")
+    # The damaged row counts: k + 1 rows, numbered 1..k+1, on the last block only.
+    assert set(tables[-1][S.FILE_ROWS].to_pylist()) == {k + 1}
+    assert set(tables[-1][S.FILE_ROWSUM].to_pylist()) == {sum(r[S.ROW] for r in rows)}
+    assert all(t[S.FILE_ROWS].null_count == t.num_rows for t in tables[:-1])
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_read_jsonl_small_truncated_file_keeps_rows_before_the_damage(compression):
+    records = [{"id": i, "text": "x" * 200} for i in range(1, 3001)]
+    blob = compress(jsonl(*records), compression)
+    rows = rows_of(read_bytes(blob[: len(blob) // 2], compression))
+    assert len(rows) > 1000 and rows[-1][S.REJECT].startswith("damaged compressed data")
+
+
+class FailingSource(io.RawIOBase):
+    """A byte source that delivers ``good`` bytes in small reads, then raises ``error``."""
+
+    def __init__(self, data: bytes, good: int, error: BaseException) -> None:
+        super().__init__()
+        self._data, self._pos, self._good, self._error = data, 0, good, error
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if self._pos >= self._good:
+            raise self._error
+        n = 4096 if n is None or n < 0 else min(n, 4096)
+        out = self._data[self._pos:self._pos + n]
+        self._pos += len(out)
+        return out
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+@pytest.mark.parametrize("compression", [None, "gzip", "zstd"])
+def test_read_jsonl_failing_source_raises_storage_error_naming_it(compression):
+    blob = compress(jsonl(*BIG[:2000]), compression)
+    source = FailingSource(blob, len(blob) // 3, ConnectionResetError("peer reset"))
+    uri = "s3://bucket/in/part-7.jsonl"
+    with pytest.raises(StorageError, match=re.escape(uri)) as info:
+        list(read_jsonl(open_decompressed(source, compression), uri, INT_IDS))
+    assert "ConnectionResetError: peer reset" in str(info.value)
+    assert "damaged" not in str(info.value)
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_read_jsonl_failing_source_of_any_error_type_is_a_storage_error(compression):
+    blob = compress(jsonl(*BIG[:2000]), compression)
+    source = FailingSource(blob, len(blob) // 3, RuntimeError("payload incomplete"))
+    with pytest.raises(StorageError, match="s3://b/k.jsonl"):
+        list(read_jsonl(open_decompressed(source, compression), "s3://b/k.jsonl", INT_IDS))
+
+
+@pytest.mark.parametrize("compression", [None, "gzip", "zstd"])
+@pytest.mark.parametrize("data", [b"", b"\n", b"  \n\r\n\n"], ids=["empty", "newline", "blank"])
+def test_read_jsonl_zero_line_files_yield_nothing(compression, data):
+    assert read_bytes(compress(data, compression), compression) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # read_parquet
 
@@ -274,22 +498,120 @@ def test_read_parquet_large_string_text_accepted(tmp_path):
     assert out.schema.field(S.TEXT).type == pa.string()
 
 
-def test_read_parquet_missing_text_column_names_file_and_column(tmp_path):
-    path = write_parquet_file(tmp_path / "a.parquet", pa.table({"id": [1], "body": ["x"]}))
-    with pytest.raises(InputError, match=r"s3://b/a\.parquet.*'text'"):
-        list(read_parquet(str(path), "s3://b/a.parquet", ReadSpec("id", "text")))
+def test_read_parquet_shard_without_text_column_rejects_every_row(tmp_path):
+    # Another shard of the run has the column (the pre-flight checked the first one).
+    path = write_parquet_file(tmp_path / "a.parquet", pa.table({"id": [1, 2], "body": ["x", "y"]}))
+    rows = rows_of(read_parquet(str(path), "s3://b/a.parquet",
+                                ReadSpec("id", "text", id_type=pa.int64())))
+    assert [r[S.REJECT] for r in rows] == ["the file has no column 'text'"] * 2
+    assert [r[S.ID] for r in rows] == [1, 2] and rows[0][S.FILE_ROWS] == 2
 
 
-def test_read_parquet_missing_keep_column_names_file_and_column(tmp_path):
+def test_read_parquet_shard_without_kept_column_gives_nulls_of_the_run_type(tmp_path):
     path = write_parquet_file(tmp_path / "a.parquet", pa.table({"id": [1], "text": ["x"]}))
-    with pytest.raises(InputError, match=r"a\.parquet.*'lang'"):
-        list(read_parquet(str(path), "a.parquet", ReadSpec("id", "text", ("lang",))))
+    (out,) = read_parquet(str(path), "a.parquet",
+                          ReadSpec("id", "text", ("lang",), keep_types=(("lang", pa.string()),)))
+    assert out["lang"].to_pylist() == [None] and out.schema.field("lang").type == pa.string()
+    assert out[S.REJECT].to_pylist() == [None]
 
 
 def test_read_parquet_zero_rows_yields_nothing(tmp_path):
     table = pa.table({"id": pa.array([], pa.int64()), "text": pa.array([], pa.string())})
     path = write_parquet_file(tmp_path / "z.parquet", table)
     assert list(read_parquet(str(path), "z", ReadSpec("id", "text"))) == []
+
+
+def test_read_parquet_row_sum_on_every_block(tmp_path):
+    path = sample_parquet(tmp_path / "a.parquet", n=7, row_group_size=3)
+    tables = list(read_parquet(str(path), "a", ReadSpec("id", "text", block_rows=2)))
+    assert len(tables) >= 4
+    assert all(t[S.FILE_ROWSUM].to_pylist() == [21] * t.num_rows for t in tables)  # 0+...+6
+    assert all(t[S.FILE_ROWS].to_pylist() == [7] * t.num_rows for t in tables)
+
+
+def test_read_parquet_id_cast_to_the_run_type(tmp_path):
+    table = pa.table({"id": pa.array([1, 2, 3], pa.int32()), "text": ["a", "b", "c"]})
+    path = write_parquet_file(tmp_path / "a.parquet", table)
+    (out,) = read_parquet(str(path), "a", ReadSpec("id", "text", id_type=pa.int64()))
+    assert out.schema.field(S.ID).type == pa.int64()
+    assert out[S.ID].to_pylist() == [1, 2, 3] and out[S.REJECT].null_count == 3
+
+
+def test_read_parquet_id_that_does_not_cast_rejects_its_row(tmp_path):
+    table = pa.table({"id": ["1", "x2", "3", None], "text": ["a", "b", "c", "d"]})
+    path = write_parquet_file(tmp_path / "a.parquet", table, row_group_size=2)
+    rows = rows_of(read_parquet(str(path), "a", ReadSpec("id", "text", id_type=pa.int64(),
+                                                           block_rows=2)))
+    assert [r[S.ID] for r in rows] == [1, None, 3, None]
+    assert [r[S.REJECT] for r in rows] == [
+        None, "id: value of type string does not convert to int64, the run's type", None, None]
+    assert rows[1][S.EXCERPT] == "x2" and rows[1][S.TEXT] == "b"
+
+
+def test_read_parquet_kept_columns_cast_and_bad_values_rejected(tmp_path):
+    table = pa.table({"id": [1, 2, 3, 4], "text": ["a", "b", "c", "d"],
+                      "score": [1.0, 2.5, 3.0, None], "n": pa.array([1, 2, 2**40, 4], pa.int64())})
+    path = write_parquet_file(tmp_path / "a.parquet", table)
+    spec = ReadSpec("id", "text", keep_columns=("score", "n", "lang"), id_type=pa.int64(),
+                    keep_types=(("score", pa.int64()), ("n", pa.int32()), ("lang", pa.string())))
+    (out,) = read_parquet(str(path), "a", spec)
+    assert [out.schema.field(c).type for c in ("score", "n", "lang")] == [
+        pa.int64(), pa.int32(), pa.string()]
+    assert out["score"].to_pylist() == [1, None, 3, None]
+    assert out["n"].to_pylist() == [1, 2, None, 4]
+    assert out["lang"].to_pylist() == [None] * 4  # the shard lacks it: nulls, not rejects
+    assert out[S.REJECT].to_pylist() == [
+        None,
+        "kept column 'score': value of type double does not convert to int64, the run's type",
+        "kept column 'n': value of type int64 does not convert to int32, the run's type",
+        None]
+    assert out[S.EXCERPT].to_pylist()[1:3] == ["2.5", str(2**40)]
+
+
+def test_read_parquet_duplicate_ids_keep_first_across_blocks(tmp_path):
+    table = pa.table({"id": ["a", "b", "a", None, None, "b"], "text": list("uvwxyz")})
+    path = write_parquet_file(tmp_path / "a.parquet", table, row_group_size=2)
+    spec = ReadSpec("id", "text", id_type=pa.string(), block_rows=2)
+    rows = rows_of(read_parquet(str(path), "a", spec))
+    assert [r[S.REJECT] for r in rows] == [
+        None, None, "duplicate id: first seen at row 0 of this file", None, None,
+        "duplicate id: first seen at row 1 of this file"]
+    rows = rows_of(read_parquet(str(path), "a", dataclasses.replace(spec, dedupe=False)))
+    assert [r[S.REJECT] for r in rows] == [None] * 6
+
+
+def test_read_parquet_shard_without_id_column_rejects_every_row(tmp_path):
+    path = write_parquet_file(tmp_path / "a.parquet", pa.table({"body": ["x", "y", "z"]}))
+    rows = rows_of(read_parquet(str(path), "a", ReadSpec("id", "text", id_type=pa.int64())))
+    assert [r[S.REJECT] for r in rows] == ["the file has no column 'id'"] * 3
+    assert [r[S.ROW] for r in rows] == [0, 1, 2] and rows[0][S.FILE_ROWSUM] == 3
+
+
+@pytest.mark.parametrize("data", [b"this is not parquet at all", b"PAR1" + b"\0" * 64])
+def test_read_parquet_damaged_file_is_one_rejected_row(tmp_path, data):
+    path = write_bytes(tmp_path / "a.parquet", data)
+    spec = ReadSpec("id", "text", keep_columns=("lang",), id_type=pa.int64(),
+                    keep_types=(("lang", pa.string()),))
+    (table,) = read_parquet(str(path), "s3://b/a.parquet", spec)
+    (row,) = table.to_pylist()
+    assert row[S.REJECT].startswith("damaged Parquet file: ")
+    assert row[S.REJECT].endswith("no row of it is readable")
+    assert (row[S.ROW], row[S.FILE_ROWS], row[S.FILE_ROWSUM]) == (0, 1, 0)
+    assert row[S.SOURCE] == "s3://b/a.parquet" and row[S.ID] is None
+    # The same columns and types as a good shard's blocks.
+    assert table.schema.field(S.ID).type == pa.int64()
+    assert table.schema.field("lang").type == pa.string()
+
+
+def test_read_parquet_corrupt_footer_is_one_rejected_row(tmp_path):
+    path = sample_parquet(tmp_path / "a.parquet")
+    data = bytearray(path.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little")
+    start = len(data) - 8 - footer
+    data[start:start + 40] = b"\xff" * 40  # the magic bytes and the length stay valid
+    path.write_bytes(bytes(data))
+    (table,) = read_parquet(str(path), "a", ReadSpec("id", "text"))
+    assert table[S.REJECT][0].as_py().startswith("damaged Parquet file: ")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +760,45 @@ def test_json_id_type():
             json_id_type(bad, "u", "id")
 
 
+@pytest.mark.parametrize("values,want", [
+    ([True, False], pa.bool_()),
+    ([None, 1, 2], pa.int64()),
+    ([1, 2.5], pa.float64()),
+    ([1.0], pa.float64()),
+    ([1, True, 3], pa.int64()),  # booleans are not numbers with a fraction
+    (["a", None], pa.string()),
+    ([{"a": 1}], JSON_TEXT), ([[1, 2]], JSON_TEXT),
+    ([None, None], JSON_TEXT), ([], JSON_TEXT),
+    ([1, "a"], pa.int64()),  # the first value decides; the reader rejects the rest
+], ids=["bool", "int", "int-and-float", "float", "int-and-bool", "str", "object", "array",
+        "all-null", "none", "mixed"])
+def test_json_value_type(values, want):
+    assert json_value_type(values) == want
+
+
+def test_sample_records_objects_among_the_first_lines(tmp_path):
+    data = (b"\n" + b"oops\n[1]\n" + jsonl({"id": 1, "lang": "en"}) + b"\xef\xbb\xbf"
+            + jsonl({"id": 2}, {"id": 3}, {"id": 4}))
+    for name, compression in [("a.jsonl", None), ("a.jsonl.gz", "gzip"), ("a.jsonl.zst", "zstd")]:
+        file = input_file(write_bytes(tmp_path / name, data, compression))
+        assert sample_records(file) == [{"id": 1, "lang": "en"}, {"id": 2}, {"id": 3}, {"id": 4}]
+        # max_lines counts the bad lines too; blank lines are not lines of the sample.
+        assert sample_records(file, max_lines=4) == [{"id": 1, "lang": "en"}, {"id": 2}]
+
+
+def test_sample_records_no_object_is_an_input_error(tmp_path):
+    path = write_bytes(tmp_path / "a.jsonl", b"oops\n[1, 2]\n" + jsonl({"id": 1}))
+    with pytest.raises(InputError, match=r"a\.jsonl: none of its first 2 line\(s\) is a JSON "
+                                         r"object \(line 1: Expecting value"):
+        sample_records(input_file(path), max_lines=2)
+    assert sample_records(input_file(path), max_lines=3) == [{"id": 1}]
+
+
+def test_sample_records_empty_files(tmp_path):
+    assert sample_records(input_file(write_bytes(tmp_path / "e.jsonl", b""))) == []
+    assert sample_records(input_file(write_bytes(tmp_path / "b.jsonl", b"\n \n"))) == []
+
+
 def test_count_rows_parquet_and_jsonl(tmp_path):
     assert count_rows(input_file(sample_parquet(tmp_path / "a.parquet", n=5, row_group_size=2))) == 5
     data = b"\n" + jsonl(*GOOD) + b"  \n" + b'{"id": 3, "text": "no newline"}'
@@ -457,7 +818,7 @@ def test_count_rows_empty_files(tmp_path):
 
 
 def files_under(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
 def test_prepare_output_fresh_dir_created(tmp_path):
@@ -466,20 +827,48 @@ def test_prepare_output_fresh_dir_created(tmp_path):
     assert out.is_dir() and files_under(out) == []  # the write probe is gone
 
 
-def test_prepare_output_refuses_earlier_run_unless_overwrite(tmp_path):
+OWN = ["part-0001.parquet", "part-abc-0123456789ab.parquet", "_summary.json",
+       "_rejects/part-0002.parquet", "_manifest/_run.json", "_manifest/unit-abc.json",
+       "_manifest/.unit-def.json.tmp-1a2b3c4d", "_manifest/deeper/anything",
+       ".part-abc-0123456789ab.parquet.tmp-deadbeef", "_rejects/.part-x.parquet.tmp-0badf00d"]
+FOREIGN = ["README.txt", "sub/part-0003.parquet", "part-dir/x.parquet", "other.parquet",
+           "_rejects/sub/part-0004.parquet", "_rejects/notes.txt", ".hidden", "sub/_summary.json",
+           "sub/.part-y.parquet.tmp-12345678"]
+
+
+def test_prepare_output_returns_own_files_and_deletes_nothing(tmp_path):
     out = tmp_path / "out"
-    for rel in ["part-0001.parquet", "_summary.json", "_rejects/part-0002.parquet",
-                "README.txt", "sub/part-0003.parquet", "part-dir/x.parquet", "other.parquet"]:
+    for rel in OWN + FOREIGN:
         write_bytes(out / rel, b"x")
-    with pytest.raises(OutputError, match="earlier run.*--overwrite"):
-        prepare_output(str(out))
-    assert len(files_under(out)) == 7  # nothing deleted without overwrite
-    previous = prepare_output(str(out), overwrite=True)
-    assert len(files_under(out)) == 7  # checking deletes nothing: later checks may still fail
-    remove_previous(str(out), previous)
-    assert files_under(out) == ["README.txt", "other.parquet", "part-dir/x.parquet",
-                                "sub/part-0003.parquet"]
+    found = prepare_output(str(out))
+    # Full paths of the pipeline's files only: parts, rejects, everything under _manifest/,
+    # the summary, and the hidden temporaries of interrupted local writes (root, _rejects/).
+    assert sorted(Path(p).relative_to(out).as_posix() for p in found) == sorted(OWN)
+    assert all(Path(p).is_absolute() for p in found)
+    # Checking deletes nothing (no probe left either): the run decides what to remove.
+    assert files_under(out) == sorted(OWN + FOREIGN)
+
+
+def test_remove_files_deletes_only_what_it_is_given(tmp_path):
+    out = tmp_path / "out"
+    for rel in OWN + FOREIGN:
+        write_bytes(out / rel, b"x")
+    found = prepare_output(str(out))
+    doomed = [p for p in found if "_manifest" not in p]
+    remove_files(str(out), doomed)
+    assert files_under(out) == sorted(FOREIGN + [r for r in OWN if r.startswith("_manifest/")])
+    remove_files(str(out), [])  # nothing to do is fine
+    remove_files(str(out), prepare_output(str(out)))
+    assert files_under(out) == sorted(FOREIGN)
     assert prepare_output(str(out)) == []  # no earlier run left
+
+
+def test_prepare_output_earlier_run_is_not_refused(tmp_path):
+    out = tmp_path / "out"
+    write_bytes(out / "part-0001.parquet", b"x")
+    write_bytes(out / "_summary.json", b"{}")
+    found = prepare_output(str(out))  # no --overwrite any more: resume decides later
+    assert sorted(Path(p).name for p in found) == ["_summary.json", "part-0001.parquet"]
 
 
 def test_prepare_output_unrelated_files_allowed(tmp_path):
@@ -553,8 +942,9 @@ def test_read_metadata_no_metadata_is_key_error():
 
 
 def test_internal_names_are_prefixed_and_distinct():
-    names = [S.ID, S.TEXT, S.SOURCE, S.ROW, S.FILE_ROWS, S.REJECT, S.EXCERPT, S.TOKENS,
-             S.NUM_TOKENS, S.TRUNCATED, S.TOKENIZE_S, S.GRID_TOKENS, S.BATCH_MAX, S.ENCODE_S]
+    names = [S.ID, S.TEXT, S.SOURCE, S.ROW, S.FILE_ROWS, S.FILE_ROWSUM, S.REJECT, S.EXCERPT,
+             S.TOKENS, S.NUM_TOKENS, S.TRUNCATED, S.TOKENIZE_S, S.GRID_TOKENS, S.BATCH_MAX,
+             S.ENCODE_S, S.ENCODE_START, S.ENCODE_END]
     assert len(set(names)) == len(names) and all(n.startswith("__") for n in names)
     assert S.REJECTS_SCHEMA.names == ["id", "source", "row", "reason", "excerpt"]
 
@@ -569,7 +959,7 @@ def encoded_table(rows: list[dict], dims=DIMS, output_dtype: str = "float32",
                   id_type=pa.int64()) -> pa.Table:
     """Rows as the encoder stage emits them; ``rows`` give id, source, row, reject and tokens."""
     n = len(rows)
-    good = np.array([r.get("reject") is None for r in rows])
+    good = np.array([r.get("reject") is None for r in rows], dtype=bool)
     np_dtype = np.float16 if output_dtype == "float16" else np.float32
     columns = {
         S.ID: pa.array([r["id"] for r in rows], id_type),
@@ -577,6 +967,7 @@ def encoded_table(rows: list[dict], dims=DIMS, output_dtype: str = "float32",
         S.SOURCE: pa.array([r["source"] for r in rows], pa.string()),
         S.ROW: pa.array([r["row"] for r in rows], pa.int64()),
         S.FILE_ROWS: pa.array([r.get("file_rows") for r in rows], pa.int64()),
+        S.FILE_ROWSUM: pa.array([r.get("file_rowsum") for r in rows], pa.int64()),
         S.REJECT: pa.array([r.get("reject") for r in rows], pa.string()),
         S.EXCERPT: pa.array([r.get("excerpt") for r in rows], pa.string()),
         S.NUM_TOKENS: pa.array([r.get("tokens", 0) for r in rows], pa.int32()),
@@ -597,17 +988,19 @@ def encoded_table(rows: list[dict], dims=DIMS, output_dtype: str = "float32",
     return pa.table(columns)
 
 
+# a.parquet: 3 rows (0..2), every row knows the file's count and row sum (0 + 1 + 2).
+# b.jsonl: lines 4 and 7 (blank lines elsewhere); only the last block knows 2 rows, sum 11.
 ROWS = [
-    {"id": 10, "lang": "en", "source": "a.parquet", "row": 0, "file_rows": 3, "tokens": 5,
-     "grid": 6, "batch_max": 8},
-    {"id": 11, "source": "a.parquet", "row": 1, "file_rows": 3, "reject": "text is null",
-     "excerpt": "None"},
-    {"id": 12, "lang": "de", "source": "a.parquet", "row": 2, "file_rows": 3, "tokens": 8,
-     "truncated": True, "grid": 8, "batch_max": 8},
+    {"id": 10, "lang": "en", "source": "a.parquet", "row": 0, "file_rows": 3, "file_rowsum": 3,
+     "tokens": 5, "grid": 6, "batch_max": 8},
+    {"id": 11, "source": "a.parquet", "row": 1, "file_rows": 3, "file_rowsum": 3,
+     "reject": "text is null", "excerpt": "None"},
+    {"id": 12, "lang": "de", "source": "a.parquet", "row": 2, "file_rows": 3, "file_rowsum": 3,
+     "tokens": 8, "truncated": True, "grid": 8, "batch_max": 8},
     {"id": None, "source": "b.jsonl", "row": 4, "reject": "malformed JSON: Expecting value",
      "excerpt": "{oops"},
-    {"id": 14, "lang": "fr", "source": "b.jsonl", "row": 7, "tokens": 3, "grid": 3,
-     "batch_max": 4},
+    {"id": 14, "lang": "fr", "source": "b.jsonl", "row": 7, "file_rows": 2, "file_rowsum": 11,
+     "tokens": 3, "grid": 3, "batch_max": 4},
 ]
 
 
@@ -641,21 +1034,34 @@ def test_split_rows_bad_rows_go_to_rejects():
 
 def test_split_rows_stats():
     _, _, stats = split_rows(encoded_table(ROWS), output_spec())
+    assert stats["rows"] == 5 and stats["row_sum"] == 0 + 1 + 2 + 4 + 7
     assert stats["rows_embedded"] == 3 and stats["rows_rejected"] == 2
+    assert stats["first_reject"] == [1, "text is null"]  # the first rejected row, with reason
     assert stats["tokens"] == 16 and stats["texts_truncated"] == 1
     assert stats["grid_tokens"] == 17 and stats["batch_grid_tokens"] == 20
     assert stats["tokenize_s"] == pytest.approx(5 * 0.25)
     assert stats["encode_s"] == pytest.approx(5 * 0.5)
     assert (stats["encode_first_start"], stats["encode_last_end"]) == (1000.0, 1006.0)
     assert stats["reject_reasons"] == {"text is null": 1, "malformed JSON": 1}
-    assert stats["sources"] == {"a.parquet": [3, 2, 3], "b.jsonl": [2, 7, -1]}
+    assert "sources" not in stats  # per-file accounting is the records' job now
+    json.dumps(stats)  # travels to the driver as JSON
+
+
+def test_split_rows_file_counts_unknown_until_the_last_block():
+    # JSONL rows before the last block carry no file count: -1, not 0 (0 is an empty file).
+    rows = [{"id": i, "source": "b.jsonl", "row": i + 1, "tokens": 1} for i in range(3)]
+    _, _, stats = split_rows(encoded_table(rows), output_spec())
+    assert (stats["file_rows"], stats["file_rowsum"]) == (-1, -1)
+    assert (stats["rows"], stats["row_sum"]) == (3, 6)
+    assert stats["first_reject"] is None and stats["reject_reasons"] == {}
 
 
 def test_split_rows_reason_kinds_drop_details():
     rows = [{"id": None, "source": "b.jsonl", "row": i, "reject": f"invalid UTF-8: at byte {i}",
              "excerpt": "x"} for i in (3, 9)]
     _, _, stats = split_rows(encoded_table(rows), output_spec())
-    assert len(stats["reject_reasons"]) == 1
+    assert stats["reject_reasons"] == {"invalid UTF-8": 2}
+    assert stats["first_reject"] == [3, "invalid UTF-8: at byte 3"]
 
 
 def test_split_rows_string_ids_and_all_rejected():
@@ -666,42 +1072,98 @@ def test_split_rows_string_ids_and_all_rejected():
     assert stats["tokens"] == 0 and stats["rows_embedded"] == 0
 
 
-def test_write_outputs_writes_parts_and_rejects_without_temp_files(tmp_path):
+def by_source(records: list[dict]) -> dict[str, dict]:
+    assert len({r["source"] for r in records}) == len(records)  # one record per input file
+    return {r["source"]: r for r in records}
+
+
+def test_write_outputs_one_record_and_files_per_input_file(tmp_path):
     spec = output_spec()
+    out = tmp_path / "out"
+    fs, path = open_filesystem(str(out))
+    records = by_source(write_outputs(fs, path, encoded_table(ROWS), spec))
+    assert sorted(records) == ["a.parquet", "b.jsonl"]
+    a, b = records["a.parquet"], records["b.jsonl"]
+    for rec in (a, b):
+        unit = unit_key(rec["source"])
+        assert rec["unit"] == unit
+        part, reject = rec["files"]
+        # Full paths; names carry the unit (one unit's rows per file) and a fresh suffix.
+        assert Path(part).parent == out and Path(reject).parent == out / "_rejects"
+        for f in (part, reject):
+            assert re.fullmatch(rf"part-{unit}-[0-9a-f]{{12}}\.parquet", Path(f).name), f
+        assert rec["bytes"] == os.path.getsize(part) + os.path.getsize(reject)
+        assert set(pq.read_table(reject)["source"].to_pylist()) == {rec["source"]}
+        assert S.read_metadata(pq.read_schema(part)) == spec.metadata
+        assert pq.read_table(reject).schema.equals(S.REJECTS_SCHEMA)
+    assert files_under(out) == sorted(  # nothing else, no temporary left behind
+        [Path(f).relative_to(out).as_posix() for r in (a, b) for f in r["files"]])
+    assert pq.read_table(a["files"][0])["doc_id"].to_pylist() == [10, 12]
+    assert pq.read_table(b["files"][0])["doc_id"].to_pylist() == [14]
+    assert {k: a[k] for k in ("rows", "row_sum", "file_rows", "file_rowsum", "rows_embedded",
+                              "rows_rejected", "first_reject", "tokens", "reject_reasons")} == {
+        "rows": 3, "row_sum": 3, "file_rows": 3, "file_rowsum": 3, "rows_embedded": 2,
+        "rows_rejected": 1, "first_reject": [1, "text is null"], "tokens": 13,
+        "reject_reasons": {"text is null": 1}}
+    assert {k: b[k] for k in ("rows", "row_sum", "file_rows", "file_rowsum", "rows_embedded",
+                              "rows_rejected", "first_reject", "tokens", "reject_reasons")} == {
+        "rows": 2, "row_sum": 11, "file_rows": 2, "file_rowsum": 11, "rows_embedded": 1,
+        "rows_rejected": 1, "first_reject": [4, "malformed JSON: Expecting value"], "tokens": 3,
+        "reject_reasons": {"malformed JSON": 1}}
+    # Each record's timings are of its own rows (rows 0-2 and 3-4 of the table).
+    assert (a["encode_first_start"], a["encode_last_end"]) == (1000.0, 1004.0)
+    assert (b["encode_first_start"], b["encode_last_end"]) == (1003.0, 1006.0)
+    assert a["tokenize_s"] == pytest.approx(3 * 0.25) and b["encode_s"] == pytest.approx(2 * 0.5)
+    json.dumps([a, b])
+
+
+def test_write_outputs_fresh_names_for_every_write(tmp_path):
+    # A retried write task, or two batches of one unit, never overwrite each other's files.
     fs, path = open_filesystem(str(tmp_path / "out"))
-    stats = write_outputs(fs, path, encoded_table(ROWS), spec)
-    part, reject = stats["files"]
-    assert Path(part).parent == tmp_path / "out" and Path(part).name.startswith("part-")
-    assert Path(reject).parent == tmp_path / "out" / "_rejects" and reject.endswith(".parquet")
-    assert files_under(tmp_path / "out") == sorted(
-        [Path(part).name, f"_rejects/{Path(reject).name}"])  # no .tmp file left behind
-    assert stats["bytes"] == os.path.getsize(part) + os.path.getsize(reject)
-    written = pq.read_table(part)
-    assert written["doc_id"].to_pylist() == [10, 12, 14]
-    assert S.read_metadata(pq.read_schema(part)) == spec.metadata
-    assert pq.read_table(reject).schema.equals(S.REJECTS_SCHEMA)
-    assert pq.read_table(reject).num_rows == 2
-    assert stats["rows_embedded"] == 3 and stats["rows_rejected"] == 2
+    good = [r for r in ROWS if r["source"] == "a.parquet" and "reject" not in r]
+    (first,) = write_outputs(fs, path, encoded_table(good), output_spec())
+    (second,) = write_outputs(fs, path, encoded_table(good), output_spec())
+    assert first["unit"] == second["unit"] and first["files"] != second["files"]
+    assert len(files_under(tmp_path / "out")) == 2
+
+
+def test_write_outputs_object_store_files_are_full_uris():
+    fs, path = open_filesystem(f"memory://out-{uuid.uuid4().hex}")
+    try:
+        records = write_outputs(fs, path, encoded_table(ROWS), output_spec())
+        files = [f for r in records for f in r["files"]]
+        assert len(files) == 4 and all(f.startswith("memory://") for f in files)
+        assert all(fs.exists(f) for f in files)
+    finally:
+        fs.rm(path, recursive=True)
 
 
 def test_write_outputs_only_what_exists(tmp_path):
     fs, path = open_filesystem(str(tmp_path / "out"))
     good = [r for r in ROWS if "reject" not in r]
-    stats = write_outputs(fs, path, encoded_table(good), output_spec())
-    assert len(stats["files"]) == 1 and "/_rejects/" not in stats["files"][0]
+    records = write_outputs(fs, path, encoded_table(good), output_spec())
+    assert len(records) == 2
+    assert all(len(r["files"]) == 1 and "/_rejects/" not in r["files"][0] for r in records)
     assert not (tmp_path / "out" / "_rejects").exists()
     bad = [r for r in ROWS if "reject" in r]
-    stats = write_outputs(fs, path, encoded_table(bad), output_spec())
-    assert len(stats["files"]) == 1 and "/_rejects/" in stats["files"][0]
+    records = write_outputs(fs, path, encoded_table(bad), output_spec())
+    assert all(len(r["files"]) == 1 and "/_rejects/" in r["files"][0] for r in records)
+    assert all(r["rows_embedded"] == 0 and r["tokens"] == 0 for r in records)
+
+
+def test_write_outputs_empty_table_writes_nothing(tmp_path):
+    fs, path = open_filesystem(str(tmp_path / "out"))
+    assert write_outputs(fs, path, encoded_table([]), output_spec()) == []
+    assert not (tmp_path / "out").exists() or files_under(tmp_path / "out") == []
 
 
 def test_write_outputs_float16(tmp_path):
     spec = output_spec("float16")
     fs, path = open_filesystem(str(tmp_path / "out"))
-    stats = write_outputs(fs, path, encoded_table(ROWS, output_dtype="float16"), spec)
-    table = pq.read_table(stats["files"][0])
+    records = by_source(write_outputs(fs, path, encoded_table(ROWS, output_dtype="float16"), spec))
+    table = pq.read_table(records["a.parquet"]["files"][0])
     assert table.schema.field("embedding_8").type == pa.list_(pa.float16(), 8)
-    assert np.asarray(table["embedding_4"].to_pylist(), np.float16)[:, 0].tolist() == [1, 3, 5]
+    assert np.asarray(table["embedding_4"].to_pylist(), np.float16)[:, 0].tolist() == [1, 3]
     assert S.read_metadata(table.schema)["dtype"] == "float16"
     assert spec.bytes_per_row == (8 + 4) * 2 and output_spec().bytes_per_row == (8 + 4) * 4
 
@@ -712,112 +1174,146 @@ def test_rows_per_file_targets_file_size_with_a_floor():
 
 
 # ---------------------------------------------------------------------------------------------
-# summary
+# summary: units (one per input file) as the driver commits them
 
 
-def write_stats(sources, embedded, rejected, tokens=0, grid=0, files=(), reasons=None, **kw):
-    return {"rows_embedded": embedded, "rows_rejected": rejected, "tokens": tokens,
-            "texts_truncated": 0, "grid_tokens": grid, "batch_grid_tokens": grid,
-            "bytes": 100, "tokenize_s": 0.5, "encode_s": 1.0, "write_s": 0.25,
-            "reject_reasons": reasons or {}, "sources": sources, "files": list(files)} | kw
+def unit(uri, rows, *, file_rows=None, file_rowsum=None, rejected=0, tokens=0, grid=0,
+         files=(), reasons=None, encode=(0.0, 0.0), encode_s=1.0, times=True) -> dict:
+    """A unit's totals as ``units.merge`` builds them from one write record of ``rows``."""
+    rows = list(rows)
+    record = {
+        "unit": unit_key(uri), "source": uri, "rows": len(rows), "row_sum": sum(rows),
+        "file_rows": len(rows) if file_rows is None else file_rows,
+        "file_rowsum": sum(rows) if file_rowsum is None else file_rowsum,
+        "rows_embedded": len(rows) - rejected, "rows_rejected": rejected, "tokens": tokens,
+        "texts_truncated": 0, "grid_tokens": grid, "batch_grid_tokens": grid,
+        "bytes": 100 if files else 0, "files": list(files), "reject_reasons": reasons or {},
+        "first_reject": None, "encode_first_start": encode[0], "encode_last_end": encode[1],
+    }
+    if times:
+        record |= {"tokenize_s": 0.5, "encode_s": encode_s, "write_s": 0.25}
+    return merge(None, record)
 
 
-def test_combine_sums_writes():
-    total = summary.combine([
-        write_stats({"a.parquet": [2, 4, 5]}, 2, 0, tokens=10, files=["o/part-b.parquet"]),
-        write_stats({"a.parquet": [3, 2, 5], "b.jsonl": [1, 9, -1]}, 3, 1, tokens=5,
-                    files=["o/part-a.parquet", "o/_rejects/part-c.parquet"],
-                    reasons={"text is null": 1}),
-        write_stats({"b.jsonl": [2, 3, -1]}, 2, 0, reasons={"malformed JSON": 2, "text is null": 1}),
-        {},  # a write that saw only empty blocks
-    ])
-    assert total["rows_embedded"] == 7 and total["rows_rejected"] == 1 and total["tokens"] == 15
-    assert total["bytes"] == 300 and total["write_s"] == pytest.approx(0.75)
-    assert total["sources"] == {"a.parquet": [5, 4, 5], "b.jsonl": [3, 9, -1]}
-    assert total["reject_reasons"] == {"malformed JSON": 2, "text is null": 2}
-    assert total["files"] == ["o/_rejects/part-c.parquet", "o/part-a.parquet", "o/part-b.parquet"]
+A = unit("a.parquet", range(5), rejected=1, tokens=60, grid=75, encode=(1000.0, 1001.0),
+         files=["o/part-a1.parquet", "o/_rejects/part-a2.parquet"], reasons={"text is null": 1})
+B = unit("b.jsonl", [1, 2, 4], tokens=40, grid=50, encode=(1000.5, 1002.0),
+         files=["o/part-b1.parquet"])
+EMPTY = unit("e.jsonl", [], times=False)  # a file without rows, committed by finish_empty
 
 
-def test_combine_nothing():
-    total = summary.combine([])
-    assert total["rows_embedded"] == 0 and total["sources"] == {} and total["files"] == []
+def build(committed, resumed=(), open_units=(), unseen=None, wall_s=2.0):
+    return summary.build(
+        committed={u["unit"]: u for u in committed}, resumed=[unit_key(u) for u in resumed],
+        open_units=list(open_units), unseen_rows=unseen or {}, wall_s=wall_s,
+        config={"dims": (8, 4), "input": "in"}, model={"model_id": "m"}, input_files=3)
 
 
-def test_rows_in_uses_footer_counts_where_known():
-    assert summary.rows_in({"a.parquet": [4, 4, 5], "b.jsonl": [3, 9, -1]}) == 5 + 3
-    assert summary.rows_in({}) == 0
+def test_totals_sum_units():
+    total = summary.totals([A, B, EMPTY])
+    assert total["rows"] == 8 and total["row_sum"] == 10 + 7
+    assert (total["rows_embedded"], total["rows_rejected"]) == (7, 1)
+    assert total["tokens"] == 100 and total["grid_tokens"] == 125 and total["bytes"] == 200
+    assert total["encode_s"] == pytest.approx(2.0) and total["write_s"] == pytest.approx(0.5)
+    assert total["reject_reasons"] == {"text is null": 1}
+    assert total["files"] == ["o/_rejects/part-a2.parquet", "o/part-a1.parquet",
+                              "o/part-b1.parquet"]
+    # The encoder window spans the units that ran the encoder (EMPTY has no window).
+    assert (total["encode_first_start"], total["encode_last_end"]) == (1000.0, 1002.0)
 
 
-CLEAN = {"a.parquet": [5, 4, 5], "b.jsonl": [4, 6, 4]}
-
-
-def test_reconcile_clean():
-    assert summary.reconcile(CLEAN, {"empty.jsonl": 0}) == []
-
-
-@pytest.mark.parametrize("sources,unseen,problem", [
-    ({"a.parquet": [4, 4, 5]}, {}, "a.parquet: 5 rows in the file, 4 written or rejected"),
-    ({"a.parquet": [6, 4, 5]}, {}, "a.parquet: 5 rows in the file, 6 written or rejected"),
-    ({"b.jsonl": [5, 6, 4]}, {}, "b.jsonl: 4 rows in the file, 5 written or rejected"),
-    ({"b.jsonl": [3, 4, -1]}, {}, "b.jsonl: the rows read at its end never came out (3 did)"),
-    (CLEAN, {"c.parquet": 3}, "c.parquet: 3 rows in the file, none written or rejected"),
-], ids=["lost-row", "duplicated-row", "jsonl-duplicates", "jsonl-last-block-lost", "unseen-file"])
-def test_reconcile_problems(sources, unseen, problem):
-    assert summary.reconcile(sources, unseen) == [problem]
-
-
-def build(stats, unseen=None):
-    return summary.build(stats=stats, unseen_rows=unseen or {}, wall_s=2.0,
-                         config={"dims": (8, 4), "input": "in"}, model={"model_id": "m"},
-                         input_files=3)
+def test_totals_merge_reasons_and_nothing():
+    x = unit("x", [1], rejected=1, reasons={"malformed JSON": 1, "text is null": 2})
+    y = unit("y", [1], rejected=1, reasons={"text is null": 1})
+    assert summary.totals([y, x])["reject_reasons"] == {"malformed JSON": 1, "text is null": 3}
+    total = summary.totals([])
+    assert total["rows"] == 0 and total["files"] == [] and total["reject_reasons"] == {}
+    assert (total["encode_first_start"], total["encode_last_end"]) == (0.0, 0.0)
 
 
 def test_build_clean_run():
-    stats = summary.combine([write_stats(CLEAN, 8, 1, tokens=100, grid=125,
-                                         files=["o/part-a.parquet", "o/_rejects/part-b.parquet"])])
-    doc = build(stats, {"empty.jsonl": 0})
+    doc = build([A, B, EMPTY], unseen={})
     assert doc["reconciled"] is True and doc["reconcile_problems"] == []
-    assert doc["rows_in"] == 9 and doc["rows_embedded"] == 8 and doc["rows_rejected"] == 1
+    assert doc["rows_in"] == 8 and doc["rows_embedded"] == 7 and doc["rows_rejected"] == 1
+    assert doc["reject_fraction"] == 0.125 and doc["reject_reasons"] == {"text is null": 1}
+    assert doc["units"] == {"total": 3, "committed": 3, "resumed": 0, "committed_now": 3}
+    assert doc["rows_now"] == 8 and doc["tokens"] == 100
     assert doc["padding_waste"] == pytest.approx(0.2) and doc["tokens_per_s"] == 50.0
-    assert doc["encoder_tokens_per_busy_s"] == 100.0
-    assert doc["output_files"] == ["o/part-a.parquet"]
-    assert doc["rejects_files"] == ["o/_rejects/part-b.parquet"]
+    assert doc["tokens_per_s_steady"] == 50.0  # 100 tokens from 1000.0 to 1002.0
+    assert doc["encoder_tokens_per_busy_s"] == 50.0  # 100 tokens in 2 encoder-seconds
+    assert doc["stage_busy_s"] == {"tokenize": 1.0, "encode": 2.0, "write": 0.5}
+    assert doc["output_files"] == ["o/part-a1.parquet", "o/part-b1.parquet"]
+    assert doc["rejects_files"] == ["o/_rejects/part-a2.parquet"]
+    assert doc["output_bytes"] == 200
     assert doc["widths"] == [8, 4] and doc["input_files"] == 3
     json.dumps(doc)  # _summary.json must serialise
 
 
-def test_build_lost_parquet_row():
-    stats = summary.combine([write_stats({"a.parquet": [4, 4, 5]}, 4, 0)])
-    doc = build(stats)
-    assert doc["reconciled"] is False and doc["rows_in"] == 5
-    assert doc["reconcile_problems"] == ["a.parquet: 5 rows in the file, 4 written or rejected"]
+def test_build_resumed_units_count_in_totals_not_in_rates():
+    # A was committed by an earlier run; this run did B only ("ghost" is no unit of this output).
+    doc = build([A, B], resumed=["a.parquet", "ghost.jsonl"])
+    assert doc["reconciled"] is True
+    assert doc["rows_in"] == 8 and doc["rows_embedded"] == 7 and doc["rows_rejected"] == 1
+    assert doc["tokens"] == 100 and doc["output_files"] == ["o/part-a1.parquet",
+                                                            "o/part-b1.parquet"]
+    assert doc["units"] == {"total": 3, "committed": 2, "resumed": 1, "committed_now": 1}
+    assert doc["rows_now"] == 3
+    assert doc["tokens_per_s"] == 20.0  # B's 40 tokens over this run's 2 s
+    assert doc["tokens_per_s_steady"] == pytest.approx(40 / 1.5, abs=0.1)
+    assert doc["encoder_tokens_per_busy_s"] == 40.0
+    assert doc["stage_busy_s"] == {"tokenize": 0.5, "encode": 1.0, "write": 0.25}
 
 
-def test_build_duplicated_row():
-    stats = summary.combine([write_stats({"a.parquet": [4, 3, 5]}, 4, 0),
-                             write_stats({"a.parquet": [2, 4, 5]}, 2, 0)])
-    doc = build(stats)
-    assert doc["reconciled"] is False and doc["rows_in"] == 5 and doc["rows_embedded"] == 6
+@pytest.mark.parametrize("open_unit,rows_in,problem", [
+    (unit("c.jsonl", [1, 2, 3], file_rows=5, file_rowsum=15), 5 + 5,
+     "c.jsonl: 5 rows in the file, 3 written or rejected"),
+    (unit("c.jsonl", [1, 2], file_rows=-1, file_rowsum=-1), 5 + 2,
+     "c.jsonl: the rows read at its end never came out (2 did)"),
+    (unit("c.parquet", [0, 1, 1], file_rows=3, file_rowsum=3), 5 + 3,
+     "c.parquet: its row numbers do not add up (a row came out twice and another not at all)"),
+    (unit("c.parquet", [0, 1, 2, 2], file_rows=3, file_rowsum=3), 5 + 3,
+     "c.parquet: 3 rows in the file, 4 written or rejected"),
+], ids=["rows-missing", "last-block-lost", "row-sum-disagrees", "row-twice"])
+def test_build_open_unit_counts_in_rows_in_only(open_unit, rows_in, problem):
+    doc = build([A], open_units=[open_unit])
+    assert doc["reconciled"] is False and doc["reconcile_problems"] == [problem]
+    assert doc["rows_in"] == rows_in
+    # Its rows are not in the output (its files are deleted): not embedded, not rejected.
+    assert (doc["rows_embedded"], doc["rows_rejected"]) == (4, 1)
+    assert doc["units"]["committed"] == 1
+    assert doc["rows_now"] == 5 + open_unit["rows"]  # but they were this run's work
 
 
 def test_build_unseen_non_empty_file():
-    stats = summary.combine([write_stats(CLEAN, 9, 0)])
-    doc = build(stats, {"c.parquet": 3, "empty.jsonl": 0})
-    assert doc["reconciled"] is False and doc["rows_in"] == 12
+    doc = build([A, B], unseen={"c.parquet": 3, "empty.jsonl": 0})
+    assert doc["reconciled"] is False and doc["rows_in"] == 11
     assert doc["reconcile_problems"] == ["c.parquet: 3 rows in the file, none written or rejected"]
 
 
-def test_build_counts_disagreeing_with_sources():
-    stats = summary.combine([write_stats(CLEAN, 8, 0)])  # sources say 9 rows came out
-    doc = build(stats)
+def test_reconcile_lists_every_problem_in_order():
+    problems = summary.reconcile(
+        [unit("z.jsonl", [1], file_rows=2, file_rowsum=3), unit("y.jsonl", [1], file_rows=-1)],
+        {"x.parquet": 2, "w.parquet": 0})
+    assert [p.split(":")[0] for p in problems] == ["x.parquet", "y.jsonl", "z.jsonl"]
+    assert summary.reconcile([], {"e.jsonl": 0}) == []
+
+
+def test_build_counts_disagreeing_with_the_file():
+    # A committed unit whose embedded + rejected rows are not its file's: the safety net.
+    bad = A | {"rows_embedded": 3}
+    doc = build([bad])
     assert doc["reconciled"] is False
-    assert doc["reconcile_problems"] == ["rows_in 9 != rows_embedded + rows_rejected"]
+    assert doc["reconcile_problems"] == ["rows_in 5 != rows_embedded + rows_rejected"]
 
 
 def test_build_empty_run():
-    doc = build(summary.combine([]), {"e.jsonl": 0})
-    assert doc["reconciled"] is True and doc["rows_in"] == 0
+    doc = build([EMPTY], unseen={"f.jsonl": 0}, wall_s=0.0)
+    assert doc["reconciled"] is True and doc["rows_in"] == 0 and doc["reject_fraction"] == 0.0
     assert doc["padding_waste"] == 0.0 and doc["encoder_tokens_per_busy_s"] == 0.0
+    assert doc["tokens_per_s"] == 0.0 and doc["tokens_per_s_steady"] == 0.0
+    assert doc["output_files"] == [] and doc["units"]["committed"] == 1
+    doc = build([])
+    assert doc["reconciled"] is True and doc["rows_in"] == 0 and doc["units"]["committed"] == 0
 
 
 def test_read_parquet_accepts_dictionary_encoded_text(tmp_path):

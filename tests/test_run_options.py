@@ -190,23 +190,82 @@ def test_revision(tiny_model_dir):
 
 
 def test_overwrite(tmp_path, tiny_model_dir):
-    from pipeline.preflight import check_output
     from pipeline.runner import run
 
     out = tmp_path / "out"
     out.mkdir()
     pq.write_table(pa.table({"id": [1]}), out / "part-old.parquet")
-    with pytest.raises(OutputError, match="--overwrite"):
-        check_output(parse(output=str(out)))
-    assert check_output(parse("--overwrite", output=str(out))) == [str(out / "part-old.parquet")]
-    # A mistake found after the output check (here: a width the model lacks) must not cost
-    # the earlier run: deletion waits until every check has passed.
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"id": [1], "text": ["a"]}), tmp_path / "in" / "a.parquet")
+    # Files of a run without a manifest cannot be resumed: refused before Ray starts.
+    with pytest.raises(OutputError, match="without a resumable manifest.*--overwrite"):
+        run(parse("--model", str(tiny_model_dir), "--dims", "64",
+                  input=str(tmp_path / "in"), output=str(out)))
+    # A mistake found after the output check (here: a width the model lacks) must not cost
+    # the earlier run: deletion waits until every check has passed.
     with pytest.raises(ValueError, match=r"\[1, 64\]"):
         run(parse("--overwrite", "--model", str(tiny_model_dir), "--dims", "1024",
                   input=str(tmp_path / "in"), output=str(out)))
     assert (out / "part-old.parquet").exists()
+
+
+def test_on_duplicate(model_info):
+    assert plan(model_info).read.dedupe is True
+    assert plan(model_info, "--on-duplicate", "keep-all").read.dedupe is False
+
+
+def write_records(*records: dict):
+    """What the graph's write stage yields (Ray stands aside: ``consume`` only iterates)."""
+    import json
+
+    from pipeline.graph import STATS
+
+    class Written:
+        def iter_batches(self, **kwargs):
+            yield pa.table({STATS: [json.dumps(r) for r in records]})
+
+    return Written()
+
+
+def unit_record(uri: str, rows: int, rejected: int) -> dict:
+    from pipeline.units import unit_key
+
+    return {"unit": unit_key(uri), "source": uri, "rows": rows, "row_sum": rows * (rows - 1) // 2,
+            "file_rows": rows, "file_rowsum": rows * (rows - 1) // 2, "rows_embedded": rows - rejected,
+            "rows_rejected": rejected, "first_reject": [0, "text is null"] if rejected else None,
+            "files": []}
+
+
+def tracker_for(*uris: str):
+    from pipeline.units import Tracker
+
+    committed = []
+    return Tracker([InputFile(u, 1, "jsonl", None) for u in uris], committed.append), committed
+
+
+def test_on_bad_rows():
+    from pipeline.runner import RunFailed, consume
+
+    tracker, committed = tracker_for("a.jsonl", "b.jsonl")
+    records = write_records(unit_record("a.jsonl", 5, 0), unit_record("b.jsonl", 5, 1))
+    consume(records, tracker, parse("--max-reject-fraction", "1"))
+    assert len(committed) == 2
+    tracker, committed = tracker_for("a.jsonl", "b.jsonl")
+    with pytest.raises(RunFailed, match="row 0 of b.jsonl was rejected .*: text is null"):
+        consume(records, tracker, parse("--on-bad-rows", "fail"))
+    assert [u["uri"] for u in committed] == ["a.jsonl"]  # the good unit before it committed
+
+
+def test_max_reject_fraction():
+    from pipeline.runner import EARLY_REJECT_CHECK_ROWS, RunFailed, consume
+
+    n = EARLY_REJECT_CHECK_ROWS
+    records = write_records(unit_record("a.jsonl", n, n // 5))  # 20% rejected
+    with pytest.raises(RunFailed, match="rejected, more than --max-reject-fraction 0.1"):
+        consume(records, tracker_for("a.jsonl")[0], parse())
+    consume(records, tracker_for("a.jsonl")[0], parse("--max-reject-fraction", "0.25"))
+    with pytest.raises(ValueError, match="from 0 to 1"):
+        parse("--max-reject-fraction", "1.5")
 
 
 def test_address(monkeypatch):

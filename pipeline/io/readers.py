@@ -9,7 +9,10 @@ in ``__reject`` and an excerpt of the raw value, and goes to ``_rejects/``.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import math
+import os
 from typing import Any, BinaryIO, Iterator
 
 import pyarrow as pa
@@ -19,32 +22,93 @@ from . import schema as S
 from .storage import InputError
 
 READ_CHUNK_BYTES = 4 << 20
+COMPRESSED_READ_BYTES = 64 << 10
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 BLOCK_ROWS = 4096
 
 
+# The type of a JSONL kept column whose sampled values are objects or arrays, or all null:
+# strings as they are, any other value as its JSON text.
+JSON_TEXT = "json-text"
+
+
 @dataclasses.dataclass(frozen=True)
 class ReadSpec:
-    """Which columns to read and how (``id_type``: the Arrow type of JSONL ids)."""
+    """Which columns to read, and the types the run settles for them.
+
+    ``id_type`` and ``keep_types`` come from the pre-flight's sample of the first non-empty
+    shard; every block of every shard is cast to them, so part files share one schema. A value
+    that does not convert sends its row to the rejects with the reason. ``dedupe`` rejects an
+    id seen earlier in the same shard (``--on-duplicate keep-first``).
+    """
 
     id_column: str
     text_column: str
     keep_columns: tuple[str, ...] = ()
     id_type: pa.DataType | None = None
     block_rows: int = BLOCK_ROWS
+    keep_types: tuple[tuple[str, Any], ...] = ()  # (column, Arrow type or JSON_TEXT)
+    dedupe: bool = True
 
     @property
     def columns(self) -> list[str]:
         return list(dict.fromkeys([self.id_column, self.text_column, *self.keep_columns]))
+
+    def keep_type(self, column: str) -> Any:
+        return dict(self.keep_types).get(column)
+
+
+class _SourceReads(io.RawIOBase):
+    """The compressed bytes, recording an error of the source itself."""
+
+    def __init__(self, raw: BinaryIO, owner: "DecompressedStream") -> None:
+        super().__init__()
+        self._raw, self._owner = raw, owner
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            data = self._raw.read(len(buffer))
+        except BaseException as err:
+            self._owner.source_error = err
+            raise
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class DecompressedStream:
+    """A decompressing reader that tells a damaged file from a failing source.
+
+    Arrow reports a truncated or corrupt gzip/zstd stream as ``OSError``, as it does an error
+    while fetching the compressed bytes; ``source_error`` is set only in the second case.
+    """
+
+    def __init__(self, raw: BinaryIO, compression: str) -> None:
+        self.source_error: BaseException | None = None
+        self._raw = raw
+        source = pa.PythonFile(io.BufferedReader(_SourceReads(raw, self), 1 << 20), mode="r")
+        self._stream = pa.CompressedInputStream(source, compression)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._stream.read(n)
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self) -> "DecompressedStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def open_decompressed(raw: BinaryIO, compression: str | None):
     """A readable stream of the decompressed bytes of ``raw`` (gzip or zstd via Arrow)."""
     if compression is None:
         return raw
-    if not isinstance(raw, pa.NativeFile):
-        raw = pa.PythonFile(raw, mode="r")
-    return pa.CompressedInputStream(raw, compression)
+    return DecompressedStream(raw, compression)
 
 
 def iter_lines(stream, chunk_bytes: int = READ_CHUNK_BYTES) -> Iterator[tuple[int, bytes]]:
@@ -67,27 +131,59 @@ def read_jsonl(stream, source: str, spec: ReadSpec) -> Iterator[pa.Table]:
     """Tables of at most ``spec.block_rows`` rows from a decompressed JSONL stream.
 
     Blank lines are not rows and are skipped; every other line becomes one row. The last
-    table's rows carry the file's row count in ``__file_rows`` (null before it), so the run
-    summary can tell that a file was read to its end and every row came out.
+    table's rows carry the file's row count in ``__file_rows`` and the sum of its line numbers
+    in ``__file_rowsum`` (null before it), so the run can tell that a file was read to its end
+    and every row came out exactly once.
+
+    A compressed file that is cut short or corrupt keeps the rows read before the damage and
+    gets one more row, rejected, naming the damage; an error of the storage itself is raised
+    (naming ``source``) for the read to be retried or the run to fail.
     """
     rows: list[tuple[int, Any, Any, dict, str | None, str | None]] = []
-    pending, total = None, 0
-    for number, line in iter_lines(stream):
+    pending, total, row_sum, number = None, 0, 0, 0
+    seen: dict[Any, int] = {}
+    # Arrow drops what it decoded in a read that hits damage: small reads keep the loss small.
+    chunk = COMPRESSED_READ_BYTES if isinstance(stream, DecompressedStream) else READ_CHUNK_BYTES
+    lines = iter_lines(stream, chunk)
+    while True:
+        try:
+            number, line = next(lines)
+        except StopIteration:
+            break
+        except Exception as err:  # noqa: BLE001 - damage is kept apart from storage errors
+            damaged = isinstance(stream, DecompressedStream) and stream.source_error is None \
+                and isinstance(err, OSError)
+            if not damaged:
+                raise _read_error(source, err) from err
+            number += 1  # the damaged rest of the file is one rejected row
+            rows.append((number, None, None, {}, f"damaged compressed data after line "
+                         f"{number - 1}: {err}; the rest of the file is unreadable", ""))
+            total, row_sum = total + 1, row_sum + number
+            break
         if not line.strip():
             continue
         rows.append((number, *_parse_line(line, spec)))
-        total += 1
+        total, row_sum = total + 1, row_sum + number
         if len(rows) >= spec.block_rows:
             if pending is not None:
                 yield pending
-            pending, rows = _jsonl_table(rows, source, spec), []
+            pending, rows = _jsonl_table(rows, source, spec, seen), []
     if rows:
         if pending is not None:
             yield pending
-        pending = _jsonl_table(rows, source, spec)
+        pending = _jsonl_table(rows, source, spec, seen)
     if pending is not None:
-        column = pending.schema.get_field_index(S.FILE_ROWS)
-        yield pending.set_column(column, S.FILE_ROWS, pa.array([total] * pending.num_rows, pa.int64()))
+        n = pending.num_rows
+        yield pending.set_column(pending.schema.get_field_index(S.FILE_ROWS), S.FILE_ROWS,
+                                 pa.array([total] * n, pa.int64())) \
+            .set_column(pending.schema.get_field_index(S.FILE_ROWSUM), S.FILE_ROWSUM,
+                        pa.array([row_sum] * n, pa.int64()))
+
+
+def _read_error(source: str, err: BaseException) -> Exception:
+    from .storage import StorageError
+
+    return StorageError(f"cannot read {source}: {type(err).__name__}: {err}")
 
 
 def _parse_line(line: bytes, spec: ReadSpec):
@@ -149,47 +245,198 @@ def _id_matches(value: Any, id_type: pa.DataType | None) -> bool:
     return isinstance(value, str)
 
 
-def _jsonl_table(rows, source: str, spec: ReadSpec) -> pa.Table:
+def _jsonl_table(rows, source: str, spec: ReadSpec, seen: dict) -> pa.Table:
     numbers, ids, texts, keeps, rejects, excerpts = zip(*rows)
-    columns = {
-        S.ID: pa.array(ids, type=spec.id_type),
-        S.TEXT: pa.array(texts, type=pa.string()),
-    }
+    rejects, excerpts = list(rejects), list(excerpts)
+    columns = {S.ID: pa.array(ids, type=spec.id_type), S.TEXT: pa.array(texts, type=pa.string())}
     for c in spec.keep_columns:
-        columns[c] = _keep_array([k.get(c) for k in keeps], c, source)
-    return _with_origin(columns, source, pa.array(numbers, pa.int64()), rejects, excerpts, None)
+        columns[c] = _keep_array([k.get(c) for k in keeps], c, spec.keep_type(c), rejects,
+                                 excerpts)
+    rows_array = pa.array(numbers, pa.int64())
+    if spec.dedupe:
+        _reject_duplicates(columns[S.ID], rows_array, rejects, excerpts, seen)
+    return _with_origin(columns, source, rows_array, rejects, excerpts, None)
 
 
-def _keep_array(values: list, column: str, source: str) -> pa.Array:
+def _keep_array(values: list, column: str, kind: Any, rejects: list, excerpts: list) -> pa.Array:
+    """A kept column of the run's type; rows whose value does not fit it are rejected.
+
+    JSON values must be of the type itself (no float to int truncation, no bool as number);
+    integers fit a float64 column.
+    """
+    if kind is None:  # no settled type (direct calls): Arrow infers it
+        try:
+            return pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            kind = JSON_TEXT
+    if kind == JSON_TEXT:
+        return pa.array([v if v is None or isinstance(v, str)
+                         else json.dumps(v, ensure_ascii=False) for v in values], pa.string())
+    fits = _json_fits(kind)
+    out = list(values)
+    for i, v in enumerate(values):
+        if v is not None and not fits(v):
+            out[i] = None
+            if rejects[i] is None:
+                rejects[i] = f"kept column {column!r}: value is not {kind}, the run's type"
+                excerpts[i] = S.excerpt(v)
+    return pa.array(out, kind)
+
+
+def _finite(v: int | float) -> bool:
     try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        raise InputError(f"{source}: kept column {column!r} mixes value types ({err})") from None
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+def _json_fits(kind: pa.DataType):
+    """Whether a JSON value is of the Arrow type ``kind`` (as settled from the sample)."""
+    if pa.types.is_boolean(kind):
+        return lambda v: isinstance(v, bool)
+    if pa.types.is_integer(kind):
+        return lambda v: isinstance(v, int) and not isinstance(v, bool) \
+            and _INT64_MIN <= v <= _INT64_MAX
+    if pa.types.is_floating(kind):
+        return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) \
+            and _finite(v)
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return lambda v: isinstance(v, str)
+    raise ValueError(f"no JSON value fits kept-column type {kind}")
+
+
+def _reject_duplicates(ids: pa.Array, rows: pa.Array, rejects: list, excerpts: list,
+                       seen: dict) -> None:
+    """Reject a row whose id appeared earlier in the shard (``seen``: id -> its first row)."""
+    for i, (value, row) in enumerate(zip(ids.to_pylist(), rows.to_pylist())):
+        if value is None or rejects[i] is not None:
+            continue
+        first = seen.setdefault(value, row)
+        if first != row:
+            rejects[i] = f"duplicate id: first seen at row {first} of this file"
+            excerpts[i] = S.excerpt(value)
 
 
 def read_parquet(f, source: str, spec: ReadSpec) -> Iterator[pa.Table]:
-    """Tables of at most ``spec.block_rows`` rows from a Parquet file (random access)."""
-    pf = pq.ParquetFile(f)
+    """Tables of at most ``spec.block_rows`` rows from a Parquet file (random access).
+
+    The id and kept columns are cast to the run's types (a value that does not convert is
+    rejected); a kept column the file lacks is null. A file without the id or text column
+    has every row rejected; a file that is not readable Parquet gives one rejected row.
+    """
+    try:
+        pf = pq.ParquetFile(f)
+    except (pa.ArrowInvalid, OSError) as err:
+        if not _readable(f):
+            raise _read_error(source, err) from err
+        yield _damaged_parquet(source, spec, err)  # the bytes arrive, they are not Parquet
+        return
     names = pf.schema_arrow.names
-    missing = [c for c in spec.columns if c not in names]
-    if missing:
-        raise InputError(f"{source}: no column {missing[0]!r} (columns: {', '.join(names)}); "
-                         "check --id-column, --text-column and --keep-columns")
+    total = pf.metadata.num_rows
+    lacking = [c for c in (spec.id_column, spec.text_column) if c not in names]
+    wanted = [c for c in spec.columns if c in names]
+    seen: dict[Any, int] = {}
     offset = 0
-    for batch in pf.iter_batches(batch_size=spec.block_rows, columns=spec.columns):
+    batches = pf.iter_batches(batch_size=spec.block_rows, columns=wanted)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        except (pa.ArrowInvalid, OSError) as err:
+            if not _readable(f):
+                raise _read_error(source, err) from err
+            # The footer counts the rows: each one not read is rejected by its number.
+            yield _rows_lost(source, spec, range(offset, total), total,
+                             f"damaged Parquet data: {err}; rows from {offset} on are unreadable")
+            return
         table = pa.Table.from_batches([batch])
         n = table.num_rows
-        text = table[spec.text_column]
-        rejects = excerpts = [None] * n
-        if not _is_text_type(text.type):
-            rejects = [f"text column has type {text.type}, not string"] * n
-            excerpts = [S.excerpt(v) for v in text.to_pylist()]
+        rejects: list = [None] * n
+        excerpts: list = [None] * n
+        if lacking:
+            rejects = [f"the file has no column {lacking[0]!r}"] * n
+        ids = table[spec.id_column] if spec.id_column in names else pa.nulls(n, spec.id_type
+                                                                               or pa.string())
+        ids = _cast_column(ids, spec.id_type, "id", rejects, excerpts)
+        if spec.text_column in names:
+            text = table[spec.text_column]
+            if not _is_text_type(text.type):
+                rejects = [r or f"text column has type {text.type}, not string" for r in rejects]
+                excerpts = [e or S.excerpt(v) for e, v in zip(excerpts, text.to_pylist())]
+                text = pa.nulls(n, pa.string())
+            text = text.cast(pa.string())
+        else:
             text = pa.nulls(n, pa.string())
-        columns = {S.ID: table[spec.id_column], S.TEXT: text.cast(pa.string())}
-        columns |= {c: table[c] for c in spec.keep_columns}
+        columns = {S.ID: ids, S.TEXT: text}
+        for c in spec.keep_columns:
+            kind = spec.keep_type(c)
+            if c in names:
+                columns[c] = _cast_column(table[c], kind, f"kept column {c!r}", rejects, excerpts)
+            else:
+                columns[c] = pa.nulls(n, kind if isinstance(kind, pa.DataType) else pa.null())
         rows = pa.array(range(offset, offset + n), pa.int64())
-        yield _with_origin(columns, source, rows, rejects, excerpts, pf.metadata.num_rows)
+        if spec.dedupe:
+            _reject_duplicates(ids, rows, rejects, excerpts, seen)
+        block = _with_origin(columns, source, rows, rejects, excerpts, total)
+        yield block.set_column(block.schema.get_field_index(S.FILE_ROWSUM), S.FILE_ROWSUM,
+                               pa.array([total * (total - 1) // 2] * n, pa.int64()))
         offset += n
+
+
+def _cast_column(values, kind: Any, what: str, rejects: list, excerpts: list):
+    """``values`` as ``kind`` (unchanged when None); rows whose value does not convert are
+    rejected and their value nulled."""
+    if not isinstance(kind, pa.DataType) or values.type == kind:
+        return values
+    try:
+        return values.cast(kind)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        pass
+    out = []
+    for i, scalar in enumerate(values):
+        try:
+            out.append(scalar.cast(kind))
+            continue
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            pass
+        out.append(pa.scalar(None, kind))
+        if rejects[i] is None:
+            rejects[i] = f"{what}: value of type {values.type} does not convert to {kind}, " \
+                         "the run's type"
+            excerpts[i] = S.excerpt(scalar.as_py())
+    return pa.array([v.as_py() for v in out], kind)
+
+
+def _damaged_parquet(source: str, spec: ReadSpec, err: BaseException) -> pa.Table:
+    """One rejected row standing for a file that is not readable Parquet."""
+    return _rows_lost(source, spec, range(0, 1), 1,
+                      f"damaged Parquet file: {err}; no row of it is readable")
+
+
+def _rows_lost(source: str, spec: ReadSpec, rows: range, total: int, reason: str) -> pa.Table:
+    """Rejected rows (no id, no text) for rows of a file that cannot be read."""
+    n = len(rows)
+    columns = {S.ID: pa.nulls(n, spec.id_type or pa.string()), S.TEXT: pa.nulls(n, pa.string())}
+    for c in spec.keep_columns:
+        kind = spec.keep_type(c)
+        columns[c] = pa.nulls(n, kind if isinstance(kind, pa.DataType) else pa.string())
+    table = _with_origin(columns, source, pa.array(rows, pa.int64()), [reason] * n, [""] * n,
+                         total)
+    return table.set_column(table.schema.get_field_index(S.FILE_ROWSUM), S.FILE_ROWSUM,
+                            pa.array([total * (total - 1) // 2] * n, pa.int64()))
+
+
+def _readable(f) -> bool:
+    """Whether the file's last bytes can be read: tells damaged data from a failing store."""
+    if isinstance(f, (str, os.PathLike)):
+        return os.path.exists(f)
+    try:
+        f.seek(-min(8, f.size() if callable(getattr(f, "size", None)) else 8), 2)
+        f.read(8)
+        return True
+    except Exception:  # noqa: BLE001 - any failure of the store itself
+        return False
 
 
 def _is_text_type(t: pa.DataType) -> bool:
@@ -205,6 +452,7 @@ def _with_origin(columns: dict, source: str, rows: pa.Array, rejects, excerpts,
     columns[S.SOURCE] = pa.array([source] * n, pa.string())
     columns[S.ROW] = rows
     columns[S.FILE_ROWS] = pa.array([file_rows] * n, pa.int64())
+    columns[S.FILE_ROWSUM] = pa.nulls(n, pa.int64())
     columns[S.REJECT] = pa.array(rejects, pa.string())
     columns[S.EXCERPT] = pa.array(excerpts, pa.string())
     return pa.table(columns)

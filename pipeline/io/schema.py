@@ -19,7 +19,8 @@ ID = "__id"
 TEXT = "__text"
 SOURCE = "__source"  # the input file's URI
 ROW = "__row"  # 0-based row index in a Parquet file, 1-based line number in a JSONL file
-FILE_ROWS = "__file_rows"  # rows in the source file when its footer says (Parquet), else null
+FILE_ROWS = "__file_rows"  # rows in the source file (Parquet: every block; JSONL: last block)
+FILE_ROWSUM = "__file_rowsum"  # the sum of the file's row numbers, set like FILE_ROWS
 REJECT = "__reject"  # why the row cannot be embedded; null for a good row
 EXCERPT = "__excerpt"  # a short excerpt of the raw value, for rejected rows
 # Set by the tokenizer stage (TEXT is dropped there: token ids, not strings, go downstream).

@@ -25,6 +25,7 @@ COMPRESSION_SUFFIXES = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd":
 OUTPUT_PART_GLOB = "part-*.parquet"
 SUMMARY_NAME = "_summary.json"
 REJECTS_DIR = "_rejects"
+MANIFEST_DIR = "_manifest"
 # S3 data access: botocore's standard retry mode backs off on throttling, 5xx and resets;
 # the connect timeout bounds how long an unreachable endpoint takes to report.
 S3_CONFIG = {"connect_timeout": 10, "read_timeout": 120,
@@ -198,38 +199,72 @@ def sample_columns(file: InputFile, storage_options: dict[str, Any] | None = Non
     """
     if file.size == 0:
         return None
-    fs, path = open_filesystem(file.uri, storage_options, preflight=True)
-    with storage_errors(file.uri, "read"):
-        if file.format == "parquet":
-            with fs.open(path, "rb") as f:
-                schema = pq.read_schema(f)
-            return {name: schema.field(name).type for name in schema.names}
-        from .readers import iter_lines, open_decompressed
+    if file.format == "parquet":
+        fs, path = open_filesystem(file.uri, storage_options, preflight=True)
+        with storage_errors(file.uri, "read"), fs.open(path, "rb") as f:
+            schema = pq.read_schema(f)
+        return {name: schema.field(name).type for name in schema.names}
+    records = sample_records(file, storage_options, max_lines)
+    preferred = [r for r in records if prefer_key is None or r.get(prefer_key) is not None]
+    return (preferred or records or [None])[0]
 
-        with fs.open(path, "rb") as raw:
-            lines = iter_lines(open_decompressed(raw, file.compression), 1 << 16)
-            bad, first = [], None
-            for _, (number, line) in zip(range(max_lines), lines):
-                if not line.strip():
-                    continue
-                # Decoded as the reader does; a bad line here is the reader's reject later.
-                try:
-                    record = json.loads(line.decode("utf-8").removeprefix("\ufeff"))
-                except ValueError as err:
-                    bad.append(f"line {number}: {err}")
-                    continue
-                if isinstance(record, dict):
-                    if prefer_key is None or record.get(prefer_key) is not None:
-                        return record
-                    first = first or record
-                    continue
+
+def sample_records(file: InputFile, storage_options: dict[str, Any] | None = None,
+                   max_lines: int = 100) -> list[dict[str, Any]]:
+    """The JSON objects among the first ``max_lines`` non-blank lines of a JSONL shard.
+
+    Lines are decoded as the reader decodes them; a bad line here is the reader's reject
+    later, but a sample with no object at all is an input error.
+    """
+    if file.size == 0:
+        return []
+    from .readers import iter_lines, open_decompressed
+
+    fs, path = open_filesystem(file.uri, storage_options, preflight=True)
+    records, bad = [], []
+    with storage_errors(file.uri, "read"), fs.open(path, "rb") as raw:
+        lines = iter_lines(open_decompressed(raw, file.compression), 1 << 16)
+        for number, line in lines:
+            if not line.strip():
+                continue
+            if len(records) + len(bad) >= max_lines:
+                break
+            try:
+                record = json.loads(line.decode("utf-8").removeprefix("\ufeff"))
+            except ValueError as err:
+                bad.append(f"line {number}: {err}")
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+            else:
                 bad.append(f"line {number}: a JSON {type(record).__name__}, not an object")
-            if first is not None:
-                return first
-            if bad:
-                raise InputError(f"{file.uri}: none of its first {len(bad)} line(s) is a JSON "
-                                 f"object ({bad[0]})")
-    return None
+    if bad and not records:
+        raise InputError(f"{file.uri}: none of its first {len(bad)} line(s) is a JSON "
+                         f"object ({bad[0]})")
+    return records
+
+
+def json_value_type(values: list[Any]) -> Any:
+    """The Arrow type a JSONL kept column settles on, from sampled values.
+
+    Booleans, integers (float64 when a sampled number has a fraction), and strings map to
+    their Arrow types; objects, arrays and columns with no sampled value are kept as text
+    (strings as they are, other values as JSON).
+    """
+    from .readers import JSON_TEXT
+
+    present = [v for v in values if v is not None]
+    if not present:
+        return JSON_TEXT
+    first = present[0]
+    if isinstance(first, bool):
+        return pa.bool_()
+    if isinstance(first, (int, float)):
+        numbers = [v for v in present if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return pa.float64() if any(isinstance(v, float) for v in numbers) else pa.int64()
+    if isinstance(first, str):
+        return pa.string()
+    return JSON_TEXT
 
 
 def json_id_type(value: Any, uri: str, id_column: str) -> pa.DataType:
@@ -240,22 +275,12 @@ def json_id_type(value: Any, uri: str, id_column: str) -> pa.DataType:
     return pa.int64() if isinstance(value, int) else pa.string()
 
 
-def prepare_output(uri: str, storage_options: dict[str, Any] | None = None,
-                   overwrite: bool = False) -> list[str]:
-    """Check that ``uri`` is writable and holds no earlier run (allowed with ``overwrite``).
-
-    Returns the earlier run's files, for :func:`remove_previous` once every other check has
-    passed: a mistake in another option must not cost the user their previous output.
-    """
+def prepare_output(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Check that ``uri`` is writable; returns the pipeline's files already there (an earlier
+    run to resume, or to replace with ``--overwrite``)."""
     fs, path = open_filesystem(uri, storage_options, preflight=True)
     with storage_errors(uri, "prepare output"):
-        previous = _previous_run(fs, path)
-        if previous and not overwrite:
-            raise OutputError(
-                f"output {uri} already holds {len(previous)} file(s) of an earlier run (e.g. "
-                f"{to_uri(fs, previous[0])}); pass --overwrite to replace them, or choose "
-                "another output"
-            )
+        previous = own_files(fs, path)
     probe = f"{path.rstrip('/')}/_write_probe-{uuid.uuid4().hex}"
     try:
         if is_local(fs):
@@ -269,16 +294,18 @@ def prepare_output(uri: str, storage_options: dict[str, Any] | None = None,
     return previous
 
 
-def remove_previous(uri: str, previous: list[str],
-                    storage_options: dict[str, Any] | None = None) -> None:
-    """Delete an earlier run's files found by :func:`prepare_output` (only those, only there)."""
+def remove_files(uri: str, files: list[str], storage_options: dict[str, Any] | None = None) -> None:
+    """Delete files of the output ``uri`` found by :func:`own_files` (only those)."""
+    if not files:
+        return
     fs, _ = open_filesystem(uri, storage_options)
-    with storage_errors(uri, "clear the earlier run at"):
-        for old in previous:
-            fs.rm(old)
+    with storage_errors(uri, "delete files at"):
+        fs.rm(files)
 
 
-def _previous_run(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+def own_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """The files the pipeline writes under an output ``path``: parts, rejects, manifests,
+    the summary, and on local disks the temporaries of interrupted writes."""
     try:
         if not fs.isdir(path):
             return []
@@ -289,10 +316,18 @@ def _previous_run(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     ours = []
     for p in found:
         rel = p[len(base):] if p.startswith(base) else posixpath.basename(p)
-        if (rel == SUMMARY_NAME or rel.startswith(REJECTS_DIR + "/")
-                or ("/" not in rel and fnmatch.fnmatch(rel, OUTPUT_PART_GLOB))):
+        top, _, rest = rel.partition("/")
+        single = "/" not in rest
+        if rel == SUMMARY_NAME or top == MANIFEST_DIR \
+                or (top == REJECTS_DIR and single and _is_part_or_temporary(rest)) \
+                or (not rest and _is_part_or_temporary(top)):
             ours.append(p)
     return sorted(ours)
+
+
+def _is_part_or_temporary(name: str) -> bool:
+    return fnmatch.fnmatch(name, OUTPUT_PART_GLOB) or (
+        name.startswith(".") and ".tmp-" in name)
 
 
 def check_disjoint(input_uri: str, output_uri: str) -> None:

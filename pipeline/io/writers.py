@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from ..config import embedding_column
 from . import schema as S
-from .storage import REJECTS_DIR, open_for_publish
+from .storage import REJECTS_DIR, open_for_publish, storage_errors, to_uri
 
 ROW_GROUP_ROWS = 8192
 # Output files of about this many bytes of embeddings (no swarm of tiny files, none too big
@@ -78,36 +78,38 @@ def id_text(ids: pa.ChunkedArray) -> pa.Array:
 
 
 def row_stats(table: pa.Table, good: pa.Table, bad: pa.Table) -> dict[str, Any]:
-    """Counts and timings of one write's rows (summed over writes into the run summary)."""
-    sources = _rows_by_source(table)
+    """Counts and timings of one unit's rows in one write (summed per unit by the driver).
+
+    ``rows`` and ``row_sum`` (the sum of the rows' numbers) are checked against the file's
+    own ``file_rows`` and ``file_rowsum`` (-1 until the rows that carry them come out).
+    """
+    first = None
+    if bad.num_rows:
+        first = [bad[S.ROW][0].as_py(), bad[S.REJECT][0].as_py()]
+    starts = table[S.ENCODE_START] if S.ENCODE_START in table.column_names else None
     return {
+        "rows": table.num_rows,
+        "row_sum": int(pc.sum(table[S.ROW]).as_py() or 0),
+        "file_rows": _max_or(table, S.FILE_ROWS),
+        "file_rowsum": _max_or(table, S.FILE_ROWSUM),
         "rows_embedded": good.num_rows,
         "rows_rejected": bad.num_rows,
+        "first_reject": first,
         "tokens": int(pc.sum(good[S.NUM_TOKENS]).as_py() or 0),
         "texts_truncated": int(pc.sum(pc.cast(good[S.TRUNCATED], pa.int64())).as_py() or 0),
         "grid_tokens": int(pc.sum(pc.cast(good[S.GRID_TOKENS], pa.int64())).as_py() or 0),
         "batch_grid_tokens": int(pc.sum(pc.cast(good[S.BATCH_MAX], pa.int64())).as_py() or 0),
         "tokenize_s": float(pc.sum(table[S.TOKENIZE_S]).as_py() or 0.0),
         "encode_s": float(pc.sum(table[S.ENCODE_S]).as_py() or 0.0),
-        "encode_first_start": float(pc.min(table[S.ENCODE_START]).as_py() or 0.0),
-        "encode_last_end": float(pc.max(table[S.ENCODE_END]).as_py() or 0.0),
+        "encode_first_start": float(pc.min(starts).as_py() or 0.0) if starts else 0.0,
+        "encode_last_end": float(pc.max(table[S.ENCODE_END]).as_py() or 0.0) if starts else 0.0,
         "reject_reasons": dict(Counter(_reason_kind(r) for r in bad[S.REJECT].to_pylist())),
-        "sources": sources,
     }
 
 
-def _rows_by_source(table: pa.Table) -> dict[str, list[int]]:
-    """``{source: [rows, highest row number, rows the file holds or -1]}``."""
-    if not table.num_rows:
-        return {}
-    sources = table[S.SOURCE].to_numpy(zero_copy_only=False)
-    rows = table[S.ROW].to_numpy()
-    file_rows = pc.fill_null(table[S.FILE_ROWS], -1).to_numpy()
-    out = {}
-    for s in np.unique(sources):
-        mine = sources == s
-        out[str(s)] = [int(mine.sum()), int(rows[mine].max()), int(file_rows[mine].max())]
-    return out
+def _max_or(table: pa.Table, column: str) -> int:
+    value = pc.max(table[column]).as_py() if table.num_rows else None
+    return -1 if value is None else int(value)
 
 
 def _reason_kind(reason: str) -> str:
@@ -115,29 +117,40 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
-def part_name() -> str:
-    """A fresh output file name; ``part-*.parquet`` is what readers and the overwrite check see."""
-    return f"part-{uuid.uuid4().hex[:16]}.parquet"
+def part_name(unit: str) -> str:
+    """A fresh name for a file of one unit's rows (``part-*.parquet`` is the output's glob)."""
+    return f"part-{unit}-{uuid.uuid4().hex[:12]}.parquet"
 
 
 def write_parquet(fs, path: str, table: pa.Table) -> int:
     """Write ``table`` to ``path`` so that no reader sees it half-written; returns its bytes."""
-    with open_for_publish(fs, path) as f:
-        pq.write_table(table, f, row_group_size=ROW_GROUP_ROWS)
-    return int(fs.size(path))
+    with storage_errors(to_uri(fs, path), "write"):
+        with open_for_publish(fs, path) as f:
+            pq.write_table(table, f, row_group_size=ROW_GROUP_ROWS)
+        return int(fs.size(path))
 
 
-def write_outputs(fs, output_path: str, table: pa.Table, spec: OutputSpec) -> dict[str, Any]:
-    """Split ``table`` and write its embedded rows and its rejects; return the write's stats."""
-    embedded, rejects, stats = split_rows(table, spec)
-    files, size = [], 0
+def write_outputs(fs, output_path: str, table: pa.Table, spec: OutputSpec) -> list[dict[str, Any]]:
+    """Write ``table``'s rows to files holding one input file's rows each (its embedded rows,
+    and its rejects under ``_rejects/``); returns one record per input file for the driver,
+    which commits a file's unit once all of its rows are reported."""
+    from ..units import unit_key
+
     base = output_path.rstrip("/")
-    if embedded.num_rows:
-        path = f"{base}/{part_name()}"
-        size += write_parquet(fs, path, embedded)
-        files.append(path)
-    if rejects.num_rows:
-        path = f"{base}/{REJECTS_DIR}/{part_name()}"
-        size += write_parquet(fs, path, rejects)
-        files.append(path)
-    return stats | {"files": files, "bytes": size}
+    records = []
+    sources = table[S.SOURCE]
+    for source in pc.unique(sources).to_pylist():
+        part = table.filter(pc.equal(sources, source))
+        embedded, rejects, stats = split_rows(part, spec)
+        unit = unit_key(source)
+        files, size = [], 0
+        if embedded.num_rows:
+            path = f"{base}/{part_name(unit)}"
+            size += write_parquet(fs, path, embedded)
+            files.append(to_uri(fs, path))
+        if rejects.num_rows:
+            path = f"{base}/{REJECTS_DIR}/{part_name(unit)}"
+            size += write_parquet(fs, path, rejects)
+            files.append(to_uri(fs, path))
+        records.append(stats | {"unit": unit, "source": source, "files": files, "bytes": size})
+    return records

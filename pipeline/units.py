@@ -1,0 +1,227 @@
+"""Units of work, their commits, and resuming a run. Pure Python over fsspec, no Ray.
+
+A unit is one input file. Every output file holds the rows of one unit only
+(``part-<unit>-<random>.parquet``, and the same under ``_rejects/``), so a unit is done when
+all of its rows are in files: the driver counts each unit's rows as the write tasks report
+them, and when the count and the sum of row numbers equal the file's own (``__file_rows``,
+``__file_rowsum``), it commits the unit by writing ``_manifest/unit-<unit>.json`` (one atomic
+PUT) naming the unit's files. Files that no manifest names are not part of the output: a
+rerun deletes them before it starts (they are what a killed run or a retried task left) and
+re-embeds the units that were not committed.
+
+Ray Data's own checkpointing (``DataContext.checkpoint_config``) was considered: it records
+every written row id and, on restore, loads all of them into memory (a sorted array) to
+filter the input row by row, still reading every file. Per-unit manifests cost memory and
+requests per file, not per row, and skip committed files without reading them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import posixpath
+import time
+from typing import Any, Callable, Iterable
+
+from .io.storage import (MANIFEST_DIR, SUMMARY_NAME, InputFile, OutputError, open_for_publish,
+                         storage_errors, to_uri)
+
+RUN_FILE = "_run.json"
+# Settings that change what a row's output is; a resumed run must match them all.
+IDENTITY_FIELDS = ("model_fingerprint", "tokenizer_sha256", "task", "dims", "output_dtype",
+                   "dtype", "id_column", "text_column", "keep_columns", "on_duplicate")
+
+
+def unit_key(uri: str) -> str:
+    """The unit of an input file: a stable name derived from its URI."""
+    return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:16]
+
+
+def unit_manifest_name(key: str) -> str:
+    return f"{MANIFEST_DIR}/unit-{key}.json"
+
+
+class RowsDuplicated(RuntimeError):
+    """A unit reported more rows than its file holds: a row would be written twice."""
+
+
+@dataclasses.dataclass
+class OutputState:
+    """What an output location holds: an earlier run's identity and committed units."""
+
+    path: str  # the output path within ``fs``
+    identity: dict[str, Any] | None
+    units: dict[str, dict[str, Any]]  # unit key -> its manifest
+    files: list[str]  # every file of ours found there (paths within ``fs``)
+
+    @property
+    def empty(self) -> bool:
+        return not self.files
+
+
+def load_state(fs, path: str, files: list[str]) -> OutputState:
+    """Read the run identity and the unit manifests among ``files`` (an output's own files)."""
+    base = path.rstrip("/")
+    run_file = f"{base}/{MANIFEST_DIR}/{RUN_FILE}"
+    manifests = [f for f in files if posixpath.basename(f).startswith("unit-")
+                 and posixpath.dirname(f).endswith(MANIFEST_DIR)]
+    identity, units = None, {}
+    with storage_errors(to_uri(fs, base), "read the manifests of"):
+        if run_file in files:
+            identity = json.loads(fs.cat_file(run_file))["identity"]
+        # One batched request set (s3fs fetches the list concurrently).
+        contents = fs.cat(manifests) if manifests else {}
+    if len(manifests) == 1 and not isinstance(contents, dict):
+        contents = {manifests[0]: contents}
+    for name, data in contents.items():
+        manifest = json.loads(data)
+        units[manifest["unit"]] = manifest
+    return OutputState(path, identity, units, files)
+
+
+def resumable_units(state: OutputState, identity: dict[str, Any],
+                    inputs: list[InputFile], output_uri: str,
+                    unknown: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """The committed units a run with ``identity`` over ``inputs`` may keep.
+
+    ``unknown`` names identity fields not settled yet (checked in a later call).
+
+    Raises :class:`OutputError` when the output holds anything the run cannot continue: files
+    of a run without a manifest, a run with other settings, or units of input files that
+    changed or are no longer in the input.
+    """
+    hint = "pass --overwrite to replace it, or choose another output"
+    if state.empty:
+        return {}
+    if state.identity is None:
+        raise OutputError(f"output {output_uri} holds {len(state.files)} file(s) of a run "
+                          f"without a resumable manifest; {hint}")
+    changed = [f"{k}: {state.identity.get(k)!r} there, {identity.get(k)!r} now"
+               for k in IDENTITY_FIELDS
+               if k not in unknown and state.identity.get(k) != identity.get(k)]
+    if changed:
+        raise OutputError(f"output {output_uri} holds a run with other settings, which would "
+                          f"mix results ({'; '.join(changed)}); {hint}")
+    sizes = {unit_key(f.uri): f for f in inputs}
+    gone = [m["uri"] for k, m in state.units.items() if k not in sizes]
+    if gone:
+        raise OutputError(f"output {output_uri} holds the rows of {len(gone)} file(s) that are "
+                          f"not in the input now (e.g. {gone[0]}); {hint}")
+    moved = [f"{m['uri']} ({m['size']} -> {sizes[k].size} bytes)"
+             for k, m in state.units.items() if m["size"] != sizes[k].size]
+    if moved:
+        raise OutputError(f"{len(moved)} input file(s) changed since the earlier run at "
+                          f"{output_uri} (e.g. {moved[0]}); {hint}")
+    return dict(state.units)
+
+
+def stray_files(fs, state: OutputState, keep: dict[str, dict[str, Any]]) -> list[str]:
+    """Output files that no kept manifest names: parts of uncommitted units, temporaries."""
+    named = {f for m in keep.values() for f in m["files"]}
+    base = state.path.rstrip("/")
+    stray = []
+    for path in state.files:
+        rel = path[len(base) + 1:]
+        if rel.startswith(MANIFEST_DIR + "/"):
+            key = posixpath.basename(rel).removeprefix("unit-").removesuffix(".json")
+            if rel.endswith(RUN_FILE) or key in keep:
+                continue
+            stray.append(path)
+        elif to_uri(fs, path) not in named and rel != SUMMARY_NAME:
+            stray.append(path)
+    return stray
+
+
+def write_json(fs, path: str, document: dict[str, Any]) -> None:
+    """Publish a small JSON document whole or not at all."""
+    with storage_errors(to_uri(fs, path), "write"), open_for_publish(fs, path) as f:
+        f.write(json.dumps(document, indent=1, sort_keys=True).encode())
+
+
+def write_identity(fs, path: str, identity: dict[str, Any]) -> None:
+    write_json(fs, f"{path.rstrip('/')}/{MANIFEST_DIR}/{RUN_FILE}",
+               {"identity": identity, "created": time.time()})
+
+
+COUNTS = ("rows", "row_sum", "rows_embedded", "rows_rejected", "tokens", "texts_truncated",
+          "grid_tokens", "batch_grid_tokens", "bytes")
+TIMES = ("tokenize_s", "encode_s", "write_s")
+
+
+def merge(into: dict[str, Any] | None, record: dict[str, Any]) -> dict[str, Any]:
+    """Add one write record of a unit to that unit's running totals."""
+    if into is None:
+        into = {k: 0 for k in COUNTS} | {k: 0.0 for k in TIMES} | {
+            "unit": record["unit"], "uri": record["source"], "file_rows": -1,
+            "file_rowsum": -1, "reject_reasons": {}, "files": [], "first_reject": None,
+            "encode_first_start": 0.0, "encode_last_end": 0.0}
+    for k in COUNTS + TIMES:
+        into[k] += record.get(k, 0)
+    into["file_rows"] = max(into["file_rows"], record["file_rows"])
+    into["file_rowsum"] = max(into["file_rowsum"], record["file_rowsum"])
+    for reason, n in record.get("reject_reasons", {}).items():
+        into["reject_reasons"][reason] = into["reject_reasons"].get(reason, 0) + n
+    into["files"] += record.get("files", [])
+    into["first_reject"] = into["first_reject"] or record.get("first_reject")
+    if record.get("encode_first_start"):
+        first = into["encode_first_start"]
+        into["encode_first_start"] = min(first, record["encode_first_start"]) if first \
+            else record["encode_first_start"]
+        into["encode_last_end"] = max(into["encode_last_end"], record["encode_last_end"])
+    return into
+
+
+def complete(unit: dict[str, Any]) -> bool:
+    """All of the file's rows are out: their count and the sum of their numbers match."""
+    return unit["file_rows"] >= 0 and unit["rows"] == unit["file_rows"] \
+        and unit["row_sum"] == unit["file_rowsum"]
+
+
+class Tracker:
+    """Sums the write records of a run's units and commits each unit once it is complete."""
+
+    def __init__(self, files: Iterable[InputFile], commit: Callable[[dict[str, Any]], None]):
+        self.files = {unit_key(f.uri): f for f in files}
+        self.open: dict[str, dict[str, Any]] = {}
+        self.committed: dict[str, dict[str, Any]] = {}
+        self._commit = commit
+
+    def add(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        """Take one write record; returns the unit's manifest if this completed it."""
+        key = record["unit"]
+        if key in self.committed or key not in self.files:
+            raise RowsDuplicated(f"rows of {record['source']} arrived after its unit was "
+                                 "committed (or it is not an input of this run)")
+        unit = merge(self.open.get(key), record)
+        self.open[key] = unit
+        if 0 <= unit["file_rows"] < unit["rows"]:
+            raise RowsDuplicated(f"{unit['uri']}: {unit['rows']} rows written for a file of "
+                                 f"{unit['file_rows']}; a row came out twice")
+        if complete(unit):
+            return self._finish(key)
+        return None
+
+    def finish_empty(self, key: str, rows: int) -> dict[str, Any] | None:
+        """Commit a unit that produced no row if its file is indeed empty (``rows`` == 0)."""
+        if rows:
+            return None
+        f = self.files[key]
+        self.open[key] = merge(None, {"unit": key, "source": f.uri, "file_rows": 0,
+                                      "file_rowsum": 0})
+        return self._finish(key)
+
+    def _finish(self, key: str) -> dict[str, Any]:
+        unit = self.open.pop(key)
+        unit |= {"size": self.files[key].size, "committed_at": time.time()}
+        self._commit(unit)
+        self.committed[key] = unit
+        return unit
+
+    def unseen(self) -> list[str]:
+        """Units that produced no row at all."""
+        return [k for k in self.files if k not in self.open and k not in self.committed]
+
+
+def manifest_path(output_path: str, key: str) -> str:
+    return f"{output_path.rstrip('/')}/{unit_manifest_name(key)}"

@@ -1,0 +1,476 @@
+"""Units of work (one per input file): commits, resuming an output, manifests. No Ray.
+
+The Tracker sums the write records of each unit and commits it once its rows' count and the
+sum of their row numbers equal the file's own; ``resumable_units`` decides what an earlier
+run's output may keep, ``stray_files`` what must go; ``load_state`` reads the manifests back
+from a local directory and from S3 (moto).
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import embedding_column
+from pipeline.io import schema as S
+from pipeline.io.readers import ReadSpec, open_decompressed, read_jsonl, read_parquet
+from pipeline.io.storage import (MANIFEST_DIR, SUMMARY_NAME, InputFile, OutputError,
+                                 open_filesystem, own_files, prepare_output, remove_files)
+from pipeline.io.writers import OutputSpec, write_outputs
+from pipeline.units import (IDENTITY_FIELDS, RUN_FILE, OutputState, RowsDuplicated, Tracker,
+                            complete, load_state, manifest_path, resumable_units, stray_files,
+                            unit_key, write_identity, write_json)
+from tests.s3server import s3_bucket, s3_endpoint  # noqa: F401
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def input_file(uri: str, size: int = 100, fmt: str = "jsonl") -> InputFile:
+    return InputFile(uri, size, fmt, None)
+
+
+def record(uri: str, rows, file_rows: int = -1, file_rowsum: int = -1, rejected: int = 0,
+           files=(), reasons=None) -> dict:
+    """One write record of ``uri``'s rows numbered ``rows``, as ``write_outputs`` makes it."""
+    rows = list(rows)
+    return {
+        "unit": unit_key(uri), "source": uri, "rows": len(rows), "row_sum": sum(rows),
+        "file_rows": file_rows, "file_rowsum": file_rowsum,
+        "rows_embedded": len(rows) - rejected, "rows_rejected": rejected,
+        "first_reject": [rows[0], "text is null"] if rejected else None,
+        "tokens": 3 * (len(rows) - rejected), "files": list(files), "bytes": 10 * len(files),
+        "reject_reasons": reasons or ({"text is null": rejected} if rejected else {}),
+        "texts_truncated": 0, "grid_tokens": 0, "batch_grid_tokens": 0, "tokenize_s": 0.1,
+        "encode_s": 0.2, "encode_first_start": 0.0, "encode_last_end": 0.0, "write_s": 0.05,
+    }
+
+
+class Commits(list):
+    """The tracker's commit callback: remembers every unit committed, in order."""
+
+    def __call__(self, unit: dict) -> None:
+        self.append(json.loads(json.dumps(unit)))  # a manifest must serialise
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracker
+
+PQ = "s3://in/a.parquet"  # 6 rows, numbered 0..5 (sum 15), every block knows the counts
+JS = "s3://in/b.jsonl"  # 5 rows on lines 1, 2, 4, 5, 7 (sum 19); only the last block knows
+
+
+def test_tracker_commits_a_unit_once_all_its_rows_are_out():
+    commits = Commits()
+    tracker = Tracker([input_file(PQ, 640, "parquet"), input_file(JS)], commits)
+    first = record(PQ, [0, 1], 6, 15, files=["o/part-1.parquet"])
+    second = record(PQ, [2, 3], 6, 15, rejected=1,
+                    files=["o/part-2.parquet", "o/_rejects/part-2.parquet"])
+    third = record(PQ, [4, 5], 6, 15, rejected=2, files=["o/_rejects/part-3.parquet"],
+                   reasons={"malformed JSON": 2})
+    assert tracker.add(first) is None and tracker.add(second) is None
+    assert commits == [] and tracker.committed == {}
+    assert tracker.open[unit_key(PQ)]["rows"] == 4 and not complete(tracker.open[unit_key(PQ)])
+    manifest = tracker.add(third)
+    assert manifest is not None and commits == [manifest]
+    assert tracker.committed == {unit_key(PQ): manifest} and tracker.open == {}
+    assert {k: manifest[k] for k in ("unit", "uri", "size", "rows", "row_sum", "file_rows",
+                                     "file_rowsum", "rows_embedded", "rows_rejected", "tokens",
+                                     "bytes", "first_reject", "reject_reasons")} == {
+        "unit": unit_key(PQ), "uri": PQ, "size": 640, "rows": 6, "row_sum": 15, "file_rows": 6,
+        "file_rowsum": 15, "rows_embedded": 3, "rows_rejected": 3, "tokens": 9, "bytes": 40,
+        "first_reject": [2, "text is null"],
+        "reject_reasons": {"text is null": 1, "malformed JSON": 2}}
+    assert manifest["files"] == ["o/part-1.parquet", "o/part-2.parquet",
+                                 "o/_rejects/part-2.parquet", "o/_rejects/part-3.parquet"]
+    assert manifest["write_s"] == pytest.approx(0.15) and manifest["committed_at"] > 0
+    assert tracker.unseen() == [unit_key(JS)]
+
+
+JS_BLOCKS = [record(JS, [1, 2]), record(JS, [4, 5]), record(JS, [7], 5, 19)]
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))),
+                         ids=lambda o: "".join(map(str, o)))
+def test_tracker_commits_whatever_the_order_of_the_records(order):
+    commits = Commits()
+    tracker = Tracker([input_file(JS)], commits)
+    results = [tracker.add(JS_BLOCKS[i]) for i in order]
+    assert results[:2] == [None, None] and results[2] is not None
+    assert len(commits) == 1 and commits[0]["rows"] == 5 and commits[0]["row_sum"] == 19
+
+
+def test_tracker_record_after_the_commit_is_a_duplicate():
+    tracker = Tracker([input_file(JS)], Commits())
+    for r in JS_BLOCKS:
+        tracker.add(r)
+    with pytest.raises(RowsDuplicated, match="after its unit was committed"):
+        tracker.add(record(JS, [4]))  # a retried write of rows already committed
+
+
+def test_tracker_record_of_an_unknown_unit_is_refused():
+    tracker = Tracker([input_file(JS)], Commits())
+    with pytest.raises(RowsDuplicated, match="s3://in/other.jsonl"):
+        tracker.add(record("s3://in/other.jsonl", [1], 1, 1))  # e.g. a unit resumed, not redone
+
+
+def test_tracker_more_rows_than_the_file_holds():
+    tracker = Tracker([input_file(PQ, fmt="parquet")], Commits())
+    tracker.add(record(PQ, [0, 1, 2], 6, 15))
+    with pytest.raises(RowsDuplicated, match="7 rows written for a file of 6"):
+        tracker.add(record(PQ, [2, 3, 4, 5], 6, 15))
+
+
+def test_tracker_duplicates_found_once_the_count_arrives():
+    commits = Commits()
+    tracker = Tracker([input_file(JS)], commits)
+    tracker.add(record(JS, [1, 2]))
+    tracker.add(record(JS, [1, 2]))  # JSONL: the count is not known yet
+    tracker.add(record(JS, [4]))
+    with pytest.raises(RowsDuplicated, match="6 rows written for a file of 5"):
+        tracker.add(record(JS, [7], 5, 19))
+    assert commits == []
+
+
+def test_tracker_count_right_but_row_sum_wrong_stays_open():
+    # Row 1 twice and row 2 never: the count matches, the sum of row numbers does not.
+    commits = Commits()
+    tracker = Tracker([input_file(PQ, fmt="parquet")], commits)
+    for rows in ([0, 1], [1, 3], [4, 5]):
+        assert tracker.add(record(PQ, rows, 6, 15)) is None
+    assert commits == [] and tracker.committed == {}
+    unit = tracker.open[unit_key(PQ)]
+    assert (unit["rows"], unit["row_sum"]) == (6, 14) and not complete(unit)
+
+
+def test_tracker_finish_empty_commits_only_an_empty_file():
+    commits = Commits()
+    empty, full = input_file("s3://in/e.jsonl", 0), input_file("s3://in/f.jsonl", 50)
+    tracker = Tracker([empty, full], commits)
+    assert tracker.unseen() == [unit_key(empty.uri), unit_key(full.uri)]
+    assert tracker.finish_empty(unit_key(full.uri), 4) is None  # rows that never came out
+    assert commits == []
+    manifest = tracker.finish_empty(unit_key(empty.uri), 0)
+    assert commits == [manifest] and manifest["uri"] == empty.uri and manifest["size"] == 0
+    assert (manifest["rows"], manifest["file_rows"], manifest["file_rowsum"]) == (0, 0, 0)
+    assert manifest["files"] == [] and complete(manifest)
+    assert tracker.unseen() == [unit_key(full.uri)]
+
+
+def test_tracker_unseen_lists_units_without_any_record():
+    files = [input_file(f"s3://in/{n}.jsonl") for n in "abcd"]
+    tracker = Tracker(files, Commits())
+    tracker.add(record(files[1].uri, [1]))  # open
+    tracker.add(record(files[3].uri, [1], 1, 1))  # committed
+    assert tracker.unseen() == [unit_key(files[0].uri), unit_key(files[2].uri)]
+    assert list(tracker.open) == [unit_key(files[1].uri)]
+
+
+def test_unit_key_is_stable_and_distinct():
+    assert unit_key("s3://b/a.jsonl") == unit_key("s3://b/a.jsonl")
+    assert len({unit_key(f"s3://b/{i}.jsonl") for i in range(1000)}) == 1000
+    assert len(unit_key("x")) == 16 and int(unit_key("x"), 16) >= 0
+
+
+# ---------------------------------------------------------------------------------------------
+# readers -> writers -> Tracker: the file's counts close exactly its units
+
+DIMS = (4,)
+
+
+def fake_encode(table: pa.Table) -> pa.Table:
+    """What the tokenizer and encoder stages add to the reader's rows."""
+    n = table.num_rows
+    columns = {S.NUM_TOKENS: pa.array(np.full(n, 3), pa.int32()),
+               S.TRUNCATED: pa.array(np.zeros(n, bool)),
+               S.TOKENIZE_S: pa.array(np.full(n, 0.1)), S.GRID_TOKENS: pa.array(np.full(n, 4)),
+               S.BATCH_MAX: pa.array(np.full(n, 4)), S.ENCODE_S: pa.array(np.full(n, 0.2)),
+               S.ENCODE_START: pa.array(np.full(n, 10.0)), S.ENCODE_END: pa.array(np.full(n, 11.0))}
+    for d in DIMS:
+        columns[embedding_column(d)] = pa.FixedSizeListArray.from_arrays(
+            pa.array(np.ones(n * d, np.float32)), d)
+    for name, values in columns.items():
+        table = table.append_column(name, values)
+    return table
+
+
+SPEC = OutputSpec("id", (), DIMS, "float32", {"model_id": "m"})
+
+
+def run_units(tmp_path: Path, path: Path, reader, spec: ReadSpec, fmt: str) -> tuple:
+    """Read ``path`` in blocks, write each block, feed the records last block first."""
+    fs, out = open_filesystem(str(tmp_path / "out"))
+    with open(path, "rb") as f:
+        stream = open_decompressed(f, "gzip") if path.suffix == ".gz" else f
+        blocks = list(reader(stream, str(path), spec))
+    records = [r for b in blocks for r in write_outputs(fs, out, fake_encode(b), SPEC)]
+    commits = Commits()
+    tracker = Tracker([input_file(str(path), path.stat().st_size, fmt)], commits)
+    results = [tracker.add(r) for r in reversed(records)]
+    return records, results, commits
+
+
+def test_jsonl_blocks_commit_their_unit_exactly_once(tmp_path):
+    path = tmp_path / "in.jsonl"
+    lines = [json.dumps({"id": i, "text": f"t{i}"}) for i in range(7)]
+    lines[3] = "{oops"
+    lines[5] = json.dumps({"id": 1, "text": "again"})  # a duplicate id
+    path.write_text("\n\n".join(lines) + "\n")
+    spec = ReadSpec("id", "text", id_type=pa.int64(), block_rows=2)
+    records, results, commits = run_units(tmp_path, path, read_jsonl, spec, "jsonl")
+    assert len(records) == 4
+    assert results[:-1] == [None] * 3 and results[-1] == commits[0]
+    (unit,) = commits
+    assert (unit["rows"], unit["rows_embedded"], unit["rows_rejected"]) == (7, 5, 2)
+    assert unit["row_sum"] == unit["file_rowsum"] == sum(range(1, 14, 2))
+    assert unit["reject_reasons"] == {"malformed JSON": 1, "duplicate id": 1}
+    assert sorted(unit["files"]) == sorted(f for r in records for f in r["files"])
+    assert sum(pq.read_table(f).num_rows for f in unit["files"]) == 7
+
+
+def test_damaged_gzip_commits_its_unit_with_the_damage_rejected(tmp_path):
+    data = "".join(json.dumps({"id": i, "text": "x" * 300}) + "\n" for i in range(2000))
+    blob = gzip.compress(data.encode())
+    path = tmp_path / "in.jsonl.gz"
+    path.write_bytes(blob[: len(blob) // 2])
+    spec = ReadSpec("id", "text", id_type=pa.int64())
+    _, results, commits = run_units(tmp_path, path, read_jsonl, spec, "jsonl")
+    (unit,) = commits
+    assert results[0] == unit and unit["rows_rejected"] == 1
+    assert unit["rows"] == unit["file_rows"] and unit["row_sum"] == unit["file_rowsum"]
+    assert list(unit["reject_reasons"]) == ["damaged compressed data after line " +
+                                            str(unit["rows"] - 1)]
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_parquet_blocks_commit_their_unit(tmp_path, damaged):
+    path = tmp_path / "in.parquet"
+    if damaged:
+        path.write_bytes(b"not parquet")
+    else:
+        pq.write_table(pa.table({"id": [5, 6, 7, 5, 8], "text": list("abcde")}), path,
+                       row_group_size=2)
+    spec = ReadSpec("id", "text", id_type=pa.int64(), block_rows=2)
+    records, results, commits = run_units(tmp_path, path, read_parquet, spec, "parquet")
+    (unit,) = commits
+    assert results[-1] == unit and results[:-1] == [None] * (len(records) - 1)
+    if damaged:
+        assert (unit["rows"], unit["rows_rejected"], unit["row_sum"]) == (1, 1, 0)
+    else:
+        assert (unit["rows"], unit["rows_rejected"], unit["row_sum"]) == (5, 1, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# resumable_units
+
+IDENT = {"model_fingerprint": "fp1", "tokenizer_sha256": "tk1", "task": "document",
+         "dims": [768, 256], "output_dtype": "float32", "dtype": "float32", "id_column": "id",
+         "text_column": "text", "keep_columns": ["lang"], "on_duplicate": "keep-first",
+         "model_id": "nomic-ai/nomic-embed-text-v2-moe", "revision": "abc123"}
+A, B, C = "s3://in/a.jsonl", "s3://in/b.jsonl", "s3://in/c.jsonl"
+
+
+def manifest(uri: str, size: int = 100, files=()) -> dict:
+    return {"unit": unit_key(uri), "uri": uri, "size": size, "files": list(files), "rows": 1,
+            "file_rows": 1, "row_sum": 1, "file_rowsum": 1}
+
+
+def state(identity=IDENT, manifests=(), files=("/o/x",)) -> OutputState:
+    return OutputState("/o", identity, {m["unit"]: m for m in manifests}, list(files))
+
+
+INPUTS = [input_file(A), input_file(B), input_file(C)]
+
+
+def test_resumable_units_keeps_the_committed_units():
+    st = state(manifests=[manifest(A), manifest(B)])
+    keep = resumable_units(st, dict(IDENT), INPUTS, "s3://o/")
+    assert keep == {unit_key(A): manifest(A), unit_key(B): manifest(B)}
+    keep.clear()
+    assert len(st.units) == 2  # a copy
+
+
+def test_resumable_units_of_an_empty_output():
+    assert resumable_units(state(identity=None, files=()), IDENT, INPUTS, "s3://o/") == {}
+
+
+def test_resumable_units_run_without_manifest_is_refused():
+    st = state(identity=None, files=["/o/part-1.parquet", "/o/_summary.json"])
+    with pytest.raises(OutputError, match=r"s3://o/ holds 2 file\(s\) of a run without a "
+                                          r"resumable manifest.*--overwrite"):
+        resumable_units(st, IDENT, INPUTS, "s3://o/")
+
+
+@pytest.mark.parametrize("field", IDENTITY_FIELDS)
+def test_resumable_units_other_settings_are_refused(field):
+    now = IDENT | {field: ["changed"]}
+    with pytest.raises(OutputError) as info:
+        resumable_units(state(manifests=[manifest(A)]), now, INPUTS, "s3://o/")
+    message = str(info.value)
+    assert f"{field}: {IDENT[field]!r} there, ['changed'] now" in message
+    assert "--overwrite" in message and "other settings" in message
+    named = {f for f in IDENTITY_FIELDS if re.search(rf"(?<!\w){f}: ", message)}
+    assert named == {field}
+
+
+def test_resumable_units_names_every_differing_setting():
+    now = IDENT | {"task": "query", "dims": [768]}
+    with pytest.raises(OutputError, match=r"task: 'document' there, 'query' now; "
+                                          r"dims: \[768, 256\] there, \[768\] now"):
+        resumable_units(state(), now, INPUTS, "s3://o/")
+
+
+def test_resumable_units_model_name_alone_is_not_identity():
+    # The weights' fingerprint decides: the same weights under another name or revision.
+    now = IDENT | {"model_id": "mirror/nomic", "revision": "other"}
+    assert resumable_units(state(manifests=[manifest(A)]), now, INPUTS, "o") == {
+        unit_key(A): manifest(A)}
+
+
+def test_resumable_units_file_no_longer_in_the_input_is_refused():
+    st = state(manifests=[manifest(A), manifest("s3://in/gone.jsonl")])
+    with pytest.raises(OutputError, match=r"1 file\(s\) that are not in the input now "
+                                          r"\(e\.g\. s3://in/gone\.jsonl\).*--overwrite"):
+        resumable_units(st, IDENT, INPUTS, "s3://o/")
+
+
+def test_resumable_units_changed_input_file_is_refused():
+    st = state(manifests=[manifest(A), manifest(B, size=90)])
+    with pytest.raises(OutputError, match=r"1 input file\(s\) changed since the earlier run at "
+                                          r"s3://o/ \(e\.g\. s3://in/b\.jsonl \(90 -> 100 "
+                                          r"bytes\)\).*--overwrite"):
+        resumable_units(st, IDENT, INPUTS, "s3://o/")
+
+
+# ---------------------------------------------------------------------------------------------
+# load_state and stray_files on a local output
+
+
+def touch(path: str, data: bytes = b"x") -> str:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def earlier_run(tmp_path):
+    """A local output of an earlier run: A and B committed, C's rows written but not
+    committed, a retried write of A, temporaries of a killed run, a stale manifest."""
+    uri = str(tmp_path / "out")
+    fs, path = open_filesystem(uri)
+    ka, kb, kc = unit_key(A), unit_key(B), unit_key(C)
+    named = {
+        A: [touch(f"{path}/part-{ka}-000000000001.parquet"),
+            touch(f"{path}/_rejects/part-{ka}-000000000002.parquet")],
+        B: [touch(f"{path}/part-{kb}-000000000003.parquet")],
+    }
+    stray = [
+        touch(f"{path}/part-{kc}-000000000004.parquet"),  # C: not committed
+        touch(f"{path}/part-{ka}-000000000005.parquet"),  # A: a failed attempt's file
+        touch(f"{path}/.part-{kc}-000000000006.parquet.tmp-0a1b2c3d"),
+        touch(f"{path}/_rejects/.part-{kc}-000000000007.parquet.tmp-4e5f6a7b"),
+        touch(f"{path}/{MANIFEST_DIR}/.unit-{kc}.json.tmp-8c9d0e1f", b'{"unit": "tor'),
+    ]
+    write_identity(fs, path, IDENT)
+    for uri_, files in named.items():
+        write_json(fs, manifest_path(path, unit_key(uri_)), manifest(uri_, files=files))
+    touch(f"{path}/{SUMMARY_NAME}", b"{}")
+    touch(f"{path}/notes.md")  # not ours
+    return fs, path, uri, named, stray
+
+
+def test_load_state_reads_identity_and_manifests(earlier_run):
+    fs, path, uri, named, stray = earlier_run
+    files = prepare_output(uri)
+    st = load_state(fs, path, files)
+    assert st.identity == IDENT and st.path == path and st.files == files and not st.empty
+    assert set(st.units) == {unit_key(A), unit_key(B)}  # not the torn temporary manifest
+    assert st.units[unit_key(A)] == manifest(A, files=named[A])
+    assert f"{path}/{MANIFEST_DIR}/{RUN_FILE}" in files
+
+
+def test_load_state_single_manifest_and_no_identity(tmp_path):
+    fs, path = open_filesystem(str(tmp_path / "out"))
+    write_json(fs, manifest_path(path, unit_key(A)), manifest(A))
+    st = load_state(fs, path, own_files(fs, path))
+    assert st.identity is None and st.units == {unit_key(A): manifest(A)}
+    with pytest.raises(OutputError, match="without a resumable manifest"):
+        resumable_units(st, IDENT, INPUTS, str(tmp_path / "out"))
+
+
+def test_load_state_of_an_empty_output(tmp_path):
+    fs, path = open_filesystem(str(tmp_path / "out"))
+    st = load_state(fs, path, prepare_output(str(tmp_path / "out")))
+    assert st.empty and st.identity is None and st.units == {}
+    assert resumable_units(st, IDENT, INPUTS, "out") == {}
+
+
+def test_stray_files_are_everything_no_kept_manifest_names(earlier_run):
+    fs, path, uri, named, stray = earlier_run
+    st = load_state(fs, path, own_files(fs, path))
+    keep = resumable_units(st, IDENT, INPUTS, uri)
+    assert sorted(stray_files(fs, st, keep)) == sorted(stray)
+    # Keeping only A: B's files and B's manifest go too; the identity and summary stay.
+    only_a = {unit_key(A): keep[unit_key(A)]}
+    assert sorted(stray_files(fs, st, only_a)) == sorted(
+        stray + named[B] + [manifest_path(path, unit_key(B))])
+    # Keeping nothing (--overwrite): every part and manifest but the run identity.
+    assert sorted(stray_files(fs, st, {})) == sorted(
+        stray + named[A] + named[B] + [manifest_path(path, unit_key(k)) for k in (A, B)])
+
+
+def test_resume_leaves_exactly_the_committed_output(earlier_run, tmp_path):
+    fs, path, uri, named, stray = earlier_run
+    st = load_state(fs, path, prepare_output(uri))
+    keep = resumable_units(st, IDENT, INPUTS, uri)
+    remove_files(uri, stray_files(fs, st, keep))
+    left = sorted(p.relative_to(tmp_path / "out").as_posix()
+                  for p in (tmp_path / "out").rglob("*") if p.is_file())
+    out = tmp_path / "out"
+    assert left == sorted([Path(f).relative_to(out).as_posix() for f in named[A] + named[B]]
+                          + [f"{MANIFEST_DIR}/{RUN_FILE}", f"{MANIFEST_DIR}/unit-{unit_key(A)}.json",
+                             f"{MANIFEST_DIR}/unit-{unit_key(B)}.json", SUMMARY_NAME, "notes.md"])
+    # A second resume finds nothing more to delete.
+    st = load_state(fs, path, own_files(fs, path))
+    assert stray_files(fs, st, resumable_units(st, IDENT, INPUTS, uri)) == []
+
+
+def test_write_json_publishes_whole_documents(tmp_path):
+    fs, path = open_filesystem(str(tmp_path / "out"))
+    write_identity(fs, path, IDENT)
+    doc = json.loads((tmp_path / "out" / MANIFEST_DIR / RUN_FILE).read_text())
+    assert doc["identity"] == IDENT and doc["created"] > 0
+    assert [p.name for p in (tmp_path / "out" / MANIFEST_DIR).iterdir()] == [RUN_FILE]
+
+
+# ---------------------------------------------------------------------------------------------
+# load_state on S3 (moto): the manifests come back in one batched fs.cat
+
+
+def test_load_state_on_s3(s3_bucket):  # noqa: F811 - pytest fixture
+    uri = f"s3://{s3_bucket}/out"
+    fs, path = open_filesystem(uri)
+    part = {}
+    for u in (A, B, C):
+        part[u] = f"{path}/part-{unit_key(u)}-0123456789ab.parquet"
+        fs.pipe_file(part[u], b"x")
+        write_json(fs, manifest_path(path, unit_key(u)),
+                   manifest(u, files=[fs.unstrip_protocol(part[u])]))
+    write_identity(fs, path, IDENT)
+    unnamed = f"{path}/part-{unit_key(A)}-ba9876543210.parquet"
+    fs.pipe_file(unnamed, b"x")
+    files = prepare_output(uri)
+    assert all(f.startswith(f"{s3_bucket}/out/") for f in files) and len(files) == 8
+    st = load_state(fs, path, files)
+    assert st.identity == IDENT
+    assert st.units == {unit_key(u): manifest(u, files=[f"s3://{part[u]}"]) for u in (A, B, C)}
+    keep = resumable_units(st, IDENT, INPUTS, uri)
+    assert stray_files(fs, st, keep) == [unnamed]  # manifests name full s3:// URIs
