@@ -112,3 +112,53 @@ def test_width_wider_than_the_model(capsys, local_corpus, tiny_model_dir):
     code, err = run_cli(capsys, "--input", str(local_corpus / "in"), "--output",
                         str(local_corpus / "o"), "--model", str(tiny_model_dir))
     assert code == 2 and "768" in err and "[1, 64]" in err
+
+
+def earlier_run(out, corpus, model_dir, **changes) -> dict:
+    """Write the manifest of an earlier run at ``out``: its identity, changed by ``changes``."""
+    from pipeline.config import RunConfig
+    from pipeline.io.storage import open_filesystem
+    from pipeline.preflight import load_model_info
+    from pipeline.runner import run_identity
+    from pipeline.units import write_identity
+
+    config = RunConfig(input=str(corpus / "in"), output=str(out), model=str(model_dir),
+                       dims=(64,))
+    identity = run_identity(config, None, load_model_info(config)) | changes
+    fs, path = open_filesystem(str(out))
+    write_identity(fs, path, identity)
+    return identity
+
+
+def test_output_of_a_run_with_other_settings(capsys, local_corpus, tiny_model_dir):
+    out = local_corpus / "o"
+    earlier_run(out, local_corpus, tiny_model_dir, dims=[32], task="query")
+    code, err = run_cli(capsys, "--input", str(local_corpus / "in"), "--output", str(out),
+                        "--model", str(tiny_model_dir), "--dims", "64")
+    assert code == 2 and "other settings" in err and "--overwrite" in err
+    assert "task: 'query' there, 'document' now" in err and "dims: [32] there, [64] now" in err
+    assert (out / "_manifest" / "_run.json").exists()  # refused, nothing deleted
+
+
+def test_output_whose_input_files_changed(capsys, local_corpus, tiny_model_dir):
+    from pipeline.io.storage import open_filesystem
+    from pipeline.units import manifest_path, unit_key, write_json
+
+    out = local_corpus / "o"
+    earlier_run(out, local_corpus, tiny_model_dir)
+    uri = str(local_corpus / "in" / "p.parquet")
+    fs, path = open_filesystem(str(out))
+    write_json(fs, manifest_path(path, unit_key(uri)),
+               {"unit": unit_key(uri), "uri": uri, "size": 1, "files": []})
+    code, err = run_cli(capsys, "--input", str(local_corpus / "in"), "--output", str(out),
+                        "--model", str(tiny_model_dir), "--dims", "64")
+    assert code == 2 and "changed since the earlier run" in err and uri in err
+
+
+def test_pipeline_files_without_a_manifest(capsys, local_corpus, tiny_model_dir):
+    out = local_corpus / "o"
+    out.mkdir()
+    pq.write_table(pa.table({"id": [1]}), out / "part-0001.parquet")
+    code, err = run_cli(capsys, "--input", str(local_corpus / "in"), "--output", str(out),
+                        "--model", str(tiny_model_dir), "--dims", "64")
+    assert code == 2 and "without a resumable manifest" in err and "--overwrite" in err

@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import schema as S
-from .storage import InputError
 
 READ_CHUNK_BYTES = 4 << 20
 COMPRESSED_READ_BYTES = 64 << 10
