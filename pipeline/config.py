@@ -69,6 +69,9 @@ class RunConfig:
                                        "128 MiB of embeddings)", metavar="N")
     encoder_threads: int | None = _field(None, "torch threads per CPU encoder actor (default: "
                                          "the node's cores / replicas)", metavar="N")
+    unit_bytes: int = _field(512 << 20, "Parquet files larger than this are split into units "
+                             "of whole row groups of about this size (read in parallel, "
+                             "committed and resumed apart)", metavar="BYTES")
     address: str | None = _field(None, "Ray cluster address (default: $RAY_ADDRESS, else a "
                                  "local Ray)", metavar="ADDR")
     s3_endpoint: str | None = _field(None, "S3-compatible endpoint URL (default: the AWS "
@@ -99,7 +102,7 @@ class RunConfig:
         object.__setattr__(self, "dims", _dims(self.dims))
         object.__setattr__(self, "keep_columns", tuple(self.keep_columns))
         for name in ("encoder_replicas", "tokenizer_actors", "max_tokens_per_batch",
-                     "window_rows", "rows_per_file", "encoder_threads"):
+                     "window_rows", "rows_per_file", "encoder_threads", "unit_bytes"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):

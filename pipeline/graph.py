@@ -20,6 +20,7 @@ from ray.data import ActorPoolStrategy, Dataset
 from ray.data.block import Block, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from .io import schema as S
 from .io.readers import ReadSpec, open_decompressed, read_jsonl, read_parquet
 from .io.storage import InputFile, open_filesystem, storage_errors
 from .io.writers import OutputSpec, write_outputs
@@ -62,7 +63,6 @@ class ShardDatasource(Datasource):
 def read_files(files: list[InputFile], fmt: str, spec: ReadSpec,
                storage_options: dict[str, Any]) -> Iterator[Block]:
     """Blocks of the given shards, one file after another (a zero-byte file holds no rows)."""
-    reader = read_parquet if fmt == "parquet" else read_jsonl
     for file in files:
         if not file.size:
             continue
@@ -70,8 +70,12 @@ def read_files(files: list[InputFile], fmt: str, spec: ReadSpec,
         with storage_errors(file.uri, "read"):
             raw = fs.open(path, "rb")
         with raw:
-            stream = raw if fmt == "parquet" else open_decompressed(raw, file.compression)
-            yield from reader(stream, file.uri, spec)
+            if fmt == "parquet":
+                blocks = read_parquet(raw, file.uri, spec, file.row_groups)
+            else:
+                blocks = read_jsonl(open_decompressed(raw, file.compression), file.uri, spec)
+            for block in blocks:
+                yield block.append_column(S.UNIT, pa.array([file.unit] * block.num_rows))
 
 
 STATS = "__stats"  # the write stage's output: one JSON record per unit and write

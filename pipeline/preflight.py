@@ -13,7 +13,8 @@ import pyarrow as pa
 
 from .config import RunConfig
 from .io.storage import (InputError, InputFile, check_disjoint, json_id_type, json_value_type,
-                         list_inputs, prepare_output, sample_columns, sample_records)
+                         list_inputs, prepare_output, sample_columns, sample_records,
+                         split_large_parquet)
 from .plan import ModelInfo
 
 # Shards to look at for a first row before giving up on checking the columns up front.
@@ -31,6 +32,7 @@ def check_inputs(config: RunConfig) -> Inputs:
     """List the input shards and check the id, text and kept columns on the first non-empty one."""
     files = list_inputs(config.input, config.storage_options, config.format)
     check_disjoint(config.input, config.output)
+    files = split_large_parquet(files, config.storage_options, config.unit_bytes)
     for file in files[:MAX_SAMPLED_FILES]:
         columns = sample_columns(file, config.storage_options, prefer_key=config.id_column)
         if columns is None:

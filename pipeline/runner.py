@@ -73,7 +73,7 @@ def run(config: RunConfig) -> dict[str, Any]:
             log.info("resuming %s: %d of %d unit(s) committed earlier are kept", config.output,
                      len(keep), len(inputs.files))
         units.write_identity(fs, out_path, identity)
-        todo = [f for f in inputs.files if units.unit_key(f.uri) not in keep]
+        todo = [f for f in inputs.files if units.unit_key(f.unit) not in keep]
         tracker = units.Tracker(todo, commit=lambda u: units.write_json(
             fs, units.manifest_path(out_path, u["unit"]), u))
         configure_progress(config.progress)
@@ -89,7 +89,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         f = tracker.files[key]
         rows = count_rows(f, config.storage_options)
         if tracker.finish_empty(key, rows) is None:
-            unseen[f.uri] = rows
+            unseen[f.unit] = rows
     committed = keep | tracker.committed
     # Files of units left open, and of write attempts Ray retried, are not output.
     done = units.OutputState(out_path, identity, committed, own_files(fs, out_path))
@@ -100,7 +100,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         model=model.describe() | {"device": plan.device, "dtype": plan.dtype,
                                   "encoder_replicas": plan.encode.actors,
                                   "tokenizer_actors": plan.tokenize.actors},
-        input_files=len(inputs.files),
+        input_files=len({f.uri for f in inputs.files}), units_total=len(inputs.files),
     )
     write_summary(config, result)
     if result["rows_in"] and result["reject_fraction"] > config.max_reject_fraction:

@@ -56,10 +56,12 @@ def reconcile(open_units: Iterable[dict[str, Any]], unseen_rows: dict[str, int])
 
 def build(*, committed: dict[str, dict[str, Any]], resumed: Iterable[str],
           open_units: list[dict[str, Any]], unseen_rows: dict[str, int], wall_s: float,
-          config: dict[str, Any], model: dict[str, Any], input_files: int) -> dict[str, Any]:
+          config: dict[str, Any], model: dict[str, Any], input_files: int,
+          units_total: int | None = None) -> dict[str, Any]:
     """The ``_summary.json`` document of a finished run (all committed units, this run's rates).
 
-    ``resumed`` names the units committed by earlier runs of the same output.
+    ``resumed`` names the units committed by earlier runs of the same output; ``units_total``
+    counts the run's units (input files, with large Parquet files split in row-group slices).
     """
     resumed = set(resumed)
     every = totals(committed.values())  # the output: committed units only
@@ -81,7 +83,8 @@ def build(*, committed: dict[str, dict[str, Any]], resumed: Iterable[str],
         "reconciled": not problems,
         "reconcile_problems": problems[:20],
         "reject_reasons": every["reject_reasons"],
-        "units": {"total": input_files, "committed": len(committed),
+        "units": {"total": input_files if units_total is None else units_total,
+                  "committed": len(committed),
                   "resumed": len(resumed & set(committed)),
                   "committed_now": len(set(committed) - resumed)},
         "rows_now": now["rows"],

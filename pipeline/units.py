@@ -1,6 +1,7 @@
 """Units of work, their commits, and resuming a run. Pure Python over fsspec, no Ray.
 
-A unit is one input file. Every output file holds the rows of one unit only
+A unit is one input file, or a slice of whole row groups of a Parquet file larger than
+``--unit-bytes``. Every output file holds the rows of one unit only
 (``part-<unit>-<random>.parquet``, and the same under ``_rejects/``), so a unit is done when
 all of its rows are in files: the driver counts each unit's rows as the write tasks report
 them, and when the count and the sum of row numbers equal the file's own (``__file_rows``,
@@ -34,7 +35,7 @@ IDENTITY_FIELDS = ("model_fingerprint", "tokenizer_sha256", "task", "dims", "out
 
 
 def unit_key(uri: str) -> str:
-    """The unit of an input file: a stable name derived from its URI."""
+    """The key of a unit (an input file's URI, or a row-group slice's): a stable name."""
     return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:16]
 
 
@@ -103,7 +104,7 @@ def resumable_units(state: OutputState, identity: dict[str, Any],
     if changed:
         raise OutputError(f"output {output_uri} holds a run with other settings, which would "
                           f"mix results ({'; '.join(changed)}); {hint}")
-    sizes = {unit_key(f.uri): f for f in inputs}
+    sizes = {unit_key(f.unit): f for f in inputs}
     gone = [m["uri"] for k, m in state.units.items() if k not in sizes]
     if gone:
         raise OutputError(f"output {output_uri} holds the rows of {len(gone)} file(s) that are "
@@ -182,7 +183,7 @@ class Tracker:
     """Sums the write records of a run's units and commits each unit once it is complete."""
 
     def __init__(self, files: Iterable[InputFile], commit: Callable[[dict[str, Any]], None]):
-        self.files = {unit_key(f.uri): f for f in files}
+        self.files = {unit_key(f.unit): f for f in files}
         self.open: dict[str, dict[str, Any]] = {}
         self.committed: dict[str, dict[str, Any]] = {}
         self._commit = commit
@@ -207,7 +208,7 @@ class Tracker:
         if rows:
             return None
         f = self.files[key]
-        self.open[key] = merge(None, {"unit": key, "source": f.uri, "file_rows": 0,
+        self.open[key] = merge(None, {"unit": key, "source": f.unit, "file_rows": 0,
                                       "file_rowsum": 0})
         return self._finish(key)
 

@@ -361,3 +361,35 @@ def test_adversarial_parquet_shards_with_different_schemas(cluster, tmp_path, ti
     assert summary["rows_in"] == 2 + 2 + 2 + 2 + 1 + 0 + 3 == 12
     assert summary["rows_embedded"] == 7 and summary["rows_rejected"] == 5
     assert summary["reconciled"] and summary["units"]["committed"] == 7
+
+
+def test_a_large_parquet_file_is_split_into_units_that_resume_apart(cluster, tmp_path,
+                                                                    tiny_model_dir, embedder):
+    from pipeline.__main__ import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    texts = sample_texts()
+    rows = {i: f"{texts[i % len(texts)]} #{i}" for i in range(400)}
+    pq.write_table(pa.table({"id": list(rows), "text": list(rows.values())}),
+                   src / "big.parquet", row_group_size=50)  # 8 row groups
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(src), "--output", str(out), "--model", str(tiny_model_dir),
+            "--dims", DIMS, "--progress", "off",
+            "--unit-bytes", str((src / "big.parquet").stat().st_size // 4)]
+    assert main(argv) == 0
+    first = json.loads((out / "_summary.json").read_text())
+    assert first["units"]["total"] >= 4 and first["reconciled"] and first["input_files"] == 1
+    # Undo one slice's commit as if the run had died before it: its files are strays now.
+    manifest = sorted((out / "_manifest").glob("unit-*.json"))[1]
+    undone = json.loads(manifest.read_text())
+    assert "#row-groups[" in undone["uri"]
+    manifest.unlink()
+    assert main(argv) == 0
+    second = json.loads((out / "_summary.json").read_text())
+    assert second["units"]["resumed"] == first["units"]["total"] - 1
+    assert second["rows_now"] == undone["rows"]
+    assert not any(Path(f).exists() for f in undone["files"])  # swept, then written anew
+    table = pq.read_table(sorted(out.glob("part-*.parquet")))
+    assert sorted(second["output_files"]) == sorted(str(p) for p in out.glob("part-*.parquet"))
+    check_exact(table, rows, embedder)

@@ -268,6 +268,23 @@ def test_max_reject_fraction():
         parse("--max-reject-fraction", "1.5")
 
 
+def test_unit_bytes(tmp_path):
+    from pipeline.preflight import check_inputs
+
+    (tmp_path / "in").mkdir()
+    table = pa.table({"id": list(range(4000)), "text": [f"text {i}" for i in range(4000)]})
+    pq.write_table(table, tmp_path / "in" / "big.parquet", row_group_size=500)  # 8 row groups
+    size = (tmp_path / "in" / "big.parquet").stat().st_size
+    whole = check_inputs(parse(input=str(tmp_path / "in"), output=str(tmp_path / "out")))
+    assert [f.row_groups for f in whole.files] == [None]
+    split = check_inputs(parse("--unit-bytes", str(size // 4), input=str(tmp_path / "in"),
+                               output=str(tmp_path / "out")))
+    slices = [f.row_groups for f in split.files]
+    assert len(slices) >= 4 and slices[0][0] == 0 and slices[-1][1] == 8
+    assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))  # contiguous, no overlap
+    assert split.files[0].unit.endswith(f"big.parquet#row-groups[0:{slices[0][1]}]")
+
+
 def test_address(monkeypatch):
     import ray
 

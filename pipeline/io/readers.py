@@ -316,8 +316,11 @@ def _reject_duplicates(ids: pa.Array, rows: pa.Array, rejects: list, excerpts: l
             excerpts[i] = S.excerpt(value)
 
 
-def read_parquet(f, source: str, spec: ReadSpec) -> Iterator[pa.Table]:
-    """Tables of at most ``spec.block_rows`` rows from a Parquet file (random access).
+def read_parquet(f, source: str, spec: ReadSpec,
+                 row_groups: tuple[int, int] | None = None) -> Iterator[pa.Table]:
+    """Tables of at most ``spec.block_rows`` rows from a Parquet file (random access), or
+    from its row groups ``[start, stop)``: row numbers stay the file's, and ``__file_rows``
+    and ``__file_rowsum`` are the slice's.
 
     The id and kept columns are cast to the run's types (a value that does not convert is
     rejected); a kept column the file lacks is null. A file without the id or text column
@@ -331,12 +334,15 @@ def read_parquet(f, source: str, spec: ReadSpec) -> Iterator[pa.Table]:
         yield _damaged_parquet(source, spec, err)  # the bytes arrive, they are not Parquet
         return
     names = pf.schema_arrow.names
-    total = pf.metadata.num_rows
+    groups = range(*row_groups) if row_groups else range(pf.metadata.num_row_groups)
+    first = sum(pf.metadata.row_group(g).num_rows for g in range(groups.start))
+    total = sum(pf.metadata.row_group(g).num_rows for g in groups)
+    row_sum = total * first + total * (total - 1) // 2
     lacking = [c for c in (spec.id_column, spec.text_column) if c not in names]
     wanted = [c for c in spec.columns if c in names]
     seen: dict[Any, int] = {}
-    offset = 0
-    batches = pf.iter_batches(batch_size=spec.block_rows, columns=wanted)
+    offset = first
+    batches = pf.iter_batches(batch_size=spec.block_rows, columns=wanted, row_groups=list(groups))
     while True:
         try:
             batch = next(batches)
@@ -346,7 +352,7 @@ def read_parquet(f, source: str, spec: ReadSpec) -> Iterator[pa.Table]:
             if not _readable(f):
                 raise _read_error(source, err) from err
             # The footer counts the rows: each one not read is rejected by its number.
-            yield _rows_lost(source, spec, range(offset, total), total,
+            yield _rows_lost(source, spec, range(offset, first + total), total, row_sum,
                              f"damaged Parquet data: {err}; rows from {offset} on are unreadable")
             return
         table = pa.Table.from_batches([batch])
@@ -379,7 +385,7 @@ def read_parquet(f, source: str, spec: ReadSpec) -> Iterator[pa.Table]:
             _reject_duplicates(ids, rows, rejects, excerpts, seen)
         block = _with_origin(columns, source, rows, rejects, excerpts, total)
         yield block.set_column(block.schema.get_field_index(S.FILE_ROWSUM), S.FILE_ROWSUM,
-                               pa.array([total * (total - 1) // 2] * n, pa.int64()))
+                               pa.array([row_sum] * n, pa.int64()))
         offset += n
 
 
@@ -409,11 +415,12 @@ def _cast_column(values, kind: Any, what: str, rejects: list, excerpts: list):
 
 def _damaged_parquet(source: str, spec: ReadSpec, err: BaseException) -> pa.Table:
     """One rejected row standing for a file that is not readable Parquet."""
-    return _rows_lost(source, spec, range(0, 1), 1,
+    return _rows_lost(source, spec, range(0, 1), 1, 0,
                       f"damaged Parquet file: {err}; no row of it is readable")
 
 
-def _rows_lost(source: str, spec: ReadSpec, rows: range, total: int, reason: str) -> pa.Table:
+def _rows_lost(source: str, spec: ReadSpec, rows: range, total: int, row_sum: int,
+               reason: str) -> pa.Table:
     """Rejected rows (no id, no text) for rows of a file that cannot be read."""
     n = len(rows)
     columns = {S.ID: pa.nulls(n, spec.id_type or pa.string()), S.TEXT: pa.nulls(n, pa.string())}
@@ -423,7 +430,7 @@ def _rows_lost(source: str, spec: ReadSpec, rows: range, total: int, reason: str
     table = _with_origin(columns, source, pa.array(rows, pa.int64()), [reason] * n, [""] * n,
                          total)
     return table.set_column(table.schema.get_field_index(S.FILE_ROWSUM), S.FILE_ROWSUM,
-                            pa.array([total * (total - 1) // 2] * n, pa.int64()))
+                            pa.array([row_sum] * n, pa.int64()))
 
 
 def _readable(f) -> bool:

@@ -18,6 +18,7 @@ from ..config import embedding_column
 ID = "__id"
 TEXT = "__text"
 SOURCE = "__source"  # the input file's URI
+UNIT = "__unit"  # the unit of work: the file's URI, or a row-group slice of it (set on read)
 ROW = "__row"  # 0-based row index in a Parquet file, 1-based line number in a JSONL file
 FILE_ROWS = "__file_rows"  # rows in the source file (Parquet: every block; JSONL: last block)
 FILE_ROWSUM = "__file_rowsum"  # the sum of the file's row numbers, set like FILE_ROWS

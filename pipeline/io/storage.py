@@ -52,9 +52,18 @@ class InputFile:
     """One input shard: its URI, size in bytes, format and compression."""
 
     uri: str
-    size: int
+    size: int  # bytes of the file, or of the slice's row groups
     format: str  # parquet | jsonl
     compression: str | None  # gzip | zstd | None
+    row_groups: tuple[int, int] | None = None  # a slice of a large Parquet file: [start, stop)
+
+    @property
+    def unit(self) -> str:
+        """The unit of work this is: the file's URI, with the row-group slice if it is one."""
+        if self.row_groups is None:
+            return self.uri
+        start, stop = self.row_groups
+        return f"{self.uri}#row-groups[{start}:{stop}]"
 
 
 def open_filesystem(uri: str, storage_options: dict[str, Any] | None = None,
@@ -146,6 +155,41 @@ def list_inputs(uri: str, storage_options: dict[str, Any] | None = None,
         raise InputError(f"input {uri} mixes formats {formats}; give one format per run "
                          "(a narrower prefix or glob)")
     return sorted(files, key=lambda f: f.uri)
+
+
+def split_large_parquet(files: list[InputFile], storage_options: dict[str, Any] | None,
+                        unit_bytes: int) -> list[InputFile]:
+    """Parquet files over ``unit_bytes`` as slices of whole row groups of about that size.
+
+    A slice is a unit of its own (committed and resumed alone) and a read task of its own,
+    so one large file is read in parallel. Only the footers of the large files are read.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    large = [f for f in files if f.format == "parquet" and f.size > unit_bytes]
+    if not large:
+        return files
+
+    def slices(file: InputFile) -> list[InputFile]:
+        fs, path = open_filesystem(file.uri, storage_options, preflight=True)
+        with storage_errors(file.uri, "read the footer of"), fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        sizes = [sum(meta.row_group(g).column(c).total_compressed_size
+                     for c in range(meta.num_columns)) for g in range(meta.num_row_groups)]
+        out, start, acc = [], 0, 0
+        for g, size in enumerate(sizes):
+            if acc and acc + size > unit_bytes:
+                out.append(dataclasses.replace(file, size=acc, row_groups=(start, g)))
+                start, acc = g, 0
+            acc += size
+        if len(sizes) and not out:
+            return [file]  # one slice: the file itself
+        out.append(dataclasses.replace(file, size=acc, row_groups=(start, len(sizes))))
+        return out
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        split = dict(zip((f.uri for f in large), pool.map(slices, large)))
+    return [piece for f in files for piece in split.get(f.uri, [f])]
 
 
 def _list(fs: fsspec.AbstractFileSystem, uri: str, path: str) -> list[tuple[str, int]]:
@@ -377,6 +421,9 @@ def count_rows(file: InputFile, storage_options: dict[str, Any] | None = None) -
 
     fs, path = open_filesystem(file.uri, storage_options)
     with storage_errors(file.uri, "read"), fs.open(path, "rb") as f:
+        if file.format == "parquet" and file.row_groups:
+            meta = pq.ParquetFile(f).metadata
+            return sum(meta.row_group(g).num_rows for g in range(*file.row_groups))
         if file.format == "parquet":
             return pq.ParquetFile(f).metadata.num_rows if file.size else 0
         return sum(1 for _, line in iter_lines(open_decompressed(f, file.compression))

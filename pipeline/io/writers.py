@@ -137,9 +137,10 @@ def write_outputs(fs, output_path: str, table: pa.Table, spec: OutputSpec) -> li
 
     base = output_path.rstrip("/")
     records = []
-    sources = table[S.SOURCE]
-    for source in pc.unique(sources).to_pylist():
-        part = table.filter(pc.equal(sources, source))
+    # The unit of work: an input file, or a row-group slice of a large one.
+    units = table[S.UNIT] if S.UNIT in table.column_names else table[S.SOURCE]
+    for source in pc.unique(units).to_pylist():
+        part = table.filter(pc.equal(units, source))
         embedded, rejects, stats = split_rows(part, spec)
         unit = unit_key(source)
         files, size = [], 0
