@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from .config import RunConfig
+from .io.readers import JSON_TEXT
 from .io.storage import (InputError, InputFile, check_disjoint, json_id_type, json_value_type,
                          list_inputs, prepare_output, sample_columns, sample_records,
                          split_large_parquet)
@@ -29,38 +30,74 @@ class Inputs:
 
 
 def check_inputs(config: RunConfig) -> Inputs:
-    """List the input shards and check the id, text and kept columns on the first non-empty one."""
+    """List the input shards, check the id, text and kept columns on the first shard with
+    rows, and settle the id and kept-column types (from the first shards that have values)."""
     files = list_inputs(config.input, config.storage_options, config.format)
     check_disjoint(config.input, config.output)
     files = split_large_parquet(files, config.storage_options, config.unit_bytes)
-    for file in files[:MAX_SAMPLED_FILES]:
+    fmt = files[0].format if files else "parquet"
+    id_type, keep_types, checked, sampled = None, {}, False, set()
+    for file in files:
+        if len(sampled) >= MAX_SAMPLED_FILES or (
+                checked and id_type is not None and len(keep_types) == len(config.keep_columns)):
+            break
+        if not file.size or file.uri in sampled:  # empty, or another slice of a sampled file
+            continue
+        sampled.add(file.uri)
         columns = sample_columns(file, config.storage_options, prefer_key=config.id_column)
         if columns is None:
+            continue  # no rows to look at
+        if not checked:
+            _check_columns(config, file, columns)
+            checked = True
+        if file.format == "parquet":
+            found = {config.id_column: columns.get(config.id_column)}
+            found |= {c: columns.get(c) for c in config.keep_columns}
+            for name, kind in found.items():
+                if kind is None or pa.types.is_null(kind):
+                    continue  # absent, or all-null in this shard: not settled by it
+                if name == config.id_column and id_type is None:
+                    id_type = _check_id_type(kind, file.uri, config.id_column)
+                elif name != config.id_column:
+                    keep_types.setdefault(name, kind)
             continue
-        required = [config.id_column, config.text_column]
-        if file.format == "parquet":
-            required += list(config.keep_columns)
-        for name in required:
-            if name not in columns:
-                option = {config.id_column: "--id-column",
-                          config.text_column: "--text-column"}.get(name, "--keep-columns")
-                raise InputError(f"{file.uri} has no column {name!r} (columns: "
-                                 f"{', '.join(columns)}); set {option}")
-        if file.format == "parquet":
-            return Inputs(files, columns[config.id_column],
-                          tuple((c, columns[c]) for c in config.keep_columns))
-        id_type = pa.string()  # no id in the sample: such rows are rejected anyway
-        if columns[config.id_column] is not None:
+        if id_type is None and columns.get(config.id_column) is not None:
             id_type = json_id_type(columns[config.id_column], file.uri, config.id_column)
         records = sample_records(file, config.storage_options)
-        keep_types = tuple((c, json_value_type([r.get(c) for r in records]))
-                           for c in config.keep_columns)
-        return Inputs(files, id_type, keep_types)
-    # Every sampled shard is empty: nothing to check, the readers will judge the rest.
-    if files and files[0].format == "jsonl":
-        return Inputs(files, pa.string(), tuple((c, json_value_type([]))
-                                                for c in config.keep_columns))
-    return Inputs(files, None)
+        for c in config.keep_columns:
+            values = [r.get(c) for r in records]
+            if c not in keep_types and any(v is not None for v in values):
+                keep_types[c] = json_value_type(values)
+    # Never seen with a value: JSONL keeps such columns as text; Parquet as strings.
+    unseen = JSON_TEXT if fmt == "jsonl" else pa.string()
+    keep = tuple((c, keep_types.get(c, unseen)) for c in config.keep_columns)
+    if id_type is None and fmt == "jsonl":
+        id_type = pa.string()  # no id in the sample: such rows are rejected anyway
+    return Inputs(files, id_type, keep)
+
+
+def _check_columns(config: RunConfig, file: InputFile, columns: dict) -> None:
+    required = [config.id_column, config.text_column]
+    if file.format == "parquet":
+        required += list(config.keep_columns)
+    for name in required:
+        if name not in columns:
+            option = {config.id_column: "--id-column",
+                      config.text_column: "--text-column"}.get(name, "--keep-columns")
+            raise InputError(f"{file.uri} has no column {name!r} (columns: "
+                             f"{', '.join(columns)}); set {option}")
+
+
+def _check_id_type(kind: pa.DataType, uri: str, column: str) -> pa.DataType:
+    """Ids must be integers, strings or bytes: values that compare exactly and hash."""
+    value = kind.value_type if pa.types.is_dictionary(kind) else kind
+    t = pa.types
+    if t.is_integer(value) or t.is_string(value) or t.is_large_string(value) \
+            or t.is_string_view(value) or t.is_binary(value) or t.is_large_binary(value) \
+            or t.is_fixed_size_binary(value):
+        return kind
+    raise InputError(f"{uri}: id column {column!r} has type {kind}; ids must be integers, "
+                     "strings or binary (choose another --id-column)")
 
 
 def check_output(config: RunConfig) -> list[str]:

@@ -19,8 +19,8 @@ import ray
 from . import summary, units
 from .config import RunConfig
 from .graph import STATS, build_dataset
-from .io.storage import (SUMMARY_NAME, count_rows, open_for_publish, open_filesystem, own_files,
-                         remove_files)
+from .io.storage import (SUMMARY_NAME, count_rows, is_local, open_for_publish, open_filesystem,
+                         own_files, remove_files)
 from .plan import Cluster, local_cpus, plan_run
 from .preflight import check_inputs, check_output, load_model_info
 
@@ -53,19 +53,27 @@ def run(config: RunConfig) -> dict[str, Any]:
     log.info("inputs: %d %s file(s); model %s (%s)", len(inputs.files),
              inputs.files[0].format if inputs.files else "?", model.model_id, model.fingerprint)
     if not config.overwrite:  # before Ray starts; the encoder's dtype is known once it has
-        units.resumable_units(state, run_identity(config, None, model), inputs.files,
+        units.resumable_units(state, run_identity(config, None, model, inputs), inputs.files,
                               config.output, unknown=("dtype",))
+        if state.identity and state.identity.get("types"):
+            # A resume keeps the types the output was written with (part files share one
+            # schema), whatever the first shard of today's input looks like.
+            id_type, keep_types = units.decode_types(state.identity["types"])
+            inputs = dataclasses.replace(inputs, id_type=id_type, keep_types=keep_types)
     started = init_ray(config)
     try:
         resources = ray.cluster_resources()
         cluster = Cluster(cpus=resources.get("CPU", 0.0), gpus=resources.get("GPU", 0.0))
         plan = plan_run(config, cluster, model, inputs.files, inputs.id_type, inputs.keep_types)
-        identity = run_identity(config, plan, model)
+        identity = run_identity(config, plan, model, inputs)
         if config.overwrite:
             keep: dict[str, dict[str, Any]] = {}
             remove_files(config.output, previous, config.storage_options)
         else:
             keep = units.resumable_units(state, identity, inputs.files, config.output)
+            for key in units.incomplete_units(state, keep):
+                log.warning("unit %s is committed but some of its files are missing from %s; "
+                            "embedding it again", keep.pop(key)["uri"], config.output)
             stale = units.stray_files(fs, state, keep)
             stale += [p for p in previous if p.endswith("/" + SUMMARY_NAME)]
             remove_files(config.output, stale, config.storage_options)
@@ -92,7 +100,8 @@ def run(config: RunConfig) -> dict[str, Any]:
             unseen[f.unit] = rows
     committed = keep | tracker.committed
     # Files of units left open, and of write attempts Ray retried, are not output.
-    done = units.OutputState(out_path, identity, committed, own_files(fs, out_path))
+    done = units.OutputState(out_path, identity, committed, own_files(fs, out_path),
+                             is_local(fs))
     remove_files(config.output, units.stray_files(fs, done, committed), config.storage_options)
     result = summary.build(
         committed=committed, resumed=keep, open_units=list(tracker.open.values()),
@@ -112,9 +121,11 @@ def run(config: RunConfig) -> dict[str, Any]:
     return result
 
 
-def run_identity(config: RunConfig, plan, model) -> dict[str, Any]:
-    """The settings that decide what the output holds (see :data:`units.IDENTITY_FIELDS`)."""
-    return {
+def run_identity(config: RunConfig, plan, model, inputs=None) -> dict[str, Any]:
+    """The settings that decide what the output holds (see :data:`units.IDENTITY_FIELDS`),
+    and the column types settled for it (adopted by a resume, not compared)."""
+    types = units.encode_types(inputs.id_type, inputs.keep_types) if inputs else None
+    return {"types": types} | {
         "model_fingerprint": model.fingerprint,
         "tokenizer_sha256": hashlib.sha256(model.tokenizer_json.encode()).hexdigest(),
         "task": config.task, "dims": list(config.dims), "output_dtype": config.output_dtype,

@@ -75,6 +75,7 @@ def build(*, committed: dict[str, dict[str, Any]], resumed: Iterable[str],
     if rows_in != rows_embedded + rows_rejected and not problems:
         problems.append(f"rows_in {rows_in} != rows_embedded + rows_rejected")
     window = now["encode_last_end"] - now["encode_first_start"]
+    base = str(config["output"]).rstrip("/")  # manifests name files relative to the output
     return {
         "rows_in": rows_in,
         "rows_embedded": rows_embedded,
@@ -109,8 +110,8 @@ def build(*, committed: dict[str, dict[str, Any]], resumed: Iterable[str],
         "encoder_tokens_per_busy_s": round(now["tokens"] / now["encode_s"], 1)
         if now["encode_s"] > 0 else 0.0,
         "input_files": input_files,
-        "output_files": [f for f in every["files"] if "/_rejects/" not in f],
-        "rejects_files": [f for f in every["files"] if "/_rejects/" in f],
+        "output_files": [f"{base}/{f}" for f in every["files"] if not f.startswith("_rejects/")],
+        "rejects_files": [f"{base}/{f}" for f in every["files"] if f.startswith("_rejects/")],
         "output_bytes": every["bytes"],
         "model": model,
         "widths": list(config["dims"]),

@@ -25,8 +25,8 @@ import posixpath
 import time
 from typing import Any, Callable, Iterable
 
-from .io.storage import (MANIFEST_DIR, SUMMARY_NAME, InputFile, OutputError, open_for_publish,
-                         storage_errors, to_uri)
+from .io.storage import (MANIFEST_DIR, SUMMARY_NAME, InputFile, OutputError, is_local,
+                         open_for_publish, relative, storage_errors, to_uri)
 
 RUN_FILE = "_run.json"
 # Settings that change what a row's output is; a resumed run must match them all.
@@ -55,30 +55,37 @@ class OutputState:
     identity: dict[str, Any] | None
     units: dict[str, dict[str, Any]]  # unit key -> its manifest
     files: list[str]  # every file of ours found there (paths within ``fs``)
+    local: bool = False  # on a local disk (symbolic links in the path are resolved)
 
     @property
     def empty(self) -> bool:
         return not self.files
 
+    def name(self, path: str) -> str:
+        """A found file's name relative to the output (as manifests name files)."""
+        return relative(path, self.path, self.local)
+
 
 def load_state(fs, path: str, files: list[str]) -> OutputState:
     """Read the run identity and the unit manifests among ``files`` (an output's own files)."""
-    base = path.rstrip("/")
-    run_file = f"{base}/{MANIFEST_DIR}/{RUN_FILE}"
-    manifests = [f for f in files if posixpath.basename(f).startswith("unit-")
-                 and posixpath.dirname(f).endswith(MANIFEST_DIR)]
+    state = OutputState(path, None, {}, files, is_local(fs))
+    names = {state.name(f): f for f in files}
+    manifests = [f for n, f in names.items()
+                 if n.startswith(f"{MANIFEST_DIR}/unit-") and n.endswith(".json")]
     identity, units = None, {}
-    with storage_errors(to_uri(fs, base), "read the manifests of"):
-        if run_file in files:
+    with storage_errors(to_uri(fs, path), "read the manifests of"):
+        run_file = names.get(f"{MANIFEST_DIR}/{RUN_FILE}")
+        if run_file:
             identity = json.loads(fs.cat_file(run_file))["identity"]
         # One batched request set (s3fs fetches the list concurrently).
         contents = fs.cat(manifests) if manifests else {}
     if len(manifests) == 1 and not isinstance(contents, dict):
         contents = {manifests[0]: contents}
-    for name, data in contents.items():
+    for data in contents.values():
         manifest = json.loads(data)
         units[manifest["unit"]] = manifest
-    return OutputState(path, identity, units, files)
+    state.identity, state.units = identity, units
+    return state
 
 
 def resumable_units(state: OutputState, identity: dict[str, Any],
@@ -120,18 +127,55 @@ def resumable_units(state: OutputState, identity: dict[str, Any],
 def stray_files(fs, state: OutputState, keep: dict[str, dict[str, Any]]) -> list[str]:
     """Output files that no kept manifest names: parts of uncommitted units, temporaries."""
     named = {f for m in keep.values() for f in m["files"]}
-    base = state.path.rstrip("/")
     stray = []
     for path in state.files:
-        rel = path[len(base) + 1:]
+        rel = state.name(path)
         if rel.startswith(MANIFEST_DIR + "/"):
             key = posixpath.basename(rel).removeprefix("unit-").removesuffix(".json")
-            if rel.endswith(RUN_FILE) or key in keep:
+            if rel == f"{MANIFEST_DIR}/{RUN_FILE}" or key in keep:
                 continue
             stray.append(path)
-        elif to_uri(fs, path) not in named and rel != SUMMARY_NAME:
+        elif rel not in named and rel != SUMMARY_NAME:
             stray.append(path)
     return stray
+
+
+def incomplete_units(state: OutputState, keep: dict[str, dict[str, Any]]) -> list[str]:
+    """Kept units some of whose files are gone from the output (deleted by hand, or a copy
+    that missed some): they must be redone, not trusted."""
+    present = {state.name(p) for p in state.files}
+    return [k for k, m in keep.items() if not set(m["files"]) <= present]
+
+
+def encode_types(id_type, keep_types) -> str:
+    """The run's settled id and kept-column types as text for ``_run.json`` (an Arrow schema)."""
+    import base64
+
+    import pyarrow as pa
+
+    from .io.readers import JSON_TEXT
+
+    fields = [pa.field("id", id_type or pa.null())]
+    for name, kind in keep_types:
+        text = kind == JSON_TEXT
+        fields.append(pa.field(name, pa.string() if text else kind,
+                               metadata={"json_text": "1"} if text else None))
+    return base64.b64encode(pa.schema(fields).serialize().to_pybytes()).decode()
+
+
+def decode_types(text: str) -> tuple[Any, tuple[tuple[str, Any], ...]]:
+    """``(id_type, keep_types)`` from :func:`encode_types`."""
+    import base64
+
+    import pyarrow as pa
+
+    from .io.readers import JSON_TEXT
+
+    schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
+    id_type = None if pa.types.is_null(schema.field(0).type) else schema.field(0).type
+    keep = tuple((f.name, JSON_TEXT if (f.metadata or {}).get(b"json_text") else f.type)
+                 for f in list(schema)[1:])
+    return id_type, keep
 
 
 def write_json(fs, path: str, document: dict[str, Any]) -> None:

@@ -261,18 +261,26 @@ def test_read_jsonl_row_sum_and_count_on_the_last_block_only():
 
 
 def test_read_jsonl_duplicate_ids_keep_first():
+    # keep-first keeps an id's first *embeddable* row: a null id, or a text the tokenizer
+    # would reject, is rejected here with its reason and does not count as the first.
     data = jsonl({"id": 1, "text": "a"}, {"id": 2, "text": "b"}, {"id": 1, "text": "c"},
                  {"id": None, "text": "d"}, {"id": None, "text": "e"},  # null ids: not counted
                  {"id": 4},  # rejected (no text): not counted as the first 4
-                 {"id": 4, "text": "f"}, {"id": 2, "text": "g"}, {"id": 1, "text": "h"})
+                 {"id": 4, "text": "f"}, {"id": 2, "text": "g"}, {"id": 1, "text": "h"},
+                 {"id": 5, "text": "  "}, {"id": 5, "text": "i"})  # blank text: not the first
     rows = rows_of(read_bytes(data))
     assert [r[S.REJECT] for r in rows] == [
-        None, None, "duplicate id: first seen at row 1 of this file", None, None,
-        "text column 'text' is missing", None,
+        None, None, "duplicate id: first seen at row 1 of this file", "id is null",
+        "id is null", "text column 'text' is missing", None,
         "duplicate id: first seen at row 2 of this file",
-        "duplicate id: first seen at row 1 of this file"]
-    assert [r[S.ID] for r in rows] == [1, 2, 1, None, None, 4, 4, 2, 1]  # ids stay for rejects
+        "duplicate id: first seen at row 1 of this file",
+        "text is empty or whitespace only", None]
+    assert [r[S.ID] for r in rows] == [1, 2, 1, None, None, 4, 4, 2, 1, 5, 5]  # ids stay
     assert rows[2][S.EXCERPT] == "1" and rows[2][S.TEXT] == "c"
+    # keep-all leaves null ids and bad texts to the tokenizer stage.
+    rows = rows_of(read_bytes(data, spec=dataclasses.replace(INT_IDS, dedupe=False)))
+    assert [r[S.REJECT] for r in rows] == [None] * 5 + ["text column 'text' is missing"] + \
+        [None] * 5
 
 
 def test_read_jsonl_duplicates_found_across_blocks():
@@ -384,8 +392,9 @@ def test_read_jsonl_damaged_compressed_file_keeps_rows_before_the_damage(compres
     assert [r[S.ID] for r in good] == list(range(1, k + 1))
     assert all(r[S.REJECT] is None for r in good)
     assert bad[S.ROW] == k + 1 and bad[S.ID] is None and bad[S.TEXT] is None
-    assert bad[S.REJECT].startswith(f"damaged compressed data after line {k}: ")
-    assert bad[S.REJECT].endswith("the rest of the file is unreadable")
+    # The reason's kind ("damaged compressed data") comes first, the details after the ":".
+    assert bad[S.REJECT].startswith("damaged compressed data: ")
+    assert bad[S.REJECT].endswith(f" after line {k}; the rest of the file is unreadable")
     # The damaged row counts: k + 1 rows, numbered 1..k+1, on the last block only.
     assert set(tables[-1][S.FILE_ROWS].to_pylist()) == {k + 1}
     assert set(tables[-1][S.FILE_ROWSUM].to_pylist()) == {sum(r[S.ROW] for r in rows)}
@@ -544,7 +553,8 @@ def test_read_parquet_id_that_does_not_cast_rejects_its_row(tmp_path):
                                                            block_rows=2)))
     assert [r[S.ID] for r in rows] == [1, None, 3, None]
     assert [r[S.REJECT] for r in rows] == [
-        None, "id: value of type string does not convert to int64, the run's type", None, None]
+        None, "id: value of type string does not convert to int64, the run's type", None,
+        "id is null"]
     assert rows[1][S.EXCERPT] == "x2" and rows[1][S.TEXT] == "b"
 
 
@@ -574,8 +584,8 @@ def test_read_parquet_duplicate_ids_keep_first_across_blocks(tmp_path):
     spec = ReadSpec("id", "text", id_type=pa.string(), block_rows=2)
     rows = rows_of(read_parquet(str(path), "a", spec))
     assert [r[S.REJECT] for r in rows] == [
-        None, None, "duplicate id: first seen at row 0 of this file", None, None,
-        "duplicate id: first seen at row 1 of this file"]
+        None, None, "duplicate id: first seen at row 0 of this file", "id is null",
+        "id is null", "duplicate id: first seen at row 1 of this file"]
     rows = rows_of(read_parquet(str(path), "a", dataclasses.replace(spec, dedupe=False)))
     assert [r[S.REJECT] for r in rows] == [None] * 6
 
@@ -1088,18 +1098,18 @@ def test_write_outputs_one_record_and_files_per_input_file(tmp_path):
         unit = unit_key(rec["source"])
         assert rec["unit"] == unit
         part, reject = rec["files"]
-        # Full paths; names carry the unit (one unit's rows per file) and a fresh suffix.
-        assert Path(part).parent == out and Path(reject).parent == out / "_rejects"
-        for f in (part, reject):
-            assert re.fullmatch(rf"part-{unit}-[0-9a-f]{{12}}\.parquet", Path(f).name), f
-        assert rec["bytes"] == os.path.getsize(part) + os.path.getsize(reject)
-        assert set(pq.read_table(reject)["source"].to_pylist()) == {rec["source"]}
-        assert S.read_metadata(pq.read_schema(part)) == spec.metadata
-        assert pq.read_table(reject).schema.equals(S.REJECTS_SCHEMA)
+        # Names relative to the output (no base, no URI); they carry the unit (one unit's
+        # rows per file) and a fresh suffix.
+        assert re.fullmatch(rf"part-{unit}-[0-9a-f]{{12}}\.parquet", part), part
+        assert re.fullmatch(rf"_rejects/part-{unit}-[0-9a-f]{{12}}\.parquet", reject), reject
+        assert rec["bytes"] == os.path.getsize(out / part) + os.path.getsize(out / reject)
+        assert set(pq.read_table(out / reject)["source"].to_pylist()) == {rec["source"]}
+        assert S.read_metadata(pq.read_schema(out / part)) == spec.metadata
+        assert pq.read_table(out / reject).schema.equals(S.REJECTS_SCHEMA)
     assert files_under(out) == sorted(  # nothing else, no temporary left behind
-        [Path(f).relative_to(out).as_posix() for r in (a, b) for f in r["files"]])
-    assert pq.read_table(a["files"][0])["doc_id"].to_pylist() == [10, 12]
-    assert pq.read_table(b["files"][0])["doc_id"].to_pylist() == [14]
+        f for r in (a, b) for f in r["files"])
+    assert pq.read_table(out / a["files"][0])["doc_id"].to_pylist() == [10, 12]
+    assert pq.read_table(out / b["files"][0])["doc_id"].to_pylist() == [14]
     assert {k: a[k] for k in ("rows", "row_sum", "file_rows", "file_rowsum", "rows_embedded",
                               "rows_rejected", "first_reject", "tokens", "reject_reasons")} == {
         "rows": 3, "row_sum": 3, "file_rows": 3, "file_rowsum": 3, "rows_embedded": 2,
@@ -1127,15 +1137,29 @@ def test_write_outputs_fresh_names_for_every_write(tmp_path):
     assert len(files_under(tmp_path / "out")) == 2
 
 
-def test_write_outputs_object_store_files_are_full_uris():
+def test_write_outputs_object_store_files_are_relative_names():
+    # On an object store too: names relative to the output, never a URI or the bucket path.
     fs, path = open_filesystem(f"memory://out-{uuid.uuid4().hex}")
     try:
         records = write_outputs(fs, path, encoded_table(ROWS), output_spec())
         files = [f for r in records for f in r["files"]]
-        assert len(files) == 4 and all(f.startswith("memory://") for f in files)
-        assert all(fs.exists(f) for f in files)
+        assert len(files) == 4
+        assert all(re.fullmatch(r"(_rejects/)?part-[0-9a-f]{16}-[0-9a-f]{12}\.parquet", f)
+                   for f in files), files
+        assert all(fs.exists(f"{path}/{f}") for f in files)
     finally:
         fs.rm(path, recursive=True)
+
+
+@pytest.mark.parametrize("spelling", ["{out}/", "{parent}/./out", "{parent}//out",
+                                      "file://{out}"])
+def test_write_outputs_names_do_not_depend_on_the_output_spelling(tmp_path, spelling):
+    out = tmp_path / "out"
+    fs, path = open_filesystem(spelling.format(out=out, parent=tmp_path))
+    records = write_outputs(fs, path, encoded_table(ROWS), output_spec())
+    files = sorted(f for r in records for f in r["files"])
+    assert all(not f.startswith(("/", ".", "file:")) for f in files), files
+    assert files_under(out) == files
 
 
 def test_write_outputs_only_what_exists(tmp_path):
@@ -1143,11 +1167,12 @@ def test_write_outputs_only_what_exists(tmp_path):
     good = [r for r in ROWS if "reject" not in r]
     records = write_outputs(fs, path, encoded_table(good), output_spec())
     assert len(records) == 2
-    assert all(len(r["files"]) == 1 and "/_rejects/" not in r["files"][0] for r in records)
+    assert all(len(r["files"]) == 1 and r["files"][0].startswith("part-") for r in records)
     assert not (tmp_path / "out" / "_rejects").exists()
     bad = [r for r in ROWS if "reject" in r]
     records = write_outputs(fs, path, encoded_table(bad), output_spec())
-    assert all(len(r["files"]) == 1 and "/_rejects/" in r["files"][0] for r in records)
+    assert all(len(r["files"]) == 1 and r["files"][0].startswith("_rejects/part-")
+               for r in records)
     assert all(r["rows_embedded"] == 0 and r["tokens"] == 0 for r in records)
 
 
@@ -1161,7 +1186,7 @@ def test_write_outputs_float16(tmp_path):
     spec = output_spec("float16")
     fs, path = open_filesystem(str(tmp_path / "out"))
     records = by_source(write_outputs(fs, path, encoded_table(ROWS, output_dtype="float16"), spec))
-    table = pq.read_table(records["a.parquet"]["files"][0])
+    table = pq.read_table(tmp_path / "out" / records["a.parquet"]["files"][0])
     assert table.schema.field("embedding_8").type == pa.list_(pa.float16(), 8)
     assert np.asarray(table["embedding_4"].to_pylist(), np.float16)[:, 0].tolist() == [1, 3]
     assert S.read_metadata(table.schema)["dtype"] == "float16"
@@ -1195,18 +1220,21 @@ def unit(uri, rows, *, file_rows=None, file_rowsum=None, rejected=0, tokens=0, g
     return merge(None, record)
 
 
+# Manifests name files relative to the output; the summary gives them the output's prefix.
 A = unit("a.parquet", range(5), rejected=1, tokens=60, grid=75, encode=(1000.0, 1001.0),
-         files=["o/part-a1.parquet", "o/_rejects/part-a2.parquet"], reasons={"text is null": 1})
+         files=["part-a1.parquet", "_rejects/part-a2.parquet"], reasons={"text is null": 1})
 B = unit("b.jsonl", [1, 2, 4], tokens=40, grid=50, encode=(1000.5, 1002.0),
-         files=["o/part-b1.parquet"])
+         files=["part-b1.parquet"])
+OUT = "s3://bkt/o"
 EMPTY = unit("e.jsonl", [], times=False)  # a file without rows, committed by finish_empty
 
 
-def build(committed, resumed=(), open_units=(), unseen=None, wall_s=2.0):
+def build(committed, resumed=(), open_units=(), unseen=None, wall_s=2.0, output=OUT + "/"):
     return summary.build(
         committed={u["unit"]: u for u in committed}, resumed=[unit_key(u) for u in resumed],
         open_units=list(open_units), unseen_rows=unseen or {}, wall_s=wall_s,
-        config={"dims": (8, 4), "input": "in"}, model={"model_id": "m"}, input_files=3)
+        config={"dims": (8, 4), "input": "in", "output": output}, model={"model_id": "m"},
+        input_files=3)
 
 
 def test_totals_sum_units():
@@ -1216,8 +1244,7 @@ def test_totals_sum_units():
     assert total["tokens"] == 100 and total["grid_tokens"] == 125 and total["bytes"] == 200
     assert total["encode_s"] == pytest.approx(2.0) and total["write_s"] == pytest.approx(0.5)
     assert total["reject_reasons"] == {"text is null": 1}
-    assert total["files"] == ["o/_rejects/part-a2.parquet", "o/part-a1.parquet",
-                              "o/part-b1.parquet"]
+    assert total["files"] == ["_rejects/part-a2.parquet", "part-a1.parquet", "part-b1.parquet"]
     # The encoder window spans the units that ran the encoder (EMPTY has no window).
     assert (total["encode_first_start"], total["encode_last_end"]) == (1000.0, 1002.0)
 
@@ -1242,8 +1269,9 @@ def test_build_clean_run():
     assert doc["tokens_per_s_steady"] == 50.0  # 100 tokens from 1000.0 to 1002.0
     assert doc["encoder_tokens_per_busy_s"] == 50.0  # 100 tokens in 2 encoder-seconds
     assert doc["stage_busy_s"] == {"tokenize": 1.0, "encode": 2.0, "write": 0.5}
-    assert doc["output_files"] == ["o/part-a1.parquet", "o/part-b1.parquet"]
-    assert doc["rejects_files"] == ["o/_rejects/part-a2.parquet"]
+    # Full names under the output as configured (one "/" however it ends).
+    assert doc["output_files"] == [f"{OUT}/part-a1.parquet", f"{OUT}/part-b1.parquet"]
+    assert doc["rejects_files"] == [f"{OUT}/_rejects/part-a2.parquet"]
     assert doc["output_bytes"] == 200
     assert doc["widths"] == [8, 4] and doc["input_files"] == 3
     json.dumps(doc)  # _summary.json must serialise
@@ -1254,8 +1282,8 @@ def test_build_resumed_units_count_in_totals_not_in_rates():
     doc = build([A, B], resumed=["a.parquet", "ghost.jsonl"])
     assert doc["reconciled"] is True
     assert doc["rows_in"] == 8 and doc["rows_embedded"] == 7 and doc["rows_rejected"] == 1
-    assert doc["tokens"] == 100 and doc["output_files"] == ["o/part-a1.parquet",
-                                                            "o/part-b1.parquet"]
+    assert doc["tokens"] == 100 and doc["output_files"] == [f"{OUT}/part-a1.parquet",
+                                                            f"{OUT}/part-b1.parquet"]
     assert doc["units"] == {"total": 3, "committed": 2, "resumed": 1, "committed_now": 1}
     assert doc["rows_now"] == 3
     assert doc["tokens_per_s"] == 20.0  # B's 40 tokens over this run's 2 s
@@ -1282,6 +1310,15 @@ def test_build_open_unit_counts_in_rows_in_only(open_unit, rows_in, problem):
     assert (doc["rows_embedded"], doc["rows_rejected"]) == (4, 1)
     assert doc["units"]["committed"] == 1
     assert doc["rows_now"] == 5 + open_unit["rows"]  # but they were this run's work
+
+
+@pytest.mark.parametrize("output,prefix", [("/data/out", "/data/out"),
+                                           ("/data/out/", "/data/out"),
+                                           ("s3://bkt/run-1", "s3://bkt/run-1")])
+def test_build_names_files_under_the_configured_output(output, prefix):
+    doc = build([A, B], output=output)
+    assert doc["output_files"] == [f"{prefix}/part-a1.parquet", f"{prefix}/part-b1.parquet"]
+    assert doc["rejects_files"] == [f"{prefix}/_rejects/part-a2.parquet"]
 
 
 def test_build_unseen_non_empty_file():

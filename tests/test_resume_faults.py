@@ -148,6 +148,14 @@ def test_driver_killed_then_the_same_command_finishes_exactly(
     assert summary3["output_files"] == summary["output_files"]
 
 
+def written(fs, uri: str) -> bool:
+    path = uri.removeprefix("s3://").rstrip("/")
+    try:
+        return any("/part-" in p for p in fs.ls(path, refresh=True))
+    except FileNotFoundError:
+        return False
+
+
 def encoder_pids() -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -179,7 +187,7 @@ def test_encoder_actor_killed_mid_run(cluster, s3_endpoint, s3_bucket, tiny_mode
     while proc.poll() is None and time.monotonic() < deadline:
         actors = encoder_pids()
         committed = len(manifests(fs, out))
-        if actors and committed:  # the actor has done work
+        if actors and written(fs, out):  # the actor has done work
             victim = actors[0]
             os.kill(victim, signal.SIGKILL)
             break
@@ -282,8 +290,11 @@ def test_adversarial_jsonl_corpus_reconciles_with_the_right_reasons(cluster, tmp
     ))
     (src / "b.jsonl").write_bytes(b"")  # zero bytes
     # Another schema: keys in another order, an extra key, the kept column missing.
+    # An id whose first row cannot be embedded: its second row is the one kept.
     (src / "c.jsonl").write_bytes(jsonl({"extra": [1], "text": "other schema", "id": 30},
-                                        {"text": "no lang either", "id": 31, "more": {"a": 1}}))
+                                        {"text": "no lang either", "id": 31, "more": {"a": 1}},
+                                        {"id": 32, "text": ""},
+                                        {"id": 32, "text": "the embeddable one"}))
     body = jsonl(*[{"id": 100 + i, "text": f"row {i} " + "filler " * 20} for i in range(3000)])
     packed = gzip.compress(body)
     (src / "d.jsonl.gz").write_bytes(packed[: len(packed) * 2 // 3])  # cut short
@@ -307,20 +318,21 @@ def test_adversarial_jsonl_corpus_reconciles_with_the_right_reasons(cluster, tmp
     for row, reason in expected.items():
         assert got[row].startswith(reason), (row, got[row])
     (damaged,) = [(row, r) for (name, row), r in rejects.items() if name == "d.jsonl.gz"]
-    assert damaged[1].startswith("damaged compressed data after line")
+    assert damaged[1].startswith("damaged compressed data: ")
     readable = damaged[0] - 1  # every line before the damaged tail came out embedded
     assert 0 < readable < 3000
     table = pq.read_table(sorted(out.glob("part-*.parquet")))
     ids = table["id"].to_pylist()
     assert len(ids) == len(set(ids))
-    assert set(ids) == {1, 11, 17, 30, 31} | set(range(100, 100 + readable))
+    assert set(ids) == {1, 11, 17, 30, 31, 32} | set(range(100, 100 + readable))
+    assert rejects[("c.jsonl", 3)] == "text is empty or whitespace only"
     assert {i: v for i, v in zip(ids, table["lang"].to_pylist()) if i in (30, 31)} == \
         {30: None, 31: None}
-    assert summary["rows_in"] == 17 + 2 + readable + 1
-    assert summary["rows_rejected"] == len(expected) + 1 == len(rejects)
+    assert summary["rows_in"] == 17 + 4 + readable + 1
+    assert summary["rows_rejected"] == len(expected) + 2 == len(rejects)
     assert summary["rows_embedded"] + summary["rows_rejected"] == summary["rows_in"]
     assert summary["reconciled"] and summary["texts_truncated"] == 1
-    assert summary["reject_reasons"]["text is empty or whitespace only"] == 2
+    assert summary["reject_reasons"]["text is empty or whitespace only"] == 3
     assert summary["units"]["committed"] == 4  # the zero-byte shard included
 
 
@@ -385,11 +397,39 @@ def test_a_large_parquet_file_is_split_into_units_that_resume_apart(cluster, tmp
     undone = json.loads(manifest.read_text())
     assert "#row-groups[" in undone["uri"]
     manifest.unlink()
-    assert main(argv) == 0
+    # The same output spelled another way ("//", "./"): the same files, nothing else redone.
+    respelled = [str(tmp_path) + "//out/./" if a == str(out) else a for a in argv]
+    assert main(respelled) == 0
     second = json.loads((out / "_summary.json").read_text())
     assert second["units"]["resumed"] == first["units"]["total"] - 1
     assert second["rows_now"] == undone["rows"]
-    assert not any(Path(f).exists() for f in undone["files"])  # swept, then written anew
+    assert not any((out / f).exists() for f in undone["files"])  # swept, then written anew
     table = pq.read_table(sorted(out.glob("part-*.parquet")))
-    assert sorted(second["output_files"]) == sorted(str(p) for p in out.glob("part-*.parquet"))
+    assert sorted(Path(f).name for f in second["output_files"]) == \
+        sorted(p.name for p in out.glob("part-*.parquet"))
     check_exact(table, rows, embedder)
+
+
+def test_a_resume_keeps_the_column_types_of_the_output(cluster, tmp_path, tiny_model_dir):
+    from pipeline.__main__ import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "b.jsonl").write_bytes(jsonl({"id": 1, "text": "one", "lang": "en"},
+                                        {"id": 2, "text": "two", "lang": "de"}))
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(src), "--output", str(out), "--model", str(tiny_model_dir),
+            "--dims", "64", "--keep-columns", "lang", "--progress", "off",
+            "--max-reject-fraction", "1"]
+    assert main(argv) == 0
+    # A new first shard whose ids are strings and whose lang is a number: on a fresh output
+    # it would settle other types; the resume keeps the output's and rejects what differs.
+    (src / "a.jsonl").write_bytes(jsonl({"id": "x1", "text": "three", "lang": 7},
+                                        {"id": 3, "text": "four", "lang": "fr"}))
+    assert main(argv) == 0
+    table = pq.read_table(out, schema=None)  # one schema across all part files
+    assert table.schema.field("id").type == pa.int64()
+    assert table.schema.field("lang").type == pa.string()
+    assert sorted(table["id"].to_pylist()) == [1, 2, 3]
+    rejects = rejects_by_row(out)
+    assert rejects == {("a.jsonl", 1): "id is str, the shard's ids are int64"}

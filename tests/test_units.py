@@ -21,13 +21,15 @@ import pytest
 
 from pipeline.config import embedding_column
 from pipeline.io import schema as S
-from pipeline.io.readers import ReadSpec, open_decompressed, read_jsonl, read_parquet
+from pipeline.io.readers import (JSON_TEXT, ReadSpec, open_decompressed, read_jsonl,
+                                 read_parquet)
 from pipeline.io.storage import (MANIFEST_DIR, SUMMARY_NAME, InputFile, OutputError,
                                  open_filesystem, own_files, prepare_output, remove_files)
 from pipeline.io.writers import OutputSpec, write_outputs
 from pipeline.units import (IDENTITY_FIELDS, RUN_FILE, OutputState, RowsDuplicated, Tracker,
-                            complete, load_state, manifest_path, resumable_units, stray_files,
-                            unit_key, write_identity, write_json)
+                            complete, decode_types, encode_types, incomplete_units, load_state,
+                            manifest_path, resumable_units, stray_files, unit_key,
+                            unit_manifest_name, write_identity, write_json)
 from tests.s3server import s3_bucket, s3_endpoint  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +235,8 @@ def test_jsonl_blocks_commit_their_unit_exactly_once(tmp_path):
     assert unit["row_sum"] == unit["file_rowsum"] == sum(range(1, 14, 2))
     assert unit["reject_reasons"] == {"malformed JSON": 1, "duplicate id": 1}
     assert sorted(unit["files"]) == sorted(f for r in records for f in r["files"])
-    assert sum(pq.read_table(f).num_rows for f in unit["files"]) == 7
+    # Named relative to the output.
+    assert sum(pq.read_table(tmp_path / "out" / f).num_rows for f in unit["files"]) == 7
 
 
 def test_damaged_gzip_commits_its_unit_with_the_damage_rejected(tmp_path):
@@ -246,8 +249,11 @@ def test_damaged_gzip_commits_its_unit_with_the_damage_rejected(tmp_path):
     (unit,) = commits
     assert results[0] == unit and unit["rows_rejected"] == 1
     assert unit["rows"] == unit["file_rows"] and unit["row_sum"] == unit["file_rowsum"]
-    assert list(unit["reject_reasons"]) == ["damaged compressed data after line " +
-                                            str(unit["rows"] - 1)]
+    # One reason kind for every damaged file; the line is in the reject's full reason.
+    assert list(unit["reject_reasons"]) == ["damaged compressed data"]
+    assert unit["first_reject"][0] == unit["rows"]
+    assert unit["first_reject"][1].startswith("damaged compressed data: ")
+    assert f" after line {unit['rows'] - 1}; " in unit["first_reject"][1]
 
 
 @pytest.mark.parametrize("damaged", [False, True])
@@ -354,6 +360,11 @@ def test_resumable_units_changed_input_file_is_refused():
 # load_state and stray_files on a local output
 
 
+def rel(files, path: str) -> list[str]:
+    """``files`` under ``path`` as a manifest names them: relative to the output."""
+    return [Path(f).relative_to(path).as_posix() for f in files]
+
+
 def touch(path: str, data: bytes = b"x") -> str:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_bytes(data)
@@ -363,7 +374,10 @@ def touch(path: str, data: bytes = b"x") -> str:
 @pytest.fixture
 def earlier_run(tmp_path):
     """A local output of an earlier run: A and B committed, C's rows written but not
-    committed, a retried write of A, temporaries of a killed run, a stale manifest."""
+    committed, a retried write of A, temporaries of a killed run, a stale manifest.
+
+    ``named``: each committed unit's files as found under ``path`` (its manifest names them
+    relative to the output)."""
     uri = str(tmp_path / "out")
     fs, path = open_filesystem(uri)
     ka, kb, kc = unit_key(A), unit_key(B), unit_key(C)
@@ -381,7 +395,8 @@ def earlier_run(tmp_path):
     ]
     write_identity(fs, path, IDENT)
     for uri_, files in named.items():
-        write_json(fs, manifest_path(path, unit_key(uri_)), manifest(uri_, files=files))
+        write_json(fs, manifest_path(path, unit_key(uri_)),
+                   manifest(uri_, files=rel(files, path)))
     touch(f"{path}/{SUMMARY_NAME}", b"{}")
     touch(f"{path}/notes.md")  # not ours
     return fs, path, uri, named, stray
@@ -393,7 +408,10 @@ def test_load_state_reads_identity_and_manifests(earlier_run):
     st = load_state(fs, path, files)
     assert st.identity == IDENT and st.path == path and st.files == files and not st.empty
     assert set(st.units) == {unit_key(A), unit_key(B)}  # not the torn temporary manifest
-    assert st.units[unit_key(A)] == manifest(A, files=named[A])
+    assert st.units[unit_key(A)] == manifest(A, files=rel(named[A], path))
+    ka = unit_key(A)
+    assert st.units[ka]["files"] == [f"part-{ka}-000000000001.parquet",
+                                     f"_rejects/part-{ka}-000000000002.parquet"]
     assert f"{path}/{MANIFEST_DIR}/{RUN_FILE}" in files
 
 
@@ -443,6 +461,180 @@ def test_resume_leaves_exactly_the_committed_output(earlier_run, tmp_path):
     assert stray_files(fs, st, resumable_units(st, IDENT, INPUTS, uri)) == []
 
 
+# ---------------------------------------------------------------------------------------------
+# the output spelled another way: ./, //, .., a trailing slash, file://, symbolic links
+
+
+def spell(tmp_path: Path, how: str) -> str:
+    """``tmp_path/out`` spelled another way (links and the working directory made here)."""
+    if how == "symlink":
+        (tmp_path / "out").mkdir(exist_ok=True)  # a link to a folder that exists
+        (tmp_path / "link").symlink_to(tmp_path / "out", target_is_directory=True)
+    if how == "symlinked-parent":
+        (tmp_path / "alias").symlink_to(tmp_path, target_is_directory=True)
+    return {"plain": "{t}/out", "dot": "{t}/./out", "double-slash": "{t}//out",
+            "dotdot": "{t}/out/../out", "trailing-slash": "{t}/out/",
+            "file-uri": "file://{t}/out", "symlink": "{t}/link",
+            "symlinked-parent": "{t}/alias/out", "relative": "out"}[how].format(t=tmp_path)
+
+
+SPELLINGS = ["dot", "double-slash", "dotdot", "trailing-slash", "file-uri", "symlink",
+             "symlinked-parent", "relative"]
+
+
+def files_left(out: Path) -> list[str]:
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("how", SPELLINGS)
+def test_resume_with_the_output_spelled_differently(earlier_run, tmp_path, monkeypatch, how):
+    fs, path, uri, named, stray = earlier_run
+    monkeypatch.chdir(tmp_path)
+    other = spell(tmp_path, how)
+    fs2, path2 = open_filesystem(other)
+    st = load_state(fs2, path2, prepare_output(other))
+    assert st.local and st.identity == IDENT and set(st.units) == {unit_key(A), unit_key(B)}
+    keep = resumable_units(st, IDENT, INPUTS, other)
+    assert incomplete_units(st, keep) == []  # every file a manifest names is found
+    gone = stray_files(fs2, st, keep)
+    assert sorted(st.name(p) for p in gone) == sorted(rel(stray, path))
+    assert not {st.name(p) for p in gone} & {f for m in keep.values() for f in m["files"]}
+    remove_files(other, gone)
+    assert files_left(tmp_path / "out") == sorted(
+        rel(named[A] + named[B], path)
+        + [f"{MANIFEST_DIR}/{RUN_FILE}", f"{MANIFEST_DIR}/unit-{unit_key(A)}.json",
+           f"{MANIFEST_DIR}/unit-{unit_key(B)}.json", SUMMARY_NAME, "notes.md"])
+    # Read back in the plain spelling: nothing more to delete, nothing missing.
+    st = load_state(fs, path, own_files(fs, path))
+    keep = resumable_units(st, IDENT, INPUTS, uri)
+    assert stray_files(fs, st, keep) == [] and incomplete_units(st, keep) == []
+
+
+@pytest.mark.parametrize("written,read", [("dot", "symlink"), ("symlink", "plain"),
+                                          ("file-uri", "double-slash"),
+                                          ("relative", "trailing-slash"),
+                                          ("symlinked-parent", "dotdot")])
+def test_units_written_in_one_spelling_resume_in_another(tmp_path, monkeypatch, written, read):
+    # Real write records and manifests (writer -> Tracker -> manifest) under one spelling.
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3, 4], "text": ["a", None, "c", "d"]}), src,
+                   row_group_size=2)
+    uri_w = spell(tmp_path, written)
+    fs, path = open_filesystem(uri_w)
+    prepare_output(uri_w)
+    write_identity(fs, path, IDENT)
+    spec = ReadSpec("id", "text", id_type=pa.int64(), block_rows=2)
+    tracker = Tracker([input_file(str(src), src.stat().st_size, "parquet")],
+                      lambda m: write_json(fs, manifest_path(path, m["unit"]), m))
+    for block in read_parquet(str(src), str(src), spec):
+        for r in write_outputs(fs, path, fake_encode(block), SPEC):
+            tracker.add(r)
+    (unit,) = tracker.committed.values()
+    assert unit["files"] and all(not f.startswith(("/", ".", "file:")) for f in unit["files"])
+    # Resumed under another spelling: the unit is whole and nothing of it is stray.
+    fs2, path2 = open_filesystem(spell(tmp_path, read) if read != written else uri_w)
+    st = load_state(fs2, path2, own_files(fs2, path2))
+    inputs = [input_file(str(src), src.stat().st_size, "parquet")]
+    keep = resumable_units(st, IDENT, inputs, path2)
+    assert set(keep) == {unit["unit"]}
+    assert incomplete_units(st, keep) == [] and stray_files(fs2, st, keep) == []
+    assert sorted(st.name(p) for p in st.files) == sorted(
+        unit["files"] + [f"{MANIFEST_DIR}/{RUN_FILE}", unit_manifest_name(unit["unit"])])
+
+
+def test_a_part_file_that_is_a_symlink_keeps_its_name_in_the_output(tmp_path):
+    fs, path = open_filesystem(str(tmp_path / "out"))
+    blob = touch(str(tmp_path / "store" / "3f2a9c"))
+    name = f"part-{unit_key(A)}-000000000001.parquet"
+    touch(f"{path}/x")  # the output folder exists
+    Path(f"{path}/{name}").symlink_to(blob)
+    write_identity(fs, path, IDENT)
+    write_json(fs, manifest_path(path, unit_key(A)), manifest(A, files=[name]))
+    st = load_state(fs, path, own_files(fs, path))
+    keep = resumable_units(st, IDENT, INPUTS, path)
+    assert incomplete_units(st, keep) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# incomplete_units: kept units some of whose files are gone
+
+
+def test_incomplete_units_names_kept_units_missing_any_file():
+    ka, kb, kc, kd = (unit_key(u) for u in (A, B, C, "s3://in/d.jsonl"))
+    st = OutputState("/o", IDENT, {}, ["/o/part-a.parquet", "/o/_rejects/part-a.parquet",
+                                       "/o/part-b.parquet", "/o/_manifest/unit-x.json"])
+    keep = {ka: manifest(A, files=["part-a.parquet", "_rejects/part-a.parquet"]),
+            kb: manifest(B, files=["part-b.parquet", "_rejects/part-b.parquet"]),  # rejects gone
+            kc: manifest(C, files=[]),  # an empty file: nothing to miss
+            kd: manifest("s3://in/d.jsonl", files=["part-d.parquet"])}  # part gone
+    assert incomplete_units(st, keep) == [kb, kd]
+    assert incomplete_units(st, {ka: keep[ka], kc: keep[kc]}) == []
+    assert incomplete_units(st, {}) == []
+    # A file of the same name elsewhere (another folder) is not the named one.
+    assert incomplete_units(st, {kb: manifest(B, files=["_rejects/part-b.parquet"])}) == [kb]
+
+
+def test_incomplete_unit_is_redone_its_remaining_files_stray(earlier_run, tmp_path):
+    fs, path, uri, named, stray = earlier_run
+    Path(named[A][1]).unlink()  # A's rejects file deleted by hand
+    st = load_state(fs, path, prepare_output(uri))
+    keep = resumable_units(st, IDENT, INPUTS, uri)
+    assert incomplete_units(st, keep) == [unit_key(A)]
+    for key in incomplete_units(st, keep):  # what the runner does: redo it
+        keep.pop(key)
+    assert sorted(stray_files(fs, st, keep)) == sorted(
+        stray + [named[A][0], manifest_path(path, unit_key(A))])
+    remove_files(uri, stray_files(fs, st, keep))
+    st = load_state(fs, path, own_files(fs, path))
+    assert set(st.units) == {unit_key(B)}
+    keep = resumable_units(st, IDENT, INPUTS, uri)
+    assert incomplete_units(st, keep) == [] and stray_files(fs, st, keep) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# encode_types / decode_types: the run's settled types in _run.json
+
+
+KEEP_TYPES = (("lang", pa.string()), ("meta", JSON_TEXT), ("n", pa.int64()),
+              ("score", pa.float64()), ("cat", pa.dictionary(pa.int32(), pa.string())),
+              ("tags", pa.list_(pa.string())), ("flag", pa.bool_()), ("id", pa.int32()))
+
+
+@pytest.mark.parametrize("id_type", [pa.int64(), pa.string(), pa.dictionary(pa.int32(),
+                                     pa.string()), pa.large_string(), pa.binary(), None],
+                         ids=str)
+@pytest.mark.parametrize("keep_types", [KEEP_TYPES, (), (("meta", JSON_TEXT),)],
+                         ids=["many", "none", "json-text"])
+def test_encode_decode_types_round_trip(id_type, keep_types):
+    text = encode_types(id_type, keep_types)
+    assert isinstance(text, str) and text.isascii() and json.loads(json.dumps(text)) == text
+    got_id, got_keep = decode_types(text)
+    assert got_id == id_type if id_type is not None else got_id is None
+    assert [c for c, _ in got_keep] == [c for c, _ in keep_types]  # order, names
+    for (_, want), (_, got) in zip(keep_types, got_keep):
+        if want == JSON_TEXT:
+            assert got == JSON_TEXT  # not plain strings
+        else:
+            assert isinstance(got, pa.DataType) and got.equals(want), (got, want)
+    assert dict(got_keep)["lang"] == pa.string() if keep_types == KEEP_TYPES else True
+    assert (got_id, got_keep) == (id_type, tuple(keep_types))
+
+
+def test_types_travel_in_the_run_file_and_are_not_compared(tmp_path):
+    fs, path = open_filesystem(str(tmp_path / "out"))
+    then = encode_types(pa.string(), (("meta", JSON_TEXT), ("lang", pa.string())))
+    write_identity(fs, path, IDENT | {"types": then})
+    write_json(fs, manifest_path(path, unit_key(A)), manifest(A))
+    st = load_state(fs, path, own_files(fs, path))
+    assert decode_types(st.identity["types"]) == (pa.string(), (("meta", JSON_TEXT),
+                                                                ("lang", pa.string())))
+    # Today's sample settled other types: the resume adopts the output's, it is not refused.
+    now = IDENT | {"types": encode_types(pa.int64(), (("meta", pa.int64()),
+                                                      ("lang", pa.string())))}
+    assert set(resumable_units(st, now, INPUTS, str(tmp_path / "out"))) == {unit_key(A)}
+
+
 def test_write_json_publishes_whole_documents(tmp_path):
     fs, path = open_filesystem(str(tmp_path / "out"))
     write_identity(fs, path, IDENT)
@@ -460,17 +652,25 @@ def test_load_state_on_s3(s3_bucket):  # noqa: F811 - pytest fixture
     fs, path = open_filesystem(uri)
     part = {}
     for u in (A, B, C):
-        part[u] = f"{path}/part-{unit_key(u)}-0123456789ab.parquet"
-        fs.pipe_file(part[u], b"x")
-        write_json(fs, manifest_path(path, unit_key(u)),
-                   manifest(u, files=[fs.unstrip_protocol(part[u])]))
+        part[u] = f"part-{unit_key(u)}-0123456789ab.parquet"
+        fs.pipe_file(f"{path}/{part[u]}", b"x")
+        write_json(fs, manifest_path(path, unit_key(u)), manifest(u, files=[part[u]]))
     write_identity(fs, path, IDENT)
     unnamed = f"{path}/part-{unit_key(A)}-ba9876543210.parquet"
     fs.pipe_file(unnamed, b"x")
     files = prepare_output(uri)
     assert all(f.startswith(f"{s3_bucket}/out/") for f in files) and len(files) == 8
     st = load_state(fs, path, files)
-    assert st.identity == IDENT
-    assert st.units == {unit_key(u): manifest(u, files=[f"s3://{part[u]}"]) for u in (A, B, C)}
+    assert st.identity == IDENT and not st.local
+    assert st.units == {unit_key(u): manifest(u, files=[part[u]]) for u in (A, B, C)}
     keep = resumable_units(st, IDENT, INPUTS, uri)
-    assert stray_files(fs, st, keep) == [unnamed]  # manifests name full s3:// URIs
+    assert stray_files(fs, st, keep) == [unnamed]  # manifests name files relative to out/
+    assert incomplete_units(st, keep) == []
+    # The same output spelled with a trailing slash: the same units, the same stray file.
+    fs2, path2 = open_filesystem(uri + "/")
+    st2 = load_state(fs2, path2, prepare_output(uri + "/"))
+    assert st2.identity == IDENT and st2.units == st.units
+    assert stray_files(fs2, st2, st2.units) == [unnamed]
+    fs.rm_file(f"{path}/{part[B]}")  # a committed unit's part gone from the store
+    st = load_state(fs, path, prepare_output(uri))
+    assert incomplete_units(st, resumable_units(st, IDENT, INPUTS, uri)) == [unit_key(B)]

@@ -155,8 +155,8 @@ def read_jsonl(stream, source: str, spec: ReadSpec) -> Iterator[pa.Table]:
             if not damaged:
                 raise _read_error(source, err) from err
             number += 1  # the damaged rest of the file is one rejected row
-            rows.append((number, None, None, {}, f"damaged compressed data after line "
-                         f"{number - 1}: {err}; the rest of the file is unreadable", ""))
+            rows.append((number, None, None, {}, f"damaged compressed data: {err} after line "
+                         f"{number - 1}; the rest of the file is unreadable", ""))
             total, row_sum = total + 1, row_sum + number
             break
         if not line.strip():
@@ -253,6 +253,7 @@ def _jsonl_table(rows, source: str, spec: ReadSpec, seen: dict) -> pa.Table:
                                  excerpts)
     rows_array = pa.array(numbers, pa.int64())
     if spec.dedupe:
+        _reject_unembeddable(columns[S.ID], texts, rejects, excerpts)
         _reject_duplicates(columns[S.ID], rows_array, rejects, excerpts, seen)
     return _with_origin(columns, source, rows_array, rejects, excerpts, None)
 
@@ -302,6 +303,18 @@ def _json_fits(kind: pa.DataType):
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         return lambda v: isinstance(v, str)
     raise ValueError(f"no JSON value fits kept-column type {kind}")
+
+
+def _reject_unembeddable(ids, texts: list, rejects: list, excerpts: list) -> None:
+    """Reject rows the tokenizer stage would reject (null id, unusable text) before the
+    duplicate check, so the first *embeddable* row of an id is the one kept."""
+    from ..tokenize import text_problem
+
+    for i, (value, text) in enumerate(zip(ids.to_pylist(), texts)):
+        if rejects[i] is None:
+            reason = "id is null" if value is None else text_problem(text)
+            if reason:
+                rejects[i], excerpts[i] = reason, S.excerpt(text)
 
 
 def _reject_duplicates(ids: pa.Array, rows: pa.Array, rejects: list, excerpts: list,
@@ -382,6 +395,7 @@ def read_parquet(f, source: str, spec: ReadSpec,
                 columns[c] = pa.nulls(n, kind if isinstance(kind, pa.DataType) else pa.null())
         rows = pa.array(range(offset, offset + n), pa.int64())
         if spec.dedupe:
+            _reject_unembeddable(ids, text.to_pylist(), rejects, excerpts)
             _reject_duplicates(ids, rows, rejects, excerpts, seen)
         block = _with_origin(columns, source, rows, rejects, excerpts, total)
         yield block.set_column(block.schema.get_field_index(S.FILE_ROWSUM), S.FILE_ROWSUM,
@@ -438,7 +452,8 @@ def _readable(f) -> bool:
     if isinstance(f, (str, os.PathLike)):
         return os.path.exists(f)
     try:
-        f.seek(-min(8, f.size() if callable(getattr(f, "size", None)) else 8), 2)
+        end = f.seek(0, 2)
+        f.seek(max(0, end - 8))
         f.read(8)
         return True
     except Exception:  # noqa: BLE001 - any failure of the store itself

@@ -246,8 +246,9 @@ def sample_columns(file: InputFile, storage_options: dict[str, Any] | None = Non
     if file.format == "parquet":
         fs, path = open_filesystem(file.uri, storage_options, preflight=True)
         with storage_errors(file.uri, "read"), fs.open(path, "rb") as f:
-            schema = pq.read_schema(f)
-        return {name: schema.field(name).type for name in schema.names}
+            parquet = pq.ParquetFile(f)
+            schema, rows = parquet.schema_arrow, parquet.metadata.num_rows
+        return {name: schema.field(name).type for name in schema.names} if rows else None
     records = sample_records(file, storage_options, max_lines)
     preferred = [r for r in records if prefer_key is None or r.get(prefer_key) is not None]
     return (preferred or records or [None])[0]
@@ -262,13 +263,13 @@ def sample_records(file: InputFile, storage_options: dict[str, Any] | None = Non
     """
     if file.size == 0:
         return []
-    from .readers import iter_lines, open_decompressed
+    from .readers import open_decompressed
 
     fs, path = open_filesystem(file.uri, storage_options, preflight=True)
     records, bad = [], []
     with storage_errors(file.uri, "read"), fs.open(path, "rb") as raw:
-        lines = iter_lines(open_decompressed(raw, file.compression), 1 << 16)
-        for number, line in lines:
+        stream = open_decompressed(raw, file.compression)
+        for number, line in _readable_lines(stream):
             if not line.strip():
                 continue
             if len(records) + len(bad) >= max_lines:
@@ -286,6 +287,22 @@ def sample_records(file: InputFile, storage_options: dict[str, Any] | None = Non
         raise InputError(f"{file.uri}: none of its first {len(bad)} line(s) is a JSON "
                          f"object ({bad[0]})")
     return records
+
+
+def _readable_lines(stream) -> Iterator[tuple[int, bytes]]:
+    """Lines up to any damage of a compressed file (the reader rejects the damaged rest)."""
+    from .readers import DecompressedStream, iter_lines
+
+    lines = iter_lines(stream, 1 << 16)
+    while True:
+        try:
+            yield next(lines)
+        except StopIteration:
+            return
+        except OSError:
+            if isinstance(stream, DecompressedStream) and stream.source_error is None:
+                return
+            raise
 
 
 def json_value_type(values: list[Any]) -> Any:
@@ -347,6 +364,27 @@ def remove_files(uri: str, files: list[str], storage_options: dict[str, Any] | N
         fs.rm(files)
 
 
+def relative(path: str, base: str, local: bool = False) -> str:
+    """``path`` relative to the folder ``base``, both normalised (``./`` and ``//`` folded; on
+    local disks, symbolic links in the folders resolved, never the file's own name), so that
+    any spelling of an output names the same files."""
+    import os
+
+    p = posixpath.normpath(path)
+    bases = [posixpath.normpath(base.rstrip("/") or "/")]
+    candidates = [p]
+    if local:
+        bases.append(os.path.realpath(base))
+        candidates.append(posixpath.join(os.path.realpath(posixpath.dirname(p)),
+                                         posixpath.basename(p)))
+    for candidate in candidates:
+        for b in bases:
+            prefix = b.rstrip("/") + "/"
+            if candidate.startswith(prefix):
+                return candidate[len(prefix):]
+    return posixpath.basename(p)
+
+
 def own_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     """The files the pipeline writes under an output ``path``: parts, rejects, manifests,
     the summary, and on local disks the temporaries of interrupted writes."""
@@ -356,10 +394,9 @@ def own_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
         found = fs.find(path)
     except FileNotFoundError:
         return []
-    base = path.rstrip("/") + "/"
     ours = []
     for p in found:
-        rel = p[len(base):] if p.startswith(base) else posixpath.basename(p)
+        rel = relative(p, path, is_local(fs))
         top, _, rest = rel.partition("/")
         single = "/" not in rest
         if rel == SUMMARY_NAME or top == MANIFEST_DIR \

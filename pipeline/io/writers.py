@@ -130,9 +130,9 @@ def write_parquet(fs, path: str, table: pa.Table) -> int:
 
 
 def write_outputs(fs, output_path: str, table: pa.Table, spec: OutputSpec) -> list[dict[str, Any]]:
-    """Write ``table``'s rows to files holding one input file's rows each (its embedded rows,
-    and its rejects under ``_rejects/``); returns one record per input file for the driver,
-    which commits a file's unit once all of its rows are reported."""
+    """Write ``table``'s rows to files holding one unit's rows each (its embedded rows, and its
+    rejects under ``_rejects/``); returns one record per unit for the driver, which commits
+    a unit once all of its rows are reported. Files are named relative to the output."""
     from ..units import unit_key
 
     base = output_path.rstrip("/")
@@ -143,14 +143,14 @@ def write_outputs(fs, output_path: str, table: pa.Table, spec: OutputSpec) -> li
         part = table.filter(pc.equal(units, source))
         embedded, rejects, stats = split_rows(part, spec)
         unit = unit_key(source)
-        files, size = [], 0
+        files, size = [], 0  # names relative to the output, whatever spelling it is given
         if embedded.num_rows:
-            path = f"{base}/{part_name(unit)}"
-            size += write_parquet(fs, path, embedded)
-            files.append(to_uri(fs, path))
+            name = part_name(unit)
+            size += write_parquet(fs, f"{base}/{name}", embedded)
+            files.append(name)
         if rejects.num_rows:
-            path = f"{base}/{REJECTS_DIR}/{part_name(unit)}"
-            size += write_parquet(fs, path, rejects)
-            files.append(to_uri(fs, path))
+            name = f"{REJECTS_DIR}/{part_name(unit)}"
+            size += write_parquet(fs, f"{base}/{name}", rejects)
+            files.append(name)
         records.append(stats | {"unit": unit, "source": source, "files": files, "bytes": size})
     return records
