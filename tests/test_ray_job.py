@@ -1,0 +1,96 @@
+"""``ray job submit`` of a job from ``jobs/`` against a real ``ray start --head`` on 127.0.0.1.
+
+The head runs with token authentication (the token passed in the environment, as a job
+runner would from a secret); the job uploads this repository as its working dir with
+``jobs/runtime_env.yaml`` and runs the embedding job on local files with the tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head started with ``ray start``; yields (dashboard address, client env)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    dashboard = free_port()
+    node_env = env | {"PIPELINE_JOB_SECRET": "s3cr3t-from-the-node"}
+    subprocess.run(RAY + ["start", "--head", "--port", str(free_port()), "--num-cpus", "4",
+                          "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                          "--dashboard-port", str(dashboard), "--disable-usage-stats"],
+                   env=node_env, check=True, capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        subprocess.run(RAY + ["stop", "--force"], env=env, capture_output=True, timeout=180)
+
+
+def submit(address: str, env: dict, *argv: str, runtime_env: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(RAY + ["job", "submit", "--address", address, *runtime_env, "--", *argv],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=420)
+
+
+def test_runtime_env_passes_credentials_by_reference_only():
+    runtime_env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
+    assert runtime_env["env_vars"], "the credentials' references are the point of the file"
+    for name, value in runtime_env["env_vars"].items():
+        assert re.fullmatch(r"\$\{[A-Z0-9_]+\}", value), f"{name} is set inline: {value!r}"
+    assert "models/" in runtime_env["excludes"]  # weights never travel with the working dir
+
+
+def test_ray_job_submit_runs_the_embedding_job(ray_head, tmp_path, tiny_model_dir):
+    address, env = ray_head
+    (tmp_path / "in").mkdir()
+    rows = [{"id": i, "text": f"document number {i}", "lang": "en"} for i in range(40)]
+    (tmp_path / "in" / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out"
+    proc = submit(address, env, "python", "jobs/embed.py", "--input", str(tmp_path / "in"),
+                  "--output", str(out), "--model", str(tiny_model_dir), "--dims", "64,32",
+                  "--keep-columns", "lang", "--progress", "off",
+                  runtime_env=["--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "succeeded" in proc.stdout + proc.stderr
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["rows_embedded"] == 40 and summary["reconciled"]
+    table = pq.read_table(sorted(out.glob("part-*.parquet")))
+    assert sorted(table["id"].to_pylist()) == list(range(40))
+    assert table.column_names == ["id", "lang", "embedding_64", "embedding_32"]
+
+    # A setup mistake fails the job (the run's exit status is the job's).
+    proc = submit(address, env, "python", "jobs/embed.py", "--input", str(tmp_path / "nope"),
+                  "--output", str(tmp_path / "out2"), "--model", str(tiny_model_dir),
+                  runtime_env=["--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml"])
+    assert proc.returncode != 0 and "does not exist" in proc.stdout + proc.stderr
+
+
+def test_env_var_references_expand_from_the_node(ray_head):
+    address, env = ray_head
+    proc = submit(address, env, "python", "-c",
+                  "import os; print('secret=' + os.environ['MY_SECRET'])",
+                  runtime_env=["--runtime-env-json",
+                               json.dumps({"env_vars": {"MY_SECRET": "${PIPELINE_JOB_SECRET}"}})])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
+    assert "secret=s3cr3t-from-the-node" in proc.stdout
