@@ -14,8 +14,8 @@ import pyarrow as pa
 from .config import RunConfig
 from .io.readers import JSON_TEXT
 from .io.storage import (InputError, InputFile, check_disjoint, json_id_type, json_value_type,
-                         list_inputs, prepare_output, sample_columns, sample_records,
-                         split_large_parquet)
+                         list_inputs, prepare_output, preferred_record, sample_columns,
+                         sample_records, split_large_parquet)
 from .plan import ModelInfo
 
 # Shards to look at for a first row before giving up on checking the columns up front.
@@ -44,7 +44,12 @@ def check_inputs(config: RunConfig) -> Inputs:
         if not file.size or file.uri in sampled:  # empty, or another slice of a sampled file
             continue
         sampled.add(file.uri)
-        columns = sample_columns(file, config.storage_options, prefer_key=config.id_column)
+        records = []
+        if file.format == "parquet":
+            columns = sample_columns(file, config.storage_options)
+        else:
+            records = sample_records(file, config.storage_options)
+            columns = preferred_record(records, config.id_column)
         if columns is None:
             continue  # no rows to look at
         if not checked:
@@ -63,7 +68,6 @@ def check_inputs(config: RunConfig) -> Inputs:
             continue
         if id_type is None and columns.get(config.id_column) is not None:
             id_type = json_id_type(columns[config.id_column], file.uri, config.id_column)
-        records = sample_records(file, config.storage_options)
         for c in config.keep_columns:
             values = [r.get(c) for r in records]
             if c not in keep_types and any(v is not None for v in values):

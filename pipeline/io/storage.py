@@ -249,8 +249,12 @@ def sample_columns(file: InputFile, storage_options: dict[str, Any] | None = Non
             parquet = pq.ParquetFile(f)
             schema, rows = parquet.schema_arrow, parquet.metadata.num_rows
         return {name: schema.field(name).type for name in schema.names} if rows else None
-    records = sample_records(file, storage_options, max_lines)
-    preferred = [r for r in records if prefer_key is None or r.get(prefer_key) is not None]
+    return preferred_record(sample_records(file, storage_options, max_lines), prefer_key)
+
+
+def preferred_record(records: list[dict[str, Any]], key: str | None) -> dict[str, Any] | None:
+    """The first record whose ``key`` is not null, else the first record (None if none)."""
+    preferred = [r for r in records if key is None or r.get(key) is not None]
     return (preferred or records or [None])[0]
 
 
