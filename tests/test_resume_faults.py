@@ -433,3 +433,27 @@ def test_a_resume_keeps_the_column_types_of_the_output(cluster, tmp_path, tiny_m
     assert sorted(table["id"].to_pylist()) == [1, 2, 3]
     rejects = rejects_by_row(out)
     assert rejects == {("a.jsonl", 1): "id is str, the shard's ids are int64"}
+
+
+def test_other_settings_are_refused_then_replaced_with_overwrite(cluster, tmp_path,
+                                                                 tiny_model_dir, capsys):
+    from pipeline.__main__ import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(jsonl(*[{"id": i, "text": f"text {i}"} for i in range(10)]))
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(src), "--output", str(out), "--model", str(tiny_model_dir),
+            "--progress", "off"]
+    assert main(argv + ["--dims", "64"]) == 0
+    before = sorted(p.name for p in out.glob("part-*.parquet"))
+    capsys.readouterr()
+    assert main(argv + ["--dims", "32", "--task", "query"]) == 2
+    err = capsys.readouterr().err
+    assert "dims: [64] there, [32] now" in err and "task: 'document' there, 'query' now" in err
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == before  # nothing touched
+    assert main(argv + ["--dims", "32", "--task", "query", "--overwrite"]) == 0
+    table = pq.read_table(sorted(out.glob("part-*.parquet")))
+    assert table.column_names == ["id", "embedding_32"] and table.num_rows == 10
+    assert not set(before) & {p.name for p in out.glob("part-*.parquet")}
+    assert json.loads((out / "_manifest" / "_run.json").read_text())["identity"]["dims"] == [32]
