@@ -1,6 +1,8 @@
 """``python -m pipeline``: command-line entry point.
 
     python -m pipeline run --input URI --output URI [options]   the Ray Data embedding job
+    python -m pipeline nightly --input URI --output URI [...]   a snapshot re-embedding only
+                                                                 new and changed rows
     python -m pipeline demo [--out DIR]                          embed the bundled sample, offline
 """
 
@@ -41,16 +43,25 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return _run_and_report(config)
+    return _run_and_report(config, args.command)
 
 
-def _run_and_report(config) -> int:
-    from .runner import RunFailed
+def _job(command: str):
+    if command == "nightly":
+        from .nightly import run_nightly
+
+        return run_nightly
     from .runner import run as run_job
+
+    return run_job
+
+
+def _run_and_report(config, command: str = "run") -> int:
+    from .runner import RunFailed
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        result = run_job(config)
+        result = _job(command)(config)
     except RunFailed as err:
         print(f"error: {str(err)[:4000]}", file=sys.stderr)
         return 3
@@ -83,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("run", help="embed a corpus with Ray Data (the main job)")
     add_run_arguments(p)
+    p = sub.add_parser("nightly", help="re-embed a corpus into a new snapshot, encoding only "
+                       "new and changed rows; _LATEST names the newest complete one")
+    add_run_arguments(p, job="nightly")
     p = sub.add_parser("demo", help="embed the bundled sample corpus with an offline tiny "
                        "model on a local Ray")
     p.add_argument("--model-dir", default="models/nomic-moe-tiny",
@@ -91,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dims", default="64,32,16", help="widths (the tiny model is 64 wide)")
     p.add_argument("--progress", default="auto", choices=("auto", "on", "off"))
     args = parser.parse_args(argv)
-    return {"demo": demo, "run": run}[args.command](args)
+    return {"demo": demo, "run": run, "nightly": run}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import argparse
 import dataclasses
 import typing
 
-from .config import RunConfig, parse_int_list, parse_name_list
+from .config import JOB_OPTIONS, RunConfig, parse_int_list, parse_name_list
+
 
 def _dims(text: str) -> tuple[int, ...]:
     try:
@@ -26,11 +27,14 @@ def option_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, fields: typing.Iterable[str] | None = None):
-    """Add one option per :class:`RunConfig` field (or per name in ``fields``)."""
+def add_run_arguments(parser: argparse.ArgumentParser, fields: typing.Iterable[str] | None = None,
+                      job: str = "run"):
+    """Add one option per :class:`RunConfig` field (or per name in ``fields``) that ``job``
+    takes: every shared option, and the job's own (:data:`JOB_OPTIONS`)."""
     hints = typing.get_type_hints(RunConfig)
+    others = {name for j, names in JOB_OPTIONS.items() if j != job for name in names}
     for f in dataclasses.fields(RunConfig):
-        if fields is not None and f.name not in fields:
+        if (fields is not None and f.name not in fields) or f.name in others:
             continue
         meta = dict(f.metadata)
         kwargs: dict = {"dest": f.name, "help": meta.pop("help")}

@@ -20,6 +20,11 @@ MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 PROGRESS = ("auto", "on", "off")
 ON_DUPLICATE = ("keep-first", "keep-all")
 ON_BAD_ROWS = ("reject", "fail")
+# Options that belong to one job; ``run`` takes none of them.
+JOB_OPTIONS = {
+    "nightly": ("keep_snapshots",),
+    "enrich": ("iceberg_catalog", "iceberg_catalog_uri", "iceberg_warehouse"),
+}
 # Internal column names start with this; user columns may not.
 RESERVED_PREFIX = "__"
 
@@ -90,6 +95,17 @@ class RunConfig:
                                         metavar="F")
     progress: str = _field("auto", "Ray Data progress bars (auto: when stderr is a terminal)",
                            choices=PROGRESS)
+    # Options of one job only (see JOB_OPTIONS); the others ignore them.
+    keep_snapshots: int = _field(7, "nightly: complete snapshots kept under the output, the "
+                                 "newest included (older ones are deleted)", metavar="N")
+    iceberg_catalog: str = _field("default", "enrich: the Iceberg catalog's name (configured in "
+                                  "~/.pyiceberg.yaml or PYICEBERG_CATALOG__<NAME>__* variables, "
+                                  "else the embedded SQLite catalog)", metavar="NAME")
+    iceberg_catalog_uri: str | None = _field(None, "enrich: the catalog's URI (sqlite:///..., "
+                                             "postgresql://..., http(s):// for REST; default: "
+                                             "<warehouse>/catalog.db)", metavar="URI")
+    iceberg_warehouse: str | None = _field(None, "enrich: the Iceberg warehouse (local path or "
+                                           "s3://) of the embedded catalog", metavar="URI")
 
     def __post_init__(self) -> None:
         for name in ("input", "output"):
@@ -103,7 +119,8 @@ class RunConfig:
         object.__setattr__(self, "dims", _dims(self.dims))
         object.__setattr__(self, "keep_columns", tuple(self.keep_columns))
         for name in ("encoder_replicas", "tokenizer_actors", "max_tokens_per_batch",
-                     "window_rows", "rows_per_file", "encoder_threads", "unit_bytes"):
+                     "window_rows", "rows_per_file", "encoder_threads", "unit_bytes",
+                     "keep_snapshots"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):

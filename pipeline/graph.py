@@ -94,9 +94,66 @@ def write_batch(table: pa.Table, output_uri: str, storage_options: dict[str, Any
 def build_dataset(plan: RunPlan) -> Dataset:
     """Read -> tokenize -> encode -> write, as a lazy Dataset of write records (JSON strings
     in ``__stats``); nothing runs until the driver iterates over it."""
-    ds = ray.data.read_datasource(
+    return embed_and_write(read_shards(plan), plan)
+
+
+def read_shards(plan: RunPlan) -> Dataset:
+    return ray.data.read_datasource(
         ShardDatasource(plan.files, plan.format, plan.read, plan.storage_options)
     )
+
+
+def build_nightly_dataset(plan: RunPlan, diff) -> Dataset:
+    """Read -> content hash -> diff against the previous snapshot (rows of one id meet in one
+    call of a hash shuffle) -> tokenize -> encode -> write; see ``pipeline/nightly.py``.
+
+    ``diff`` is a :class:`~pipeline.nightly.Diff`: the previous snapshot's files, whether its
+    embeddings are reused, the bucket count.
+    """
+    from .nightly import diff_bucket, hash_rows, read_previous
+
+    ds = read_shards(plan).map_batches(
+        hash_rows, batch_format="pyarrow", fn_kwargs={"task": diff.task, "buckets": diff.buckets},
+    )
+    if diff.previous_files:
+        previous = ray.data.read_datasource(FunctionDatasource(
+            diff.previous_files, functools.partial(read_previous, diff=diff,
+                                                   storage_options=plan.storage_options)))
+        ds = ds.union(previous)
+    ds = ds.groupby(S.BUCKET, num_partitions=diff.buckets).map_groups(
+        diff_bucket, batch_format="pyarrow", fn_kwargs={"diff": diff},
+    )
+    return embed_and_write(ds, plan)
+
+
+class FunctionDatasource(Datasource):
+    """Read tasks of ``(uri, size)`` files, dealt by size; ``read(uri)`` yields a file's blocks."""
+
+    def __init__(self, files: list[tuple[str, int]], read) -> None:
+        super().__init__()
+        self._files, self._read = list(files), read
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(size for _, size in self._files)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None,
+                       data_context=None) -> list[ReadTask]:
+        ordered = sorted(self._files, key=lambda f: -f[1])
+        n = max(1, min(parallelism, len(ordered)))
+        groups = [ordered[i::n] for i in range(n)]
+        return [ReadTask(functools.partial(_read_all, [uri for uri, _ in group], self._read),
+                         BlockMetadata(num_rows=None, size_bytes=sum(s for _, s in group),
+                                       input_files=tuple(u for u, _ in group), exec_stats=None))
+                for group in groups if group]
+
+
+def _read_all(uris: list[str], read) -> Iterator[Block]:
+    for uri in uris:
+        yield from read(uri)
+
+
+def embed_and_write(ds: Dataset, plan: RunPlan) -> Dataset:
+    """Tokenize -> encode -> write ``ds``'s rows; a Dataset of write records."""
     ds = ds.map_batches(
         TokenizeStage, fn_constructor_kwargs=plan.tokenize.kwargs,
         batch_size=plan.tokenize.batch_rows, batch_format="pyarrow",

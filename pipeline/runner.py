@@ -37,7 +37,24 @@ EARLY_REJECT_CHECK_ROWS = 10_000
 PROGRESS_LOG_S = 30.0
 
 
-def run(config: RunConfig) -> dict[str, Any]:
+class PlainRun:
+    """The hooks a job uses to change :func:`run` (see ``pipeline/nightly.py``): extra identity
+    fields, output columns, the graph, and the summary."""
+
+    def identity(self) -> dict[str, Any]:
+        return {}
+
+    def output_spec(self, spec):
+        return spec
+
+    def dataset(self, plan, identity: dict[str, Any], cpus: float):
+        return build_dataset(plan)
+
+    def summarize(self, result: dict[str, Any], committed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return result
+
+
+def run(config: RunConfig, variant: PlainRun | None = None) -> dict[str, Any]:
     """Embed ``config.input`` into ``config.output``; returns the run summary.
 
     An output holding an earlier run of the same settings is resumed: its committed units are
@@ -45,6 +62,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     pre-flight's errors before any work; a failure once the run has started raises
     :class:`RunFailed`.
     """
+    variant = variant or PlainRun()
     inputs = check_inputs(config)
     previous = check_output(config)
     model = load_model_info(config)
@@ -65,7 +83,8 @@ def run(config: RunConfig) -> dict[str, Any]:
         resources = ray.cluster_resources()
         cluster = Cluster(cpus=resources.get("CPU", 0.0), gpus=resources.get("GPU", 0.0))
         plan = plan_run(config, cluster, model, inputs.files, inputs.id_type, inputs.keep_types)
-        identity = run_identity(config, plan, model, inputs)
+        plan = dataclasses.replace(plan, output=variant.output_spec(plan.output))
+        identity = run_identity(config, plan, model, inputs) | variant.identity()
         if config.overwrite:
             keep: dict[str, dict[str, Any]] = {}
             remove_files(config.output, previous, config.storage_options)
@@ -87,7 +106,9 @@ def run(config: RunConfig) -> dict[str, Any]:
         configure_progress(config.progress)
         t0 = time.perf_counter()
         if todo:
-            consume(build_dataset(dataclasses.replace(plan, files=tuple(todo))), tracker, config)
+            ds = variant.dataset(dataclasses.replace(plan, files=tuple(todo)), identity,
+                                 cluster.cpus)
+            consume(ds, tracker, config)
         wall = time.perf_counter() - t0
     finally:
         if started:
@@ -111,6 +132,7 @@ def run(config: RunConfig) -> dict[str, Any]:
                                   "tokenizer_actors": plan.tokenize.actors},
         input_files=len({f.uri for f in inputs.files}), units_total=len(inputs.files),
     )
+    result = variant.summarize(result, committed)
     write_summary(config, result)
     if result["rows_in"] and result["reject_fraction"] > config.max_reject_fraction:
         raise RunFailed(

@@ -50,9 +50,12 @@ class TokenizeStage:
         excerpts = table[S.EXCERPT].to_pylist()
         ids_null = pc.is_null(table[S.ID]).to_pylist()
         texts = table[S.TEXT].to_pylist()
+        # Rows whose earlier embeddings the nightly job reuses are not tokenized.
+        reused = table[S.REUSE].to_pylist() if S.REUSE in table.column_names \
+            else [False] * table.num_rows
         good = []
         for i, text in enumerate(texts):
-            if rejects[i] is not None:
+            if rejects[i] is not None or reused[i]:
                 continue
             reason = "id is null" if ids_null[i] else text_problem(text)
             if reason:
@@ -79,7 +82,8 @@ class EncodeStage:
 
     The window is one Ray Data batch (``window_rows`` rows): sorting happens inside it, never
     across the dataset. Adds one ``embedding_<width>`` column per width (null for rejected
-    rows), and drops the token ids.
+    rows), and drops the token ids. Rows the nightly job marked for reuse (``__reuse``) are
+    not encoded: their previous snapshot's vectors (``__prev_<width>``) are taken as they are.
     """
 
     NEEDS = (S.TOKENS, S.NUM_TOKENS, S.REJECT)
@@ -111,6 +115,11 @@ class EncodeStage:
         require_columns(table, self.NEEDS, "encode")
         t0, start = time.perf_counter(), time.time()
         good = _good_rows(table)
+        reuse = np.zeros(0, np.int64)
+        if S.REUSE in table.column_names:
+            flags = pc.fill_null(table[S.REUSE], False).to_numpy(zero_copy_only=False)
+            reuse = good[flags[good]]
+            good = good[~flags[good]]
         tokens = table[S.TOKENS].combine_chunks()
         lengths = table[S.NUM_TOKENS].to_numpy()[good]
         flat = pc.list_flatten(tokens.take(pa.array(good))).to_numpy().astype(np.int32, copy=False)
@@ -122,9 +131,14 @@ class EncodeStage:
         grid[good] = self.embedder.attention_slots(lengths, groups)
         for g in groups:
             batch_max[good[g]] = lengths[g].max()
-        out = table.drop_columns([S.TOKENS])
+        prev = [S.prev_embedding(d) for d in self.dims if S.prev_embedding(d) in table.column_names]
+        out = table.drop_columns([S.TOKENS, *prev])
+        rows = np.concatenate([good, reuse])
         for d in self.dims:
-            out = out.append_column(embedding_column(d), self._column(vectors[d], good, table.num_rows, d))
+            values = vectors[d]
+            if len(reuse):
+                values = np.concatenate([values, reused_vectors(table, reuse, d)])
+            out = out.append_column(embedding_column(d), self._column(values, rows, table.num_rows, d))
         elapsed = time.perf_counter() - t0
         n = table.num_rows
         return out.append_column(S.GRID_TOKENS, pa.array(grid)) \
@@ -143,6 +157,16 @@ class EncodeStage:
         values = pa.array(full.reshape(-1))
         return pa.FixedSizeListArray.from_arrays(values, width, mask=pa.array(mask)) \
             .cast(embedding_type(width, self.output_dtype))
+
+
+def reused_vectors(table: pa.Table, rows: np.ndarray, width: int) -> np.ndarray:
+    """The previous snapshot's vectors of ``rows`` (``[len(rows), width]``)."""
+    column = table[S.prev_embedding(width)].take(pa.array(rows))
+    if column.null_count:
+        raise ValueError(f"{column.null_count} row(s) marked for reuse have no earlier "
+                         f"embedding of width {width}")
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+    return flat.reshape(len(rows), width)
 
 
 def set_threads(threads: int) -> None:

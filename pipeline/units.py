@@ -190,7 +190,8 @@ def write_identity(fs, path: str, identity: dict[str, Any]) -> None:
 
 
 COUNTS = ("rows", "row_sum", "rows_embedded", "rows_rejected", "tokens", "texts_truncated",
-          "grid_tokens", "batch_grid_tokens", "bytes")
+          "grid_tokens", "batch_grid_tokens", "bytes",
+          "rows_new", "rows_changed", "rows_unchanged", "rows_reused")  # the last: nightly
 TIMES = ("tokenize_s", "encode_s", "write_s")
 
 

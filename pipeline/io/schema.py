@@ -36,6 +36,19 @@ ENCODE_S = "__encode_s"
 ENCODE_START = "__encode_start"  # wall-clock (epoch) start and end of this row's encoder window
 ENCODE_END = "__encode_end"
 
+# Set by the nightly job's diff against the previous snapshot (pipeline/nightly.py).
+HASH = "__hash"  # content hash of the prefixed text (the snapshot's content_hash column)
+BUCKET = "__bucket"  # the id's hash bucket: rows of one id meet in one diff call
+CHANGE = "__change"  # "new", "changed" or "unchanged" against the previous snapshot
+REUSE = "__reuse"  # true: the previous snapshot's embeddings are reused, the row is not encoded
+PREV_HASH = "__prev_hash"  # the previous snapshot's rows, read for the diff
+
+
+def prev_embedding(width: int) -> str:
+    """The previous snapshot's embedding of one width, carried to the encoder for reuse."""
+    return f"__prev_{width}"
+
+
 EXCERPT_CHARS = 200
 METADATA_KEY = b"nomic_moe_pipeline"
 NORMALIZATION = ("mean pooling over all tokens, then for each width the first d features "

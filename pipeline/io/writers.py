@@ -35,6 +35,9 @@ class OutputSpec:
     dims: tuple[int, ...]
     output_dtype: str
     metadata: dict[str, Any]
+    # Further output columns: (output name, internal column), written after the embeddings
+    # (the nightly snapshot's content_hash, the enrichment's source row number).
+    extra_columns: tuple[tuple[str, str], ...] = ()
 
     @property
     def bytes_per_row(self) -> int:
@@ -56,6 +59,7 @@ def split_rows(table: pa.Table, spec: OutputSpec) -> tuple[pa.Table, pa.Table, d
     columns = {spec.id_column: good[S.ID]}
     columns |= {c: good[c] for c in spec.keep_columns}
     columns |= {embedding_column(d): good[embedding_column(d)] for d in spec.dims}
+    columns |= {name: good[internal] for name, internal in spec.extra_columns}
     embedded = pa.table(columns).replace_schema_metadata(S.encode_metadata(spec.metadata))
     rejects = pa.table({
         "id": id_text(bad[S.ID]),
@@ -86,7 +90,7 @@ def row_stats(table: pa.Table, good: pa.Table, bad: pa.Table) -> dict[str, Any]:
     if bad.num_rows:
         first = [bad[S.ROW][0].as_py(), bad[S.REJECT][0].as_py()]
     starts = table[S.ENCODE_START] if S.ENCODE_START in table.column_names else None
-    return {
+    return change_stats(good) | {
         "rows": table.num_rows,
         "row_sum": int(pc.sum(table[S.ROW]).as_py() or 0),
         "file_rows": _max_or(table, S.FILE_ROWS),
@@ -104,6 +108,17 @@ def row_stats(table: pa.Table, good: pa.Table, bad: pa.Table) -> dict[str, Any]:
         "encode_last_end": float(pc.max(table[S.ENCODE_END]).as_py() or 0.0) if starts else 0.0,
         "reject_reasons": dict(Counter(_reason_kind(r) for r in bad[S.REJECT].to_pylist())),
     }
+
+
+def change_stats(good: pa.Table) -> dict[str, int]:
+    """The nightly job's counts of embedded rows: new, changed and unchanged ids against the
+    previous snapshot, and rows whose earlier embeddings were reused (none outside nightly)."""
+    if S.CHANGE not in good.column_names:
+        return {}
+    kinds = Counter(good[S.CHANGE].to_pylist())
+    reused = int(pc.sum(pc.cast(good[S.REUSE], pa.int64())).as_py() or 0)
+    return {"rows_new": kinds.get("new", 0), "rows_changed": kinds.get("changed", 0),
+            "rows_unchanged": kinds.get("unchanged", 0), "rows_reused": reused}
 
 
 def _max_or(table: pa.Table, column: str) -> int:

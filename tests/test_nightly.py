@@ -1,0 +1,280 @@
+"""The nightly job end to end: snapshots on S3 (moto's server on 127.0.0.1), a local Ray.
+
+Run 1 embeds a corpus; texts are then changed, rows added and deleted; run 2 must encode
+exactly the new and changed rows, reuse the others' vectors, and publish a snapshot equal to
+a from-scratch run on the new corpus. A run 2 killed mid-way leaves ``_LATEST`` on run 1's
+complete snapshot, and the next run resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import s3fs
+
+from pipeline import Embedder
+from pipeline.config import RunConfig
+from pipeline.model.builder import sample_texts
+from pipeline.nightly import HASH_COLUMN, LATEST, content_hash, run_nightly
+from pipeline.tokenize import add_prefix
+from tests.faultproxy import fault_proxy  # noqa: F401
+from tests.s3server import s3_bucket, s3_client, s3_endpoint, upload_dir  # noqa: F401
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+DIMS = (64, 32)
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_endpoint) -> str:
+    """A local Ray cluster (started after the fake AWS credentials); yields its address."""
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_model_dir) -> Embedder:
+    return Embedder.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
+
+
+def make_corpus(shards: int, rows: int) -> dict[str, dict[int, dict]]:
+    texts = sample_texts()
+    return {f"shard-{s:02d}.jsonl": {
+        s * 1000 + i: {"id": s * 1000 + i, "text": f"{texts[(s + i) % len(texts)]} {s}.{i}",
+                       "lang": ["en", "fr", "de"][i % 3]}
+        for i in range(rows)} for s in range(shards)}
+
+
+def encoded(corpus: dict[str, dict[int, dict]]) -> dict[str, bytes]:
+    return {name: "\n".join(json.dumps(r) for r in rows.values()).encode()
+            for name, rows in corpus.items()}
+
+
+def edit(corpus: dict[str, dict[int, dict]]) -> tuple[dict, dict[str, set]]:
+    """Change 3 texts, delete 4 rows, add 5 (3 in a new shard), change a kept value only."""
+    new = {name: {i: dict(r) for i, r in rows.items()} for name, rows in corpus.items()}
+    s0, s1 = new["shard-00.jsonl"], new["shard-01.jsonl"]
+    changed = {0, 1, 1002}
+    s0[0]["text"] += " (edited)"
+    s0[1]["text"] = "A wholly different text."
+    s1[1002]["text"] = s1[1002]["text"].upper()
+    deleted = {5, 6, 1007, 2003}
+    for i in deleted:
+        new[f"shard-{i // 1000:02d}.jsonl"].pop(i)
+    added = {900, 901, 9000, 9001, 9002}
+    s0[900] = {"id": 900, "text": "Brand new row", "lang": "en"}
+    s0[901] = {"id": 901, "text": "Another new row", "lang": "fr"}
+    new["shard-new.jsonl"] = {i: {"id": i, "text": f"new shard row {i}", "lang": "de"}
+                             for i in (9000, 9001, 9002)}
+    s1[1004]["lang"] = "xx"  # a kept column changes, its text does not
+    return new, {"changed": changed, "deleted": deleted, "added": added}
+
+
+def texts_of(corpus) -> dict[int, str]:
+    return {i: r["text"] for rows in corpus.values() for i, r in rows.items()}
+
+
+def s3(endpoint: str) -> s3fs.S3FileSystem:
+    return s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+
+
+def config(input_uri: str, output_uri: str, model: Path, **extra) -> RunConfig:
+    # The endpoint explicitly: Ray's workers started before the test set AWS_ENDPOINT_URL.
+    import os
+
+    return RunConfig(input=input_uri, output=output_uri, model=str(model), dims=DIMS,
+                     keep_columns=("lang",), progress="off",
+                     s3_endpoint=os.environ["AWS_ENDPOINT_URL"], **extra)
+
+
+def latest(fs, out: str) -> str:
+    fs.invalidate_cache()
+    return fs.cat(f"{out.removeprefix('s3://')}/{LATEST}").decode().strip()
+
+
+def read_snapshot(fs, out: str, name: str) -> tuple[pa.Table, dict]:
+    path = f"{out.removeprefix('s3://')}/{name}"
+    fs.invalidate_cache()
+    summary = json.loads(fs.cat(f"{path}/_summary.json"))
+    parts = sorted(p for p in fs.ls(path, refresh=True) if p.rsplit("/", 1)[-1].startswith("part-"))
+    assert summary["output_files"] == sorted(f"s3://{p}" for p in parts), "stray files left"
+    table = pa.concat_tables([pq.read_table(fs.open(p, "rb")) for p in parts])
+    return table.sort_by("id"), summary
+
+
+def check_snapshot(table: pa.Table, corpus, embedder: Embedder) -> None:
+    """Every id once, kept columns and hashes of today's rows, vectors equal to the encoder's."""
+    rows = {i: r for rs in corpus.values() for i, r in rs.items()}
+    ids = table["id"].to_pylist()
+    assert ids == sorted(rows), "the snapshot holds exactly today's ids, each once"
+    assert table["lang"].to_pylist() == [rows[i]["lang"] for i in ids]
+    assert table[HASH_COLUMN].to_pylist() == [
+        content_hash(add_prefix(rows[i]["text"], "search_document: ")) for i in ids]
+    want = embedder.encode([rows[i]["text"] for i in ids], dims=DIMS)
+    for d in DIMS:
+        got = np.stack(table[f"embedding_{d}"].to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(got, want[d], atol=1e-5, rtol=0)
+
+
+def test_second_run_encodes_only_new_and_changed_rows_and_equals_a_fresh_run(
+        cluster, s3_endpoint, s3_bucket, tiny_model_dir, embedder):
+    fs = s3(s3_endpoint)
+    client = s3_client(s3_endpoint)
+    day1 = make_corpus(shards=5, rows=12)
+    upload_dir(client, s3_bucket, "day1", encoded(day1))
+    out = f"s3://{s3_bucket}/nightly"
+    first = run_nightly(config(f"s3://{s3_bucket}/day1/", out, tiny_model_dir))
+    assert first["rows_new"] == first["rows_embedded"] == first["rows_out"] == 60
+    assert first["previous_snapshot"] is None and latest(fs, out) == first["snapshot"]
+
+    day2, edits = edit(day1)
+    upload_dir(client, s3_bucket, "day2", encoded(day2))
+    second = run_nightly(config(f"s3://{s3_bucket}/day2/", out, tiny_model_dir))
+    assert second["previous_snapshot"] == first["snapshot"] and second["reused_previous"]
+    assert (second["rows_new"], second["rows_changed"], second["rows_deleted"]) == (5, 3, 4)
+    assert second["rows_unchanged"] == second["rows_reused"] == 60 - 4 - 3
+    assert second["rows_embedded"] == 8 and second["rows_out"] == 61
+    assert second["reconciled"] and second["rows_in"] == 61 and second["rows_rejected"] == 0
+    # Only the 8 encoded rows' tokens were computed.
+    assert 0 < second["tokens"] < first["tokens"] / 4
+    assert latest(fs, out) == second["snapshot"] != first["snapshot"]
+
+    snap2, summary2 = read_snapshot(fs, out, second["snapshot"])
+    check_snapshot(snap2, day2, embedder)
+    assert summary2["rows_new"] == 5 and summary2["fingerprints"]["weights"].startswith("sha256:")
+    # Reused vectors are the first snapshot's, bit for bit.
+    snap1, _ = read_snapshot(fs, out, first["snapshot"])
+    old = {i: v for i, v in zip(snap1["id"].to_pylist(), snap1["embedding_64"].to_pylist())}
+    new = dict(zip(snap2["id"].to_pylist(), snap2["embedding_64"].to_pylist()))
+    assert all(new[i] == old[i] for i in new if i in old and i not in edits["changed"])
+
+    scratch = run_nightly(config(f"s3://{s3_bucket}/day2/", f"s3://{s3_bucket}/scratch",
+                                 tiny_model_dir))
+    assert scratch["rows_embedded"] == scratch["rows_new"] == 61
+    fresh, _ = read_snapshot(fs, f"s3://{s3_bucket}/scratch", scratch["snapshot"])
+    assert fresh.select(["id", "lang", HASH_COLUMN]).equals(snap2.select(["id", "lang", HASH_COLUMN]))
+    for d in DIMS:
+        np.testing.assert_allclose(np.stack(fresh[f"embedding_{d}"].to_numpy(zero_copy_only=False)),
+                                   np.stack(snap2[f"embedding_{d}"].to_numpy(zero_copy_only=False)),
+                                   atol=1e-5, rtol=0)
+
+    # Nothing changed: nothing is encoded; --keep-snapshots 1 deletes the older snapshots.
+    third = run_nightly(config(f"s3://{s3_bucket}/day2/", out, tiny_model_dir, keep_snapshots=1))
+    assert third["rows_embedded"] == 0 and third["rows_unchanged"] == 61
+    assert third["rows_deleted"] == third["rows_new"] == third["rows_changed"] == 0
+    assert sorted(third["snapshots_deleted"]) == sorted([first["snapshot"], second["snapshot"]])
+    left = {p.rsplit("/", 1)[-1] for p in fs.ls(out.removeprefix("s3://"), refresh=True)}
+    assert left == {LATEST, third["snapshot"]}
+
+
+def test_other_settings_encode_every_row_again(cluster, s3_endpoint, s3_bucket, tiny_model_dir):
+    client = s3_client(s3_endpoint)
+    day1 = make_corpus(shards=2, rows=6)
+    upload_dir(client, s3_bucket, "in", encoded(day1))
+    out = f"s3://{s3_bucket}/nightly"
+    run_nightly(config(f"s3://{s3_bucket}/in/", out, tiny_model_dir))
+    again = run_nightly(config(f"s3://{s3_bucket}/in/", out, tiny_model_dir, task="clustering"))
+    assert not again["reused_previous"] and "task" in again["reembed_reason"]
+    assert again["rows_embedded"] == again["rows_out"] == 12 and again["rows_reused"] == 0
+    # The prefix is part of the hash: every text changed as the encoder sees it.
+    assert again["rows_changed"] == 12 and again["rows_deleted"] == 0
+
+
+def test_ids_repeated_across_files_are_rejected_after_the_first(
+        cluster, s3_endpoint, s3_bucket, tiny_model_dir):
+    client = s3_client(s3_endpoint)
+    corpus = make_corpus(shards=2, rows=10)
+    corpus["shard-01.jsonl"][2] = {"id": 2, "text": "the same id as shard 0's", "lang": "en"}
+    upload_dir(client, s3_bucket, "in", encoded(corpus))
+    out = f"s3://{s3_bucket}/nightly"
+    result = run_nightly(config(f"s3://{s3_bucket}/in/", out, tiny_model_dir))
+    assert result["rows_in"] == 21 and result["rows_out"] == 20 and result["rows_rejected"] == 1
+    fs = s3(s3_endpoint)
+    rejects = pq.read_table(fs.open(result["rejects_files"][0].removeprefix("s3://"), "rb"))
+    assert rejects["id"].to_pylist() == ["2"]
+    assert rejects["source"][0].as_py().endswith("shard-01.jsonl")
+    assert "also in" in rejects["reason"][0].as_py() and "shard-00.jsonl row 3" in rejects["reason"][0].as_py()
+
+
+def command(input_uri: str, output_uri: str, model: Path, address: str, endpoint: str,
+            *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "nightly", "--input", input_uri, "--output",
+            output_uri, "--model", str(model), "--dims", ",".join(map(str, DIMS)),
+            "--keep-columns", "lang", "--address", address, "--s3-endpoint", endpoint,
+            "--progress", "off", *extra]
+
+
+def run_cli(cmd: list[str], tmp_path: Path, name: str) -> subprocess.Popen:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(tmp_path / f"{name}.log", "w"),
+                            stderr=subprocess.STDOUT)
+
+
+def test_a_killed_second_run_leaves_latest_on_the_first_and_is_resumed(
+        cluster, s3_endpoint, s3_bucket, fault_proxy, tiny_model_dir, embedder, tmp_path):
+    fs = s3(s3_endpoint)
+    client = s3_client(s3_endpoint)
+    day1 = make_corpus(shards=8, rows=10)
+    upload_dir(client, s3_bucket, "day1", encoded(day1))
+    out = f"s3://{s3_bucket}/nightly"
+    first = run_nightly(config(f"s3://{s3_bucket}/day1/", out, tiny_model_dir))
+    day2, _ = edit(day1)
+    for rows in day2.values():  # every shard has changed rows: every unit encodes something
+        for r in list(rows.values())[:2]:
+            r["text"] += " v2"
+    upload_dir(client, s3_bucket, "day2", encoded(day2))
+
+    fault_proxy.delay_s = 0.03  # slow storage, small writes: units commit one by one
+    cmd = command(f"s3://{s3_bucket}/day2/", out, tiny_model_dir, cluster, fault_proxy.url,
+                  "--window-rows", "4", "--rows-per-file", "2")
+    proc = run_cli(cmd, tmp_path, "killed")
+    root = out.removeprefix("s3://")
+
+    def new_manifests() -> list[str]:
+        return [p for p in fs.glob(f"{root}/snapshot-*/_manifest/unit-*.json")
+                if first["snapshot"] not in p]
+
+    deadline = time.monotonic() + 180
+    while not new_manifests() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        fs.invalidate_cache()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    log = (tmp_path / "killed.log").read_text()
+    committed = new_manifests()
+    assert proc.returncode == -signal.SIGKILL, log[-2000:]
+    assert 1 <= len(committed) < 9, f"the kill must land mid-run ({len(committed)} committed)"
+    unfinished = committed[0].split("/")[-3]
+    # Readers still see run 1's complete snapshot.
+    assert latest(fs, out) == first["snapshot"]
+    snap1, summary1 = read_snapshot(fs, out, first["snapshot"])
+    check_snapshot(snap1, day1, embedder)
+    assert not fs.exists(f"{root}/{unfinished}/_summary.json")
+
+    time.sleep(2)  # the killed driver's tasks are gone with it
+    fault_proxy.delay_s = 0.0
+    proc = run_cli(cmd, tmp_path, "resumed")
+    proc.wait(timeout=240)
+    log = (tmp_path / "resumed.log").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    assert f"resuming the unfinished snapshot {out}/{unfinished}" in log
+    assert latest(fs, out) == unfinished
+    snap2, summary2 = read_snapshot(fs, out, unfinished)
+    check_snapshot(snap2, day2, embedder)
+    assert summary2["units"]["resumed"] >= len(committed)
+    changed = 3 + 2 * 8 - 2  # edit()'s 3, plus 2 per shard (rows 0 and 1 of shard 0 counted once)
+    assert (summary2["rows_new"], summary2["rows_changed"], summary2["rows_deleted"]) == (5, changed, 4)
+    assert summary2["rows_embedded"] == 5 + changed
