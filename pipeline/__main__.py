@@ -3,6 +3,9 @@
     python -m pipeline run --input URI --output URI [options]   the Ray Data embedding job
     python -m pipeline nightly --input URI --output URI [...]   a snapshot re-embedding only
                                                                  new and changed rows
+    python -m pipeline enrich --input URI --output URI [...]    the source table back with
+                                                                 embedding columns (Parquet,
+                                                                 Iceberg)
     python -m pipeline demo [--out DIR]                          embed the bundled sample, offline
 """
 
@@ -47,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _job(command: str):
+    if command == "enrich":
+        from .enrich import run_enrich
+
+        return run_enrich
     if command == "nightly":
         from .nightly import run_nightly
 
@@ -83,8 +90,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .model.sources import ModelSourceError
 
     # ValueError covers bad option values, TokenizerError and UnsupportedConfigError.
-    return (ValueError, InputError, OutputError, StorageError, ModelSourceError,
-            CheckpointError, FileNotFoundError)
+    errors = (ValueError, InputError, OutputError, StorageError, ModelSourceError,
+              CheckpointError, FileNotFoundError)
+    if "pipeline.io.iceberg" in sys.modules:  # a catalog or table that cannot be reached
+        errors += (sys.modules["pipeline.io.iceberg"].IcebergError,)
+    return errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("nightly", help="re-embed a corpus into a new snapshot, encoding only "
                        "new and changed rows; _LATEST names the newest complete one")
     add_run_arguments(p, job="nightly")
+    p = sub.add_parser("enrich", help="write the source table back with embedding columns "
+                       "added, every row and column intact (Parquet folders, hive partitions, "
+                       "Iceberg tables)")
+    add_run_arguments(p, job="enrich")
     p = sub.add_parser("demo", help="embed the bundled sample corpus with an offline tiny "
                        "model on a local Ray")
     p.add_argument("--model-dir", default="models/nomic-moe-tiny",
@@ -105,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dims", default="64,32,16", help="widths (the tiny model is 64 wide)")
     p.add_argument("--progress", default="auto", choices=("auto", "on", "off"))
     args = parser.parse_args(argv)
-    return {"demo": demo, "run": run, "nightly": run}[args.command](args)
+    return {"demo": demo, "run": run, "nightly": run, "enrich": run}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 from . import units
 from .config import RunConfig, embedding_column
 from .io import schema as S
+from .runner import PlainRun, run
 from .io.storage import (MANIFEST_DIR, REJECTS_DIR, SUMMARY_NAME, OutputError, open_filesystem,
                          open_for_publish, prepare_output, storage_errors, to_uri)
 from .tokenize import add_prefix, task_prefix, text_problem
@@ -328,7 +329,7 @@ def prune(fs, root: str, latest: str, keep: int) -> list[str]:
 # --- the job -------------------------------------------------------------------------------
 
 
-class NightlyVariant:
+class NightlyVariant(PlainRun):
     """What the nightly job changes in :func:`pipeline.runner.run`: the identity records the
     base snapshot, the graph diffs against it, the summary counts the changes."""
 
@@ -387,8 +388,6 @@ class NightlyVariant:
 
 def run_nightly(config: RunConfig) -> dict[str, Any]:
     """One nightly run: a new (or the unfinished) snapshot, then ``_LATEST``, then pruning."""
-    from .runner import run
-
     if config.on_duplicate == "keep-all":
         raise ValueError("nightly keys rows by id, so --on-duplicate keep-all cannot be used")
     root_uri = config.output.rstrip("/")

@@ -29,11 +29,15 @@ class Inputs:
     keep_types: tuple[tuple[str, object], ...] = ()  # the kept columns' types, likewise
 
 
-def check_inputs(config: RunConfig) -> Inputs:
-    """List the input shards, check the id, text and kept columns on the first shard with
-    rows, and settle the id and kept-column types (from the first shards that have values)."""
-    files = list_inputs(config.input, config.storage_options, config.format)
-    check_disjoint(config.input, config.output)
+def check_inputs(config: RunConfig, listed: list[InputFile] | None = None) -> Inputs:
+    """List the input shards (or take the ``listed`` ones), check the id, text and kept
+    columns on the first shard with rows, and settle the id and kept-column types (from the
+    first shards that have values)."""
+    if listed is None:
+        files = list_inputs(config.input, config.storage_options, config.format)
+        check_disjoint(config.input, config.output)
+    else:
+        files = list(listed)
     files = split_large_parquet(files, config.storage_options, config.unit_bytes)
     fmt = files[0].format if files else "parquet"
     id_type, keep_types, checked, sampled = None, {}, False, set()

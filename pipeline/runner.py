@@ -53,6 +53,10 @@ class PlainRun:
     def summarize(self, result: dict[str, Any], committed: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return result
 
+    def input_files(self):
+        """The input files when the job lists them itself (an Iceberg snapshot's), else None."""
+        return None
+
 
 def run(config: RunConfig, variant: PlainRun | None = None) -> dict[str, Any]:
     """Embed ``config.input`` into ``config.output``; returns the run summary.
@@ -63,7 +67,7 @@ def run(config: RunConfig, variant: PlainRun | None = None) -> dict[str, Any]:
     :class:`RunFailed`.
     """
     variant = variant or PlainRun()
-    inputs = check_inputs(config)
+    inputs = check_inputs(config, variant.input_files())
     previous = check_output(config)
     model = load_model_info(config)
     fs, out_path = open_filesystem(config.output, config.storage_options)

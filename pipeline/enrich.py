@@ -1,0 +1,290 @@
+"""Data-lake enrichment: the source table comes back with ``embedding_<width>`` columns added.
+
+    python -m pipeline enrich --input URI --output URI [run options]
+    python -m pipeline enrich --input iceberg:ns.table --output iceberg:ns.table [--iceberg-...]
+
+Every source row, column, type and value is kept, in the same files and the same order:
+
+1. The texts are embedded by an ordinary run (``pipeline/runner.py``: units, manifests,
+   resume, rejects) into a staging output that holds, per row, its file's row number
+   (``_row``) and its vectors. Ids need not be unique (rows are matched by position).
+2. Each source file is then read whole and written again with the embedding columns appended
+   (null for a row that could not be embedded; its reason is in the staging ``_rejects/``),
+   one Ray task per file. Hive-style folders (``key=value/``) are kept, since each file keeps
+   its path relative to the input.
+3. Parquet targets: the enriched files go to the same relative paths under ``--output``, and
+   ``<output>/_summary.json`` is written last. Iceberg targets: the enriched files are
+   committed to the table as ONE new snapshot (schema evolved with the new columns, every
+   data file replaced; ``pipeline/io/iceberg.py``), so readers see the old table or the new.
+
+The staging output is deleted once the enriched files are complete (or committed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import posixpath
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import units
+from .config import RunConfig, embedding_column
+from .io import schema as S
+from .io.storage import (InputError, InputFile, check_disjoint, glob_base, is_local, list_inputs,
+                         open_filesystem, open_for_publish, own_files, relative, storage_errors,
+                         to_uri)
+from .runner import PlainRun, RunFailed, init_ray, run
+
+log = logging.getLogger("pipeline.enrich")
+
+STAGING = "_staging"
+ROW_COLUMN = "_row"  # the staging files' row number of each vector in its source file
+SLICE_MARK = "#row-groups["
+
+
+class EnrichVariant(PlainRun):
+    """The staging run: vectors and row numbers only (no kept columns), ids not deduplicated."""
+
+    def __init__(self, files: list[InputFile] | None = None) -> None:
+        self.files = files
+
+    def identity(self) -> dict[str, Any]:
+        return {"enrich": True}
+
+    def output_spec(self, spec):
+        return dataclasses.replace(spec, keep_columns=(), extra_columns=((ROW_COLUMN, S.ROW),))
+
+    def input_files(self):
+        return self.files
+
+
+def staging_config(config: RunConfig, output: str) -> RunConfig:
+    return dataclasses.replace(config, output=output, keep_columns=(), on_duplicate="keep-all")
+
+
+def run_enrich(config: RunConfig) -> dict[str, Any]:
+    """Enrich a Parquet table (folder, prefix or glob) or an Iceberg table; returns the summary."""
+    from .io.iceberg import is_iceberg
+
+    if is_iceberg(config.input) or is_iceberg(config.output):
+        return enrich_iceberg(config)
+    return enrich_parquet(config)
+
+
+def enrich_parquet(config: RunConfig) -> dict[str, Any]:
+    files = list_inputs(config.input, config.storage_options, config.format)
+    if files and files[0].format != "parquet":
+        raise InputError(f"enrich reads Parquet tables (or Iceberg ones); {config.input} holds "
+                         f"{files[0].format} files: use `run`, which writes ids and vectors")
+    check_disjoint(config.input, config.output)
+    out = config.output.rstrip("/")
+    base = _input_base(config.input, files, config.storage_options)
+    targets = {f.uri: f"{out}/{name}" for f in files
+               for name in [_relative_name(f.uri, base, config.storage_options)]}
+    started = init_ray(config)
+    try:
+        result = run(staging_config(config, f"{out}/{STAGING}"), EnrichVariant())
+        if not result["reconciled"]:
+            return result
+        merged = merge_all(config, f"{out}/{STAGING}", targets)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    result = _summary(result, merged)
+    result["rejects_files"] = _move_rejects(config, f"{out}/{STAGING}", f"{out}/_rejects")
+    _write_json(config, f"{out}/_summary.json", result)
+    _remove_staging(config, f"{out}/{STAGING}")
+    return result
+
+
+def enrich_iceberg(config: RunConfig) -> dict[str, Any]:
+    from .io import iceberg
+
+    if config.input != config.output:
+        raise ValueError(f"an Iceberg table is enriched in place, as a new snapshot: give the "
+                         f"same table as --input and --output (got {config.input} and "
+                         f"{config.output})")
+    catalog = iceberg.load_catalog(config.iceberg_catalog, config.iceberg_catalog_uri,
+                                   config.iceberg_warehouse, config.storage_options)
+    table = iceberg.load_table(catalog, config.input)
+    infos = iceberg.source_files(table)
+    if not infos:
+        raise InputError(f"Iceberg table {config.input} has no data files to enrich")
+    snapshot = table.current_snapshot().snapshot_id
+    files = [InputFile(i.uri, i.size, "parquet", None) for i in infos]
+    staging = f"{table.location().rstrip('/')}/_enrich/{snapshot}"
+    enriched = iceberg.staging_location(table, str(snapshot))
+    targets = {i.uri: iceberg.enriched_file_uri(enriched, k, i.uri) for k, i in enumerate(infos)}
+    started = init_ray(config)
+    try:
+        result = run(staging_config(config, staging), EnrichVariant(files))
+        if not result["reconciled"]:
+            return result
+        merged = merge_all(config, staging, targets)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    result = _summary(result, merged)
+    snapshot_id = iceberg.commit_enriched(
+        table, targets, config.dims, properties={
+            "pipeline.model": result["model"]["model_id"],
+            "pipeline.weights-fingerprint": result["model"]["weights_fingerprint"],
+            "pipeline.task": config.task, "pipeline.rows-embedded": result["rows_embedded"],
+            "pipeline.rows-rejected": result["rows_rejected"],
+        })
+    result |= {"iceberg": {"table": config.input, "source_snapshot_id": snapshot,
+                           "snapshot_id": snapshot_id}}
+    result["rejects_files"] = _move_rejects(config, staging, f"{staging}-rejects")
+    _write_json(config, f"{staging}-summary.json", result)
+    _remove_staging(config, staging)
+    return result
+
+
+def merge_all(config: RunConfig, staging: str, targets: dict[str, str]) -> list[dict[str, Any]]:
+    """Write every enriched file (one Ray task per source file); returns their records."""
+    import ray
+
+    fs, path = open_filesystem(staging, config.storage_options)
+    state = units.load_state(fs, path, own_files(fs, path))
+    parts: dict[str, list[str]] = {uri: [] for uri in targets}
+    for unit in state.units.values():
+        source = unit["uri"].split(SLICE_MARK, 1)[0]
+        parts.setdefault(source, []).extend(
+            f"{staging.rstrip('/')}/{f}" for f in unit["files"] if not f.startswith("_rejects/"))
+    unknown = sorted(set(parts) - set(targets))
+    if unknown:
+        raise RunFailed(f"the staging output {staging} holds units of files not in the input: "
+                        f"{unknown[:3]}")
+    metadata = _pipeline_metadata(parts, config.storage_options)
+    task = ray.remote(num_cpus=1, max_retries=3)(merge_file)
+    refs = [task.remote(source, parts[source], target, tuple(config.dims), config.output_dtype,
+                        metadata, config.storage_options)
+            for source, target in sorted(targets.items())]
+    try:
+        return ray.get(refs)
+    except Exception as err:  # noqa: BLE001 - reported with the stage's own error
+        from .runner import root_cause
+
+        cause = root_cause(err)
+        raise RunFailed(f"writing the enriched files failed: {type(cause).__name__}: {cause}") from err
+
+
+def merge_file(source: str, parts: list[str], target: str, dims: tuple[int, ...],
+               output_dtype: str, metadata: dict[str, Any] | None,
+               storage_options: dict[str, Any]) -> dict[str, Any]:
+    """Write ``source``'s table with its vectors (from the staging ``parts``) appended."""
+    fs, path = open_filesystem(source, storage_options)
+    with storage_errors(source, "read"), fs.open(path, "rb") as f:
+        table = pq.ParquetFile(f).read()
+    n = table.num_rows
+    dtype = np.float16 if output_dtype == "float16" else np.float32
+    values = {d: np.zeros((n, d), dtype) for d in dims}
+    have = np.zeros(n, bool)
+    for part in parts:
+        pfs, ppath = open_filesystem(part, storage_options)
+        with storage_errors(part, "read"), pfs.open(ppath, "rb") as f:
+            vectors = pq.read_table(f, columns=[ROW_COLUMN] + [embedding_column(d) for d in dims])
+        rows = vectors[ROW_COLUMN].to_numpy()
+        if len(rows) and (rows.min() < 0 or rows.max() >= n or have[rows].any()
+                          or len(np.unique(rows)) != len(rows)):
+            raise ValueError(f"{part}: row numbers out of range or repeated for {source} "
+                             f"({n} rows); the staging output does not match the source")
+        have[rows] = True
+        for d in dims:
+            flat = vectors[embedding_column(d)].combine_chunks().flatten().to_numpy(
+                zero_copy_only=False)
+            values[d][rows] = flat.reshape(len(rows), d)
+    out = table.drop_columns([c for c in (embedding_column(d) for d in dims)
+                              if c in table.column_names])
+    for d in dims:
+        column = pa.FixedSizeListArray.from_arrays(pa.array(values[d].reshape(-1)), d,
+                                                   mask=pa.array(~have))
+        out = out.append_column(embedding_column(d), column.cast(S.embedding_type(d, output_dtype)))
+    schema_metadata = dict(table.schema.metadata or {})
+    if metadata:
+        schema_metadata |= S.encode_metadata(metadata)
+    out = out.replace_schema_metadata(schema_metadata)
+    tfs, tpath = open_filesystem(target, storage_options)
+    with storage_errors(target, "write"):
+        if is_local(tfs):
+            tfs.makedirs(posixpath.dirname(tpath), exist_ok=True)
+        with open_for_publish(tfs, tpath) as f:
+            pq.write_table(out, f)
+    return {"source": source, "target": target, "rows": n, "rows_with_embeddings": int(have.sum())}
+
+
+def _pipeline_metadata(parts: dict[str, list[str]], storage_options) -> dict[str, Any] | None:
+    """The run metadata (model, fingerprint, widths...) from one staging file's schema."""
+    for files in parts.values():
+        for part in files:
+            fs, path = open_filesystem(part, storage_options)
+            with storage_errors(part, "read"), fs.open(path, "rb") as f:
+                return S.read_metadata(pq.ParquetFile(f).schema_arrow)
+    return None
+
+
+def _input_base(uri: str, files: list[InputFile], storage_options) -> str:
+    """The folder the input's files are named relative to (a glob's fixed part, a single
+    file's folder, else the prefix itself)."""
+    if any(ch in uri for ch in "*?["):
+        return glob_base(uri)
+    if len(files) == 1 and files[0].uri.rstrip("/").endswith(uri.rstrip("/").rsplit("/", 1)[-1]):
+        fs, path = open_filesystem(uri, storage_options)
+        if fs.isfile(path):
+            return uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
+    return uri
+
+
+def _relative_name(file_uri: str, base_uri: str, storage_options) -> str:
+    fs, path = open_filesystem(file_uri, storage_options)
+    _, base = open_filesystem(base_uri, storage_options)
+    return relative(path, base, is_local(fs))
+
+
+def _summary(result: dict[str, Any], merged: list[dict[str, Any]]) -> dict[str, Any]:
+    return result | {
+        "rows_out": sum(m["rows"] for m in merged),
+        "rows_with_embeddings": sum(m["rows_with_embeddings"] for m in merged),
+        "enriched_files": [m["target"] for m in merged],
+    }
+
+
+def _write_json(config: RunConfig, uri: str, document: dict[str, Any]) -> None:
+    fs, path = open_filesystem(uri, config.storage_options)
+    with storage_errors(uri, "write"), open_for_publish(fs, path) as f:
+        f.write(json.dumps(document, indent=2, sort_keys=True, default=str).encode())
+
+
+def _move_rejects(config: RunConfig, staging: str, dest: str) -> list[str]:
+    """Move the staging output's rejects (rows left without vectors, with their reasons) to
+    ``dest``, replacing what an earlier run left there; returns their new URIs."""
+    fs, path = open_filesystem(staging, config.storage_options)
+    _, target = open_filesystem(dest, config.storage_options)
+    with storage_errors(dest, "move the rejects to"):
+        if fs.exists(target):
+            fs.rm(target, recursive=True)
+        found = fs.find(f"{path.rstrip('/')}/_rejects") if fs.exists(f"{path.rstrip('/')}/_rejects") else []
+        moved = []
+        for p in sorted(found):
+            name = posixpath.basename(p)
+            if is_local(fs):
+                fs.makedirs(target, exist_ok=True)
+            fs.mv(p, f"{target}/{name}")
+            moved.append(f"{dest.rstrip('/')}/{name}")
+    return moved
+
+
+def _remove_staging(config: RunConfig, staging: str) -> None:
+    fs, path = open_filesystem(staging, config.storage_options)
+    with storage_errors(to_uri(fs, path), "delete the staging output"):
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
