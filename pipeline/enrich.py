@@ -111,9 +111,7 @@ def enrich_iceberg(config: RunConfig) -> dict[str, Any]:
         raise ValueError(f"an Iceberg table is enriched in place, as a new snapshot: give the "
                          f"same table as --input and --output (got {config.input} and "
                          f"{config.output})")
-    catalog = iceberg.load_catalog(config.iceberg_catalog, config.iceberg_catalog_uri,
-                                   config.iceberg_warehouse, config.storage_options)
-    table = iceberg.load_table(catalog, config.input)
+    table = iceberg.load_table(open_catalog(config), config.input)
     infos = iceberg.source_files(table)
     if not infos:
         raise InputError(f"Iceberg table {config.input} has no data files to enrich")
@@ -147,6 +145,14 @@ def enrich_iceberg(config: RunConfig) -> dict[str, Any]:
     _write_json(config, f"{staging}-summary.json", result)
     _remove_staging(config, staging)
     return result
+
+
+def open_catalog(config: RunConfig):
+    """The Iceberg catalog the ``--iceberg-*`` options name (see ``io/iceberg.load_catalog``)."""
+    from .io import iceberg
+
+    return iceberg.load_catalog(config.iceberg_catalog, config.iceberg_catalog_uri,
+                                config.iceberg_warehouse, config.storage_options)
 
 
 def merge_all(config: RunConfig, staging: str, targets: dict[str, str]) -> list[dict[str, Any]]:

@@ -27,9 +27,9 @@ GPU_CLUSTER = Cluster(cpus=32, gpus=4)
 FILES = [InputFile("s3://b/in/part-0.parquet", 10, "parquet", None)]
 
 
-def parse(*extra: str, input="s3://b/in/", output="s3://b/out/") -> RunConfig:
+def parse(*extra: str, input="s3://b/in/", output="s3://b/out/", job="run") -> RunConfig:
     parser = argparse.ArgumentParser()
-    add_run_arguments(parser)
+    add_run_arguments(parser, job=job)
     return config_from_args(parser.parse_args(["--input", input, "--output", output, *extra]))
 
 
@@ -311,6 +311,59 @@ def test_progress():
         assert ctx.enable_progress_bars is False
     finally:
         ctx.enable_progress_bars = before
+
+
+# --- options of one job ----------------------------------------------------------------------
+
+
+def test_keep_snapshots(tmp_path):
+    import fsspec
+
+    from pipeline.nightly import prune
+
+    assert parse("--keep-snapshots", "2", job="nightly").keep_snapshots == 2
+    with pytest.raises(SystemExit):  # an option of nightly only
+        parse("--keep-snapshots", "2")
+    names = [f"snapshot-20260101T00000{k}Z" for k in range(4)]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "_summary.json").write_text("{}")
+    gone = prune(fsspec.filesystem("file"), str(tmp_path), names[-1],
+                 parse("--keep-snapshots", "2", job="nightly").keep_snapshots)
+    assert gone == names[:2] and sorted(p.name for p in tmp_path.iterdir()) == names[2:]
+
+
+def test_iceberg_catalog(tmp_path, monkeypatch):
+    from pipeline.enrich import open_catalog
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = parse("--iceberg-catalog", "lake", "--iceberg-warehouse", str(tmp_path / "wh"),
+                   job="enrich")
+    assert open_catalog(config).name == "lake"
+    with pytest.raises(SystemExit):  # an option of enrich only
+        parse("--iceberg-catalog", "lake")
+
+
+def test_iceberg_catalog_uri(tmp_path, monkeypatch):
+    from pipeline.enrich import open_catalog
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    db = tmp_path / "elsewhere.db"
+    config = parse("--iceberg-catalog-uri", f"sqlite:///{db}", "--iceberg-warehouse",
+                   str(tmp_path / "wh"), job="enrich")
+    catalog = open_catalog(config)
+    catalog.create_namespace("lake")
+    assert db.is_file() and catalog.properties["uri"] == f"sqlite:///{db}"
+
+
+def test_iceberg_warehouse(tmp_path, monkeypatch):
+    from pipeline.enrich import open_catalog
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    catalog = open_catalog(parse("--iceberg-warehouse", str(tmp_path / "wh"), job="enrich"))
+    catalog.create_namespace("lake")
+    assert (tmp_path / "wh" / "catalog.db").is_file()
+    assert catalog.properties["warehouse"].endswith(str(tmp_path / "wh"))
 
 
 def test_every_option_has_a_test_here():
