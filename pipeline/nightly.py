@@ -402,9 +402,15 @@ def run_nightly(config: RunConfig) -> dict[str, Any]:
         log.info("resuming the unfinished snapshot %s/%s", root_uri, name)
     else:
         name = new_snapshot_name(set(snapshots) | ({latest} if latest else set()))
-    variant = NightlyVariant(previous, name)
-    snap = dataclasses.replace(config, output=f"{root_uri}/{name}", overwrite=False)
-    result = run(snap, variant=variant)
+    try:
+        result = _snapshot(config, fs, root, root_uri, name, previous)
+    except units.ResumeRefused as err:
+        # Today's input or settings differ from the unfinished run's: a scheduled job must
+        # not stop there. That snapshot is left alone and deleted by the next pruning.
+        log.warning("the unfinished snapshot %s cannot be resumed (%s); starting a new one",
+                    name, err)
+        name = new_snapshot_name(set(snapshots) | {name} | ({latest} if latest else set()))
+        result = _snapshot(config, fs, root, root_uri, name, previous)
     if not result["reconciled"]:
         log.error("snapshot %s does not reconcile; %s still names %s", name, LATEST, latest)
         return result
@@ -412,3 +418,23 @@ def run_nightly(config: RunConfig) -> dict[str, Any]:
     gone = prune(fs, root, name, config.keep_snapshots)
     log.info("published %s/%s (%s); deleted %d older snapshot(s)", root_uri, name, LATEST, len(gone))
     return result | {"snapshots_deleted": gone}
+
+
+def _snapshot(config: RunConfig, fs, root: str, root_uri: str, name: str,
+              previous: Previous | None) -> dict[str, Any]:
+    """Run into the snapshot folder ``name``. A snapshot that failed or did not reconcile
+    loses its ``_summary.json``, so that it is never taken for a complete one (it is resumed
+    by the next run, or pruned)."""
+    from .runner import RunFailed
+
+    summary = f"{root}/{name}/{SUMMARY_NAME}"
+    try:
+        result = run(dataclasses.replace(config, output=f"{root_uri}/{name}", overwrite=False),
+                     variant=NightlyVariant(previous, name))
+    except RunFailed:
+        if fs.exists(summary):
+            fs.rm(summary)
+        raise
+    if not result["reconciled"] and fs.exists(summary):
+        fs.rm(summary)
+    return result

@@ -43,6 +43,10 @@ def unit_manifest_name(key: str) -> str:
     return f"{MANIFEST_DIR}/unit-{key}.json"
 
 
+class ResumeRefused(OutputError):
+    """The output holds a run this one cannot continue (other settings or inputs)."""
+
+
 class RowsDuplicated(RuntimeError):
     """A unit reported more rows than its file holds: a row would be written twice."""
 
@@ -103,23 +107,23 @@ def resumable_units(state: OutputState, identity: dict[str, Any],
     if state.empty:
         return {}
     if state.identity is None:
-        raise OutputError(f"output {output_uri} holds {len(state.files)} file(s) of a run "
+        raise ResumeRefused(f"output {output_uri} holds {len(state.files)} file(s) of a run "
                           f"without a resumable manifest; {hint}")
     changed = [f"{k}: {state.identity.get(k)!r} there, {identity.get(k)!r} now"
                for k in IDENTITY_FIELDS
                if k not in unknown and state.identity.get(k) != identity.get(k)]
     if changed:
-        raise OutputError(f"output {output_uri} holds a run with other settings, which would "
+        raise ResumeRefused(f"output {output_uri} holds a run with other settings, which would "
                           f"mix results ({'; '.join(changed)}); {hint}")
     sizes = {unit_key(f.unit): f for f in inputs}
     gone = [m["uri"] for k, m in state.units.items() if k not in sizes]
     if gone:
-        raise OutputError(f"output {output_uri} holds the rows of {len(gone)} file(s) that are "
+        raise ResumeRefused(f"output {output_uri} holds the rows of {len(gone)} file(s) that are "
                           f"not in the input now (e.g. {gone[0]}); {hint}")
     moved = [f"{m['uri']} ({m['size']} -> {sizes[k].size} bytes)"
              for k, m in state.units.items() if m["size"] != sizes[k].size]
     if moved:
-        raise OutputError(f"{len(moved)} input file(s) changed since the earlier run at "
+        raise ResumeRefused(f"{len(moved)} input file(s) changed since the earlier run at "
                           f"{output_uri} (e.g. {moved[0]}); {hint}")
     return dict(state.units)
 

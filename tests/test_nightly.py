@@ -190,6 +190,27 @@ def test_other_settings_encode_every_row_again(cluster, s3_endpoint, s3_bucket, 
     # The prefix is part of the hash: every text changed as the encoder sees it.
     assert again["rows_changed"] == 12 and again["rows_deleted"] == 0
 
+    # An unfinished snapshot on the same base whose input has changed since cannot be
+    # resumed: a scheduled job starts a new snapshot instead of stopping (and prunes the old).
+    fs = s3(s3_endpoint)
+    root = out.removeprefix("s3://")
+    stale = again["snapshot"][:-3] + "59Z"  # a later second of the same minute
+    if stale <= again["snapshot"]:
+        stale = again["snapshot"] + "-002"
+    fs.copy(f"{root}/{again['snapshot']}", f"{root}/{stale}", recursive=True)
+    fs.rm(f"{root}/{stale}/_summary.json")
+    run_file = f"{root}/{stale}/_manifest/_run.json"
+    document = json.loads(fs.cat(run_file))
+    document["identity"]["nightly"]["base"] = again["snapshot"]
+    fs.pipe(run_file, json.dumps(document).encode())
+    manifest = sorted(fs.glob(f"{root}/{stale}/_manifest/unit-*.json"))[0]
+    unit = json.loads(fs.cat(manifest))
+    fs.pipe(manifest, json.dumps(unit | {"size": unit["size"] + 1}).encode())
+    third = run_nightly(config(f"s3://{s3_bucket}/in/", out, tiny_model_dir, task="clustering"))
+    assert third["snapshot"] not in (stale, again["snapshot"]) and third["reconciled"]
+    assert third["rows_embedded"] == 0 and third["rows_reused"] == 12
+    assert stale in third["snapshots_deleted"] and latest(fs, out) == third["snapshot"]
+
 
 def test_ids_repeated_across_files_are_rejected_after_the_first(
         cluster, s3_endpoint, s3_bucket, tiny_model_dir):
