@@ -1,5 +1,6 @@
 """Benchmarks. ``python -m pipeline.bench encoder [--device cpu|cuda] [--dtypes float32,bfloat16]``
-(this module; no Ray) and ``python -m pipeline.bench pipeline`` (``pipeline/bench_pipeline.py``).
+(this module; no Ray), ``python -m pipeline.bench pipeline`` (``pipeline/bench_pipeline.py``) and
+``python -m pipeline.bench nightly`` (``pipeline/bench_nightly.py``).
 
 Encoder alone, real-size random weights (768 wide, 12 layers, 8 experts, 250048 vocab), on a
 synthetic passage mix (median ~110 tokens, tail to 512). Runs side by side, in one process:
@@ -238,9 +239,16 @@ def main(argv: list[str] | None = None) -> None:
     from . import bench_pipeline
 
     bench_pipeline.add_arguments(pipe)
+    night = sub.add_parser("nightly", help="incremental nightly runs vs. a full run (needs ray)")
+    from . import bench_nightly
+
+    bench_nightly.add_arguments(night)
     args = parser.parse_args(argv)
     if args.what == "pipeline":
         bench_pipeline.main(args)
+        return
+    if args.what == "nightly":
+        bench_nightly.main(args)
         return
     if args.dtypes is None:
         args.dtypes = "bfloat16" if resolve_device(args.device).type == "cuda" else "float32,bfloat16"

@@ -110,7 +110,7 @@ def build_nightly_dataset(plan: RunPlan, diff) -> Dataset:
     ``diff`` is a :class:`~pipeline.nightly.Diff`: the previous snapshot's files, whether its
     embeddings are reused, the bucket count.
     """
-    from .nightly import diff_bucket, hash_rows, read_previous
+    from .nightly import diff_bucket, hash_rows, read_previous, read_seen
 
     ds = read_shards(plan).map_batches(
         hash_rows, batch_format="pyarrow", fn_kwargs={"task": diff.task, "buckets": diff.buckets},
@@ -120,6 +120,12 @@ def build_nightly_dataset(plan: RunPlan, diff) -> Dataset:
             diff.previous_files, functools.partial(read_previous, diff=diff,
                                                    storage_options=plan.storage_options)))
         ds = ds.union(previous)
+    if diff.seen_files:
+        sources = dict(diff.seen_files)
+        seen = ray.data.read_datasource(FunctionDatasource(
+            [(uri, 0) for uri in sources],
+            lambda uri: read_seen(uri, diff, sources[uri], plan.storage_options)))
+        ds = ds.union(seen)
     ds = ds.groupby(S.BUCKET, num_partitions=diff.buckets).map_groups(
         diff_bucket, batch_format="pyarrow", fn_kwargs={"diff": diff},
     )

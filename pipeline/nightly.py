@@ -75,6 +75,8 @@ class Diff:
     dims: tuple[int, ...]
     reuse: bool  # its settings equal today's: unchanged rows take its vectors
     output_dtype: str = "float32"  # of its vectors (today's, when they are reused)
+    # Part files this snapshot committed before a resume, with their source: (URI, source).
+    seen_files: tuple[tuple[str, str], ...] = ()
 
 
 def content_hash(prefixed: str) -> str:
@@ -152,6 +154,18 @@ def read_previous(uri: str, diff: Diff, storage_options: dict[str, Any]) -> Iter
             yield pa.table(out)
 
 
+def read_seen(uri: str, diff: Diff, source: str, storage_options: dict[str, Any]) -> Iterator[pa.Table]:
+    """The ids of one part file this snapshot committed before a resume, marked as seen."""
+    fs, path = open_filesystem(uri, storage_options)
+    with storage_errors(uri, "read the resumed snapshot's"), fs.open(path, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=[diff.id_column]):
+            ids = batch.column(diff.id_column)
+            n = len(ids)
+            yield pa.table({S.ID: ids, S.SEEN: pa.array([True] * n),
+                            S.SOURCE: pa.array([source] * n, pa.string()),
+                            S.BUCKET: bucket_of(ids, diff.buckets)})
+
+
 def diff_bucket(table: pa.Table, diff: Diff) -> Iterator[pa.Table]:
     """Today's rows of one bucket, each marked new, changed or unchanged against the previous
     snapshot's rows in the same table (those are dropped), with the previous vectors attached
@@ -163,13 +177,20 @@ def diff_bucket(table: pa.Table, diff: Diff) -> Iterator[pa.Table]:
     today = table.filter(today_mask)
     if not today.num_rows:
         return  # only deleted ids in this bucket
-    previous = table.filter(pc.invert(today_mask))
+    others = table.filter(pc.invert(today_mask))
+    # (null-typed when no seen row reached this table: Ray's union fills missing columns)
+    seen_mask = pc.is_valid(others[S.SEEN]) if S.SEEN in others.column_names \
+        else pa.array([False] * others.num_rows, pa.bool_())
+    previous, seen = others.filter(pc.invert(seen_mask)), others.filter(seen_mask)
     rejects = today[S.REJECT].to_pylist()
     excerpts = today[S.EXCERPT].to_pylist()
     _reject_repeated_ids(today, rejects, excerpts)
+    if seen.num_rows:
+        _reject_seen_ids(today, seen, rejects, excerpts)
     rejected = pa.array([r is not None for r in rejects])
 
-    prev_cols = [c for c in today.column_names if c == S.PREV_HASH or c.startswith("__prev_")]
+    prev_cols = [c for c in today.column_names
+                 if c in (S.PREV_HASH, S.SEEN) or c.startswith("__prev_")]
     ids = plain(today[S.ID].combine_chunks())
     if previous.num_rows:
         match = pc.index_in(ids, value_set=plain(previous[S.ID].combine_chunks()))
@@ -215,6 +236,19 @@ def _reject_repeated_ids(today: pa.Table, rejects: list, excerpts: list) -> None
         rejects[i] = (f"duplicate id: also in {order['source'][int(first)].as_py()} row "
                       f"{order['row'][int(first)].as_py()} (a snapshot keys rows by id)")
         excerpts[i] = S.excerpt(str(order["id"][int(k)].as_py()))
+
+
+def _reject_seen_ids(today: pa.Table, seen: pa.Table, rejects: list, excerpts: list) -> None:
+    """Reject (in place) today's embeddable rows whose id a unit committed earlier in this
+    snapshot already holds (a resumed run)."""
+    ids = plain(today[S.ID].combine_chunks())
+    where = pc.index_in(ids, value_set=plain(seen[S.ID].combine_chunks()))
+    sources = seen[S.SOURCE]
+    for i, k in enumerate(where.to_pylist()):
+        if k is not None and rejects[i] is None:
+            rejects[i] = (f"duplicate id: also in {sources[k].as_py()} (committed earlier in "
+                          "this snapshot; a snapshot keys rows by id)")
+            excerpts[i] = S.excerpt(str(ids[i].as_py()))
 
 
 # --- snapshots -----------------------------------------------------------------------------
@@ -344,7 +378,8 @@ class NightlyVariant(PlainRun):
     def output_spec(self, spec):
         return dataclasses.replace(spec, extra_columns=((HASH_COLUMN, S.HASH),))
 
-    def dataset(self, plan, identity: dict[str, Any], cpus: float):
+    def dataset(self, plan, identity: dict[str, Any], cpus: float,
+                kept: dict[str, dict[str, Any]]):
         from .graph import build_nightly_dataset
 
         self.settings = identity
@@ -357,12 +392,27 @@ class NightlyVariant(PlainRun):
                 log.warning("the previous snapshot %s was made with other %s; every row is "
                             "embedded again", prev.name, ", ".join(differs))
         files = tuple(prev.files) if prev else ()
+        if prev is not None:
+            prev_type = units.decode_types(prev.identity["types"])[0] \
+                if prev.identity.get("types") else None
+            if prev_type is not None and plan.read.id_type is not None \
+                    and prev_type != plan.read.id_type:
+                # Ids of another type are other ids: nothing to compare, every row is new.
+                self.reuse, files = False, ()
+                self.reason = f"id type changed: {prev_type} -> {plan.read.id_type}"
+                log.warning("the previous snapshot %s has %s ids, today's are %s; every row "
+                            "is new", prev.name, prev_type, plan.read.id_type)
+        # The units this snapshot committed before a resume: their ids take part in the
+        # duplicate check (a resumed run must not write an id twice).
+        seen = tuple(sorted((f"{plan.output_uri.rstrip('/')}/{name}", unit["uri"])
+                            for unit in kept.values() for name in unit["files"]
+                            if not name.startswith(REJECTS_DIR + "/")))
         total = sum(f.size for f in plan.files) + sum(size for _, size in files)
         buckets = min(MAX_BUCKETS, max(2 * int(cpus), -(-total // BUCKET_BYTES)))
         diff = Diff(task=identity["task"], buckets=int(buckets), previous_files=files,
                     id_column=identity["id_column"], id_type=plan.read.id_type,
                     dims=tuple(identity["dims"]), reuse=self.reuse,
-                    output_dtype=identity["output_dtype"])
+                    output_dtype=identity["output_dtype"], seen_files=seen)
         return build_nightly_dataset(plan, diff)
 
     def summarize(self, result: dict[str, Any], committed: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -47,7 +47,9 @@ class PlainRun:
     def output_spec(self, spec):
         return spec
 
-    def dataset(self, plan, identity: dict[str, Any], cpus: float):
+    def dataset(self, plan, identity: dict[str, Any], cpus: float,
+                kept: dict[str, dict[str, Any]]):
+        """The graph over ``plan.files`` (the units to do; ``kept``: those committed earlier)."""
         return build_dataset(plan)
 
     def summarize(self, result: dict[str, Any], committed: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -111,7 +113,7 @@ def run(config: RunConfig, variant: PlainRun | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         if todo:
             ds = variant.dataset(dataclasses.replace(plan, files=tuple(todo)), identity,
-                                 cluster.cpus)
+                                 cluster.cpus, keep)
             consume(ds, tracker, config)
         wall = time.perf_counter() - t0
     finally:

@@ -121,7 +121,10 @@ def resumable_units(state: OutputState, identity: dict[str, Any],
         raise ResumeRefused(f"output {output_uri} holds the rows of {len(gone)} file(s) that are "
                           f"not in the input now (e.g. {gone[0]}); {hint}")
     moved = [f"{m['uri']} ({m['size']} -> {sizes[k].size} bytes)"
-             for k, m in state.units.items() if m["size"] != sizes[k].size]
+             if m["size"] != sizes[k].size else f"{m['uri']} (rewritten: {m.get('version')} -> "
+             f"{sizes[k].version})"
+             for k, m in state.units.items() if m["size"] != sizes[k].size
+             or (m.get("version") and sizes[k].version and m["version"] != sizes[k].version)]
     if moved:
         raise ResumeRefused(f"{len(moved)} input file(s) changed since the earlier run at "
                           f"{output_uri} (e.g. {moved[0]}); {hint}")
@@ -263,7 +266,8 @@ class Tracker:
 
     def _finish(self, key: str) -> dict[str, Any]:
         unit = self.open.pop(key)
-        unit |= {"size": self.files[key].size, "committed_at": time.time()}
+        unit |= {"size": self.files[key].size, "version": self.files[key].version,
+                 "committed_at": time.time()}
         self._commit(unit)
         self.committed[key] = unit
         return unit

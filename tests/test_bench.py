@@ -57,3 +57,18 @@ def test_bench_pipeline_smoke(tmp_path, tiny_model_dir):
     assert piped["reconciled"] and piped["tokens_per_s_steady"] > 0
     assert result["steady_vs_alone"] == pytest.approx(
         piped["tokens_per_s_steady"] / alone["tokens_per_s"], rel=1e-2, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_bench_nightly_smoke(tmp_path, tiny_model_dir):
+    out = tmp_path / "nightly.json"
+    bench.main(["nightly", "--size", "tiny", "--model-dir", str(tiny_model_dir), "--texts", "40",
+                "--shards", "2", "--change", "0.1", "--delete", "0.05", "--add", "0.05",
+                "--json", str(out)])
+    result = json.loads(out.read_text())
+    n1, n2, n3 = result["night1_full"], result["night2_incremental"], result["night3_unchanged"]
+    assert n1["rows_embedded"] == 40 and n1["reconciled"]
+    assert (n2["rows_changed"], n2["rows_deleted"], n2["rows_new"]) == (4, 2, 2)
+    assert n2["rows_embedded"] == 6 and n2["rows_reused"] == 34
+    assert n3["rows_embedded"] == 0 and n3["rows_reused"] == 40
+    assert result["plain_run_on_night2_corpus"]["rows_embedded"] == 40

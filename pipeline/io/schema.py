@@ -42,6 +42,7 @@ BUCKET = "__bucket"  # the id's hash bucket: rows of one id meet in one diff cal
 CHANGE = "__change"  # "new", "changed" or "unchanged" against the previous snapshot
 REUSE = "__reuse"  # true: the previous snapshot's embeddings are reused, the row is not encoded
 PREV_HASH = "__prev_hash"  # the previous snapshot's rows, read for the diff
+SEEN = "__seen"  # ids a resumed snapshot committed earlier (checked for duplicates)
 
 
 def prev_embedding(width: int) -> str:

@@ -56,6 +56,9 @@ class InputFile:
     format: str  # parquet | jsonl
     compression: str | None  # gzip | zstd | None
     row_groups: tuple[int, int] | None = None  # a slice of a large Parquet file: [start, stop)
+    # What the store says identifies this content (S3 ETag, GCS generation, local mtime):
+    # a resume redoes a unit whose file changed even if its size did not.
+    version: str | None = None
 
     @property
     def unit(self) -> str:
@@ -139,10 +142,11 @@ def list_inputs(uri: str, storage_options: dict[str, Any] | None = None,
     fs, path = open_filesystem(uri, storage_options, preflight=True)
     entries = _list(fs, uri, path)
     files, unknown = [], []
-    for entry_path, size in entries:
+    for entry_path, size, version in entries:
         fmt, compression = detect_format(entry_path, forced_format)
         target = files if fmt else unknown
-        target.append(InputFile(to_uri(fs, entry_path), int(size or 0), fmt or "", compression))
+        target.append(InputFile(to_uri(fs, entry_path), int(size or 0), fmt or "", compression,
+                                version=version))
     if unknown:
         shown = ", ".join(f.uri for f in unknown[:5])
         raise InputError(
@@ -192,12 +196,23 @@ def split_large_parquet(files: list[InputFile], storage_options: dict[str, Any] 
     return [piece for f in files for piece in split.get(f.uri, [f])]
 
 
-def _list(fs: fsspec.AbstractFileSystem, uri: str, path: str) -> list[tuple[str, int]]:
+def _version(info: dict) -> str | None:
+    """The store's content version of a listed file (see :attr:`InputFile.version`)."""
+    for key in ("ETag", "etag", "generation", "md5Hash"):
+        if info.get(key):
+            return f"{key}:{str(info[key]).strip(chr(34))}"
+    for key in ("mtime", "LastModified", "last_modified"):
+        if info.get(key):
+            return f"{key}:{info[key]}"
+    return None
+
+
+def _list(fs: fsspec.AbstractFileSystem, uri: str, path: str) -> list[tuple[str, int, str | None]]:
     with storage_errors(uri, "list"):
         if any(ch in path for ch in "*?["):
             found = fs.glob(path, detail=True)
             base = glob_base(path)
-            entries = [(p, i.get("size", 0)) for p, i in sorted(found.items())
+            entries = [(p, i.get("size", 0), _version(i)) for p, i in sorted(found.items())
                        if _is_file(p, i) and not _hidden(p[len(base):])]
             if not entries:
                 raise InputError(f"input glob {uri} matches no data files (names starting "
@@ -208,10 +223,10 @@ def _list(fs: fsspec.AbstractFileSystem, uri: str, path: str) -> list[tuple[str,
         except FileNotFoundError:
             raise InputError(f"input {uri} does not exist") from None
         if info.get("type") != "directory":
-            return [(info["name"], info.get("size", 0))]
+            return [(info["name"], info.get("size", 0), _version(info))]
         found = fs.find(path, detail=True)
     base = path.rstrip("/")
-    entries = [(p, i.get("size", 0)) for p, i in sorted(found.items())
+    entries = [(p, i.get("size", 0), _version(i)) for p, i in sorted(found.items())
                if not _hidden(p[len(base):]) and _is_file(p, i)]
     if not entries:
         raise InputError(f"input prefix {uri} holds no data files (names starting with '_' or "

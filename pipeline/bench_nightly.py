@@ -1,0 +1,134 @@
+"""``python -m pipeline.bench nightly``: what an incremental night costs against a full one.
+
+The pipeline benchmark's texts (``bench_pipeline``), same model and device, as Parquet shards.
+Night 1 embeds the corpus into a fresh snapshot folder. Then ``--change`` of the rows get a new
+text, ``--delete`` are removed and ``--add`` new rows arrive; night 2 should encode only those,
+night 3 (nothing changed) nothing. A plain ``run`` over night 2's corpus gives the cost of
+embedding everything again. Reports each run's wall time, rows encoded and reused, and the
+fixed cost of a night that encodes nothing (read, content hashes, the shuffle against the
+previous snapshot, writing every row again).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bench_pipeline import texts_of_lengths, write_corpus
+from .model.builder import build_model_dir
+from .tokenize import TextTokenizer
+
+
+def nightly_run(corpus: Path, out: Path, model_dir: Path, args) -> dict:
+    from .config import RunConfig
+    from .nightly import run_nightly
+
+    t0 = time.perf_counter()
+    summary = run_nightly(RunConfig(input=str(corpus), output=str(out), model=str(model_dir),
+                                    dims=args.dims, device=args.device, dtype=args.dtype,
+                                    progress="off"))
+    keep = ("rows_in", "rows_new", "rows_changed", "rows_unchanged", "rows_deleted",
+            "rows_embedded", "rows_reused", "tokens", "reconciled")
+    return {k: summary[k] for k in keep} | {"wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def full_run(corpus: Path, out: Path, model_dir: Path, args) -> dict:
+    from .config import RunConfig
+    from .runner import run
+
+    t0 = time.perf_counter()
+    summary = run(RunConfig(input=str(corpus), output=str(out), model=str(model_dir),
+                            dims=args.dims, device=args.device, dtype=args.dtype,
+                            progress="off", overwrite=True))
+    return {"rows_embedded": summary["rows_embedded"], "tokens": summary["tokens"],
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def edit_corpus(texts: list[str], args, rng) -> tuple[list[int], list[str]]:
+    """Night 2's (ids, texts): some texts changed, some rows deleted, some added."""
+    n = len(texts)
+    ids = list(range(n))
+    changed = rng.choice(n, int(n * args.change), replace=False)
+    donors = rng.permutation(n)
+    texts = list(texts)
+    for k, i in enumerate(changed):
+        texts[i] = texts[donors[k]] + " (revised)"
+    deleted = set(rng.choice(n, int(n * args.delete), replace=False).tolist()) - set(changed.tolist())
+    keep = [i for i in ids if i not in deleted]
+    added = [texts[donors[-(k + 1)]] + " (new)" for k in range(int(n * args.add))]
+    return keep + list(range(n, n + len(added))), [texts[i] for i in keep] + added
+
+
+def bench_nightly(args) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .bench import length_mix, machine
+    from .config import RunConfig
+    from .runner import init_ray
+
+    model_dir = Path(args.model_dir or f"models/bench-{args.size}")
+    if not (model_dir / "config.json").is_file():
+        build_model_dir(model_dir, args.size, seed=0)
+    tokenizer = TextTokenizer.from_dir(model_dir)
+    texts = texts_of_lengths(length_mix(args.texts, args.seed), tokenizer, args.seed)
+    rng = np.random.default_rng(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        day1, day2 = Path(tmp) / "day1", Path(tmp) / "day2"
+        write_corpus(texts, day1, args.shards)
+        ids, texts2 = edit_corpus(texts, args, rng)
+        day2.mkdir()
+        for k, part in enumerate(np.array_split(np.arange(len(ids)), args.shards)):
+            pq.write_table(pa.table({"id": pa.array([ids[i] for i in part], pa.int64()),
+                                     "text": [texts2[i] for i in part]}),
+                           day2 / f"part-{k:03d}.parquet")
+        out = Path(tmp) / "snapshots"
+        started = init_ray(RunConfig(input=str(day1), output=str(out), device=args.device))
+        try:  # one local Ray for the four runs (each run's actors start afresh)
+            night1 = nightly_run(day1, out, model_dir, args)
+            night2 = nightly_run(day2, out, model_dir, args)
+            night3 = nightly_run(day2, out, model_dir, args)
+            full = full_run(day2, Path(tmp) / "full", model_dir, args)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+    return {
+        "benchmark": "nightly", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+        "model": args.size, "texts": args.texts, "device": args.device, "dtype": args.dtype,
+        "edits": {"change": args.change, "delete": args.delete, "add": args.add},
+        "night1_full": night1, "night2_incremental": night2, "night3_unchanged": night3,
+        "plain_run_on_night2_corpus": full,
+        "night2_vs_plain_run_wall": round(night2["wall_s"] / full["wall_s"], 3),
+    }
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--size", choices=("tiny", "real"), default="real")
+    parser.add_argument("--model-dir", default=None, help="default models/bench-<size>")
+    parser.add_argument("--texts", type=int, default=600)
+    parser.add_argument("--shards", type=int, default=6)
+    parser.add_argument("--change", type=float, default=0.02, help="fraction of texts changed")
+    parser.add_argument("--delete", type=float, default=0.01, help="fraction of rows deleted")
+    parser.add_argument("--add", type=float, default=0.01, help="new rows, as a fraction")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dims", default=None, help="widths (default 768,512,256; 64,32 tiny)")
+    parser.add_argument("--json", help="also write the result to this file")
+
+
+def main(args) -> None:
+    from .config import parse_int_list
+
+    args.dims = parse_int_list(args.dims or ("64,32" if args.size == "tiny" else "768,512,256"),
+                               "--dims")
+    result = bench_nightly(args)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
