@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import typing
 
-from .config import JOB_OPTIONS, RunConfig, parse_int_list, parse_name_list
+from .config import JOB_EXCLUDES, JOB_OPTIONS, RunConfig, parse_int_list, parse_name_list
 
 
 def _dims(text: str) -> tuple[int, ...]:
@@ -33,6 +33,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, fields: typing.Iterable[s
     takes: every shared option, and the job's own (:data:`JOB_OPTIONS`)."""
     hints = typing.get_type_hints(RunConfig)
     others = {name for j, names in JOB_OPTIONS.items() if j != job for name in names}
+    others |= set(JOB_EXCLUDES.get(job, ()))
     for f in dataclasses.fields(RunConfig):
         if (fields is not None and f.name not in fields) or f.name in others:
             continue

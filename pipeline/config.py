@@ -25,6 +25,8 @@ JOB_OPTIONS = {
     "nightly": ("keep_snapshots",),
     "enrich": ("iceberg_catalog", "iceberg_catalog_uri", "iceberg_warehouse"),
 }
+# Options a job does not take (enrich keeps every column and matches rows by position).
+JOB_EXCLUDES = {"enrich": ("keep_columns", "on_duplicate")}
 # Internal column names start with this; user columns may not.
 RESERVED_PREFIX = "__"
 
@@ -83,7 +85,8 @@ class RunConfig:
     s3_endpoint: str | None = _field(None, "S3-compatible endpoint URL (default: the AWS "
                                      "environment, e.g. AWS_ENDPOINT_URL)", metavar="URL")
     overwrite: bool = _field(False, "replace an earlier run at the output instead of resuming it "
-                             "(needed when the model, widths, task or columns changed)")
+                             "(needed when the model, widths, task or columns changed); "
+                             "nightly: start a new snapshot instead of resuming an unfinished one")
     on_duplicate: str = _field("keep-first", "a repeated id within a shard: keep-first embeds "
                                "the first row and rejects the rest; keep-all embeds every row",
                                choices=ON_DUPLICATE)

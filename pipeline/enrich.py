@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import posixpath
+import re
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,7 @@ log = logging.getLogger("pipeline.enrich")
 STAGING = "_staging"
 ROW_COLUMN = "_row"  # the staging files' row number of each vector in its source file
 SLICE_MARK = "#row-groups["
+HIVE_SEGMENT = re.compile(r"^[^=/]+=[^/]*$")  # a hive-style partition folder: key=value
 
 
 class EnrichVariant(PlainRun):
@@ -84,20 +86,28 @@ def enrich_parquet(config: RunConfig) -> dict[str, Any]:
     check_disjoint(config.input, config.output)
     out = config.output.rstrip("/")
     base = _input_base(config.input, files, config.storage_options)
-    targets = {f.uri: f"{out}/{name}" for f in files
-               for name in [_relative_name(f.uri, base, config.storage_options)]}
+    names = {f.uri: _relative_name(f.uri, base, config.storage_options) for f in files}
+    targets = {uri: f"{out}/{name}" for uri, name in names.items()}
     started = init_ray(config)
     try:
         result = run(staging_config(config, f"{out}/{STAGING}"), EnrichVariant())
         if not result["reconciled"]:
             return result
+        earlier = _earlier_files(config, out)
         merged = merge_all(config, f"{out}/{STAGING}", targets)
     finally:
         if started:
             import ray
 
             ray.shutdown()
-    result = _summary(result, merged)
+    result = _summary(result, merged) | {"enriched_names": sorted(names.values())}
+    # An earlier enrichment's files whose source is gone are not part of the table now.
+    stale = sorted(set(earlier) - set(names.values()))
+    if stale:
+        fs, path = open_filesystem(out, config.storage_options)
+        with storage_errors(out, "delete earlier enriched files at"):
+            fs.rm([f"{path.rstrip('/')}/{name}" for name in stale])
+        log.info("deleted %d enriched file(s) of an earlier run whose source is gone", len(stale))
     result["rejects_files"] = _move_rejects(config, f"{out}/{STAGING}", f"{out}/_rejects")
     _write_json(config, f"{out}/_summary.json", result)
     _remove_staging(config, f"{out}/{STAGING}")
@@ -125,7 +135,8 @@ def enrich_iceberg(config: RunConfig) -> dict[str, Any]:
         result = run(staging_config(config, staging), EnrichVariant(files))
         if not result["reconciled"]:
             return result
-        merged = merge_all(config, staging, targets)
+        merged = merge_all(config, staging, targets,
+                           frozenset(f.field_id for f in table.schema().fields))
     finally:
         if started:
             import ray
@@ -155,7 +166,8 @@ def open_catalog(config: RunConfig):
                                 config.iceberg_warehouse, config.storage_options)
 
 
-def merge_all(config: RunConfig, staging: str, targets: dict[str, str]) -> list[dict[str, Any]]:
+def merge_all(config: RunConfig, staging: str, targets: dict[str, str],
+              field_ids: frozenset[int] | None = None) -> list[dict[str, Any]]:
     """Write every enriched file (one Ray task per source file); returns their records."""
     import ray
 
@@ -173,7 +185,7 @@ def merge_all(config: RunConfig, staging: str, targets: dict[str, str]) -> list[
     metadata = _pipeline_metadata(parts, config.storage_options)
     task = ray.remote(num_cpus=1, max_retries=3)(merge_file)
     refs = [task.remote(source, parts[source], target, tuple(config.dims), config.output_dtype,
-                        metadata, config.storage_options)
+                        metadata, config.storage_options, field_ids)
             for source, target in sorted(targets.items())]
     try:
         return ray.get(refs)
@@ -186,11 +198,25 @@ def merge_all(config: RunConfig, staging: str, targets: dict[str, str]) -> list[
 
 def merge_file(source: str, parts: list[str], target: str, dims: tuple[int, ...],
                output_dtype: str, metadata: dict[str, Any] | None,
-               storage_options: dict[str, Any]) -> dict[str, Any]:
-    """Write ``source``'s table with its vectors (from the staging ``parts``) appended."""
+               storage_options: dict[str, Any],
+               field_ids: frozenset[int] | None = None) -> dict[str, Any]:
+    """Write ``source``'s table with its vectors (from the staging ``parts``) appended.
+
+    Columns keep their Parquet storage (decimals stored as integers stay so). ``field_ids``
+    (Iceberg: the table schema's top-level field ids) drops a column whose field id the table
+    no longer has (a dropped column that old data files still hold).
+    """
     fs, path = open_filesystem(source, storage_options)
     with storage_errors(source, "read"), fs.open(path, "rb") as f:
-        table = pq.ParquetFile(f).read()
+        pf = pq.ParquetFile(f)
+        table = pf.read()
+        decimals_as_integers = any(
+            pf.schema.column(i).logical_type.type == "DECIMAL"
+            and pf.schema.column(i).physical_type in ("INT32", "INT64")
+            for i in range(len(pf.schema)))
+    if field_ids is not None:
+        table = table.drop_columns([f.name for f in table.schema
+                                    if _field_id(f) is not None and _field_id(f) not in field_ids])
     n = table.num_rows
     dtype = np.float16 if output_dtype == "float16" else np.float32
     values = {d: np.zeros((n, d), dtype) for d in dims}
@@ -224,8 +250,13 @@ def merge_file(source: str, parts: list[str], target: str, dims: tuple[int, ...]
         if is_local(tfs):
             tfs.makedirs(posixpath.dirname(tpath), exist_ok=True)
         with open_for_publish(tfs, tpath) as f:
-            pq.write_table(out, f)
+            pq.write_table(out, f, store_decimal_as_integer=decimals_as_integers)
     return {"source": source, "target": target, "rows": n, "rows_with_embeddings": int(have.sum())}
+
+
+def _field_id(field: pa.Field) -> int | None:
+    value = (field.metadata or {}).get(b"PARQUET:field_id")
+    return int(value) if value is not None else None
 
 
 def _pipeline_metadata(parts: dict[str, list[str]], storage_options) -> dict[str, Any] | None:
@@ -239,21 +270,36 @@ def _pipeline_metadata(parts: dict[str, list[str]], storage_options) -> dict[str
 
 
 def _input_base(uri: str, files: list[InputFile], storage_options) -> str:
-    """The folder the input's files are named relative to (a glob's fixed part, a single
-    file's folder, else the prefix itself)."""
+    """The folder the input's files are named relative to: a glob's fixed part, a single
+    file's folder, else the prefix itself; then above any ``key=value`` (hive partition)
+    folders at its end, so that every partition folder is kept in the output's paths."""
+    base = uri.rstrip("/")
     if any(ch in uri for ch in "*?["):
-        return glob_base(uri)
-    if len(files) == 1 and files[0].uri.rstrip("/").endswith(uri.rstrip("/").rsplit("/", 1)[-1]):
+        base = glob_base(uri).rstrip("/")
+    elif len(files) == 1:
         fs, path = open_filesystem(uri, storage_options)
         if fs.isfile(path):
-            return uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
-    return uri
+            base = base.rsplit("/", 1)[0] if "/" in base else "."
+    while "/" in base and HIVE_SEGMENT.match(base.rsplit("/", 1)[1]):
+        base = base.rsplit("/", 1)[0]
+    return base
 
 
 def _relative_name(file_uri: str, base_uri: str, storage_options) -> str:
     fs, path = open_filesystem(file_uri, storage_options)
     _, base = open_filesystem(base_uri, storage_options)
     return relative(path, base, is_local(fs))
+
+
+def _earlier_files(config: RunConfig, out: str) -> list[str]:
+    """The enriched files (names relative to ``out``) an earlier run listed in its summary."""
+    fs, path = open_filesystem(f"{out}/_summary.json", config.storage_options)
+    with storage_errors(out, "read the earlier summary at"):
+        if not fs.exists(path):
+            return []
+        names = json.loads(fs.cat_file(path)).get("enriched_names", [])
+    return [n for n in names if isinstance(n, str) and not n.startswith(("/", "..", "_"))
+            and ".." not in n.split("/")]
 
 
 def _summary(result: dict[str, Any], merged: list[dict[str, Any]]) -> dict[str, Any]:

@@ -440,8 +440,14 @@ def run_nightly(config: RunConfig) -> dict[str, Any]:
     """One nightly run: a new (or the unfinished) snapshot, then ``_LATEST``, then pruning."""
     if config.on_duplicate == "keep-all":
         raise ValueError("nightly keys rows by id, so --on-duplicate keep-all cannot be used")
+    if HASH_COLUMN in config.keep_columns:
+        raise ValueError(f"--keep-columns names {HASH_COLUMN!r}, the snapshot's own column; "
+                         "rename that column")
     root_uri = config.output.rstrip("/")
-    prepare_output(root_uri, config.storage_options)  # writable; refuses a missing bucket
+    found = prepare_output(root_uri, config.storage_options)  # writable; no bucket is created
+    if found:
+        raise OutputError(f"output {root_uri} holds the output of a `run` (e.g. {found[0]}); "
+                          "nightly writes snapshot folders and _LATEST: choose another output")
     fs, root = open_filesystem(root_uri, config.storage_options)
     root = root.rstrip("/")
     latest = read_latest(fs, root)

@@ -126,6 +126,19 @@ def test_partitioned_parquet_table_round_trip_on_s3(cluster, s3_endpoint, s3_buc
     assert one.select(src.column_names).equals(src)
     assert json.loads(one.schema.metadata[b"nomic_moe_pipeline"])["widths"] == list(DIMS)
 
+    # Again into the same output, from a glob inside one partition: the partition folder is
+    # kept in the paths, and the files of the earlier run whose source is not read now go.
+    again = run_enrich(RunConfig(input=f"s3://{s3_bucket}/lake/docs/lang=fr/*.parquet",
+                                 output=out, model=str(tiny_model_dir), dims=DIMS,
+                                 progress="off", s3_endpoint=s3_endpoint))
+    fs.invalidate_cache()
+    written = sorted(p[len(root) + 1:] for p in fs.find(root) if p.endswith(".parquet")
+                     and "/_rejects/" not in p)
+    assert written == [n for n in names if n.startswith("lang=fr/")]
+    assert again["rows_out"] == 15
+    assert read(root).select(before.column_names).equals(
+        before.filter(pa.compute.equal(before["lang"], "fr")))
+
 
 @pytest.fixture
 def warehouse(tmp_path, monkeypatch):
@@ -138,11 +151,14 @@ def warehouse(tmp_path, monkeypatch):
 def test_iceberg_table_enriched_in_place_as_a_new_snapshot(cluster, tiny_model_dir, embedder,
                                                            warehouse):
     catalog = iceberg.load_catalog("lake", warehouse=str(warehouse))
-    source = source_table().drop_columns(["price"])  # decimals: covered by the Parquet test
+    source = source_table().append_column("gone", pa.array(range(45), pa.int64()))
     table = iceberg.create_table_from(catalog, "iceberg:lake.docs", source.schema, ["lang"])
     for k in range(3):  # three appends: several data files per partition
         table.append(source.slice(15 * k, 15))
+    with table.update_schema() as update:  # old data files still hold the dropped column
+        update.delete_column("gone")
     table = table.refresh()
+    source = source.drop_columns(["gone"])
     old_snapshot = table.current_snapshot().snapshot_id
     old_fields = {f.name: (f.field_id, f.field_type) for f in table.schema().fields}
     before = table.scan().to_arrow().sort_by("when")
@@ -167,7 +183,10 @@ def test_iceberg_table_enriched_in_place_as_a_new_snapshot(cluster, tiny_model_d
     assert after.select(before.column_names).equals(before), "every row and value unchanged"
     check_embeddings(after, embedder, empty={""})
     # Time travel: the old snapshot still reads the old table.
-    assert table.scan(snapshot_id=old_snapshot).to_arrow().sort_by("when").equals(before)
+    # (Iceberg reads a snapshot with its own schema, which still has the dropped column.)
+    old = table.scan(snapshot_id=old_snapshot).to_arrow().sort_by("when")
+    assert old.column_names == before.column_names + ["gone"]
+    assert old.select(before.column_names).equals(before)
     # Partition pruning still works on the enriched files.
     fr = table.scan(row_filter="lang == 'fr'").to_arrow()
     assert fr.num_rows == 15 and set(fr["lang"].to_pylist()) == {"fr"}
@@ -175,6 +194,19 @@ def test_iceberg_table_enriched_in_place_as_a_new_snapshot(cluster, tiny_model_d
     enrich_dir = Path(table.location().removeprefix("file://")) / "_enrich"
     assert sorted(p.name for p in enrich_dir.iterdir()) == [
         f"{old_snapshot}-rejects", f"{old_snapshot}-summary.json"]
+
+
+def test_partition_folders_stay_in_the_output_paths(tmp_path):
+    from pipeline.enrich import _input_base
+    from pipeline.io.storage import list_inputs
+
+    folder = tmp_path / "t" / "a=1" / "b=x"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"id": [1], "text": ["x"]}), folder / "p0.parquet")
+    root = str(tmp_path / "t")
+    for given in (f"{root}/a=1/b=x/p0.parquet", f"{root}/a=1/*/*.parquet", f"{root}/a=1/",
+                  f"{root}/a=1/b=x", root):
+        assert _input_base(given, list_inputs(given), None) == root, given
 
 
 def test_enrich_refusals_exit_2_before_ray(tmp_path, tiny_model_dir, warehouse):

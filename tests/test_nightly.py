@@ -211,6 +211,15 @@ def test_other_settings_encode_every_row_again(cluster, s3_endpoint, s3_bucket, 
     assert third["rows_embedded"] == 0 and third["rows_reused"] == 12
     assert stale in third["snapshots_deleted"] and latest(fs, out) == third["snapshot"]
 
+    # The same ids as strings: other ids (nothing compares), every row new, the old deleted.
+    strings = {name: {i: dict(r, id=f"doc-{i}") for i, r in rows.items()}
+               for name, rows in day1.items()}
+    upload_dir(client, s3_bucket, "strings", encoded(strings))
+    fourth = run_nightly(config(f"s3://{s3_bucket}/strings/", out, tiny_model_dir,
+                                task="clustering"))
+    assert "id type changed" in fourth["reembed_reason"] and not fourth["reused_previous"]
+    assert (fourth["rows_new"], fourth["rows_deleted"], fourth["rows_embedded"]) == (12, 12, 12)
+
 
 def test_ids_repeated_across_files_are_rejected_after_the_first(
         cluster, s3_endpoint, s3_bucket, tiny_model_dir):

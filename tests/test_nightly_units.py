@@ -860,3 +860,21 @@ def test_prune_with_many_to_keep_deletes_only_unfinished(local):
 def test_pc_is_used_like_the_diff_expects():
     # index_in takes the first of repeated values: diff_bucket relies on it.
     assert pc.index_in(pa.array([2, 3]), value_set=pa.array([2, 2, 3])).to_pylist() == [0, 2]
+
+
+def test_nightly_refuses_a_kept_content_hash_column_and_a_run_output(tmp_path):
+    from pipeline.config import RunConfig
+    from pipeline.io.storage import OutputError
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text('{"id": 1, "text": "x", "content_hash": "u"}\n')
+    with pytest.raises(ValueError, match="content_hash"):
+        N.run_nightly(RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                                keep_columns=("content_hash",)))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "part-0123456789abcdef-0123456789ab.parquet").write_bytes(b"x")
+    with pytest.raises(OutputError, match="holds the output of a `run`"):
+        N.run_nightly(RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out")))
+    with pytest.raises(ValueError, match="keep-all"):
+        N.run_nightly(RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out2"),
+                                on_duplicate="keep-all"))

@@ -424,11 +424,18 @@ def _check_enriched(table: Table, source: DataFile, uri: str, names: list[str],
     large_string choice does not matter while an int32 -> int64 change does.
     """
     src, new = footers[source.file_path].meta, footers[uri].meta
-    src_top = [n for n in src.schema.to_arrow_schema().names if n not in names]
+    # A column whose field id the table no longer has (dropped since the file was written)
+    # is not part of the table: the enriched file may leave it out.
+    ids = {f.field_id for f in table.schema().fields}
+    dropped = {f.name for f in src.schema.to_arrow_schema()
+               if (f.metadata or {}).get(b"PARQUET:field_id") is not None
+               and int(f.metadata[b"PARQUET:field_id"]) not in ids}
+    src_top = [n for n in src.schema.to_arrow_schema().names if n not in names and n not in dropped]
     new_top = new.schema.to_arrow_schema().names
     src_leaves, new_leaves = _leaf_types(src), _leaf_types(new)
     changed = [p for p, t in src_leaves.items()
-               if p.split(".")[0] not in names and new_leaves.get(p) != t]
+               if p.split(".")[0] not in names and p.split(".")[0] not in dropped
+               and new_leaves.get(p) != t]
     not_float = [n for n in names if new_leaves.get(f"{n}.list.element") not in EMBEDDING_LEAVES]
     problem = None
     if new.num_rows != source.record_count:
