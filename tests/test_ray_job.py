@@ -86,31 +86,22 @@ def test_ray_job_submit_runs_the_embedding_job(ray_head, tmp_path, tiny_model_di
     assert proc.returncode != 0 and "does not exist" in proc.stdout + proc.stderr
 
 
-def test_ray_job_submit_runs_the_nightly_job_twice(ray_head, tmp_path, tiny_model_dir):
+def test_ray_job_submit_runs_the_nightly_job(ray_head, tmp_path, tiny_model_dir):
     address, env = ray_head
     (tmp_path / "in").mkdir()
-    rows = {i: {"id": i, "text": f"document number {i}"} for i in range(30)}
-
-    def nightly() -> dict:
-        (tmp_path / "in" / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows.values()))
-        proc = submit(address, env, "python", "jobs/nightly_reembed.py", "--input",
-                      str(tmp_path / "in"), "--output", str(tmp_path / "snapshots"), "--model",
-                      str(tiny_model_dir), "--dims", "64", "--progress", "off",
-                      runtime_env=["--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml"])
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-        latest = (tmp_path / "snapshots" / "_LATEST").read_text().strip()
-        return json.loads((tmp_path / "snapshots" / latest / "_summary.json").read_text())
-
-    first = nightly()
-    assert first["rows_embedded"] == first["rows_new"] == 30
-    rows[3]["text"] = "an edited document"
-    del rows[4]
-    second = nightly()
-    assert (second["rows_changed"], second["rows_deleted"], second["rows_embedded"]) == (1, 1, 1)
-    assert second["previous_snapshot"] == first["snapshot"] and second["rows_out"] == 29
-    snapshot = tmp_path / "snapshots" / second["snapshot"]
-    table = pq.read_table(sorted(snapshot.glob("part-*.parquet")))
-    assert sorted(table["id"].to_pylist()) == sorted(rows)
+    rows = [{"id": i, "text": f"document number {i}"} for i in range(30)]
+    (tmp_path / "in" / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    proc = submit(address, env, "python", "jobs/nightly_reembed.py", "--input",
+                  str(tmp_path / "in"), "--output", str(tmp_path / "snapshots"), "--model",
+                  str(tiny_model_dir), "--dims", "64", "--progress", "off",
+                  runtime_env=["--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    latest = (tmp_path / "snapshots" / "_LATEST").read_text().strip()
+    summary = json.loads((tmp_path / "snapshots" / latest / "_summary.json").read_text())
+    assert summary["snapshot"] == latest and summary["rows_embedded"] == summary["rows_new"] == 30
+    table = pq.read_table(sorted((tmp_path / "snapshots" / latest).glob("part-*.parquet")))
+    assert sorted(table["id"].to_pylist()) == list(range(30))
+    assert table.column_names == ["id", "embedding_64", "content_hash"]
 
 
 def test_env_var_references_expand_from_the_node(ray_head):
