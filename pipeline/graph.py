@@ -113,7 +113,8 @@ def build_nightly_dataset(plan: RunPlan, diff) -> Dataset:
     from .nightly import diff_bucket, hash_rows, read_previous, read_seen
 
     ds = read_shards(plan).map_batches(
-        hash_rows, batch_format="pyarrow", fn_kwargs={"task": diff.task, "buckets": diff.buckets},
+        hash_rows, batch_format="pyarrow",
+        fn_kwargs={"task": diff.task, "buckets": diff.buckets, "schema": diff.schema},
     )
     if diff.previous_files:
         previous = ray.data.read_datasource(FunctionDatasource(

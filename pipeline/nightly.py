@@ -77,6 +77,44 @@ class Diff:
     output_dtype: str = "float32"  # of its vectors (today's, when they are reused)
     # Part files this snapshot committed before a resume, with their source: (URI, source).
     seen_files: tuple[tuple[str, str], ...] = ()
+    # The one schema of every table entering the shuffle: Ray's hash shuffle concatenates the
+    # tables of a partition as they are (no promotion), so both sides must agree exactly.
+    schema: pa.Schema | None = None
+
+
+def diff_schema(read, diff: Diff) -> pa.Schema:
+    """Today's rows' columns (``read``: the run's ReadSpec), then the previous snapshot's and
+    the resumed snapshot's; each side leaves the others' columns null."""
+    fields = [(S.ID, read.id_type or pa.string()), (S.TEXT, pa.large_string()),
+              (S.SOURCE, pa.string()), (S.UNIT, pa.string()), (S.ROW, pa.int64()),
+              (S.FILE_ROWS, pa.int64()), (S.FILE_ROWSUM, pa.int64()),
+              (S.REJECT, pa.string()), (S.EXCERPT, pa.string())]
+    for c in read.keep_columns:
+        kind = read.keep_type(c)
+        fields.append((c, kind if isinstance(kind, pa.DataType) else pa.string()))
+    fields += [(S.HASH, pa.string()), (S.BUCKET, pa.int64()), (S.PREV_HASH, pa.string())]
+    if diff.reuse:
+        fields += [(S.prev_embedding(d), S.embedding_type(d, diff.output_dtype)) for d in diff.dims]
+    fields.append((S.SEEN, pa.bool_()))
+    return pa.schema(fields)
+
+
+def conform(table: pa.Table, schema: pa.Schema | None) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns, in its order and types (nulls for the
+    columns it lacks)."""
+    if schema is None:
+        return table
+    extra = set(table.column_names) - set(schema.names)
+    if extra:
+        raise ValueError(f"columns {sorted(extra)} are not part of the diff's schema")
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            column = table[field.name]
+            columns.append(column if column.type == field.type else column.cast(field.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def content_hash(prefixed: str) -> str:
@@ -108,7 +146,7 @@ def plain(values: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
     return values
 
 
-def hash_rows(table: pa.Table, task: str, buckets: int) -> pa.Table:
+def hash_rows(table: pa.Table, task: str, buckets: int, schema: pa.Schema | None = None) -> pa.Table:
     """Add each row's content hash and id bucket; reject rows that cannot be embedded (the
     tokenizer's checks, made here so that only embeddable rows take part in the diff)."""
     prefix = task_prefix(task)
@@ -125,11 +163,16 @@ def hash_rows(table: pa.Table, task: str, buckets: int) -> pa.Table:
             rejects[i], excerpts[i] = reason, S.excerpt(text)
         else:
             hashes[i] = content_hash(add_prefix(text, prefix))
-    out = table.drop_columns([S.REJECT, S.EXCERPT])
-    return out.append_column(S.REJECT, pa.array(rejects, pa.string())) \
+    out = table.drop_columns([S.REJECT, S.EXCERPT, S.TEXT])
+    # Texts as one type whatever the file stored; a rejected row's is not needed any more.
+    text = pa.array([t if h is not None else None for t, h in zip(texts, hashes)],
+                    pa.large_string())
+    out = out.append_column(S.TEXT, text) \
+        .append_column(S.REJECT, pa.array(rejects, pa.string())) \
         .append_column(S.EXCERPT, pa.array(excerpts, pa.string())) \
         .append_column(S.HASH, pa.array(hashes, pa.string())) \
         .append_column(S.BUCKET, bucket_of(table[S.ID], buckets))
+    return conform(out, schema)
 
 
 def read_previous(uri: str, diff: Diff, storage_options: dict[str, Any]) -> Iterator[pa.Table]:
@@ -151,7 +194,7 @@ def read_previous(uri: str, diff: Diff, storage_options: dict[str, Any]) -> Iter
             if diff.reuse:
                 out |= {S.prev_embedding(d): batch.column(embedding_column(d)) for d in diff.dims}
             out[S.BUCKET] = bucket_of(ids, diff.buckets)
-            yield pa.table(out)
+            yield conform(pa.table(out), diff.schema)
 
 
 def read_seen(uri: str, diff: Diff, source: str, storage_options: dict[str, Any]) -> Iterator[pa.Table]:
@@ -161,9 +204,9 @@ def read_seen(uri: str, diff: Diff, source: str, storage_options: dict[str, Any]
         for batch in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=[diff.id_column]):
             ids = batch.column(diff.id_column)
             n = len(ids)
-            yield pa.table({S.ID: ids, S.SEEN: pa.array([True] * n),
-                            S.SOURCE: pa.array([source] * n, pa.string()),
-                            S.BUCKET: bucket_of(ids, diff.buckets)})
+            yield conform(pa.table({S.ID: ids, S.SEEN: pa.array([True] * n),
+                                    S.SOURCE: pa.array([source] * n, pa.string()),
+                                    S.BUCKET: bucket_of(ids, diff.buckets)}), diff.schema)
 
 
 def diff_bucket(table: pa.Table, diff: Diff) -> Iterator[pa.Table]:
@@ -178,7 +221,7 @@ def diff_bucket(table: pa.Table, diff: Diff) -> Iterator[pa.Table]:
     if not today.num_rows:
         return  # only deleted ids in this bucket
     others = table.filter(pc.invert(today_mask))
-    # (null-typed when no seen row reached this table: Ray's union fills missing columns)
+    # (a column may be missing, or null-typed, in tables not made by conform(): tests)
     seen_mask = pc.is_valid(others[S.SEEN]) if S.SEEN in others.column_names \
         else pa.array([False] * others.num_rows, pa.bool_())
     previous, seen = others.filter(pc.invert(seen_mask)), others.filter(seen_mask)
@@ -413,6 +456,7 @@ class NightlyVariant(PlainRun):
                     id_column=identity["id_column"], id_type=plan.read.id_type,
                     dims=tuple(identity["dims"]), reuse=self.reuse,
                     output_dtype=identity["output_dtype"], seen_files=seen)
+        diff = dataclasses.replace(diff, schema=diff_schema(plan.read, diff))
         return build_nightly_dataset(plan, diff)
 
     def summarize(self, result: dict[str, Any], committed: dict[str, dict[str, Any]]) -> dict[str, Any]:

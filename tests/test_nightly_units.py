@@ -269,9 +269,32 @@ def test_hash_rows_adds_buckets_and_keeps_every_column():
     assert out[S.BUCKET].to_pylist() == N.bucket_of(pa.array(ids, pa.int64()), 3).to_pylist()
     assert out[S.BUCKET].to_pylist()[2] == 0
     assert set(out.column_names) == set(table.column_names) | {S.HASH, S.BUCKET}
-    for c in (S.ID, S.TEXT, S.SOURCE, S.ROW, S.UNIT, "lang"):
+    for c in (S.ID, S.SOURCE, S.ROW, S.UNIT, "lang"):
         assert out[c].to_pylist() == table[c].to_pylist()
     assert out[S.REJECT].to_pylist() == [None, None, "id is null", None]
+    # Texts leave as large strings; a rejected row's is dropped (its excerpt is kept).
+    assert out[S.TEXT].type == pa.large_string()
+    assert out[S.TEXT].to_pylist() == ["a", "b", None, "d"]
+
+
+def test_every_side_of_the_shuffle_has_the_diff_schema():
+    # Ray's hash shuffle concatenates a partition's tables without promotion: today's rows,
+    # the previous snapshot's and the resumed snapshot's must share one schema exactly.
+    from pipeline.io.readers import ReadSpec
+
+    d = diff(True, output_dtype="float16")
+    spec = ReadSpec("id", "text", ("lang",), pa.int64(), keep_types=(("lang", pa.string()),))
+    d = N.dataclasses.replace(d, schema=N.diff_schema(spec, d))
+    today = N.hash_rows(reader_rows([1, 2], ["a", "b"]), "document", 1, d.schema)
+    prev = N.conform(previous_rows([1], [h("a")], dtype="float16"), d.schema)
+    seen = N.conform(pa.table({S.ID: pa.array([5], pa.int64()), S.SEEN: [True],
+                               S.SOURCE: ["s"], S.BUCKET: pa.array([0], pa.int64())}), d.schema)
+    assert today.schema == prev.schema == seen.schema == d.schema
+    combined = pa.concat_tables([today, prev, seen])  # what the shuffle's reduce does
+    out = run_diff(combined, d)
+    assert out[S.CHANGE].to_pylist() == ["unchanged", "new"]
+    with pytest.raises(ValueError, match="not part of the diff's schema"):
+        N.conform(pa.table({"stray": [1]}), d.schema)
 
 
 # ---------------------------------------------------------------------------------------------
