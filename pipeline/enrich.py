@@ -84,6 +84,7 @@ def enrich_parquet(config: RunConfig) -> dict[str, Any]:
         raise InputError(f"enrich reads Parquet tables (or Iceberg ones); {config.input} holds "
                          f"{files[0].format} files: use `run`, which writes ids and vectors")
     check_disjoint(config.input, config.output)
+    check_columns(files, config)
     out = config.output.rstrip("/")
     base = _input_base(config.input, files, config.storage_options)
     names = {f.uri: _relative_name(f.uri, base, config.storage_options) for f in files}
@@ -112,6 +113,28 @@ def enrich_parquet(config: RunConfig) -> dict[str, Any]:
     _write_json(config, f"{out}/_summary.json", result)
     _remove_staging(config, f"{out}/{STAGING}")
     return result
+
+
+def check_columns(files: list[InputFile], config: RunConfig) -> None:
+    """Every file has the id and text columns (footers read in parallel): a table file
+    lacking them would come back with no vectors at all, so it is a setup mistake here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def lacking(file: InputFile) -> list[str]:
+        if not file.size:
+            return []
+        fs, path = open_filesystem(file.uri, config.storage_options)
+        with storage_errors(file.uri, "read"), fs.open(path, "rb") as f:
+            names = set(pq.ParquetFile(f).schema_arrow.names)
+        return [c for c in (config.id_column, config.text_column) if c not in names]
+
+    with ThreadPoolExecutor(16) as pool:
+        missing = [(f.uri, cols) for f, cols in zip(files, pool.map(lacking, files)) if cols]
+    if missing:
+        uri, cols = missing[0]
+        raise InputError(f"{len(missing)} file(s) of the table lack columns it needs, e.g. {uri} "
+                         f"has no {cols} (--id-column {config.id_column}, --text-column "
+                         f"{config.text_column})")
 
 
 def enrich_iceberg(config: RunConfig) -> dict[str, Any]:

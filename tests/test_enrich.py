@@ -221,6 +221,11 @@ def test_enrich_refusals_exit_2_before_ray(tmp_path, tiny_model_dir, warehouse):
 
     proc = enrich("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"))
     assert proc.returncode == 2 and "enrich reads Parquet tables" in proc.stderr
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"id": [1], "text": ["x"]}), tmp_path / "pq" / "a.parquet")
+    pq.write_table(pa.table({"id": [2], "body": ["y"]}), tmp_path / "pq" / "b.parquet")
+    proc = enrich("--input", str(tmp_path / "pq"), "--output", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "b.parquet has no ['text']" in proc.stderr, proc.stderr[-500:]
     proc = enrich("--input", "iceberg:lake.docs", "--output", "iceberg:lake.other",
                   "--iceberg-warehouse", str(warehouse))
     assert proc.returncode == 2 and "enriched in place" in proc.stderr
