@@ -95,15 +95,23 @@ def enrich_parquet(config: RunConfig) -> dict[str, Any]:
         if not result["reconciled"]:
             return result
         earlier = _earlier_files(config, out)
+        # Readers wait for the summary: it goes while the files are being replaced.
+        fs, path = open_filesystem(f"{out}/_summary.json", config.storage_options)
+        with storage_errors(out, "replace the summary at"):
+            if fs.exists(path):
+                fs.rm(path)
         merged = merge_all(config, f"{out}/{STAGING}", targets)
     finally:
         if started:
             import ray
 
             ray.shutdown()
-    result = _summary(result, merged) | {"enriched_names": sorted(names.values())}
-    # An earlier enrichment's files whose source is gone are not part of the table now.
-    stale = sorted(set(earlier) - set(names.values()))
+    # An earlier enrichment's files that this input covers but whose source is gone are not
+    # part of the table now; those of sources this input does not cover stay (and listed).
+    in_scope = _scope(config.input, base, files, config.storage_options)
+    stale = sorted(n for n in set(earlier) - set(names.values()) if in_scope(n))
+    result = _summary(result, merged) | {
+        "enriched_names": sorted((set(earlier) - set(stale)) | set(names.values()))}
     if stale:
         fs, path = open_filesystem(out, config.storage_options)
         with storage_errors(out, "delete earlier enriched files at"):
@@ -303,9 +311,24 @@ def _input_base(uri: str, files: list[InputFile], storage_options) -> str:
         fs, path = open_filesystem(uri, storage_options)
         if fs.isfile(path):
             base = base.rsplit("/", 1)[0] if "/" in base else "."
-    while "/" in base and HIVE_SEGMENT.match(base.rsplit("/", 1)[1]):
-        base = base.rsplit("/", 1)[0]
+    while HIVE_SEGMENT.match(base.rsplit("/", 1)[-1]):
+        base = base.rsplit("/", 1)[0] if "/" in base else "."
     return base
+
+
+def _scope(uri: str, base: str, files: list[InputFile], storage_options):
+    """Whether an output name (relative to the output) is among what input ``uri`` covers:
+    its glob, its one file, or everything under its prefix."""
+    import fnmatch
+
+    rest = uri.rstrip("/") if base == "." else uri.rstrip("/")[len(base):].strip("/")
+    if any(ch in uri for ch in "*?["):
+        return lambda name: fnmatch.fnmatchcase(name, rest)
+    if len(files) == 1 and rest and files[0].uri.rstrip("/").endswith(rest):
+        fs, path = open_filesystem(uri, storage_options)
+        if fs.isfile(path):
+            return lambda name: name == rest
+    return lambda name: not rest or name == rest or name.startswith(rest + "/")
 
 
 def _relative_name(file_uri: str, base_uri: str, storage_options) -> str:

@@ -139,6 +139,19 @@ def bucket_of(ids: pa.ChunkedArray | pa.Array, buckets: int) -> pa.Array:
                      for v in values], pa.int64())
 
 
+def id_kind(kind: pa.DataType) -> str:
+    """Integer, string or binary: ids of one kind compare whatever their width or layout
+    (int32 and int64, string and large_string, dictionary-encoded or not)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if pa.types.is_integer(kind):
+        return "integer"
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        return "string"
+    return "binary" if (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+                        or pa.types.is_fixed_size_binary(kind)) else str(kind)
+
+
 def plain(values: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
     """``values`` without dictionary encoding (ids compare and sort by value)."""
     if pa.types.is_dictionary(values.type):
@@ -439,7 +452,7 @@ class NightlyVariant(PlainRun):
             prev_type = units.decode_types(prev.identity["types"])[0] \
                 if prev.identity.get("types") else None
             if prev_type is not None and plan.read.id_type is not None \
-                    and prev_type != plan.read.id_type:
+                    and id_kind(prev_type) != id_kind(plan.read.id_type):
                 # Ids of another type are other ids: nothing to compare, every row is new.
                 self.reuse, files = False, ()
                 self.reason = f"id type changed: {prev_type} -> {plan.read.id_type}"

@@ -21,12 +21,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import posixpath
 import time
 from typing import Any, Callable, Iterable
 
 from .io.storage import (MANIFEST_DIR, SUMMARY_NAME, InputFile, OutputError, is_local,
                          open_for_publish, relative, storage_errors, to_uri)
+
+log = logging.getLogger("pipeline.units")
 
 RUN_FILE = "_run.json"
 # Settings that change what a row's output is; a resumed run must match them all.
@@ -100,8 +103,9 @@ def resumable_units(state: OutputState, identity: dict[str, Any],
     ``unknown`` names identity fields not settled yet (checked in a later call).
 
     Raises :class:`OutputError` when the output holds anything the run cannot continue: files
-    of a run without a manifest, a run with other settings, or units of input files that
-    changed or are no longer in the input.
+    of a run without a manifest, a run with other settings, or units of input files no longer
+    in the input. Units whose file changed since (its size, or the version the store reports)
+    are left out: they are embedded again.
     """
     hint = "pass --overwrite to replace it, or choose another output"
     if state.empty:
@@ -120,15 +124,17 @@ def resumable_units(state: OutputState, identity: dict[str, Any],
     if gone:
         raise ResumeRefused(f"output {output_uri} holds the rows of {len(gone)} file(s) that are "
                           f"not in the input now (e.g. {gone[0]}); {hint}")
-    moved = [f"{m['uri']} ({m['size']} -> {sizes[k].size} bytes)"
-             if m["size"] != sizes[k].size else f"{m['uri']} (rewritten: {m.get('version')} -> "
-             f"{sizes[k].version})"
-             for k, m in state.units.items() if m["size"] != sizes[k].size
-             or (m.get("version") and sizes[k].version and m["version"] != sizes[k].version)]
-    if moved:
-        raise ResumeRefused(f"{len(moved)} input file(s) changed since the earlier run at "
-                          f"{output_uri} (e.g. {moved[0]}); {hint}")
-    return dict(state.units)
+    changed = {k: (f"{m['uri']} ({m['size']} -> {sizes[k].size} bytes)"
+                   if m["size"] != sizes[k].size else
+                   f"{m['uri']} (store version {m.get('version')} -> {sizes[k].version})")
+               for k, m in state.units.items() if m["size"] != sizes[k].size
+               or (m.get("version") and sizes[k].version and m["version"] != sizes[k].version)}
+    if changed:
+        # Its rows are embedded again; its old files (no longer named by a kept manifest)
+        # are deleted with the other strays before the run.
+        log.warning("%d input file(s) changed since the earlier run at %s and are embedded "
+                    "again, e.g. %s", len(changed), output_uri, next(iter(changed.values())))
+    return {k: m for k, m in state.units.items() if k not in changed}
 
 
 def stray_files(fs, state: OutputState, keep: dict[str, dict[str, Any]]) -> list[str]:

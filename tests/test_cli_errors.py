@@ -140,21 +140,6 @@ def test_output_of_a_run_with_other_settings(capsys, local_corpus, tiny_model_di
     assert (out / "_manifest" / "_run.json").exists()  # refused, nothing deleted
 
 
-def test_output_whose_input_files_changed(capsys, local_corpus, tiny_model_dir):
-    from pipeline.io.storage import open_filesystem
-    from pipeline.units import manifest_path, unit_key, write_json
-
-    out = local_corpus / "o"
-    earlier_run(out, local_corpus, tiny_model_dir)
-    uri = str(local_corpus / "in" / "p.parquet")
-    fs, path = open_filesystem(str(out))
-    write_json(fs, manifest_path(path, unit_key(uri)),
-               {"unit": unit_key(uri), "uri": uri, "size": 1, "files": []})
-    code, err = run_cli(capsys, "--input", str(local_corpus / "in"), "--output", str(out),
-                        "--model", str(tiny_model_dir), "--dims", "64")
-    assert code == 2 and "changed since the earlier run" in err and uri in err
-
-
 def test_pipeline_files_without_a_manifest(capsys, local_corpus, tiny_model_dir):
     out = local_corpus / "o"
     out.mkdir()

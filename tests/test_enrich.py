@@ -126,18 +126,20 @@ def test_partitioned_parquet_table_round_trip_on_s3(cluster, s3_endpoint, s3_buc
     assert one.select(src.column_names).equals(src)
     assert json.loads(one.schema.metadata[b"nomic_moe_pipeline"])["widths"] == list(DIMS)
 
-    # Again into the same output, from a glob inside one partition: the partition folder is
-    # kept in the paths, and the files of the earlier run whose source is not read now go.
+    # Again into the same output, from a glob inside one partition whose second file is
+    # gone: the partition folder is kept in the paths, the gone file's enriched copy is
+    # deleted, and the other partitions' files (outside this input) stay.
+    gone = "lang=fr/part-1.parquet"
+    client.delete_object(Bucket=s3_bucket, Key=f"lake/docs/{gone}")
     again = run_enrich(RunConfig(input=f"s3://{s3_bucket}/lake/docs/lang=fr/*.parquet",
                                  output=out, model=str(tiny_model_dir), dims=DIMS,
                                  progress="off", s3_endpoint=s3_endpoint))
     fs.invalidate_cache()
     written = sorted(p[len(root) + 1:] for p in fs.find(root) if p.endswith(".parquet")
                      and "/_rejects/" not in p)
-    assert written == [n for n in names if n.startswith("lang=fr/")]
-    assert again["rows_out"] == 15
-    assert read(root).select(before.column_names).equals(
-        before.filter(pa.compute.equal(before["lang"], "fr")))
+    assert written == [n for n in names if n != gone]
+    assert again["rows_out"] == 10 and again["enriched_names"] == written
+    assert read(root).select(before.column_names).equals(read(f"{s3_bucket}/lake/docs"))
 
 
 @pytest.fixture
@@ -207,6 +209,15 @@ def test_partition_folders_stay_in_the_output_paths(tmp_path):
     for given in (f"{root}/a=1/b=x/p0.parquet", f"{root}/a=1/*/*.parquet", f"{root}/a=1/",
                   f"{root}/a=1/b=x", root):
         assert _input_base(given, list_inputs(given), None) == root, given
+    import os
+
+    cwd = os.getcwd()
+    try:  # a relative partition folder: named from the current folder
+        os.chdir(tmp_path / "t")
+        assert _input_base("a=1", list_inputs("a=1"), None) == "."
+        assert _input_base("a=1/b=x/p0.parquet", list_inputs("a=1/b=x/p0.parquet"), None) == "."
+    finally:
+        os.chdir(cwd)
 
 
 def test_enrich_refusals_exit_2_before_ray(tmp_path, tiny_model_dir, warehouse):

@@ -190,8 +190,8 @@ def test_other_settings_encode_every_row_again(cluster, s3_endpoint, s3_bucket, 
     # The prefix is part of the hash: every text changed as the encoder sees it.
     assert again["rows_changed"] == 12 and again["rows_deleted"] == 0
 
-    # An unfinished snapshot on the same base whose input has changed since cannot be
-    # resumed: a scheduled job starts a new snapshot instead of stopping (and prunes the old).
+    # An unfinished snapshot on the same base made with other settings cannot be resumed:
+    # a scheduled job starts a new snapshot instead of stopping (and prunes the old one).
     fs = s3(s3_endpoint)
     root = out.removeprefix("s3://")
     stale = again["snapshot"][:-3] + "59Z"  # a later second of the same minute
@@ -202,10 +202,8 @@ def test_other_settings_encode_every_row_again(cluster, s3_endpoint, s3_bucket, 
     run_file = f"{root}/{stale}/_manifest/_run.json"
     document = json.loads(fs.cat(run_file))
     document["identity"]["nightly"]["base"] = again["snapshot"]
+    document["identity"]["task"] = "query"  # a killed run with other settings
     fs.pipe(run_file, json.dumps(document).encode())
-    manifest = sorted(fs.glob(f"{root}/{stale}/_manifest/unit-*.json"))[0]
-    unit = json.loads(fs.cat(manifest))
-    fs.pipe(manifest, json.dumps(unit | {"size": unit["size"] + 1}).encode())
     third = run_nightly(config(f"s3://{s3_bucket}/in/", out, tiny_model_dir, task="clustering"))
     assert third["snapshot"] not in (stale, again["snapshot"]) and third["reconciled"]
     assert third["rows_embedded"] == 0 and third["rows_reused"] == 12
@@ -320,7 +318,8 @@ def test_a_resumed_snapshot_keeps_its_committed_units_and_never_repeats_their_id
     src = tmp_path / "in"
     src.mkdir()
     day1 = {"x.jsonl": {i: {"id": i, "text": f"x text {i}", "lang": "en"} for i in range(12)},
-            "y.jsonl": {i: {"id": i, "text": f"y text {i}", "lang": "fr"} for i in range(20, 32)}}
+            "y.jsonl": {i: {"id": i, "text": f"y text {i}", "lang": "fr"} for i in range(20, 32)},
+            "z.jsonl": {i: {"id": i, "text": f"z text {i}", "lang": "de"} for i in range(40, 52)}}
     for name, data in encoded(day1).items():
         (src / name).write_bytes(data)
     out = tmp_path / "nightly"
@@ -338,23 +337,30 @@ def test_a_resumed_snapshot_keeps_its_committed_units_and_never_repeats_their_id
         unit = json.loads(manifest.read_text())
         if unit["uri"].endswith("y.jsonl"):
             manifest.unlink()
-        else:  # as a second night over the same x would have committed it
+        else:  # as a second night over the same file would have committed it
             unit |= {"rows_new": 0, "rows_unchanged": 12, "rows_reused": 12}
             manifest.write_text(json.dumps(unit))
 
-    day2 = {"x.jsonl": day1["x.jsonl"], "y.jsonl": dict(day1["y.jsonl"])}
+    day2 = {"x.jsonl": day1["x.jsonl"], "y.jsonl": dict(day1["y.jsonl"]),
+            "z.jsonl": dict(day1["z.jsonl"])}
     day2["y.jsonl"][3] = {"id": 3, "text": "y now also has id 3", "lang": "fr"}  # x's id
-    day2["y.jsonl"][20] = {"id": 20, "text": "y text 99", "lang": "fr"}  # same size, changed
-    (src / "y.jsonl").write_bytes(encoded(day2)["y.jsonl"])  # x.jsonl untouched
+    day2["y.jsonl"][20] = {"id": 20, "text": "y text 99", "lang": "fr"}
+    # z was committed; rewritten with the same size, its unit must not be kept.
+    day2["z.jsonl"][41] = {"id": 41, "text": "z text 99", "lang": "de"}
+    time.sleep(0.01)  # a later modification time than the one recorded
+    for name in ("y.jsonl", "z.jsonl"):  # x.jsonl untouched
+        (src / name).write_bytes(encoded(day2)[name])
+    assert (src / "z.jsonl").stat().st_size == len(encoded(day1)["z.jsonl"])
     result = run_nightly(config(str(src), str(out), tiny_model_dir))
     assert result["snapshot"] == unfinished and result["units"]["resumed"] == 1
-    assert result["rows_out"] == 24 and result["rows_rejected"] == 1
-    assert (result["rows_changed"], result["rows_unchanged"], result["rows_new"]) == (1, 23, 0)
+    assert result["rows_out"] == 36 and result["rows_rejected"] == 1
+    assert (result["rows_changed"], result["rows_unchanged"], result["rows_new"]) == (2, 34, 0)
     assert result["rows_deleted"] == 0
     rejects = pq.read_table(result["rejects_files"][0])
     assert rejects["id"].to_pylist() == ["3"] and "committed earlier in this snapshot" in \
         rejects["reason"][0].as_py()
     table = pq.read_table(result["output_files"]).sort_by("id")
-    assert table["id"].to_pylist() == sorted(list(range(12)) + list(range(20, 32)))
+    assert table["id"].to_pylist() == sorted(list(range(12)) + list(range(20, 32))
+                                             + list(range(40, 52)))
     del day2["y.jsonl"][3]
     check_snapshot(table, day2, embedder)

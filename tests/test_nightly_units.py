@@ -901,3 +901,11 @@ def test_nightly_refuses_a_kept_content_hash_column_and_a_run_output(tmp_path):
     with pytest.raises(ValueError, match="keep-all"):
         N.run_nightly(RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out2"),
                                 on_duplicate="keep-all"))
+
+
+def test_id_kinds_compare_across_widths_and_layouts():
+    assert N.id_kind(pa.int32()) == N.id_kind(pa.int64()) == N.id_kind(pa.uint16()) == "integer"
+    assert N.id_kind(pa.string()) == N.id_kind(pa.large_string()) == "string"
+    assert N.id_kind(pa.dictionary(pa.int32(), pa.string())) == "string"
+    assert N.id_kind(pa.binary(16)) == N.id_kind(pa.binary()) == "binary"
+    assert N.id_kind(pa.int64()) != N.id_kind(pa.string())

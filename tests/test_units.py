@@ -348,12 +348,25 @@ def test_resumable_units_file_no_longer_in_the_input_is_refused():
         resumable_units(st, IDENT, INPUTS, "s3://o/")
 
 
-def test_resumable_units_changed_input_file_is_refused():
+def test_resumable_units_changed_input_file_is_embedded_again(caplog):
     st = state(manifests=[manifest(A), manifest(B, size=90)])
-    with pytest.raises(OutputError, match=r"1 input file\(s\) changed since the earlier run at "
-                                          r"s3://o/ \(e\.g\. s3://in/b\.jsonl \(90 -> 100 "
-                                          r"bytes\)\).*--overwrite"):
-        resumable_units(st, IDENT, INPUTS, "s3://o/")
+    with caplog.at_level("WARNING"):
+        assert resumable_units(st, IDENT, INPUTS, "s3://o/") == {unit_key(A): manifest(A)}
+    assert "s3://in/b.jsonl (90 -> 100 bytes)" in caplog.text
+
+
+def test_resumable_units_rewritten_input_file_of_the_same_size_is_embedded_again():
+    from pipeline.io.storage import InputFile
+
+    inputs = [InputFile(f.uri, f.size, f.format, f.compression, version="ETag:new")
+              for f in INPUTS]
+    st = state(manifests=[manifest(A) | {"version": "ETag:new"},
+                          manifest(B) | {"version": "ETag:old"}])
+    assert resumable_units(st, IDENT, inputs, "s3://o/") == {
+        unit_key(A): manifest(A) | {"version": "ETag:new"}}
+    # Manifests of before versions were recorded: compared by size alone.
+    assert set(resumable_units(state(manifests=[manifest(A), manifest(B)]), IDENT, inputs,
+                               "s3://o/")) == {unit_key(A), unit_key(B)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ class InputFile:
     compression: str | None  # gzip | zstd | None
     row_groups: tuple[int, int] | None = None  # a slice of a large Parquet file: [start, stop)
     # What the store says identifies this content (S3 ETag, GCS generation, local mtime):
-    # a resume redoes a unit whose file changed even if its size did not.
+    # a resume embeds again a unit whose file changed, even if its size did not.
     version: str | None = None
 
     @property
