@@ -98,6 +98,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return {"demo": demo, "run": run, "nightly": run, "enrich": run}[args.command](args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per job (options from ``RunConfig``), and ``demo``."""
     parser = argparse.ArgumentParser(prog="python -m pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
     from .cli import add_run_arguments
@@ -118,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="out/demo", help="output folder (replaced on each run)")
     p.add_argument("--dims", default="64,32,16", help="widths (the tiny model is 64 wide)")
     p.add_argument("--progress", default="auto", choices=("auto", "on", "off"))
-    args = parser.parse_args(argv)
-    return {"demo": demo, "run": run, "nightly": run, "enrich": run}[args.command](args)
+    return parser
 
 
 if __name__ == "__main__":
