@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.s3server import s3_endpoint  # noqa: F401 - the cluster fixture's dependency
+
 # CI clones the repo with the team's shared/ folder beside it.
 SHARED = Path(os.environ.get("NOMIC_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 PARITY_FIXTURE = SHARED / "fixtures" / "nomic-moe-tiny"
@@ -26,6 +28,25 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from pipeline.model.builder import build_model_dir
 
     return build_model_dir(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_endpoint) -> str:
+    """A local Ray cluster for one test module, started after the fake AWS credentials (its
+    workers inherit them); yields its address for drivers started as subprocesses."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_model_dir):
+    """The tiny model's in-process encoder (fp32): the values the pipeline must reproduce."""
+    from pipeline import Embedder
+
+    return Embedder.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
 
 
 @pytest.fixture(autouse=True)

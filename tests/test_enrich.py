@@ -21,7 +21,6 @@ import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-import ray
 import s3fs
 
 from pipeline import Embedder
@@ -36,16 +35,6 @@ DIMS = (64, 32)
 EMBEDDINGS = [f"embedding_{d}" for d in DIMS]
 
 
-@pytest.fixture(scope="module")
-def cluster(s3_endpoint) -> str:
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def embedder(tiny_model_dir) -> Embedder:
-    return Embedder.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
 
 
 def source_table(n: int = 45) -> pa.Table:

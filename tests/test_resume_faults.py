@@ -19,7 +19,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import s3fs
 
 from pipeline import Embedder
@@ -32,17 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 DIMS = "64,32"
 
 
-@pytest.fixture(scope="module")
-def cluster(s3_endpoint) -> str:
-    """A local Ray cluster (started after the fake AWS credentials); yields its address."""
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def embedder(tiny_model_dir) -> Embedder:
-    return Embedder.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
 
 
 def corpus(shards: int, rows: int) -> dict[str, bytes]:
