@@ -48,16 +48,23 @@ class ShardDatasource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None,
                        data_context=None) -> list[ReadTask]:
-        # Largest first, dealt round-robin: tasks of similar bytes, files kept whole.
-        ordered = sorted(self._files, key=lambda f: -f.size)
-        groups = [ordered[i::max(1, min(parallelism, len(ordered)))]
-                  for i in range(max(1, min(parallelism, len(ordered))))]
         return [ReadTask(functools.partial(read_files, group, self._format, self._spec,
                                            self._storage_options),
-                         BlockMetadata(num_rows=None, size_bytes=sum(f.size for f in group),
-                                       input_files=tuple(f.uri for f in group),
-                                       exec_stats=None))
-                for group in groups if group]
+                         _metadata([(f.uri, f.size) for f in group]))
+                for group in deal(self._files, parallelism, lambda f: f.size)]
+
+
+def deal(files: list, parallelism: int, size) -> list[list]:
+    """Files in at most ``parallelism`` groups of similar bytes, each file whole: largest
+    first, dealt round-robin."""
+    ordered = sorted(files, key=lambda f: -size(f))
+    n = max(1, min(parallelism, len(ordered)))
+    return [group for group in (ordered[i::n] for i in range(n)) if group]
+
+
+def _metadata(files: list[tuple[str, int]]) -> BlockMetadata:
+    return BlockMetadata(num_rows=None, size_bytes=sum(size for _, size in files),
+                         input_files=tuple(uri for uri, _ in files), exec_stats=None)
 
 
 def read_files(files: list[InputFile], fmt: str, spec: ReadSpec,
@@ -145,13 +152,9 @@ class FunctionDatasource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None,
                        data_context=None) -> list[ReadTask]:
-        ordered = sorted(self._files, key=lambda f: -f[1])
-        n = max(1, min(parallelism, len(ordered)))
-        groups = [ordered[i::n] for i in range(n)]
         return [ReadTask(functools.partial(_read_all, [uri for uri, _ in group], self._read),
-                         BlockMetadata(num_rows=None, size_bytes=sum(s for _, s in group),
-                                       input_files=tuple(u for u, _ in group), exec_stats=None))
-                for group in groups if group]
+                         _metadata(group))
+                for group in deal(self._files, parallelism, lambda f: f[1])]
 
 
 def _read_all(uris: list[str], read) -> Iterator[Block]:
