@@ -129,3 +129,21 @@ def attention_padding(lengths, groups) -> float:
             real += sum(lens[a:b])
             grid += (b - a) * max(lens[a:b])
     return 1.0 - real / grid if grid else 0.0
+
+
+def deal_groups(lengths, groups: list[np.ndarray], ranks: int) -> list[list[int]]:
+    """Indices of ``groups`` for each of ``ranks`` expert-parallel ranks, balanced by work.
+
+    Every rank of a group waits for the slowest at each MoE layer, so each step should cost
+    about the same everywhere: the groups, heaviest first (``len * longest``), go one by one
+    to the rank with the least work so far among those with the fewest groups, so no rank
+    gets more than one group more than another.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    cost = [len(g) * int(lengths[g].max()) for g in groups]
+    work, dealt = [0] * ranks, [[] for _ in range(ranks)]
+    for i in sorted(range(len(groups)), key=lambda i: -cost[i]):
+        r = min(range(ranks), key=lambda r: (len(dealt[r]), work[r]))
+        dealt[r].append(i)
+        work[r] += cost[i]
+    return dealt

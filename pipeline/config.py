@@ -66,6 +66,10 @@ class RunConfig:
                         choices=MODEL_DTYPES)
     encoder_replicas: int | None = _field(None, "encoder actors (default: one per GPU, else 1)",
                                           metavar="N")
+    expert_parallel: int = _field(1, "ranks per encoder replica splitting the experts of every "
+                                  "MoE layer (expert parallelism: N GPUs, or N CPU processes, "
+                                  "exchanging tokens with all-to-all); 1: whole-model replicas "
+                                  "(measured faster, see README)", metavar="N")
     tokenizer_actors: int | None = _field(None, "tokenizer actors (default: 4 per GPU "
                                           "replica, 1 on CPU)", metavar="N")
     max_tokens_per_batch: int | None = _field(None, "token budget per encoder batch (default: "
@@ -121,7 +125,7 @@ class RunConfig:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not one of {list(allowed)}")
         object.__setattr__(self, "dims", _dims(self.dims))
         object.__setattr__(self, "keep_columns", tuple(self.keep_columns))
-        for name in ("encoder_replicas", "tokenizer_actors", "max_tokens_per_batch",
+        for name in ("encoder_replicas", "expert_parallel", "tokenizer_actors", "max_tokens_per_batch",
                      "window_rows", "rows_per_file", "encoder_threads", "unit_bytes",
                      "keep_snapshots"):
             value = getattr(self, name)

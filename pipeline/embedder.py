@@ -93,13 +93,17 @@ class Embedder:
         device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
         cache_dir: str | os.PathLike | None = None,
         max_tokens_per_batch: int | None = None, moe_backend: str = "auto",
+        placement=None,
     ) -> "Embedder":
         """Load from a local directory, a hub id (default the real model) or an fsspec prefix.
 
         ``dtype`` is a torch dtype or its name (float32, bfloat16, float16; ``auto`` picks
         bfloat16 on CUDA, float32 on CPU). The router always runs in float32.
         ``max_tokens_per_batch`` bounds ``sequences x longest`` per forward pass (default
-        4096 on CPU in float32, 16384 on CPU in bfloat16 and on CUDA).
+        4096 on CPU in float32, 16384 on CPU in bfloat16 and on CUDA). ``placement`` (an
+        :class:`~pipeline.model.expert_parallel.ExpertGroup`) makes this one rank of an
+        expert-parallel group: it loads only its experts and must encode in step with the
+        other ranks (see ``steps`` of :meth:`embed_tokenized`).
         """
         from .model.sources import DEFAULT_MODEL, resolve_model
 
@@ -107,7 +111,8 @@ class Embedder:
         dev = resolve_device(device)
         if dev.type == "cpu":
             retain_freed_memory()
-        encoder = load_encoder(resolved.local_dir, dev, resolve_dtype(dtype, dev), moe_backend)
+        encoder = load_encoder(resolved.local_dir, dev, resolve_dtype(dtype, dev), moe_backend,
+                               placement)
         return cls(
             encoder, TextTokenizer.from_dir(resolved.local_dir), model_id=resolved.model_id,
             revision=resolved.revision, max_tokens_per_batch=max_tokens_per_batch,
@@ -154,10 +159,13 @@ class Embedder:
     @torch.inference_mode()
     def embed_tokenized(
         self, batch: TokenizedBatch, dims: Sequence[int], groups: list[np.ndarray] | None = None,
+        steps: int | None = None,
     ) -> dict[int, np.ndarray]:
         """Embed already tokenised sequences in token-budgeted packed batches, input order kept.
 
         ``groups`` (default :meth:`plan`) are the index groups run as one packed batch each.
+        ``steps`` (expert parallelism: the most groups any rank of the group has this call)
+        pads the call with idle forward steps, so that every rank makes the same collectives.
         """
         dims = check_dims(dims, self.hidden_size)
         n = len(batch.lengths)
@@ -173,6 +181,8 @@ class Embedder:
             widths = matryoshka(mean_pool(hidden_TD, packed), dims)
             for d, vectors in widths.items():
                 out[d][group] = vectors.cpu().numpy()
+        for _ in range(len(groups), steps or 0):
+            self.encoder.forward_idle()
         self.last_stats = EncodeStats(
             texts=n, tokens=int(batch.lengths.sum()), texts_truncated=int(batch.truncated.sum()),
             batches=len(groups), attention_padding=attention_padding(batch.lengths, groups),

@@ -162,6 +162,25 @@ def _read_all(uris: list[str], read) -> Iterator[Block]:
         yield from read(uri)
 
 
+def limit_resources(plan: RunPlan) -> None:
+    """Keep Ray Data's tasks off the resources expert-parallel ranks hold.
+
+    The ranks are actors of their own placement groups, which Ray Data does not see; without
+    a limit it would plan its read and write tasks on those CPUs too. Set on every run (a
+    driver may run several), from the cluster's total at planning time.
+    """
+    from ray.data import DataContext, ExecutionResources
+
+    options = DataContext.get_current().execution_options
+    if plan.encode.ranks > 1:
+        total, ranks = ray.cluster_resources(), plan.encode.actors * plan.encode.ranks
+        options.resource_limits = ExecutionResources(
+            cpu=total.get("CPU", 0.0) - ranks * plan.encode.rank_cpus,
+            gpu=total.get("GPU", 0.0) - ranks * plan.encode.rank_gpus)
+    else:
+        options.resource_limits = ExecutionResources.for_limits()
+
+
 def embed_and_write(ds: Dataset, plan: RunPlan) -> Dataset:
     """Tokenize -> encode -> write ``ds``'s rows; a Dataset of write records."""
     ds = ds.map_batches(
@@ -169,6 +188,7 @@ def embed_and_write(ds: Dataset, plan: RunPlan) -> Dataset:
         batch_size=plan.tokenize.batch_rows, batch_format="pyarrow",
         compute=ActorPoolStrategy(size=plan.tokenize.actors), num_cpus=plan.tokenize.num_cpus,
     )
+    limit_resources(plan)
     # Merged by Ray with the job's runtime_env (working_dir, credentials by reference).
     env = {"runtime_env": {"env_vars": plan.encode.env_vars}} if plan.encode.env_vars else {}
     ds = ds.map_batches(

@@ -47,6 +47,7 @@ class ModelInfo:
     fingerprint: str
     hidden_size: int
     tokenizer_json: str = dataclasses.field(repr=False)
+    num_experts: int = 8
 
     def describe(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "revision": self.revision,
@@ -63,6 +64,17 @@ class StagePlan:
     num_cpus: float
     num_gpus: float = 0.0
     env_vars: dict[str, str] = dataclasses.field(default_factory=dict)  # set at process start
+    ranks: int = 1  # expert-parallel ranks per actor; each holds rank_cpus CPUs, 1 GPU on CUDA
+    rank_cpus: float = 0.0
+    rank_gpus: float = 0.0
+
+    @property
+    def held_cpus(self) -> float:
+        return self.actors * (self.num_cpus + self.ranks * self.rank_cpus)
+
+    @property
+    def held_gpus(self) -> float:
+        return self.actors * (self.num_gpus + self.ranks * self.rank_gpus)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +110,15 @@ def resolve_device(config: RunConfig, cluster: Cluster) -> str:
 
 
 def encoder_replicas(config: RunConfig, device: str, cluster: Cluster) -> int:
-    replicas = config.encoder_replicas or (int(cluster.gpus) if device == "cuda" else 1)
-    if device == "cuda" and replicas > cluster.gpus:
-        raise ValueError(f"--encoder-replicas {replicas} needs {replicas} GPUs, the cluster has "
+    """Encoder replicas: one per GPU (per ``--expert-parallel`` GPUs), one on CPU."""
+    ranks = config.expert_parallel
+    if device == "cuda" and ranks > cluster.gpus:
+        raise ValueError(f"--expert-parallel {ranks} needs {ranks} GPUs for one replica, the "
+                         f"cluster has {cluster.gpus:g}")
+    replicas = config.encoder_replicas or (int(cluster.gpus) // ranks if device == "cuda" else 1)
+    if device == "cuda" and replicas * ranks > cluster.gpus:
+        what = f"{replicas} x {ranks} expert-parallel ranks" if ranks > 1 else str(replicas)
+        raise ValueError(f"--encoder-replicas {replicas} needs {what} GPUs, the cluster has "
                          f"{cluster.gpus:g}")
     return replicas
 
@@ -110,7 +128,8 @@ def tokenizer_actors(config: RunConfig, device: str, replicas: int, cpus: float)
         return config.tokenizer_actors
     if device == "cuda":
         # Tokenising ~1M tokens/s takes several cores; keep some CPUs for reads and writes.
-        return max(1, min(TOKENIZERS_PER_GPU * replicas, int(cpus) - replicas - 1))
+        gpus = replicas * config.expert_parallel
+        return max(1, min(TOKENIZERS_PER_GPU * gpus, int(cpus) - gpus - 1))
     return 1
 
 
@@ -121,29 +140,45 @@ def local_cpus(config: RunConfig, gpus: int, cpu_count: int) -> int:
     leave none for read and write tasks, and the run would wait forever.
     """
     device = "cuda" if gpus and config.device != "cpu" else "cpu"
-    replicas = config.encoder_replicas or (gpus if device == "cuda" else 1)
-    actors = tokenizer_actors(config, device, replicas, cpu_count) + replicas
+    replicas = config.encoder_replicas or (gpus // config.expert_parallel if device == "cuda"
+                                           else 1)
+    encoders = replicas * config.expert_parallel
+    actors = tokenizer_actors(config, device, replicas, cpu_count) + encoders
     return max(cpu_count, actors + 2)
 
 
 def check_fits(tokenize: StagePlan, encode: StagePlan, cluster: Cluster) -> None:
     """Refuse actor pools that would hold every CPU: read and write tasks would never run."""
-    held = tokenize.actors * tokenize.num_cpus + encode.actors * encode.num_cpus
+    held = tokenize.held_cpus + encode.held_cpus
     if held + 1 > cluster.cpus:
+        encoders = f"{encode.actors} encoder actor(s)" if encode.ranks == 1 else \
+            f"{encode.actors} x {encode.ranks} expert-parallel rank(s)"
         raise ValueError(
-            f"{tokenize.actors} tokenizer actor(s) and {encode.actors} encoder actor(s) hold "
+            f"{tokenize.actors} tokenizer actor(s) and {encoders} hold "
             f"{held:g} of the cluster's {cluster.cpus:g} CPUs, leaving none for reading and "
             "writing (the run would wait forever); lower --tokenizer-actors or "
             "--encoder-replicas, or use a bigger cluster"
         )
 
 
+def _rank_resources(ranks: int, device: str) -> dict[str, Any]:
+    """An expert-parallel replica: the Ray Data actor only coordinates (no resources); each of
+    its ranks holds one CPU, and one GPU on CUDA (pipeline/ep.py)."""
+    return {"num_cpus": 0.0, "num_gpus": 0.0, "ranks": ranks, "rank_cpus": 1.0,
+            "rank_gpus": 1.0 if device == "cuda" else 0.0}
+
+
 def plan_run(config: RunConfig, cluster: Cluster, model: ModelInfo, files: list[InputFile],
-             id_type: pa.DataType | None, keep_types: tuple = ()) -> RunPlan:
+             id_type: pa.DataType | None, keep_types: tuple = (),
+             group_name: str = "pipeline-ep") -> RunPlan:
     """The plan of a run; raises ``ValueError`` for settings the cluster or model cannot meet."""
     from .model.pooling import check_dims
 
+    from .model.expert_parallel import check_split
+
     check_dims(config.dims, model.hidden_size)
+    ranks = config.expert_parallel
+    check_split(model.num_experts, ranks)
     device = resolve_device(config, cluster)
     replicas = encoder_replicas(config, device, cluster)
     tokenize = StagePlan(
@@ -158,10 +193,11 @@ def plan_run(config: RunConfig, cluster: Cluster, model: ModelInfo, files: list[
             "max_tokens_per_batch": config.max_tokens_per_batch,
             "threads": config.encoder_threads, "replicas": replicas,
             "storage_options": config.storage_options, "fingerprint": model.fingerprint,
-        },
+        } | ({"expert_parallel": ranks, "group_name": group_name} if ranks > 1 else {}),
         actors=replicas, batch_rows=config.window_rows or WINDOW_ROWS[device],
-        num_cpus=1.0, num_gpus=1.0 if device == "cuda" else 0.0,
-        env_vars=CPU_ENCODER_ENV if device == "cpu" else {},
+        **(_rank_resources(ranks, device) if ranks > 1 else
+           {"num_cpus": 1.0, "num_gpus": 1.0 if device == "cuda" else 0.0,
+            "env_vars": CPU_ENCODER_ENV if device == "cpu" else {}}),
     )
     check_fits(tokenize, encode, cluster)
     metadata = output_metadata(

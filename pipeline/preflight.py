@@ -116,6 +116,7 @@ def check_output(config: RunConfig) -> list[str]:
 def load_model_info(config: RunConfig) -> ModelInfo:
     """Resolve the model once on the driver: config, tokenizer and weights fingerprint."""
     from .model.config import load_config
+    from .model.expert_parallel import check_split
     from .model.pooling import check_dims
     from .model.sources import resolve_model, weights_fingerprint
     from .tokenize import TextTokenizer, TokenizerError
@@ -124,6 +125,7 @@ def load_model_info(config: RunConfig) -> ModelInfo:
                              storage_options=config.storage_options)
     model_config = load_config(resolved.local_dir)
     check_dims(config.dims, model_config.hidden_size)
+    check_split(model_config.num_experts, config.expert_parallel)
     path = Path(resolved.local_dir) / "tokenizer.json"
     tokenizer_json = path.read_text(encoding="utf-8") if path.is_file() else ""
     tokenizer = TextTokenizer.from_json(tokenizer_json) if tokenizer_json else None
@@ -135,4 +137,5 @@ def load_model_info(config: RunConfig) -> ModelInfo:
         source=source, model_id=resolved.model_id, revision=resolved.revision,
         fingerprint=weights_fingerprint(resolved.local_dir),
         hidden_size=model_config.hidden_size, tokenizer_json=tokenizer_json,
+        num_experts=model_config.num_experts,
     )

@@ -18,6 +18,7 @@ import ray
 
 from . import summary, units
 from .config import RunConfig
+from .ep import new_group_name, release_groups
 from .graph import STATS, build_dataset
 from .io.storage import (SUMMARY_NAME, count_rows, is_local, open_for_publish, open_filesystem,
                          own_files, remove_files)
@@ -88,7 +89,9 @@ def run(config: RunConfig, variant: PlainRun | None = None) -> dict[str, Any]:
     try:
         resources = ray.cluster_resources()
         cluster = Cluster(cpus=resources.get("CPU", 0.0), gpus=resources.get("GPU", 0.0))
-        plan = plan_run(config, cluster, model, inputs.files, inputs.id_type, inputs.keep_types)
+        group_name = new_group_name()
+        plan = plan_run(config, cluster, model, inputs.files, inputs.id_type, inputs.keep_types,
+                        group_name)
         plan = dataclasses.replace(plan, output=variant.output_spec(plan.output))
         identity = run_identity(config, plan, model, inputs) | variant.identity()
         if config.overwrite:
@@ -117,6 +120,8 @@ def run(config: RunConfig, variant: PlainRun | None = None) -> dict[str, Any]:
             consume(ds, tracker, config)
         wall = time.perf_counter() - t0
     finally:
+        if ray.is_initialized() and config.expert_parallel > 1:
+            release_groups(group_name)
         if started:
             ray.shutdown()
     unseen = {}
@@ -135,6 +140,7 @@ def run(config: RunConfig, variant: PlainRun | None = None) -> dict[str, Any]:
         unseen_rows=unseen, wall_s=wall, config=config.to_dict(),
         model=model.describe() | {"device": plan.device, "dtype": plan.dtype,
                                   "encoder_replicas": plan.encode.actors,
+                                  "expert_parallel": plan.encode.ranks,
                                   "tokenizer_actors": plan.tokenize.actors},
         input_files=len({f.uri for f in inputs.files}), units_total=len(inputs.files),
     )

@@ -92,21 +92,22 @@ class EncodeStage:
                  dims: tuple[int, ...], output_dtype: str, max_tokens_per_batch: int | None,
                  threads: int | None = None, replicas: int = 1,
                  storage_options: dict[str, Any] | None = None,
-                 fingerprint: str | None = None) -> None:
-        if threads or device == "cpu":
-            set_threads(threads or default_threads(replicas))
-        from .embedder import Embedder
-        from .model.sources import ModelSourceError, resolve_model, weights_fingerprint
+                 fingerprint: str | None = None, expert_parallel: int = 1,
+                 group_name: str = "pipeline-ep", ep_timeout_s: float | None = None) -> None:
+        load = dict(model=model, revision=revision, device=device, dtype=dtype,
+                    max_tokens_per_batch=max_tokens_per_batch, storage_options=storage_options,
+                    fingerprint=fingerprint)
+        if expert_parallel > 1:
+            # This actor only coordinates: the ranks of its group do the work (pipeline/ep.py).
+            from .ep import RankGroup
 
-        resolved = resolve_model(model, revision=revision, storage_options=storage_options)
-        if fingerprint is not None and weights_fingerprint(resolved.local_dir) != fingerprint:
-            raise ModelSourceError(
-                f"the weights of {model} on this node differ from the ones the driver checked "
-                f"({fingerprint}); the model source changed during the run"
-            )
-        self.embedder = Embedder.from_pretrained(
-            resolved.local_dir, device=device, dtype=dtype, max_tokens_per_batch=max_tokens_per_batch
-        )
+            self.embedder = RankGroup(expert_parallel, load, name=group_name,
+                                      threads=threads or None, replicas=replicas,
+                                      **({"timeout_s": ep_timeout_s} if ep_timeout_s else {}))
+        else:
+            if threads or device == "cpu":
+                set_threads(threads or default_threads(replicas))
+            self.embedder = load_embedder(**load)
         self.dims, self.output_dtype = dims, output_dtype
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -157,6 +158,25 @@ class EncodeStage:
         values = pa.array(full.reshape(-1))
         return pa.FixedSizeListArray.from_arrays(values, width, mask=pa.array(mask)) \
             .cast(embedding_type(width, self.output_dtype))
+
+
+def load_embedder(model: str, *, revision: str | None, device: str, dtype: str,
+                  max_tokens_per_batch: int | None, storage_options: dict[str, Any] | None,
+                  fingerprint: str | None, placement=None):
+    """The encoder of a worker: the model resolved on this node, checked against the weights
+    the driver fingerprinted, loaded whole or (``placement``) as one expert-parallel rank."""
+    from .embedder import Embedder
+    from .model.sources import ModelSourceError, resolve_model, weights_fingerprint
+
+    resolved = resolve_model(model, revision=revision, storage_options=storage_options)
+    if fingerprint is not None and weights_fingerprint(resolved.local_dir) != fingerprint:
+        raise ModelSourceError(
+            f"the weights of {model} on this node differ from the ones the driver checked "
+            f"({fingerprint}); the model source changed during the run"
+        )
+    return Embedder.from_pretrained(resolved.local_dir, device=device, dtype=dtype,
+                                    max_tokens_per_batch=max_tokens_per_batch,
+                                    placement=placement)
 
 
 def reused_vectors(table: pa.Table, rows: np.ndarray, width: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from .config import EncoderConfig, load_config
 from .encoder import NomicMoEEncoder
+from .expert_parallel import ExpertGroup
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SAFETENSORS_FILE = "model.safetensors"
@@ -28,6 +29,9 @@ class CheckpointError(ValueError):
 
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+EXPERT_WEIGHTS = ("ffn.w1_EFD", "ffn.w2_EFD")
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -121,9 +125,14 @@ def checkpoint_index(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]
 
 
 def load_state_dict(
-    cfg: EncoderConfig, files: list[Path], device: torch.device, dtype: torch.dtype
+    cfg: EncoderConfig, files: list[Path], device: torch.device, dtype: torch.dtype,
+    experts: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Read, check and convert every checkpoint tensor into our parameter names."""
+    """Read, check and convert every checkpoint tensor into our parameter names.
+
+    With ``experts = (lo, hi)`` only those experts' rows of the stacked expert matrices are
+    read from the files (an expert-parallel rank's share); every other tensor is read whole.
+    """
     rows = key_map(cfg)
     index = checkpoint_index(files)
     expected = {hub for _, hub, _, _ in rows}
@@ -147,7 +156,13 @@ def load_state_dict(
             for ours, hub, _, transform in rows:
                 if index[hub][0] != path:
                     continue
-                tensor = f.get_tensor(hub)
+                if experts is not None and ours.endswith(EXPERT_WEIGHTS):
+                    lo, hi = experts  # [E*F, D] rows, expert-major: read only this range
+                    part = f.get_slice(hub)[lo * cfg.ffn_size : hi * cfg.ffn_size]
+                    tensor = part.reshape(hi - lo, cfg.ffn_size, cfg.hidden_size)
+                    transform = _identity
+                else:
+                    tensor = f.get_tensor(hub)
                 if not tensor.is_floating_point():
                     raise CheckpointError(f"key {hub!r} has dtype {tensor.dtype}, expected float")
                 # The router stays fp32 at every activation dtype (model-spec section 6).
@@ -161,12 +176,14 @@ def load_encoder(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     moe_backend: str = "auto",
+    placement: ExpertGroup | None = None,
 ) -> NomicMoEEncoder:
     """Load a hub-layout model directory (``config.json`` + safetensors) into an encoder.
 
     Returns an eval-mode :class:`NomicMoEEncoder` on ``device`` with activations in ``dtype``
     (router in fp32). ``encoder(input_ids, attention_mask)`` maps right-padded ``[B, L]``
-    tensors to last hidden states ``[B, L, D]``.
+    tensors to last hidden states ``[B, L, D]``. With ``placement`` it is one rank of an
+    expert-parallel group and loads only that rank's experts.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -177,15 +194,17 @@ def load_encoder(
     if dtype == torch.float16 and device.type != "cuda":
         raise ValueError("float16 is supported on CUDA only; use bfloat16 or float32 on CPU")
     cfg = load_config(model_dir)
-    state = load_state_dict(cfg, weight_files(model_dir), device, dtype)
-    return encoder_from_state(cfg, state, moe_backend)
+    experts = placement.experts(cfg.num_experts) if placement else None
+    state = load_state_dict(cfg, weight_files(model_dir), device, dtype, experts)
+    return encoder_from_state(cfg, state, moe_backend, placement)
 
 
 def encoder_from_state(
-    cfg: EncoderConfig, state: dict[str, torch.Tensor], moe_backend: str = "auto"
+    cfg: EncoderConfig, state: dict[str, torch.Tensor], moe_backend: str = "auto",
+    placement: ExpertGroup | None = None,
 ) -> NomicMoEEncoder:
     """Build the module on the meta device and assign ``state`` (our names) into it."""
     with torch.device("meta"):
-        model = NomicMoEEncoder(cfg, moe_backend)
+        model = NomicMoEEncoder(cfg, moe_backend, placement)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)

@@ -11,22 +11,28 @@ import torch
 from torch import nn
 
 from .config import EncoderConfig
+from .expert_parallel import ExpertGroup, ExpertParallelMoE
 from .layers import Attention, AttentionPlan, DenseFFN, rotary_cos_sin
 from .moe import MoEFFN, Routing
 from .packed import PackedBatch
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: EncoderConfig, moe: bool, moe_backend: str) -> None:
+    def __init__(self, cfg: EncoderConfig, moe: bool, moe_backend: str,
+                 placement: ExpertGroup | None = None) -> None:
         super().__init__()
         self.attn = Attention(cfg)
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.ffn = MoEFFN(cfg, moe_backend) if moe else DenseFFN(cfg)
+        if moe:
+            self.ffn = ExpertParallelMoE(cfg, placement, moe_backend) if placement \
+                else MoEFFN(cfg, moe_backend)
+        else:
+            self.ffn = DenseFFN(cfg)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x_TD, cos, sin, plan, routing_out=None):
         h_TD = self.norm1(x_TD + self.attn(x_TD, cos, sin, plan))
-        f_TD = self.ffn(h_TD, routing_out) if isinstance(self.ffn, MoEFFN) else self.ffn(h_TD)
+        f_TD = self.ffn(h_TD) if isinstance(self.ffn, DenseFFN) else self.ffn(h_TD, routing_out)
         return self.norm2(h_TD + f_TD)
 
 
@@ -34,17 +40,22 @@ class NomicMoEEncoder(nn.Module):
     """The encoder. ``forward_packed`` is the real path; ``forward`` wraps it for ``[B, L]``.
 
     Build with :func:`pipeline.model.load_encoder` (weights from a checkpoint); constructing it
-    directly gives uninitialised parameters.
+    directly gives uninitialised parameters. With ``placement`` the module is one rank of an
+    expert-parallel group (:mod:`pipeline.model.expert_parallel`): it holds only its share of
+    the experts, and every rank must call :meth:`forward_packed` or :meth:`forward_idle` in
+    step with the others.
     """
 
-    def __init__(self, cfg: EncoderConfig, moe_backend: str = "auto") -> None:
+    def __init__(self, cfg: EncoderConfig, moe_backend: str = "auto",
+                 placement: ExpertGroup | None = None) -> None:
         super().__init__()
         self.config = cfg
+        self.placement = placement
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.emb_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(
-            Block(cfg, cfg.is_moe_layer(i), moe_backend) for i in range(cfg.num_layers)
+            Block(cfg, cfg.is_moe_layer(i), moe_backend, placement) for i in range(cfg.num_layers)
         )
 
     @property
@@ -93,6 +104,16 @@ class NomicMoEEncoder(nn.Module):
             if hidden_out is not None:
                 hidden_out.append(x_TD)
         return x_TD
+
+    def forward_idle(self) -> None:
+        """One step with no batch: an expert-parallel rank still serves the other ranks' tokens
+        at every MoE layer. Nothing to do without expert parallelism."""
+        if self.placement is None:
+            return
+        like = self.word_embeddings.weight
+        for block in self.layers:
+            if isinstance(block.ffn, ExpertParallelMoE):
+                block.ffn.idle(like)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Right-padded ``[B, L]`` ids and mask -> last hidden states ``[B, L, D]``.
