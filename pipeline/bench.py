@@ -1,6 +1,7 @@
 """Benchmarks. ``python -m pipeline.bench encoder [--device cpu|cuda] [--dtypes float32,bfloat16]``
-(this module; no Ray), ``python -m pipeline.bench pipeline`` (``pipeline/bench_pipeline.py``) and
-``python -m pipeline.bench nightly`` (``pipeline/bench_nightly.py``).
+(this module; no Ray), ``python -m pipeline.bench pipeline`` (``pipeline/bench_pipeline.py``),
+``python -m pipeline.bench nightly`` (``pipeline/bench_nightly.py``) and
+``python -m pipeline.bench ep`` (``pipeline/bench_ep.py``: expert parallelism vs. replicas, no Ray).
 
 Encoder alone, real-size random weights (768 wide, 12 layers, 8 experts, 250048 vocab), on a
 synthetic passage mix (median ~110 tokens, tail to 512). Runs side by side, in one process:
@@ -243,12 +244,19 @@ def main(argv: list[str] | None = None) -> None:
     from . import bench_nightly
 
     bench_nightly.add_arguments(night)
+    ep = sub.add_parser("ep", help="expert parallelism vs. whole-model replicas (no Ray)")
+    from . import bench_ep
+
+    bench_ep.add_arguments(ep)
     args = parser.parse_args(argv)
     if args.what == "pipeline":
         bench_pipeline.main(args)
         return
     if args.what == "nightly":
         bench_nightly.main(args)
+        return
+    if args.what == "ep":
+        bench_ep.main(args)
         return
     if args.dtypes is None:
         args.dtypes = "bfloat16" if resolve_device(args.device).type == "cuda" else "float32,bfloat16"

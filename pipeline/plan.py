@@ -117,9 +117,9 @@ def encoder_replicas(config: RunConfig, device: str, cluster: Cluster) -> int:
                          f"cluster has {cluster.gpus:g}")
     replicas = config.encoder_replicas or (int(cluster.gpus) // ranks if device == "cuda" else 1)
     if device == "cuda" and replicas * ranks > cluster.gpus:
-        what = f"{replicas} x {ranks} expert-parallel ranks" if ranks > 1 else str(replicas)
-        raise ValueError(f"--encoder-replicas {replicas} needs {what} GPUs, the cluster has "
-                         f"{cluster.gpus:g}")
+        ep = f" with --expert-parallel {ranks}" if ranks > 1 else ""
+        raise ValueError(f"--encoder-replicas {replicas}{ep} needs {replicas * ranks} GPUs, "
+                         f"the cluster has {cluster.gpus:g}")
     return replicas
 
 
@@ -156,8 +156,8 @@ def check_fits(tokenize: StagePlan, encode: StagePlan, cluster: Cluster) -> None
         raise ValueError(
             f"{tokenize.actors} tokenizer actor(s) and {encoders} hold "
             f"{held:g} of the cluster's {cluster.cpus:g} CPUs, leaving none for reading and "
-            "writing (the run would wait forever); lower --tokenizer-actors or "
-            "--encoder-replicas, or use a bigger cluster"
+            "writing (the run would wait forever); lower --tokenizer-actors, "
+            "--encoder-replicas or --expert-parallel, or use a bigger cluster"
         )
 
 

@@ -106,6 +106,33 @@ def test_encoder_replicas(model_info):
         plan(model_info, "--encoder-replicas", "5", cluster=GPU_CLUSTER)
 
 
+def test_expert_parallel(model_info):
+    p = plan(model_info, "--expert-parallel", "2")
+    assert p.encode.kwargs["expert_parallel"] == 2 and p.encode.ranks == 2
+    # The coordinating actor holds nothing; each rank holds a CPU (and a GPU on CUDA).
+    assert (p.encode.num_cpus, p.encode.rank_cpus, p.encode.rank_gpus) == (0.0, 1.0, 0.0)
+    gpu = plan(model_info, "--expert-parallel", "2", cluster=GPU_CLUSTER)
+    assert gpu.encode.actors == 2 and gpu.encode.held_gpus == 4  # 4 GPUs: 2 groups of 2
+    assert gpu.tokenize.actors == 16  # 4 per GPU
+    assert plan(model_info).encode.ranks == 1 and "expert_parallel" not in \
+        plan(model_info).encode.kwargs
+    with pytest.raises(ValueError, match="divides the model's 4 experts"):
+        plan(model_info, "--expert-parallel", "3")
+    eight = dataclasses.replace(model_info, num_experts=8)
+    with pytest.raises(ValueError, match="--expert-parallel 8 needs 8 GPUs"):
+        plan_run(parse("--model", model_info.source, "--dims", "64,32", "--expert-parallel",
+                       "8"), GPU_CLUSTER, eight, FILES, None)
+    with pytest.raises(ValueError, match="--encoder-replicas 3 with --expert-parallel 2 "
+                                         "needs 6 GPUs"):
+        plan(model_info, "--expert-parallel", "2", "--encoder-replicas", "3",
+             cluster=GPU_CLUSTER)
+    # 1 tokenizer + 4 x 2 ranks would hold 9 of 8 CPUs: refused, naming the ranks.
+    with pytest.raises(ValueError, match=r"4 x 2 expert-parallel rank\(s\) hold 9"):
+        plan(model_info, "--expert-parallel", "2", "--encoder-replicas", "4")
+    with pytest.raises(ValueError, match="positive integer"):
+        parse("--expert-parallel", "0")
+
+
 def test_tokenizer_actors(model_info):
     assert plan(model_info, "--tokenizer-actors", "6").tokenize.actors == 6
     # 7 tokenizers + 1 encoder would hold all 8 CPUs: reads and writes could never run.

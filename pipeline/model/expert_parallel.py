@@ -75,9 +75,9 @@ def init_group(rank: int, world_size: int, init_method: str, device: torch.devic
 
 
 def _transport(x: torch.Tensor, group) -> torch.Tensor:
-    # gloo has no 16-bit float all-to-all; the bits travel as int16 (lossless).
+    # gloo has no 16-bit all-to-all; the bits travel as bytes (lossless).
     if x.dtype in (torch.bfloat16, torch.float16) and dist.get_backend(group) == "gloo":
-        return x.view(torch.int16)
+        return x.view(torch.uint8)
     return x
 
 
