@@ -13,11 +13,14 @@ to encode it, each in fresh processes (``torch.multiprocessing`` spawn; no Ray):
   the most batches any rank has; a rank out of batches serves the others' tokens idle).
 
 Each mode loads its model from ``models/bench-<size>`` (random weights in the hub layout, built
-once), warms up on its first dealt batch, then times the encode phase only: ``replicas`` from
+once; ``load_s`` is short on CPU, where the weights are memory-mapped and paged in by the
+warm-up), warms up on its first dealt batch, then times the encode phase only: ``replicas`` from
 a common barrier to the last process done, ``expert-parallel`` between two process-group
 barriers. Reported per mode: tokens/s, parameters and weight bytes per process, peak RSS per
-process (and peak CUDA memory). The bench checks itself: the EP (and replica) embeddings must
-equal the single-process ones (fp32: max |diff| < 1e-5; exit status 1 otherwise).
+process and, at the end, its anonymous and file-backed parts (on CPU the safetensors weights
+stay memory-mapped: processes loading the same file share those pages), peak CUDA memory. The
+bench checks itself: the EP (and replica) embeddings must equal the single-process ones
+(fp32: max |diff| < 1e-5; exit status 1 otherwise).
 
 What explains when EP pays, computed from the single run's router decisions (each MoE layer's
 top-k experts per token, the same on every path) and the deal of batches to ranks:
@@ -30,7 +33,20 @@ top-k experts per token, the same on every path) and the deal of batches to rank
 * the rank imbalance at the exchanges (the most loaded rank's slots / the mean), and the time
   each rank spends blocked in ``all_to_all_single`` (communication plus waiting for the
   slower rank), measured by wrapping ``torch.distributed.all_to_all_single`` in the rank
-  processes (wall clock on CPU, CUDA events on the current stream on CUDA).
+  processes (wall clock on CPU, CUDA events on the current stream on CUDA); a rank's own
+  work is its time minus that, and their mean bounds what EP could reach with no waiting.
+
+The random-weight models route most tokens of a MoE layer to two or three experts (4 of the
+real size's 6 MoE layers send > 99% of their slots to one rank's half of the experts), so one
+rank does all the expert work: EP's worst case. ``--balanced-routers`` replaces the routers
+by calibrated ones that spread the tokens as a trained router does (see
+:func:`balanced_routers`), in every mode alike.
+
+Measured on the 2-core dev machine (real size, fp32, 128 passages, 18817 tokens, P = 2):
+routers as built: single 766, replicas 828, EP 567 tokens/s (EP / replicas 0.69x; rank 0
+blocked 45% of the wall waiting for rank 1's experts); balanced routers: single 792, replicas
+819, EP 756 tokens/s (0.92x; each rank blocked 8-9% of the wall, its own work the same as a
+replica's). All-to-all 36-37 KB per token (6 KB per MoE layer), ~50% of slots remote.
 """
 
 from __future__ import annotations
@@ -54,17 +70,19 @@ TIMEOUT_S = 600.0  # one collective / the rendezvous, before a rank gives up
 # -- in the spawned processes ----------------------------------------------------------------
 
 
-def _rss_gib() -> tuple[float, float]:
-    """(current RSS, peak RSS) of this process in GiB."""
-    current = 0.0
+def _rss_gib() -> dict:
+    """This process's resident set in GiB: peak (``getrusage``), and now: all, anonymous
+    (activations, heap) and file-backed (weights: safetensors are memory-mapped, so processes
+    loading the same file share those pages)."""
+    out = {"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
     try:
         for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                current = int(line.split()[1]) / 2**20
+            key = {"VmRSS:": "now", "RssAnon:": "anon", "RssFile:": "file"}.get(line.split()[0])
+            if key:
+                out[key] = int(line.split()[1]) / 2**20
     except OSError:
         pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    return current, peak
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 class _CollectiveTimer:
@@ -136,8 +154,12 @@ def _worker(rank: int, spec: dict, out_dir: str) -> None:
     emb = Embedder.from_pretrained(spec["model_dir"], device=device, dtype=spec["dtype"],
                                    max_tokens_per_batch=spec["max_tokens"], placement=placement)
     enc = emb.encoder
+    if spec.get("routers"):  # --balanced-routers: the same calibrated routers in every mode
+        routers = torch.load(spec["routers"], weights_only=True)
+        for i, block in enumerate(enc.layers):
+            if i in routers:
+                block.ffn.router_ED = torch.nn.Parameter(routers[i].to(device), requires_grad=False)
     load_s = time.perf_counter() - t0
-    rss_loaded, _ = _rss_gib()
 
     # This process's batches, as positions in its own sub-batch of the mix.
     lengths, ids, groups = spec["lengths"], spec["ids"], spec["groups"]
@@ -193,7 +215,7 @@ def _worker(rank: int, spec: dict, out_dir: str) -> None:
         "busy_s": round(done - start, 3),
         "parameters": sum(p.numel() for p in params),
         "weight_bytes": sum(p.numel() * p.element_size() for p in params),
-        "rss_loaded_gib": round(rss_loaded, 3), "peak_rss_gib": round(_rss_gib()[1], 3),
+        "rss_gib": _rss_gib(),
         "act_element_bytes": torch.empty(0, dtype=enc.dtype).element_size(),
     }
     if cuda:
@@ -256,13 +278,20 @@ def run_mode(mode: str, processes: int, threads: int, common: dict, tmp: Path) -
         "tokens_per_s": round(tokens / wall, 1),
         "params_per_proc": ranks[0]["parameters"],
         "weights_gib_per_proc": round(ranks[0]["weight_bytes"] / 2**30, 3),
-        "peak_rss_gib": max(r["peak_rss_gib"] for r in ranks),
+        "peak_rss_gib": max(r["rss_gib"]["peak"] for r in ranks),
+        "rss_end_anon_file_gib": [(r["rss_gib"].get("anon"), r["rss_gib"].get("file"))
+                                  for r in ranks],
         "busy_s": [r["busy_s"] for r in ranks],
     }
     if "cuda_peak_gib" in ranks[0]:
         row["cuda_peak_gib"] = max(r["cuda_peak_gib"] for r in ranks)
     if "all_to_all" in ranks[0]:
         row["all_to_all"] = [r["all_to_all"] for r in ranks]
+        # Each rank's own work (busy minus blocked in exchanges); their mean is what EP would
+        # take with no waiting for another rank (perfect balance, free communication).
+        work = [r["busy_s"] - r["all_to_all"]["total_s"] for r in ranks]
+        row["compute_s"] = [round(w, 3) for w in work]
+        row["balanced_bound_tokens_per_s"] = round(tokens / (sum(work) / len(work)), 1)
     return {"row": row, "ranks": ranks, "embeddings": emb,
             "routing": np.load(routing) if routing.is_file() else None,
             "element_bytes": ranks[0]["act_element_bytes"]}
@@ -292,7 +321,10 @@ def ep_quantities(cfg, counts: np.ndarray, dealt: list[list[int]], processes: in
         rank_load = step.reshape(layers, processes, per_rank).sum(-1)  # [layer, rank]
         mean = rank_load.mean(1)
         imbalance += list(rank_load.max(1)[mean > 0] / mean[mean > 0])
-    expert_totals = counts.sum((0, 1))
+    by_layer = counts.sum(0)  # [layer, E]
+    expert_imbalance = by_layer.max(1) / by_layer.mean(1)
+    owned = counts.sum(0).reshape(layers, processes, per_rank).sum(-1)  # [layer, rank]
+    share = owned / owned.sum(1, keepdims=True)
     out = {
         "moe_layers": layers, "experts": E, "top_k": K, "hidden": D,
         "element_bytes": element_bytes,
@@ -305,7 +337,8 @@ def ep_quantities(cfg, counts: np.ndarray, dealt: list[list[int]], processes: in
         "slots_per_expert_per_call_replica": round(float(counts.mean()), 1),
         "slots_per_expert_per_call_ep": round(float(np.mean(per_expert)), 1),
         "ep_rank_imbalance_mean": round(float(np.mean(imbalance)), 3) if imbalance else None,
-        "expert_imbalance": round(float(expert_totals.max() / expert_totals.mean()), 3),
+        "expert_imbalance_by_layer": expert_imbalance.round(2).tolist(),
+        "rank_slot_share_by_layer": share.round(3).tolist(),
         "steps": steps, "batches": sum(len(d) for d in dealt),
         "idle_steps": steps * processes - sum(len(d) for d in dealt),
         "tokens_routed": tokens,
@@ -314,6 +347,45 @@ def ep_quantities(cfg, counts: np.ndarray, dealt: list[list[int]], processes: in
         out["a2a_gbit_per_s_needed"] = round(
             out["a2a_bytes_total"] / processes * 8 / ep_row["seconds"] / 1e9, 3)
     return out
+
+
+def balanced_routers(model_dir: Path, passages: int, seed: int, out: Path) -> dict:
+    """Routers that spread this mix over the experts, written to ``out`` (``{layer: [E, D]}``).
+
+    The random-weight models route most tokens of a MoE layer to two or three experts: the
+    hidden states share one dominant direction, and a random router ranks the experts by it
+    for every token alike (a trained router is trained against that, with a load-balancing
+    loss). Each MoE layer's router here gets that direction (the mean of its inputs over a
+    calibration mix, taken with the earlier layers' routers already changed) projected out,
+    so the experts are chosen by what differs between tokens.
+    """
+    import torch
+
+    from .bench import length_mix, synthetic_ids
+    from .model import PackedBatch, load_encoder
+
+    enc = load_encoder(model_dir)
+    routers: dict[int, torch.Tensor] = {}
+
+    def project(index):
+        def hook(module, args):
+            u = args[0].float().mean(0)
+            u = u / u.norm()
+            w = module.router_ED.detach().float()
+            routers[index] = w - (w @ u)[:, None] * u[None, :]
+            module.router_ED = torch.nn.Parameter(routers[index], requires_grad=False)
+        return hook
+
+    hooks = [block.ffn.register_forward_pre_hook(project(i))
+             for i, block in enumerate(enc.layers) if hasattr(block.ffn, "router_ED")]
+    lengths = length_mix(passages, seed)
+    with torch.inference_mode():
+        enc.forward_packed(PackedBatch.from_sequences(
+            synthetic_ids(lengths, enc.config.vocab_size, seed)))
+    for hook in hooks:
+        hook.remove()
+    torch.save(routers, out)
+    return {"calibration_passages": passages, "calibration_seed": seed}
 
 
 def bench_ep(args) -> tuple[dict, list[dict], bool]:
@@ -365,7 +437,13 @@ def bench_ep(args) -> tuple[dict, list[dict], bool]:
               "dealt": dealt, "steps": steps}
     threads = max(1, cores // P)
     runs: dict[str, dict] = {}
+    routers = {"routers": "as built"}
     with tempfile.TemporaryDirectory(prefix="bench-ep-") as tmp:
+        if args.balanced_routers:
+            print("calibrating balanced routers ...", flush=True)
+            common["routers"] = str(Path(tmp) / "routers.pt")
+            routers = {"routers": "balanced"} | balanced_routers(
+                model_dir, 16, args.seed + 1000, Path(common["routers"]))
         for mode in modes:
             print(f"running {mode} ...", flush=True)
             procs, thr = (1, args.single_threads or cores) if mode == "single" else (P, threads)
@@ -389,7 +467,7 @@ def bench_ep(args) -> tuple[dict, list[dict], bool]:
         "tokens": int(lengths.sum()), "median_len": float(np.median(lengths)),
         "max_tokens_per_batch": budget, "batches": len(groups),
         "batches_per_process": [len(d) for d in dealt],
-    }
+    } | routers
     if "single" in runs:
         header["ep"] = ep_quantities(
             cfg, runs["single"]["routing"], dealt, P, runs["single"]["element_bytes"],
@@ -414,11 +492,16 @@ def print_report(header: dict, rows: list[dict]) -> None:
         print("| " + " | ".join(cells) + " |")
     by = {r["mode"]: r for r in rows}
     for r in rows:
-        print(f"{r['mode']}: busy seconds per process {r['busy_s']}")
+        print(f"{r['mode']}: busy seconds per process {r['busy_s']}; resident GiB at the end "
+              f"(anonymous, file-backed) per process {r['rss_end_anon_file_gib']}")
         for rank, a2a in enumerate(r.get("all_to_all", [])):
             print(f"  rank {rank}: blocked in all_to_all_single {a2a['total_s']} s "
                   f"({a2a['total_s'] / r['seconds']:.0%} of the wall; counts {a2a['counts_s']} s, "
-                  f"tokens out+back {a2a['tokens_s']} s; {a2a['calls']} calls)")
+                  f"tokens out+back {a2a['tokens_s']} s; {a2a['calls']} calls); own work "
+                  f"{r['compute_s'][rank]} s")
+        if "balanced_bound_tokens_per_s" in r:
+            print(f"  with the ranks' work evenly spread and no waiting: at most "
+                  f"{r['balanced_bound_tokens_per_s']} tokens/s")
     if "expert-parallel" in by and "replicas" in by:
         ratio = by["expert-parallel"]["tokens_per_s"] / by["replicas"]["tokens_per_s"]
         print(f"expert-parallel / replicas = {ratio:.2f}x tokens/s "
@@ -436,9 +519,11 @@ def print_report(header: dict, rows: list[dict]) -> None:
                  if "a2a_gbit_per_s_needed" in ep else ""))
         print(f"  routed slots per expert per MoE call: {ep['slots_per_expert_per_call_replica']}"
               f" (one batch, replica) vs {ep['slots_per_expert_per_call_ep']} (EP step, all "
-              f"ranks' batches); EP rank load max/mean {ep['ep_rank_imbalance_mean']}, expert "
-              f"load max/mean over the mix {ep['expert_imbalance']}; {ep['steps']} steps, "
-              f"{ep['idle_steps']} idle rank-steps")
+              f"ranks' batches); {ep['steps']} steps, {ep['idle_steps']} idle rank-steps")
+        print(f"  load: busiest rank / mean, per step and MoE layer {ep['ep_rank_imbalance_mean']};"
+              f" busiest expert / mean per MoE layer {ep['expert_imbalance_by_layer']}")
+        print("  share of the routed slots each rank's experts serve, per MoE layer: "
+              + ", ".join(str(s) for s in ep["rank_slot_share_by_layer"]))
 
 
 def add_arguments(parser) -> None:
@@ -456,6 +541,9 @@ def add_arguments(parser) -> None:
                         help="comma list of single, replicas, expert-parallel (default all)")
     parser.add_argument("--single-threads", type=int, default=None,
                         help="threads of the single process (default: every core)")
+    parser.add_argument("--balanced-routers", action="store_true",
+                        help="replace the random model's routers (most tokens to 2-3 experts) by "
+                        "calibrated ones that spread tokens over the experts, as trained ones do")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this file")
 

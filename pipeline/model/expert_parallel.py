@@ -66,6 +66,10 @@ def init_group(rank: int, world_size: int, init_method: str, device: torch.devic
     """Join the default process group: NCCL on CUDA, gloo on CPU. Every collective (and the
     rendezvous itself) gives up after ``timeout_s`` seconds instead of hanging."""
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        if device.index is None:  # a Ray GPU actor sees only its own GPU(s)
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
     dist.init_process_group(
         backend, init_method=init_method, rank=rank, world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
@@ -75,7 +79,8 @@ def init_group(rank: int, world_size: int, init_method: str, device: torch.devic
 
 
 def _transport(x: torch.Tensor, group) -> torch.Tensor:
-    # gloo has no 16-bit all-to-all; the bits travel as bytes (lossless).
+    # Not every gloo build takes 16-bit floats (torch 2.13's does, but refuses int16), so the
+    # bits travel as bytes (lossless, 2 per element).
     if x.dtype in (torch.bfloat16, torch.float16) and dist.get_backend(group) == "gloo":
         return x.view(torch.uint8)
     return x
