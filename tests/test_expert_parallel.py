@@ -4,8 +4,8 @@
   the single-process encoder's hidden states and routing (< 1e-5 fp32) on the hub reference's
   parity fixture and on random batches: uneven batches, ranks with no batch for a step, and
   experts that receive no token from some rank or from any rank.
-* The Ray group: a rank that hangs or dies fails the group within a bounded time, every rank
-  is killed and the placement group released; a fresh group retries the window.
+* The Ray group: a rank that hangs fails the group when the collective times out, every rank
+  is killed and the placement group released.
 * The job: ``run --expert-parallel 2`` writes what the same run without it writes, and a rank
   SIGKILLed mid-run costs a group restart, not a row.
 """
@@ -15,11 +15,11 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -221,15 +221,14 @@ def window(embedder):
     return batch, embedder.embed_tokenized(batch, (64, 32))
 
 
-def test_a_hung_or_killed_rank_fails_the_group_in_bounded_time(cluster, tiny_model_dir,
-                                                               window):
+def test_a_hung_rank_fails_the_group_in_bounded_time(cluster, tiny_model_dir, window):
     import ray
 
     from pipeline.ep import GroupFailed, RankGroup
 
-    batch, want = window
-    # A rank that stops answering: the other rank's collective times out (3 s here).
-    group = RankGroup(2, _load(tiny_model_dir), rank_cpus=0.5, timeout_s=3, restarts=0)
+    batch, _ = window
+    # A rank that stops answering: the other rank's collective times out (2 s here).
+    group = RankGroup(2, _load(tiny_model_dir), rank_cpus=0.5, timeout_s=2, restarts=0)
     pids = [info["pid"] for info in group.info]
     os.kill(pids[1], signal.SIGSTOP)
     t0 = time.monotonic()
@@ -239,28 +238,8 @@ def test_a_hung_or_killed_rank_fails_the_group_in_bounded_time(cluster, tiny_mod
     assert _gone(pids), "every rank of a failed group is killed"
     assert group.pg is None and not group.ranks
 
-    # A rank SIGKILLed in the middle of a window: the failure is seen at once, long before the
-    # collective timeout (120 s).
-    group = RankGroup(2, _load(tiny_model_dir), rank_cpus=0.5, timeout_s=120, restarts=0)
-    pids = [info["pid"] for info in group.info]
-    os.kill(pids[1], signal.SIGSTOP)  # rank 0 is then inside a collective, waiting for it
-    threading.Timer(1.0, os.kill, (pids[1], signal.SIGKILL)).start()
-    t0 = time.monotonic()
-    with pytest.raises(GroupFailed, match="failed while encoding"):
-        group.embed_tokenized(batch, (64, 32), group.plan(batch.lengths))
-    assert time.monotonic() - t0 < 30
-    assert _gone(pids)
-
-    # With a restart left, a fresh group retries the window and gives the same vectors.
-    group = RankGroup(2, _load(tiny_model_dir), rank_cpus=0.5, timeout_s=30, restarts=1)
-    old = [info["pid"] for info in group.info]
-    os.kill(old[0], signal.SIGKILL)
-    got = group.embed_tokenized(batch, (64, 32), group.plan(batch.lengths))
-    for d in (64, 32):
-        np.testing.assert_allclose(got[d], want[d], atol=TOL, rtol=0)
-    assert group.restarts_left == 0 and not set(old) & {i["pid"] for i in group.info}
-    group.stop()
     assert all(info["state"] == "REMOVED" for info in ray.util.placement_group_table().values())
+    # A SIGKILLed rank is seen at once and costs a group restart: the last test below.
 
 
 # -- the job ---------------------------------------------------------------------------------
@@ -323,7 +302,7 @@ def rank_pids(doing: bytes = b"") -> list[int]:
 
 def test_a_rank_killed_mid_run_costs_a_restart_not_a_row(cluster, tmp_path, tiny_model_dir,
                                                          embedder):
-    texts = write_corpus(tmp_path / "in", shards=4, rows=150)
+    texts = write_corpus(tmp_path / "in", shards=4, rows=80)
     out = tmp_path / "out"
     # Windows of 2 rows make hundreds of group calls; units commit as their files are written.
     cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(tmp_path / "in"),
@@ -349,6 +328,9 @@ def test_a_rank_killed_mid_run_costs_a_restart_not_a_row(cluster, tmp_path, tiny
     assert victim is not None, "no rank was seen mid-run"
     assert proc.returncode == 0, log[-3000:]
     assert "starting a new group and retrying the window" in log, log[-3000:]
+    # The group saw the death at once (the bound: the collective timeout, 300 s).
+    seen = re.search(r"rank \d of 2 failed while encoding after ([0-9.]+) s", log)
+    assert seen and float(seen.group(1)) < 30, log[-3000:]
     assert committed < 4, "the kill must land with work left"
     table, summary = read_output(out)
     ids = table["id"].to_pylist()
@@ -357,5 +339,15 @@ def test_a_rank_killed_mid_run_costs_a_restart_not_a_row(cluster, tmp_path, tiny
     for d in (64, 32):
         got = np.stack(table[f"embedding_{d}"].to_numpy(zero_copy_only=False))
         np.testing.assert_allclose(got, want[d], atol=TOL, rtol=0)
-    assert summary["reconciled"] and summary["rows_embedded"] == 600
+    assert summary["reconciled"] and summary["rows_embedded"] == 320
     assert len(list((out / "_manifest").glob("unit-*"))) == 4
+
+
+@pytest.mark.parametrize("job", ["run", "nightly", "enrich"])
+def test_every_job_takes_the_option(job):
+    from pipeline.__main__ import build_parser
+    from pipeline.cli import config_from_args
+
+    args = build_parser().parse_args([job, "--input", "in/", "--output", "out/",
+                                      "--expert-parallel", "4"])
+    assert config_from_args(args).expert_parallel == 4
