@@ -41,7 +41,10 @@ def ray_head():
     node_env = env | {"PIPELINE_JOB_SECRET": "s3cr3t-from-the-node"}
     subprocess.run(RAY + ["start", "--head", "--port", str(free_port()), "--num-cpus", "4",
                           "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                          "--dashboard-port", str(dashboard), "--disable-usage-stats"],
+                          "--dashboard-port", str(dashboard), "--disable-usage-stats",
+                          # Not the default agent port, which another Ray on this machine
+                          # may hold (the job agent then never registers).
+                          "--dashboard-agent-listen-port", str(free_port())],
                    env=node_env, check=True, capture_output=True, timeout=180)
     try:
         yield f"http://127.0.0.1:{dashboard}", env
@@ -50,7 +53,7 @@ def ray_head():
 
 
 def submit(address: str, env: dict, *argv: str, runtime_env: list[str]) -> subprocess.CompletedProcess:
-    for _ in range(30):
+    for _ in range(10):
         proc = subprocess.run(RAY + ["job", "submit", "--address", address, *runtime_env, "--",
                                      *argv], env=env, cwd=REPO, capture_output=True, text=True,
                               timeout=420)
