@@ -74,8 +74,11 @@ class ExpertRank:
         device = resolve_device(load["device"])
         placement = init_group(self.rank, self.world_size, init_method, device, timeout_s)
         self.embedder = load_embedder(**load, placement=placement)
+        from .model.layers import uses_varlen
+
         enc = self.embedder.encoder
         return {"pid": os.getpid(), "max_tokens_per_batch": self.embedder.max_tokens_per_batch,
+                "varlen": uses_varlen(enc.device, enc.dtype),
                 "device": str(enc.device), "dtype": str(enc.dtype).removeprefix("torch."),
                 "parameters": sum(p.numel() for p in enc.parameters())}
 
@@ -105,15 +108,18 @@ class RankGroup:
         self.ranks: list = []
         self.pg = None
         self.info: list[dict[str, Any]] = []
-        self.start()
+        # Started on the first window, inside the retry loop, so that a failed first start
+        # is retried like any later failure (a failure in __init__ would end the run).
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         """Reserve the bundles, start the ranks, rendezvous and load (raises GroupFailed)."""
+        release_orphans(self.name)
         bundle = {"CPU": self.rank_cpus} | ({"GPU": 1.0} if self.cuda else {})
+        owner = ray.get_runtime_context().get_actor_id() or "driver"
         self.pg = placement_group([bundle] * self.size, strategy="STRICT_PACK",
-                                  name=f"{self.name}-{uuid.uuid4().hex[:8]}")
+                                  name=f"{self.name}-{owner}-{uuid.uuid4().hex[:8]}")
         try:
             ray.get(self.pg.ready(), timeout=START_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
@@ -131,7 +137,7 @@ class RankGroup:
                 self.pg, placement_group_bundle_index=r)).remote(r, self.size, self.threads)
             for r in range(self.size)
         ]
-        init_method = ray.get(self.ranks[0].rendezvous_address.remote(), timeout=START_TIMEOUT_S)
+        init_method = self._wait([self.ranks[0].rendezvous_address.remote()], "starting")[0]
         calls = [rank.setup.remote(init_method, self.load, self.timeout_s) for rank in self.ranks]
         self.info = self._wait(calls, "starting")
         log.info("expert-parallel group %s: %d rank(s) on %s, %d parameters each (pids %s)",
@@ -175,8 +181,7 @@ class RankGroup:
         return plan_batches(lengths, self.max_tokens_per_batch)
 
     def attention_slots(self, lengths, groups: list[np.ndarray]) -> np.ndarray:
-        # Flash varlen (no attention padding) is what a CUDA rank in half precision runs.
-        varlen = self.cuda and self.info[0]["dtype"] in ("bfloat16", "float16")
+        varlen = bool(self.info and self.info[0]["varlen"])  # as the ranks run attention
         return attention_slots(lengths, groups, varlen)
 
     def embed_tokenized(self, batch, dims: tuple[int, ...],
@@ -241,21 +246,40 @@ class RankGroup:
         return results
 
 
-def group_names(prefix: str) -> list:
-    """Placement groups whose name starts with ``prefix`` and that still hold resources."""
+def _groups(prefix: str) -> list:
+    """``(group, name)`` of the placement groups named ``prefix-...`` still holding resources."""
     from ray.util.placement_group import PlacementGroup, placement_group_table
     from ray._raylet import PlacementGroupID
 
-    return [PlacementGroup(PlacementGroupID.from_hex(pg_id))
+    return [(PlacementGroup(PlacementGroupID.from_hex(pg_id)), info["name"])
             for pg_id, info in placement_group_table().items()
-            if info.get("name", "").startswith(prefix) and info.get("state") != "REMOVED"]
+            if info.get("name", "").startswith(prefix + "-") and info.get("state") != "REMOVED"]
+
+
+def release_orphans(prefix: str) -> int:
+    """Remove this run's placement groups whose encode actor died (Ray Data then starts a new
+    one): their ranks died with it, but the group would hold its CPUs/GPUs until the job ends.
+    """
+    from ray._private.state import actors
+
+    removed = 0
+    for pg, name in _groups(prefix):
+        owner = name[len(prefix) + 1:].rsplit("-", 1)[0]
+        try:
+            dead = owner != "driver" and actors(actor_id=owner).get("State") == "DEAD"
+        except Exception:  # noqa: BLE001 - unknown to the GCS: leave it to the end of the run
+            dead = False
+        if dead:
+            remove_placement_group(pg)
+            removed += 1
+    return removed
 
 
 def release_groups(prefix: str) -> int:
     """Remove a run's leftover placement groups (the encode actors that made them are gone
     when the dataset finishes, but their groups live as long as the job)."""
-    leftovers = group_names(prefix)
-    for pg in leftovers:
+    leftovers = _groups(prefix)
+    for pg, _ in leftovers:
         remove_placement_group(pg)
     return len(leftovers)
 

@@ -167,7 +167,8 @@ def limit_resources(plan: RunPlan) -> None:
 
     The ranks are actors of their own placement groups, which Ray Data does not see; without
     a limit it would plan its read and write tasks on those CPUs too. Set on every run (a
-    driver may run several), from the cluster's total at planning time.
+    driver may run several), from the cluster's total at planning time, before the run's
+    dataset is made (a Dataset keeps a copy of the context it was made with).
     """
     from ray.data import DataContext, ExecutionResources
 
@@ -188,7 +189,6 @@ def embed_and_write(ds: Dataset, plan: RunPlan) -> Dataset:
         batch_size=plan.tokenize.batch_rows, batch_format="pyarrow",
         compute=ActorPoolStrategy(size=plan.tokenize.actors), num_cpus=plan.tokenize.num_cpus,
     )
-    limit_resources(plan)
     # Merged by Ray with the job's runtime_env (working_dir, credentials by reference).
     env = {"runtime_env": {"env_vars": plan.encode.env_vars}} if plan.encode.env_vars else {}
     ds = ds.map_batches(

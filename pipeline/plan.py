@@ -35,6 +35,8 @@ class Cluster:
 
     cpus: float
     gpus: float
+    node_cpus: float | None = None  # the largest node's (None: not known)
+    node_gpus: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +117,15 @@ def encoder_replicas(config: RunConfig, device: str, cluster: Cluster) -> int:
     if device == "cuda" and ranks > cluster.gpus:
         raise ValueError(f"--expert-parallel {ranks} needs {ranks} GPUs for one replica, the "
                          f"cluster has {cluster.gpus:g}")
+    if ranks > 1:
+        need = {"CPUs": ranks * 1.0} | ({"GPUs": ranks * 1.0} if device == "cuda" else {})
+        have = {"CPUs": cluster.node_cpus, "GPUs": cluster.node_gpus}
+        short = [f"{need[k]:g} {k}" for k in need if have[k] is not None and have[k] < need[k]]
+        if short:
+            raise ValueError(
+                f"--expert-parallel {ranks} puts a group's ranks on one node and needs "
+                f"{' and '.join(short)} there; the largest node has {cluster.node_cpus:g} CPUs "
+                f"and {cluster.node_gpus or 0:g} GPUs")
     replicas = config.encoder_replicas or (int(cluster.gpus) // ranks if device == "cuda" else 1)
     if device == "cuda" and replicas * ranks > cluster.gpus:
         ep = f" with --expert-parallel {ranks}" if ranks > 1 else ""

@@ -19,7 +19,7 @@ import ray
 from . import summary, units
 from .config import RunConfig
 from .ep import new_group_name, release_groups
-from .graph import STATS, build_dataset
+from .graph import STATS, build_dataset, limit_resources
 from .io.storage import (SUMMARY_NAME, count_rows, is_local, open_for_publish, open_filesystem,
                          own_files, remove_files)
 from .plan import Cluster, local_cpus, plan_run
@@ -88,7 +88,10 @@ def run(config: RunConfig, variant: PlainRun | None = None) -> dict[str, Any]:
     started = init_ray(config)
     try:
         resources = ray.cluster_resources()
-        cluster = Cluster(cpus=resources.get("CPU", 0.0), gpus=resources.get("GPU", 0.0))
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        cluster = Cluster(cpus=resources.get("CPU", 0.0), gpus=resources.get("GPU", 0.0),
+                          node_cpus=max((n.get("CPU", 0.0) for n in nodes), default=None),
+                          node_gpus=max((n.get("GPU", 0.0) for n in nodes), default=None))
         group_name = new_group_name()
         plan = plan_run(config, cluster, model, inputs.files, inputs.id_type, inputs.keep_types,
                         group_name)
@@ -115,6 +118,7 @@ def run(config: RunConfig, variant: PlainRun | None = None) -> dict[str, Any]:
         configure_progress(config.progress)
         t0 = time.perf_counter()
         if todo:
+            limit_resources(plan)  # before the dataset is made: it copies the context
             ds = variant.dataset(dataclasses.replace(plan, files=tuple(todo)), identity,
                                  cluster.cpus, keep)
             consume(ds, tracker, config)
@@ -203,14 +207,16 @@ def consume(ds, tracker: units.Tracker, config: RunConfig) -> None:
 
 def root_cause(err: BaseException) -> BaseException:
     """The error a stage raised, unwrapped from Ray's task errors (their text is a traceback)."""
-    seen = set()
+    seen, said = set(), err
     while id(err) not in seen:
         seen.add(id(err))
+        if str(err).strip():
+            said = err  # the innermost error with something to say
         inner = getattr(err, "cause", None) or err.__cause__
         if not isinstance(inner, BaseException):
             break
         err = inner
-    return err
+    return err if str(err).strip() else said
 
 
 def init_ray(config: RunConfig) -> bool:
@@ -234,6 +240,8 @@ def configure_progress(progress: str) -> None:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress == "on" or (progress == "auto" and sys.stderr.isatty())
+    # A stage's own exception, not Ray Data's UserCodeException without it (see root_cause).
+    ctx.raise_original_map_exception = True
 
 
 def write_summary(config: RunConfig, result: dict[str, Any]) -> str:

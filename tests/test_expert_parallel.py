@@ -229,6 +229,7 @@ def test_a_hung_rank_fails_the_group_in_bounded_time(cluster, tiny_model_dir, wi
     batch, _ = window
     # A rank that stops answering: the other rank's collective times out (2 s here).
     group = RankGroup(2, _load(tiny_model_dir), rank_cpus=0.5, timeout_s=2, restarts=0)
+    group.start()
     pids = [info["pid"] for info in group.info]
     os.kill(pids[1], signal.SIGSTOP)
     t0 = time.monotonic()

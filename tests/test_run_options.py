@@ -129,6 +129,11 @@ def test_expert_parallel(model_info):
     # 1 tokenizer + 4 x 2 ranks would hold 9 of 8 CPUs: refused, naming the ranks.
     with pytest.raises(ValueError, match=r"4 x 2 expert-parallel rank\(s\) hold 9"):
         plan(model_info, "--expert-parallel", "2", "--encoder-replicas", "4")
+    # A group's ranks share one node (STRICT_PACK): 2 one-GPU nodes cannot hold a group of 2.
+    with pytest.raises(ValueError, match="needs 2 GPUs there; the largest node has 16 CPUs "
+                                         "and 1 GPUs"):
+        plan(model_info, "--expert-parallel", "2",
+             cluster=Cluster(cpus=32, gpus=2, node_cpus=16, node_gpus=1))
     with pytest.raises(ValueError, match="positive integer"):
         parse("--expert-parallel", "0")
 

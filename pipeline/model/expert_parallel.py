@@ -146,6 +146,8 @@ class ExpertParallelMoE(nn.Module):
         recv = recv_NL.sum(1).tolist()
         self.last_exchange = (sum(send), sum(recv))
         x_RD = all_to_all(x_SD, send, recv, group)
+        if not x_RD.shape[0]:  # no token for any of this rank's experts
+            return all_to_all(x_RD, recv, send, group)
         # Received rows come by source rank, then local expert: regroup them by local expert.
         expert_R = torch.repeat_interleave(
             torch.arange(local, device=x_RD.device).repeat(N), recv_NL.reshape(-1))
