@@ -122,8 +122,7 @@ class RankGroup:
                                   name=f"{self.name}-{owner}-{uuid.uuid4().hex[:8]}")
         try:
             ray.get(self.pg.ready(), timeout=START_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            self.stop()
+        except ray.exceptions.GetTimeoutError:  # the caller stops the group
             raise GroupFailed(
                 f"an expert-parallel group of {self.size} rank(s) needs {self.size} x {bundle} "
                 f"on one node; the cluster had no room for {START_TIMEOUT_S:.0f} s (use fewer "

@@ -93,7 +93,7 @@ class EncodeStage:
                  threads: int | None = None, replicas: int = 1,
                  storage_options: dict[str, Any] | None = None,
                  fingerprint: str | None = None, expert_parallel: int = 1,
-                 group_name: str = "pipeline-ep", ep_timeout_s: float | None = None) -> None:
+                 group_name: str = "pipeline-ep") -> None:
         load = dict(model=model, revision=revision, device=device, dtype=dtype,
                     max_tokens_per_batch=max_tokens_per_batch, storage_options=storage_options,
                     fingerprint=fingerprint)
@@ -102,8 +102,7 @@ class EncodeStage:
             from .ep import RankGroup
 
             self.embedder = RankGroup(expert_parallel, load, name=group_name,
-                                      threads=threads or None, replicas=replicas,
-                                      **({"timeout_s": ep_timeout_s} if ep_timeout_s else {}))
+                                      threads=threads or None, replicas=replicas)
         else:
             if threads or device == "cpu":
                 set_threads(threads or default_threads(replicas))
