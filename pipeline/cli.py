@@ -1,16 +1,141 @@
-"""Command-line arguments -> :class:`RunConfig`, generated from the config's fields.
+"""The command line: ``python -m pipeline {run,nightly,enrich,demo}``.
 
-Option names are the field names with dashes (``keep_columns`` -> ``--keep-columns``); help,
-choices and defaults come from the dataclass, so nothing is declared twice.
+Options are generated from :class:`~pipeline.config.RunConfig`'s fields (option names are the
+field names with dashes, ``keep_columns`` -> ``--keep-columns``; help, choices and defaults come
+from the dataclass, so nothing is declared twice). A job's result is reported as a few lines
+(``--json``: the summary as JSON); exit codes: 0 done, 1 rows do not reconcile, 2 a setup
+mistake found before any work (:class:`~pipeline.errors.UserError` and the model's own
+errors), 3 the run started and failed (:class:`~pipeline.errors.RunFailed`; rerun to resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import logging
+import sys
 import typing
+from importlib import resources
+from pathlib import Path
 
+from . import summary
 from .config import JOB_EXCLUDES, JOB_OPTIONS, RunConfig, parse_int_list, parse_name_list
+from .errors import RunFailed, UserError
+
+def demo(args: argparse.Namespace) -> int:
+    """Embed the bundled sample corpus with the offline tiny model on a local Ray."""
+    # Lazy: the model builder imports torch; --help and option errors should not wait for it.
+    from .model.builder import build_model_dir
+
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        build_model_dir(model_dir, "tiny", seed=0)
+        print(f"built tiny random-weight model in {model_dir}")
+    corpus = resources.files("pipeline.data").joinpath("sample_corpus")
+    # A demo is rerun often: replace its previous output (only the pipeline's own files).
+    config = RunConfig(input=str(corpus), output=args.out, model=str(model_dir),
+                       dims=args.dims, keep_columns=("lang",), overwrite=True,
+                       progress=args.progress)
+    return _run_and_report(config, "run", args.json)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Pre-flight, run the Ray Data job, report; exit 2 on a user error."""
+    try:
+        config = config_from_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return _run_and_report(config, args.command, args.json)
+
+
+def _job(command: str):
+    """The job function of a command. Lazy: the jobs import Ray (and torch), which ``--help``
+    and option errors should not wait for."""
+    if command == "enrich":
+        from .jobs.enrich import run_enrich  # lazy: ray, torch (see above)
+
+        return run_enrich
+    if command == "nightly":
+        from .jobs.nightly import run_nightly  # lazy: ray, torch
+
+        return run_nightly
+    from .jobs.run import run as run_job  # lazy: ray, torch
+
+    return run_job
+
+
+def _run_and_report(config: RunConfig, command: str = "run", as_json: bool = False) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        result = _job(command)(config)
+    except RunFailed as err:
+        print(f"error: {str(err)[:4000]}", file=sys.stderr)
+        print(summary.resume_hint(config), file=sys.stderr)
+        return 3
+    except user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if as_json:
+        shown = {k: v for k, v in result.items() if k not in ("config", "output_files")}
+        print(json.dumps(shown, indent=2))
+    else:
+        print("\n".join(summary.report(result, config, command)))
+    if not result["reconciled"]:
+        print("error: row counts do not reconcile: " + "; ".join(result["reconcile_problems"]),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that are setup mistakes (exit 2): the pipeline's :class:`UserError`, option
+    values (``ValueError``, also ``TokenizerError`` and ``UnsupportedConfigError``), a local
+    path that is not there, and the model package's own errors (it depends on nothing of the
+    pipeline)."""
+    from .model.checkpoint import CheckpointError  # lazy: imports torch
+    from .model.sources import ModelSourceError
+
+    return UserError, ValueError, FileNotFoundError, CheckpointError, ModelSourceError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return {"demo": demo, "run": run, "nightly": run, "enrich": run}[args.command](args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per job (options from ``RunConfig``), and ``demo``."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="embed a corpus with Ray Data (the main job)")
+    add_run_arguments(p)
+    _report_option(p)
+    p = sub.add_parser("nightly", help="re-embed a corpus into a new snapshot, encoding only "
+                       "new and changed rows; _LATEST names the newest complete one")
+    add_run_arguments(p, job="nightly")
+    _report_option(p)
+    p = sub.add_parser("enrich", help="write the source table back with embedding columns "
+                       "added, every row and column intact (Parquet folders, hive partitions, "
+                       "Iceberg tables)")
+    add_run_arguments(p, job="enrich")
+    _report_option(p)
+    p = sub.add_parser("demo", help="embed the bundled sample corpus with an offline tiny "
+                       "model on a local Ray")
+    p.add_argument("--model-dir", default="models/nomic-moe-tiny",
+                   help="where the tiny model is built on first use")
+    p.add_argument("--out", default="out/demo", help="output folder (replaced on each run)")
+    p.add_argument("--dims", default="64,32,16", help="widths (the tiny model is 64 wide)")
+    p.add_argument("--progress", default="auto", choices=("auto", "on", "off"))
+    _report_option(p)
+    return parser
+
+
+def _report_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the run summary as JSON "
+                        "on stdout instead of the short report (it is in <output>/_summary.json "
+                        "either way)")
 
 
 def _dims(text: str) -> tuple[int, ...]:

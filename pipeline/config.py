@@ -165,6 +165,24 @@ class RunConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+def resolve_device_type(device: str, gpus: float, where: str = "the Ray cluster") -> str:
+    """``cuda`` or ``cpu`` for ``--device`` (``auto``: CUDA when ``where`` has a GPU). The one
+    rule: the plan applies it to the cluster, :class:`~pipeline.Embedder` to its process."""
+    if device == "cuda" and gpus < 1:
+        raise ValueError(f"--device cuda, but {where} has no GPUs; use --device cpu or "
+                         "a cluster with GPU nodes")
+    if device == "auto":
+        return "cuda" if gpus >= 1 else "cpu"
+    return device
+
+
+def resolve_dtype_name(dtype: str, device_type: str) -> str:
+    """``--dtype`` resolved: ``auto`` is bfloat16 on GPUs and float32 on CPUs."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device_type == "cuda" else "float32"
+
+
 def embedding_column(width: int) -> str:
     """The output column of one Matryoshka width."""
     return f"embedding_{width}"

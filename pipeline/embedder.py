@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from .config import resolve_device_type, resolve_dtype_name
 from .batching import attention_padding, attention_slots, default_max_tokens, plan_batches
 from .model.layers import uses_varlen
 from .model.cpu import retain_freed_memory
+from .model.sources import DEFAULT_MODEL, ModelSourceError, resolve_model, weights_fingerprint
 from .model import NomicMoEEncoder, PackedBatch, check_dims, load_encoder, matryoshka, mean_pool
 from .tokenize import TextTokenizer, TokenizedBatch, TokenizerError, add_prefix, task_prefix
 from .tokenize import text_problem
@@ -32,7 +34,7 @@ DTYPES = {
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` is the current CUDA device when there is one, else the CPU."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(resolve_device_type("auto", torch.cuda.device_count()))
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} requested but torch sees no CUDA device")
@@ -43,10 +45,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     """A torch dtype or its name; ``"auto"`` is bfloat16 on CUDA and float32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        return DTYPES[str(dtype).lower()]
+        return DTYPES[resolve_dtype_name(str(dtype).lower(), device.type)]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)} or auto") from None
 
@@ -105,8 +105,6 @@ class Embedder:
         expert-parallel group: it loads only its experts and must encode in step with the
         other ranks (see ``steps`` of :meth:`embed_tokenized`).
         """
-        from .model.sources import DEFAULT_MODEL, resolve_model
-
         resolved = resolve_model(source or DEFAULT_MODEL, revision=revision, cache_dir=cache_dir)
         dev = resolve_device(device)
         if dev.type == "cpu":
@@ -189,3 +187,20 @@ class Embedder:
         )
         return out
 
+
+def load_worker_embedder(model: str, *, revision: str | None, device: str, dtype: str,
+                         max_tokens_per_batch: int | None,
+                         storage_options: dict[str, Any] | None, fingerprint: str | None,
+                         placement=None) -> Embedder:
+    """The encoder of a pipeline worker (an encoder actor, an expert-parallel rank): the model
+    resolved on this node, checked against the weights the driver fingerprinted, loaded whole
+    or (``placement``) as one expert-parallel rank."""
+    resolved = resolve_model(model, revision=revision, storage_options=storage_options)
+    if fingerprint is not None and weights_fingerprint(resolved.local_dir) != fingerprint:
+        raise ModelSourceError(
+            f"the weights of {model} on this node differ from the ones the driver checked "
+            f"({fingerprint}); the model source changed during the run"
+        )
+    return Embedder.from_pretrained(resolved.local_dir, device=device, dtype=dtype,
+                                    max_tokens_per_batch=max_tokens_per_batch,
+                                    placement=placement)

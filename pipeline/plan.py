@@ -1,7 +1,7 @@
 """From a :class:`RunConfig` and what the cluster has to a :class:`RunPlan`. Pure, no Ray.
 
 The plan holds every stage's constructor arguments, actor counts, batch sizes and resources;
-``pipeline/graph.py`` only wires it. Tests read the plan to check that each option reaches the
+``pipeline/cluster/graph.py`` only wires it. Tests read the plan to check that each option reaches the
 stage that uses it.
 """
 
@@ -12,21 +12,18 @@ from typing import Any
 
 import pyarrow as pa
 
-from .config import RunConfig
+from .config import RunConfig, resolve_device_type, resolve_dtype_name
 from .io.readers import ReadSpec
 from .io.schema import output_metadata
 from .io.storage import InputFile
 from .io.writers import OutputSpec
+from .model.config import check_dims, check_split
+from .model.cpu import CPU_WORKER_ENV
 from .tokenize import task_prefix
 
 TOKENIZE_BATCH_ROWS = 1024
 WINDOW_ROWS = {"cuda": 8192, "cpu": 1024}
 TOKENIZERS_PER_GPU = 4
-# Ray Data calls a map actor's function on a thread other than the main one, and glibc gives
-# such threads their own arenas, whose heaps cannot hold a ~100 MB activation: each one is
-# mmap-ed and page-faulted afresh (7x the minor faults of the main thread; 685 vs 781 tokens/s
-# on the dev machine). One arena makes the retained heap of pipeline.model.cpu serve them.
-CPU_ENCODER_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +64,7 @@ class StagePlan:
     num_gpus: float = 0.0
     env_vars: dict[str, str] = dataclasses.field(default_factory=dict)  # set at process start
     ranks: int = 1  # expert-parallel ranks per actor; each holds rank_cpus CPUs, 1 GPU on CUDA
+    group: str | None = None  # the name prefix of the run's expert-parallel placement groups
     rank_cpus: float = 0.0
     rank_gpus: float = 0.0
 
@@ -92,23 +90,6 @@ class RunPlan:
     storage_options: dict[str, Any]
     device: str
     dtype: str  # the encoder's compute dtype, "auto" resolved
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """``auto`` is bfloat16 on GPUs and float32 on CPUs (as the encoder resolves it)."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device == "cuda" else "float32"
-
-
-def resolve_device(config: RunConfig, cluster: Cluster) -> str:
-    """``cuda`` or ``cpu`` for the encoder actors, from ``--device`` and the cluster's GPUs."""
-    if config.device == "cuda" and cluster.gpus < 1:
-        raise ValueError("--device cuda, but the Ray cluster has no GPUs; use --device cpu or "
-                         "a cluster with GPU nodes")
-    if config.device == "auto":
-        return "cuda" if cluster.gpus >= 1 else "cpu"
-    return config.device
 
 
 def encoder_replicas(config: RunConfig, device: str, cluster: Cluster) -> int:
@@ -174,7 +155,7 @@ def check_fits(tokenize: StagePlan, encode: StagePlan, cluster: Cluster) -> None
 
 def _rank_resources(ranks: int, device: str) -> dict[str, Any]:
     """An expert-parallel replica: the Ray Data actor only coordinates (no resources); each of
-    its ranks holds one CPU, and one GPU on CUDA (pipeline/ep.py)."""
+    its ranks holds one CPU, and one GPU on CUDA (pipeline/cluster/expert_groups.py)."""
     return {"num_cpus": 0.0, "num_gpus": 0.0, "ranks": ranks, "rank_cpus": 1.0,
             "rank_gpus": 1.0 if device == "cuda" else 0.0}
 
@@ -183,14 +164,10 @@ def plan_run(config: RunConfig, cluster: Cluster, model: ModelInfo, files: list[
              id_type: pa.DataType | None, keep_types: tuple = (),
              group_name: str = "pipeline-ep") -> RunPlan:
     """The plan of a run; raises ``ValueError`` for settings the cluster or model cannot meet."""
-    from .model.pooling import check_dims
-
-    from .model.expert_parallel import check_split
-
     check_dims(config.dims, model.hidden_size)
     ranks = config.expert_parallel
     check_split(model.num_experts, ranks)
-    device = resolve_device(config, cluster)
+    device = resolve_device_type(config.device, cluster.gpus)
     replicas = encoder_replicas(config, device, cluster)
     tokenize = StagePlan(
         kwargs={"tokenizer_json": model.tokenizer_json, "task": config.task},
@@ -204,11 +181,11 @@ def plan_run(config: RunConfig, cluster: Cluster, model: ModelInfo, files: list[
             "max_tokens_per_batch": config.max_tokens_per_batch,
             "threads": config.encoder_threads, "replicas": replicas,
             "storage_options": config.storage_options, "fingerprint": model.fingerprint,
-        } | ({"expert_parallel": ranks, "group_name": group_name} if ranks > 1 else {}),
+        },
         actors=replicas, batch_rows=config.window_rows or WINDOW_ROWS[device],
-        **(_rank_resources(ranks, device) if ranks > 1 else
+        **(_rank_resources(ranks, device) | {"group": group_name} if ranks > 1 else
            {"num_cpus": 1.0, "num_gpus": 1.0 if device == "cuda" else 0.0,
-            "env_vars": CPU_ENCODER_ENV if device == "cpu" else {}}),
+            "env_vars": CPU_WORKER_ENV if device == "cpu" else {}}),
     )
     check_fits(tokenize, encode, cluster)
     metadata = output_metadata(
@@ -226,5 +203,5 @@ def plan_run(config: RunConfig, cluster: Cluster, model: ModelInfo, files: list[
         tokenize=tokenize, encode=encode, output_uri=config.output, output=output,
         rows_per_file=config.rows_per_file or output.rows_per_file(),
         storage_options=config.storage_options, device=device,
-        dtype=resolve_dtype(config.dtype, device),
+        dtype=resolve_dtype_name(config.dtype, device),
     )

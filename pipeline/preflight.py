@@ -12,11 +12,14 @@ from pathlib import Path
 import pyarrow as pa
 
 from .config import RunConfig
+from .io.errors import InputError
 from .io.readers import JSON_TEXT
-from .io.storage import (InputError, InputFile, check_disjoint, json_id_type, json_value_type,
-                         list_inputs, prepare_output, preferred_record, sample_columns,
-                         sample_records, split_large_parquet)
+from .io.sampling import (json_id_type, json_value_type, preferred_record, sample_columns,
+                          sample_records)
+from .io.storage import InputFile, check_disjoint, list_inputs, prepare_output, split_large_parquet
+from .model.config import check_dims, check_split, load_config
 from .plan import ModelInfo
+from .tokenize import TextTokenizer, TokenizerError
 
 # Shards to look at for a first row before giving up on checking the columns up front.
 MAX_SAMPLED_FILES = 20
@@ -115,11 +118,9 @@ def check_output(config: RunConfig) -> list[str]:
 
 def load_model_info(config: RunConfig) -> ModelInfo:
     """Resolve the model once on the driver: config, tokenizer and weights fingerprint."""
-    from .model.config import load_config
-    from .model.expert_parallel import check_split
-    from .model.pooling import check_dims
+    # Lazy: model.sources imports torch (through the checkpoint reader); the CLI's pre-flight
+    # of a bad option should not pay for it.
     from .model.sources import resolve_model, weights_fingerprint
-    from .tokenize import TextTokenizer, TokenizerError
 
     resolved = resolve_model(config.model, revision=config.revision,
                              storage_options=config.storage_options)

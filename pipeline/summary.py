@@ -11,26 +11,16 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from .units import COUNTS, TIMES
+from .units import Totals
 
 
 def totals(units: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Sum the counts, times, reject reasons and files of units."""
-    total: dict[str, Any] = {k: 0 for k in COUNTS} | {k: 0.0 for k in TIMES}
-    reasons: dict[str, int] = {}
-    files: list[str] = []
-    first, last = 0.0, 0.0
-    for u in units:
-        for k in COUNTS + TIMES:
-            total[k] += u.get(k, 0)
-        for reason, n in u.get("reject_reasons", {}).items():
-            reasons[reason] = reasons.get(reason, 0) + n
-        files += u.get("files", [])
-        if u.get("encode_first_start"):
-            first = min(first, u["encode_first_start"]) if first else u["encode_first_start"]
-            last = max(last, u["encode_last_end"])
-    return total | {"reject_reasons": dict(sorted(reasons.items())), "files": sorted(files),
-                    "encode_first_start": first, "encode_last_end": last}
+    """Sum the counts, times, reject reasons and files of units (flat, sorted)."""
+    total = Totals.of(units)
+    return total.counts | total.times | {
+        "reject_reasons": dict(sorted(total.reject_reasons.items())),
+        "files": sorted(total.files), "encode_first_start": total.encode_first_start,
+        "encode_last_end": total.encode_last_end}
 
 
 def reconcile(open_units: Iterable[dict[str, Any]], unseen_rows: dict[str, int]) -> list[str]:
@@ -119,5 +109,49 @@ def build(*, committed: dict[str, dict[str, Any]], resumed: Iterable[str],
     }
 
 
+def model_fields(plan) -> dict[str, Any]:
+    """What the summary's ``model`` says of the run's plan (a :class:`~pipeline.plan.RunPlan`):
+    device, dtype and actor counts."""
+    return {"device": plan.device, "dtype": plan.dtype, "encoder_replicas": plan.encode.actors,
+            "expert_parallel": plan.encode.ranks, "tokenizer_actors": plan.tokenize.actors}
+
+
 def _waste(real: int, computed: int) -> float:
     return round(1.0 - real / computed, 6) if computed else 0.0
+
+
+def report(result: dict[str, Any], config, command: str = "run") -> list[str]:
+    """The few lines a person reads at the end of a job (``config``: its
+    :class:`~pipeline.config.RunConfig`); the whole summary is in ``_summary.json``."""
+    out = str(config.output).rstrip("/")
+    where = f"{out}/{result['snapshot']}" if result.get("snapshot") else out
+    lines = [f"rows: {result['rows_in']:,} in, {result['rows_embedded']:,} embedded, "
+             f"{result['rows_rejected']:,} rejected ({result['reject_fraction']:.2%})"]
+    reasons = sorted(result.get("reject_reasons", {}).items(), key=lambda kv: -kv[1])
+    for reason, n in reasons[:3]:
+        lines.append(f"  rejected {n:,}: {reason}")
+    if len(reasons) > 3:
+        lines.append(f"  ... {len(reasons) - 3} more reason(s) in _summary.json")
+    if command == "nightly":
+        lines.append(f"snapshot {result['snapshot']}: {result['rows_new']:,} new, "
+                     f"{result['rows_changed']:,} changed, {result['rows_unchanged']:,} "
+                     f"unchanged ({result['rows_reused']:,} vectors reused), "
+                     f"{result['rows_deleted']:,} deleted; _LATEST names it")
+    if command == "enrich":
+        lines.append(f"enriched: {len(result.get('enriched_files', []))} file(s), "
+                     f"{result.get('rows_out', 0):,} rows, "
+                     f"{result.get('rows_with_embeddings', 0):,} with embeddings")
+    units = result["units"]
+    lines.append(f"tokens: {result['tokens']:,} in {result['wall_s']:.1f} s, "
+                 f"{result['tokens_per_s']:,.0f} tokens/s end to end "
+                 f"({result['tokens_per_s_steady']:,.0f} steady); units {units['committed']} "
+                 f"of {units['total']} committed ({units['resumed']} kept from earlier runs)")
+    lines.append(f"output: {where}/ (summary: {where}/_summary.json"
+                 + (f", rejects: {where}/_rejects/" if result["rows_rejected"] else "") + ")")
+    return lines
+
+
+def resume_hint(config) -> str:
+    """What to do after a failed run: the same command resumes it."""
+    return (f"the units committed so far stay in {str(config.output).rstrip('/')}; rerun the "
+            "same command to resume (only the rest is embedded)")

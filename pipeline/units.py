@@ -18,16 +18,20 @@ requests per file, not per row, and skip committed files without reading them.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
 import logging
 import posixpath
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
+import pyarrow as pa
+
+from .io.readers import JSON_TEXT
 from .io.storage import (MANIFEST_DIR, SUMMARY_NAME, InputFile, OutputError, is_local,
-                         open_for_publish, relative, storage_errors, to_uri)
+                         publish_json, relative, storage_errors, to_uri)
 
 log = logging.getLogger("pipeline.units")
 
@@ -162,11 +166,8 @@ def incomplete_units(state: OutputState, keep: dict[str, dict[str, Any]]) -> lis
 
 def encode_types(id_type, keep_types) -> str:
     """The run's settled id and kept-column types as text for ``_run.json`` (an Arrow schema)."""
-    import base64
 
-    import pyarrow as pa
 
-    from .io.readers import JSON_TEXT
 
     fields = [pa.field("id", id_type or pa.null())]
     for name, kind in keep_types:
@@ -178,11 +179,8 @@ def encode_types(id_type, keep_types) -> str:
 
 def decode_types(text: str) -> tuple[Any, tuple[tuple[str, Any], ...]]:
     """``(id_type, keep_types)`` from :func:`encode_types`."""
-    import base64
 
-    import pyarrow as pa
 
-    from .io.readers import JSON_TEXT
 
     schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
     id_type = None if pa.types.is_null(schema.field(0).type) else schema.field(0).type
@@ -191,14 +189,25 @@ def decode_types(text: str) -> tuple[Any, tuple[tuple[str, Any], ...]]:
     return id_type, keep
 
 
-def write_json(fs, path: str, document: dict[str, Any]) -> None:
-    """Publish a small JSON document whole or not at all."""
-    with storage_errors(to_uri(fs, path), "write"), open_for_publish(fs, path) as f:
-        f.write(json.dumps(document, indent=1, sort_keys=True).encode())
+def run_identity(config, dtype: str | None, model, inputs=None) -> dict[str, Any]:
+    """The settings that decide what the output holds (see :data:`IDENTITY_FIELDS`), and the
+    column types settled for it (adopted by a resume, not compared). ``config`` is the
+    :class:`~pipeline.config.RunConfig`, ``dtype`` the encoder's resolved compute dtype (None:
+    not known yet), ``model`` the driver's :class:`~pipeline.plan.ModelInfo`, ``inputs`` the
+    pre-flight's :class:`~pipeline.preflight.Inputs`."""
+    types = encode_types(inputs.id_type, inputs.keep_types) if inputs else None
+    return {"types": types} | {
+        "model_fingerprint": model.fingerprint,
+        "tokenizer_sha256": hashlib.sha256(model.tokenizer_json.encode()).hexdigest(),
+        "task": config.task, "dims": list(config.dims), "output_dtype": config.output_dtype,
+        "dtype": dtype, "id_column": config.id_column, "text_column": config.text_column,
+        "keep_columns": list(config.keep_columns), "on_duplicate": config.on_duplicate,
+        "model_id": model.model_id, "revision": model.revision,
+    }
 
 
 def write_identity(fs, path: str, identity: dict[str, Any]) -> None:
-    write_json(fs, f"{path.rstrip('/')}/{MANIFEST_DIR}/{RUN_FILE}",
+    publish_json(fs, f"{path.rstrip('/')}/{MANIFEST_DIR}/{RUN_FILE}",
                {"identity": identity, "created": time.time()})
 
 
@@ -208,26 +217,59 @@ COUNTS = ("rows", "row_sum", "rows_embedded", "rows_rejected", "tokens", "texts_
 TIMES = ("tokenize_s", "encode_s", "write_s")
 
 
+@dataclasses.dataclass
+class Totals:
+    """Counts, stage times, reject reasons and files summed over write records or committed
+    units: the one sum behind each unit's manifest, the run summary and the nightly counts."""
+
+    counts: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
+    times: dict[str, float] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(TIMES, 0.0))
+    reject_reasons: dict[str, int] = dataclasses.field(default_factory=dict)
+    files: list[str] = dataclasses.field(default_factory=list)
+    encode_first_start: float = 0.0  # epoch seconds of the first encoder window (0: none)
+    encode_last_end: float = 0.0
+
+    @classmethod
+    def of(cls, items: Iterable[Mapping[str, Any]]) -> "Totals":
+        totals = cls()
+        for item in items:
+            totals.add(item)
+        return totals
+
+    def add(self, item: Mapping[str, Any]) -> "Totals":
+        """Add a write record, or a unit's manifest (both carry the same fields)."""
+        for k in COUNTS:
+            self.counts[k] += item.get(k, 0)
+        for k in TIMES:
+            self.times[k] += item.get(k, 0)
+        for reason, n in item.get("reject_reasons", {}).items():
+            self.reject_reasons[reason] = self.reject_reasons.get(reason, 0) + n
+        self.files += item.get("files", [])
+        if item.get("encode_first_start"):
+            first = self.encode_first_start
+            self.encode_first_start = min(first, item["encode_first_start"]) if first \
+                else item["encode_first_start"]
+            self.encode_last_end = max(self.encode_last_end, item["encode_last_end"])
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a manifest holds them (flat)."""
+        return self.counts | self.times | {
+            "reject_reasons": self.reject_reasons, "files": self.files,
+            "encode_first_start": self.encode_first_start,
+            "encode_last_end": self.encode_last_end}
+
+
 def merge(into: dict[str, Any] | None, record: dict[str, Any]) -> dict[str, Any]:
-    """Add one write record of a unit to that unit's running totals."""
+    """Add one write record of a unit to that unit's running totals (its manifest to be)."""
     if into is None:
-        into = {k: 0 for k in COUNTS} | {k: 0.0 for k in TIMES} | {
-            "unit": record["unit"], "uri": record["source"], "file_rows": -1,
-            "file_rowsum": -1, "reject_reasons": {}, "files": [], "first_reject": None,
-            "encode_first_start": 0.0, "encode_last_end": 0.0}
-    for k in COUNTS + TIMES:
-        into[k] += record.get(k, 0)
+        into = {"unit": record["unit"], "uri": record["source"], "file_rows": -1,
+                "file_rowsum": -1, "first_reject": None} | Totals().as_dict()
+    into |= Totals.of([into, record]).as_dict()
     into["file_rows"] = max(into["file_rows"], record["file_rows"])
     into["file_rowsum"] = max(into["file_rowsum"], record["file_rowsum"])
-    for reason, n in record.get("reject_reasons", {}).items():
-        into["reject_reasons"][reason] = into["reject_reasons"].get(reason, 0) + n
-    into["files"] += record.get("files", [])
     into["first_reject"] = into["first_reject"] or record.get("first_reject")
-    if record.get("encode_first_start"):
-        first = into["encode_first_start"]
-        into["encode_first_start"] = min(first, record["encode_first_start"]) if first \
-            else record["encode_first_start"]
-        into["encode_last_end"] = max(into["encode_last_end"], record["encode_last_end"])
     return into
 
 

@@ -4,13 +4,14 @@ import json
 
 import pytest
 
-from pipeline import bench
+from pipeline.bench import encoder as bench, workload
+from pipeline.bench.__main__ import main as bench_main
 from pipeline.model.builder import REAL_CONFIG
 
 
 def test_bench_encoder_smoke(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    bench.main(["encoder", "--size", "tiny", "--texts", "12", "--dtypes", "float32",
+    bench_main(["encoder", "--size", "tiny", "--texts", "12", "--dtypes", "float32",
                 "--device", "cpu", "--json", str(out)])
     result = json.loads(out.read_text())
     paths = {r["path"]: r for r in result["results"]}
@@ -28,16 +29,16 @@ def test_flops_per_token_match_the_brief():
 
 
 def test_length_mix_is_realistic():
-    lengths = bench.length_mix(192)
+    lengths = workload.length_mix(192)
     assert 100 <= float(sorted(lengths)[96]) <= 125 and lengths.max() <= 512 and lengths.min() >= 8
 
 
 def test_bench_texts_follow_the_length_mix(tiny_model_dir):
-    from pipeline.bench_pipeline import texts_of_lengths
+    from pipeline.bench.workload import texts_of_lengths
     from pipeline.tokenize import TextTokenizer
 
     tokenizer = TextTokenizer.from_dir(tiny_model_dir)
-    targets = bench.length_mix(40, seed=3)
+    targets = workload.length_mix(40, seed=3)
     texts = texts_of_lengths(targets, tokenizer, seed=3)
     got = tokenizer.encode(["search_document: " + t for t in texts]).lengths
     # The fewest words reaching each target: over it by at most one "word" (a CJK sentence
@@ -49,7 +50,7 @@ def test_bench_texts_follow_the_length_mix(tiny_model_dir):
 @pytest.mark.slow
 def test_bench_pipeline_smoke(tmp_path, tiny_model_dir):
     out = tmp_path / "pipe.json"
-    bench.main(["pipeline", "--size", "tiny", "--model-dir", str(tiny_model_dir), "--texts", "30",
+    bench_main(["pipeline", "--size", "tiny", "--model-dir", str(tiny_model_dir), "--texts", "30",
                 "--shards", "3", "--json", str(out)])
     result = json.loads(out.read_text())
     alone, piped = result["encoder_alone"], result["pipeline"]
@@ -64,7 +65,7 @@ def test_bench_nightly_edits_the_corpus_as_asked():
     # The nightly benchmark itself needs four runs (minutes); its night-2 corpus is checked here.
     import numpy as np
 
-    from pipeline.bench_nightly import edit_corpus
+    from pipeline.bench.nightly import edit_corpus
 
     class Args:
         change, delete, add = 0.1, 0.05, 0.05

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from pipeline.__main__ import main
+from pipeline.cli import main
 from tests.s3server import closed_port_url, s3_bucket, s3_client, s3_endpoint  # noqa: F401
 
 # A setup error must surface well before a run would have done any work.
@@ -119,7 +119,7 @@ def earlier_run(out, corpus, model_dir, **changes) -> dict:
     from pipeline.config import RunConfig
     from pipeline.io.storage import open_filesystem
     from pipeline.preflight import load_model_info
-    from pipeline.runner import run_identity
+    from pipeline.units import run_identity
     from pipeline.units import write_identity
 
     config = RunConfig(input=str(corpus / "in"), output=str(out), model=str(model_dir),

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.__main__ import main
+from pipeline.cli import main
 
 pytestmark = pytest.mark.slow
 

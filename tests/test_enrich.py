@@ -25,7 +25,7 @@ import s3fs
 
 from pipeline import Embedder
 from pipeline.config import RunConfig
-from pipeline.enrich import run_enrich
+from pipeline.jobs.enrich import run_enrich
 from pipeline.io import iceberg
 from tests.s3server import s3_bucket, s3_client, s3_endpoint  # noqa: F401
 
@@ -188,7 +188,7 @@ def test_iceberg_table_enriched_in_place_as_a_new_snapshot(cluster, tiny_model_d
 
 
 def test_partition_folders_stay_in_the_output_paths(tmp_path):
-    from pipeline.enrich import _input_base
+    from pipeline.jobs.enrich import _input_base
     from pipeline.io.storage import list_inputs
 
     folder = tmp_path / "t" / "a=1" / "b=x"

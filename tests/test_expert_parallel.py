@@ -184,7 +184,8 @@ def test_ranks_equal_the_single_process_encoder(world, dtypes, parity_fixture_di
 
 
 def test_an_expert_count_that_does_not_divide_is_refused():
-    from pipeline.model.expert_parallel import ExpertGroup, check_split
+    from pipeline.model.expert_parallel import ExpertGroup
+    from pipeline.model.config import check_split
 
     with pytest.raises(ValueError, match=r"divides the model's 8 experts \(e.g. \[1, 2, 4, 8\]\)"):
         check_split(8, 3)
@@ -224,7 +225,7 @@ def window(embedder):
 def test_a_hung_rank_fails_the_group_in_bounded_time(cluster, tiny_model_dir, window):
     import ray
 
-    from pipeline.ep import GroupFailed, RankGroup
+    from pipeline.cluster.expert_groups import GroupFailed, RankGroup
 
     batch, _ = window
     # A rank that stops answering: the other rank's collective times out (2 s here).
@@ -270,7 +271,7 @@ def test_run_with_expert_parallel_equals_the_plain_run(cluster, tmp_path, tiny_m
     import ray
 
     from pipeline.config import RunConfig
-    from pipeline.runner import run
+    from pipeline.jobs.run import run
 
     write_corpus(tmp_path / "in", shards=2, rows=30)
     common = dict(input=str(tmp_path / "in"), model=str(tiny_model_dir), dims=(64, 32),
@@ -346,7 +347,7 @@ def test_a_rank_killed_mid_run_costs_a_restart_not_a_row(cluster, tmp_path, tiny
 
 @pytest.mark.parametrize("job", ["run", "nightly", "enrich"])
 def test_every_job_takes_the_option(job):
-    from pipeline.__main__ import build_parser
+    from pipeline.cli import build_parser
     from pipeline.cli import config_from_args
 
     args = build_parser().parse_args([job, "--input", "in/", "--output", "out/",

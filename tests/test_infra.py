@@ -22,7 +22,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from pipeline.__main__ import build_parser
+from pipeline.cli import build_parser
 from pipeline.cli import config_from_args
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,10 +26,11 @@ from pipeline import summary
 from pipeline.io import schema as S
 from pipeline.io.readers import (JSON_TEXT, ReadSpec, iter_lines, open_decompressed, read_jsonl,
                                  read_parquet)
-from pipeline.io.storage import (InputError, OutputError, StorageError, check_disjoint,
-                                 count_rows, detect_format, json_id_type, json_value_type,
-                                 list_inputs, open_filesystem, prepare_output, remove_files,
-                                 sample_columns, sample_records)
+from pipeline.io.errors import InputError, OutputError, StorageError
+from pipeline.io.readers import count_rows
+from pipeline.io.sampling import json_id_type, json_value_type, sample_columns, sample_records
+from pipeline.io.storage import (check_disjoint, detect_format, list_inputs, open_filesystem,
+                                 prepare_output, remove_files)
 from pipeline.io.writers import OutputSpec, split_rows, write_outputs
 from pipeline.units import merge, unit_key
 

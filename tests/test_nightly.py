@@ -24,7 +24,9 @@ import s3fs
 from pipeline import Embedder
 from pipeline.config import RunConfig
 from pipeline.model.builder import sample_texts
-from pipeline.nightly import HASH_COLUMN, LATEST, content_hash, run_nightly
+from pipeline.jobs.nightly import run_nightly
+from pipeline.snapshots import LATEST
+from pipeline.stages.diff import HASH_COLUMN, content_hash
 from pipeline.tokenize import add_prefix
 from tests.faultproxy import fault_proxy  # noqa: F401
 from tests.s3server import s3_bucket, s3_client, s3_endpoint, upload_dir  # noqa: F401

@@ -17,12 +17,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from pipeline import nightly as N
+from pipeline import snapshots as Snap
+from pipeline.jobs import nightly as J
+from pipeline.stages import diff as N
 from pipeline.io import schema as S
 from pipeline.io import writers as W
 from pipeline.io.storage import OutputError
 from pipeline.model.builder import sample_texts
-from pipeline.stages import EncodeStage, TokenizeStage
+from pipeline.stages.embed import EncodeStage, TokenizeStage
 from pipeline.tokenize import TASK_PREFIXES, add_prefix, task_prefix, text_problem
 
 DIMS = (64, 32)
@@ -137,7 +139,7 @@ def test_bucket_of_spreads_ids_over_buckets():
 def test_bucket_of_is_the_same_in_another_process():
     code = (
         "import json, pyarrow as pa\n"
-        "from pipeline.nightly import bucket_of\n"
+        "from pipeline.stages.diff import bucket_of\n"
         "ints = pa.array([0, 1, -1, 2**63 - 1, -2**63, 12345, None], pa.int64())\n"
         "strs = pa.array(['a', 'doc-1', 'ü', None, ''])\n"
         "bins = pa.array([b'\\x00', b'xyz', None])\n"
@@ -708,31 +710,31 @@ def snap(seconds: int, suffix: str = "") -> str:
 
 
 def test_new_snapshot_name_orders_runs():
-    first = N.new_snapshot_name(set(), T0)
-    assert first == "snapshot-20260301T023015Z" and N.SNAPSHOT_RE.match(first)
-    later = N.new_snapshot_name({first}, T0 + datetime.timedelta(seconds=1))
+    first = Snap.new_snapshot_name(set(), T0)
+    assert first == "snapshot-20260301T023015Z" and Snap.SNAPSHOT_RE.match(first)
+    later = Snap.new_snapshot_name({first}, T0 + datetime.timedelta(seconds=1))
     assert later == snap(1)
     names = [first]
     for _ in range(12):  # the same second again and again: the next free seconds
-        names.append(N.new_snapshot_name(set(names), T0))
+        names.append(Snap.new_snapshot_name(set(names), T0))
     assert names[1] == snap(1) and names[12] == snap(12)
     assert names == sorted(names) and len(set(names)) == len(names)
-    assert all(N.SNAPSHOT_RE.match(n) for n in names)
+    assert all(Snap.SNAPSHOT_RE.match(n) for n in names)
 
 
 def test_new_snapshot_name_when_the_clock_goes_back():
     existing = {snap(0), snap(3600)}
-    name = N.new_snapshot_name(existing, T0 + datetime.timedelta(seconds=60))
-    assert name == snap(3601) and N.SNAPSHOT_RE.match(name)
-    again = N.new_snapshot_name(existing | {name}, T0)
+    name = Snap.new_snapshot_name(existing, T0 + datetime.timedelta(seconds=60))
+    assert name == snap(3601) and Snap.SNAPSHOT_RE.match(name)
+    again = Snap.new_snapshot_name(existing | {name}, T0)
     assert again == snap(3602)
 
 
 def test_new_snapshot_name_after_older_suffixed_names_stays_sortable_and_fresh():
     existing = {snap(0)} | {snap(0, f"-{k:03d}") for k in range(2, 1000)}
-    name = N.new_snapshot_name(existing, T0)
+    name = Snap.new_snapshot_name(existing, T0)
     assert name not in existing and name > max(existing), name
-    assert N.new_snapshot_name(existing | {name}, T0) > name
+    assert Snap.new_snapshot_name(existing | {name}, T0) > name
 
 
 def put(root: Path, rel: str, data: bytes = b"x") -> None:
@@ -765,29 +767,29 @@ def local(tmp_path):
 
 def test_read_latest(local):
     fs, root, path = local
-    assert N.read_latest(fs, path) is None
+    assert Snap.read_latest(fs, path) is None
     put(root, "_LATEST", (snap(0) + "\n").encode())
-    assert N.read_latest(fs, path) == snap(0)
+    assert Snap.read_latest(fs, path) == snap(0)
     put(root, "_LATEST", (snap(0, "-002")).encode())
-    assert N.read_latest(fs, path) == snap(0, "-002")
+    assert Snap.read_latest(fs, path) == snap(0, "-002")
     for junk in (b"", b"hello\n", b"snapshot-2026\n", b"../snapshot-20260301T023015Z",
                  b"snapshot-20260301T023015Z\nmore"):
         put(root, "_LATEST", junk)
         with pytest.raises(OutputError, match="not a snapshot name"):
-            N.read_latest(fs, path)
+            Snap.read_latest(fs, path)
 
 
 def test_read_latest_of_binary_junk_is_an_output_error(local):
     fs, root, path = local
     put(root, "_LATEST", b"\xff\xfe\x00junk")
     with pytest.raises(OutputError):
-        N.read_latest(fs, path)
+        Snap.read_latest(fs, path)
 
 
 def test_list_snapshots(local):
     fs, root, path = local
-    assert N.list_snapshots(fs, str(root / "missing")) == {}
-    assert N.list_snapshots(fs, path) == {}
+    assert Snap.list_snapshots(fs, str(root / "missing")) == {}
+    assert Snap.list_snapshots(fs, path) == {}
     complete(root, snap(0))
     unfinished(root, snap(10))
     put(root, "_LATEST", snap(0).encode())
@@ -796,8 +798,8 @@ def test_list_snapshots(local):
     put(root, "notes.txt")
     put(root, f"{snap(20)}/_rejects/_summary.json")  # a summary deeper down is not its summary
     put(root, f"{snap(20)}/part-x.parquet")
-    assert N.list_snapshots(fs, path) == {snap(0): True, snap(10): False, snap(20): False}
-    assert N.list_snapshots(fs, path + "/") == N.list_snapshots(fs, path)
+    assert Snap.list_snapshots(fs, path) == {snap(0): True, snap(10): False, snap(20): False}
+    assert Snap.list_snapshots(fs, path + "/") == Snap.list_snapshots(fs, path)
 
 
 def test_a_snapshot_killed_before_its_first_part_file_is_seen(local):
@@ -806,10 +808,10 @@ def test_a_snapshot_killed_before_its_first_part_file_is_seen(local):
     fs, root, path = local
     complete(root, snap(0))
     run_file(root, snap(10), snap(0))
-    assert N.list_snapshots(fs, path) == {snap(0): True, snap(10): False}
-    assert N.unfinished_snapshot(fs, path, N.list_snapshots(fs, path), snap(0)) == snap(10)
+    assert Snap.list_snapshots(fs, path) == {snap(0): True, snap(10): False}
+    assert Snap.unfinished_snapshot(fs, path, Snap.list_snapshots(fs, path), snap(0)) == snap(10)
     complete(root, snap(20), snap(0))
-    assert snap(10) in N.prune(fs, path, snap(20), keep=2)
+    assert snap(10) in Snap.prune(fs, path, snap(20), keep=2)
 
 
 def test_unfinished_snapshot_picks_the_newest_on_the_same_base(local):
@@ -825,21 +827,21 @@ def test_unfinished_snapshot_picks_the_newest_on_the_same_base(local):
     put(root, f"{snap(160)}/_manifest/_run.json", b"not json")
     put(root, f"{snap(170)}/_manifest/_run.json", b'{"other": 1}')
     complete(root, snap(180), base)  # finished: nothing to resume
-    snapshots = N.list_snapshots(fs, path)
-    assert N.unfinished_snapshot(fs, path, snapshots, base) == snap(120)
-    assert N.unfinished_snapshot(fs, path, snapshots, None) == snap(140)
-    assert N.unfinished_snapshot(fs, path, snapshots, snap(10)) == snap(130)
-    assert N.unfinished_snapshot(fs, path, snapshots, snap(180)) is None
-    assert N.unfinished_snapshot(fs, path, {}, base) is None
+    snapshots = Snap.list_snapshots(fs, path)
+    assert Snap.unfinished_snapshot(fs, path, snapshots, base) == snap(120)
+    assert Snap.unfinished_snapshot(fs, path, snapshots, None) == snap(140)
+    assert Snap.unfinished_snapshot(fs, path, snapshots, snap(10)) == snap(130)
+    assert Snap.unfinished_snapshot(fs, path, snapshots, snap(180)) is None
+    assert Snap.unfinished_snapshot(fs, path, {}, base) is None
 
 
 def test_publish_replaces_latest_atomically(local):
     fs, root, path = local
-    N.publish(fs, path, snap(0))
+    Snap.publish(fs, path, snap(0))
     assert (root / "_LATEST").read_text() == snap(0) + "\n"
-    assert N.read_latest(fs, path) == snap(0)
-    N.publish(fs, path, snap(5, "-002"))
-    assert N.read_latest(fs, path) == snap(5, "-002")
+    assert Snap.read_latest(fs, path) == snap(0)
+    Snap.publish(fs, path, snap(5, "-002"))
+    assert Snap.read_latest(fs, path) == snap(5, "-002")
     assert sorted(p.name for p in root.iterdir()) == ["_LATEST"]  # no temporary file left
 
 
@@ -858,17 +860,17 @@ def test_prune_keeps_the_newest_complete_and_newer_runs(local):
     put(root, "other/part-a.parquet")
     put(root, "snapshot-bad/part-a.parquet")
     put(root, "notes.txt")
-    gone = N.prune(fs, path, names[5], keep=2)
+    gone = Snap.prune(fs, path, names[5], keep=2)
     assert gone == [names[0], names[1], names[2], names[4]]
     left = sorted(p.name for p in root.iterdir())
     assert left == sorted(["_LATEST", "other", "snapshot-bad", "notes.txt",
                            names[3], names[5], names[6], names[7]])
     assert (root / names[7] / "part-a.parquet").exists()
-    assert N.prune(fs, path, names[5], keep=2) == []
-    assert N.prune(fs, path, names[5], keep=1) == [names[3]]
-    assert N.prune(fs, path, names[5], keep=0) == []  # the latest always stays
+    assert Snap.prune(fs, path, names[5], keep=2) == []
+    assert Snap.prune(fs, path, names[5], keep=1) == [names[3]]
+    assert Snap.prune(fs, path, names[5], keep=0) == []  # the latest always stays
     assert (root / names[5] / "_summary.json").exists()
-    assert N.list_snapshots(fs, path) == {names[5]: True, names[6]: True, names[7]: False}
+    assert Snap.list_snapshots(fs, path) == {names[5]: True, names[6]: True, names[7]: False}
 
 
 def test_prune_with_many_to_keep_deletes_only_unfinished(local):
@@ -876,8 +878,8 @@ def test_prune_with_many_to_keep_deletes_only_unfinished(local):
     complete(root, snap(0))
     unfinished(root, snap(1))
     complete(root, snap(2))
-    assert N.prune(fs, path, snap(2), keep=10) == [snap(1)]
-    assert N.list_snapshots(fs, path) == {snap(0): True, snap(2): True}
+    assert Snap.prune(fs, path, snap(2), keep=10) == [snap(1)]
+    assert Snap.list_snapshots(fs, path) == {snap(0): True, snap(2): True}
 
 
 def test_pc_is_used_like_the_diff_expects():
@@ -892,14 +894,14 @@ def test_nightly_refuses_a_kept_content_hash_column_and_a_run_output(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl").write_text('{"id": 1, "text": "x", "content_hash": "u"}\n')
     with pytest.raises(ValueError, match="content_hash"):
-        N.run_nightly(RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+        J.run_nightly(RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"),
                                 keep_columns=("content_hash",)))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "part-0123456789abcdef-0123456789ab.parquet").write_bytes(b"x")
     with pytest.raises(OutputError, match="holds the output of a `run`"):
-        N.run_nightly(RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out")))
+        J.run_nightly(RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out")))
     with pytest.raises(ValueError, match="keep-all"):
-        N.run_nightly(RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out2"),
+        J.run_nightly(RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out2"),
                                 on_duplicate="keep-all"))
 
 

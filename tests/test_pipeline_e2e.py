@@ -22,7 +22,7 @@ import ray
 import s3fs
 
 from pipeline import Embedder
-from pipeline.__main__ import main
+from pipeline.cli import main
 from pipeline.io.schema import read_metadata
 from pipeline.model.builder import sample_texts
 from tests.s3server import s3_bucket, s3_client, s3_endpoint, upload_dir  # noqa: F401

@@ -21,7 +21,8 @@ import pytest
 
 from pipeline.config import RunConfig
 from pipeline.io.readers import JSON_TEXT
-from pipeline.io.storage import InputError, sample_records
+from pipeline.io.errors import InputError
+from pipeline.io.sampling import sample_records
 from pipeline.preflight import MAX_SAMPLED_FILES, check_inputs
 
 

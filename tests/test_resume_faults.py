@@ -251,7 +251,7 @@ def test_adversarial_jsonl_corpus_reconciles_with_the_right_reasons(cluster, tmp
                                                                      tiny_model_dir):
     import gzip
 
-    from pipeline.__main__ import main
+    from pipeline.cli import main
 
     src = tmp_path / "in"
     src.mkdir()
@@ -325,7 +325,7 @@ def test_adversarial_jsonl_corpus_reconciles_with_the_right_reasons(cluster, tmp
 
 
 def test_adversarial_parquet_shards_with_different_schemas(cluster, tmp_path, tiny_model_dir):
-    from pipeline.__main__ import main
+    from pipeline.cli import main
 
     src = tmp_path / "in"
     src.mkdir()
@@ -365,7 +365,7 @@ def test_adversarial_parquet_shards_with_different_schemas(cluster, tmp_path, ti
 
 def test_a_large_parquet_file_is_split_into_units_that_resume_apart(cluster, tmp_path,
                                                                     tiny_model_dir, embedder):
-    from pipeline.__main__ import main
+    from pipeline.cli import main
 
     src = tmp_path / "in"
     src.mkdir()
@@ -399,7 +399,7 @@ def test_a_large_parquet_file_is_split_into_units_that_resume_apart(cluster, tmp
 
 
 def test_a_resume_keeps_the_column_types_of_the_output(cluster, tmp_path, tiny_model_dir):
-    from pipeline.__main__ import main
+    from pipeline.cli import main
 
     src = tmp_path / "in"
     src.mkdir()
@@ -425,7 +425,7 @@ def test_a_resume_keeps_the_column_types_of_the_output(cluster, tmp_path, tiny_m
 
 def test_other_settings_are_refused_then_replaced_with_overwrite(cluster, tmp_path,
                                                                  tiny_model_dir, capsys):
-    from pipeline.__main__ import main
+    from pipeline.cli import main
 
     src = tmp_path / "in"
     src.mkdir()

@@ -20,7 +20,7 @@ from pipeline.config import RunConfig
 from pipeline.io.storage import InputFile, OutputError, StorageError
 from pipeline.model.sources import ModelSourceError
 from pipeline.plan import Cluster, ModelInfo, RunPlan, plan_run
-from pipeline.stages import EncodeStage, TokenizeStage
+from pipeline.stages.embed import EncodeStage, TokenizeStage
 
 CPU_CLUSTER = Cluster(cpus=8, gpus=0)
 GPU_CLUSTER = Cluster(cpus=32, gpus=4)
@@ -108,14 +108,19 @@ def test_encoder_replicas(model_info):
 
 def test_expert_parallel(model_info):
     p = plan(model_info, "--expert-parallel", "2")
-    assert p.encode.kwargs["expert_parallel"] == 2 and p.encode.ranks == 2
+    assert p.encode.ranks == 2 and p.encode.group
+    # The graph gives each encode actor a group of 2 ranks as its engine.
+    from pipeline.cluster.graph import encode_kwargs
+
+    engine = encode_kwargs(p)["engine"]
+    assert engine.func.__name__ == "RankGroup" and engine.args == (2,)
     # The coordinating actor holds nothing; each rank holds a CPU (and a GPU on CUDA).
     assert (p.encode.num_cpus, p.encode.rank_cpus, p.encode.rank_gpus) == (0.0, 1.0, 0.0)
     gpu = plan(model_info, "--expert-parallel", "2", cluster=GPU_CLUSTER)
     assert gpu.encode.actors == 2 and gpu.encode.held_gpus == 4  # 4 GPUs: 2 groups of 2
     assert gpu.tokenize.actors == 16  # 4 per GPU
-    assert plan(model_info).encode.ranks == 1 and "expert_parallel" not in \
-        plan(model_info).encode.kwargs
+    assert plan(model_info).encode.ranks == 1 and "engine" not in \
+        encode_kwargs(plan(model_info))
     with pytest.raises(ValueError, match="divides the model's 4 experts"):
         plan(model_info, "--expert-parallel", "3")
     eight = dataclasses.replace(model_info, num_experts=8)
@@ -222,7 +227,7 @@ def test_revision(tiny_model_dir):
 
 
 def test_overwrite(tmp_path, tiny_model_dir):
-    from pipeline.runner import run
+    from pipeline.jobs.run import run
 
     out = tmp_path / "out"
     out.mkdir()
@@ -247,16 +252,11 @@ def test_on_duplicate(model_info):
 
 
 def write_records(*records: dict):
-    """What the graph's write stage yields (Ray stands aside: ``consume`` only iterates)."""
+    """What the graph's write stage yields, through JSON as the records travel (``consume``
+    only iterates)."""
     import json
 
-    from pipeline.graph import STATS
-
-    class Written:
-        def iter_batches(self, **kwargs):
-            yield pa.table({STATS: [json.dumps(r) for r in records]})
-
-    return Written()
+    return [json.loads(json.dumps(r)) for r in records]
 
 
 def unit_record(uri: str, rows: int, rejected: int) -> dict:
@@ -276,7 +276,8 @@ def tracker_for(*uris: str):
 
 
 def test_on_bad_rows():
-    from pipeline.runner import RunFailed, consume
+    from pipeline.errors import RunFailed
+    from pipeline.jobs.run import consume
 
     tracker, committed = tracker_for("a.jsonl", "b.jsonl")
     records = write_records(unit_record("a.jsonl", 5, 0), unit_record("b.jsonl", 5, 1))
@@ -289,7 +290,8 @@ def test_on_bad_rows():
 
 
 def test_max_reject_fraction():
-    from pipeline.runner import EARLY_REJECT_CHECK_ROWS, RunFailed, consume
+    from pipeline.errors import RunFailed
+    from pipeline.jobs.run import EARLY_REJECT_CHECK_ROWS, consume
 
     n = EARLY_REJECT_CHECK_ROWS
     records = write_records(unit_record("a.jsonl", n, n // 5))  # 20% rejected
@@ -320,19 +322,19 @@ def test_unit_bytes(tmp_path):
 def test_address(monkeypatch):
     import ray
 
-    from pipeline import runner
+    from pipeline.cluster import session
 
     seen = {}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
-    assert runner.init_ray(parse("--address", "ray://head:10001"))
+    assert session.init_ray(parse("--address", "ray://head:10001"))
     assert seen["address"] == "ray://head:10001"
 
 
 def test_progress():
     from ray.data import DataContext
 
-    from pipeline.runner import configure_progress
+    from pipeline.cluster.session import configure_progress
 
     ctx = DataContext.get_current()
     before = ctx.enable_progress_bars
@@ -351,7 +353,7 @@ def test_progress():
 def test_keep_snapshots(tmp_path):
     import fsspec
 
-    from pipeline.nightly import prune
+    from pipeline.snapshots import prune
 
     assert parse("--keep-snapshots", "2", job="nightly").keep_snapshots == 2
     with pytest.raises(SystemExit):  # an option of nightly only
@@ -366,7 +368,7 @@ def test_keep_snapshots(tmp_path):
 
 
 def test_iceberg_catalog(tmp_path, monkeypatch):
-    from pipeline.enrich import open_catalog
+    from pipeline.jobs.enrich import open_catalog
 
     monkeypatch.setenv("HOME", str(tmp_path))
     config = parse("--iceberg-catalog", "lake", "--iceberg-warehouse", str(tmp_path / "wh"),
@@ -377,7 +379,7 @@ def test_iceberg_catalog(tmp_path, monkeypatch):
 
 
 def test_iceberg_catalog_uri(tmp_path, monkeypatch):
-    from pipeline.enrich import open_catalog
+    from pipeline.jobs.enrich import open_catalog
 
     monkeypatch.setenv("HOME", str(tmp_path))
     db = tmp_path / "elsewhere.db"
@@ -389,7 +391,7 @@ def test_iceberg_catalog_uri(tmp_path, monkeypatch):
 
 
 def test_iceberg_warehouse(tmp_path, monkeypatch):
-    from pipeline.enrich import open_catalog
+    from pipeline.jobs.enrich import open_catalog
 
     monkeypatch.setenv("HOME", str(tmp_path))
     catalog = open_catalog(parse("--iceberg-warehouse", str(tmp_path / "wh"), job="enrich"))

@@ -10,7 +10,7 @@ from pipeline.embedder import Embedder
 from pipeline.io import schema as S
 from pipeline.io.readers import ReadSpec, read_jsonl
 from pipeline.model.builder import sample_texts
-from pipeline.stages import EncodeStage, TokenizeStage, require_columns
+from pipeline.stages.embed import EncodeStage, TokenizeStage, require_columns
 
 DIMS = (64, 32)
 

@@ -29,7 +29,8 @@ from pipeline.io.writers import OutputSpec, write_outputs
 from pipeline.units import (IDENTITY_FIELDS, RUN_FILE, OutputState, RowsDuplicated, Tracker,
                             complete, decode_types, encode_types, incomplete_units, load_state,
                             manifest_path, resumable_units, stray_files, unit_key,
-                            unit_manifest_name, write_identity, write_json)
+                            unit_manifest_name, write_identity)
+from pipeline.io.storage import publish_json as write_json
 from tests.s3server import s3_bucket, s3_endpoint  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,9 @@ from pyiceberg.utils.datetime import (
     micros_to_timestamptz,
 )
 
-ICEBERG_SCHEME = "iceberg:"
+from ..errors import UserError
+from .storage import ICEBERG_SCHEME, is_iceberg
+
 EMBEDDING_PREFIX = "embedding_"
 CATALOG_DB_NAME = "catalog.db"
 FSSPEC_FILE_IO = "pyiceberg.io.fsspec.FsspecFileIO"
@@ -92,7 +94,7 @@ class Footer(NamedTuple):
     size: int
 
 
-class IcebergError(RuntimeError):
+class IcebergError(UserError, RuntimeError):
     """A catalog cannot be reached, a table is missing, or a table cannot be enriched."""
 
 
@@ -108,11 +110,6 @@ class DataFileInfo:
 
 # ---------------------------------------------------------------------------------------------
 # Identifiers and catalogs
-
-def is_iceberg(uri: str) -> bool:
-    """Whether ``uri`` names an Iceberg table (``iceberg:ns.table`` or ``iceberg://ns.table``)."""
-    return uri.startswith(ICEBERG_SCHEME)
-
 
 def parse_table(uri: str) -> tuple[str, ...]:
     """``iceberg:ns.table`` (or ``iceberg://ns.table``, nested ``a.b.table``) -> identifier."""

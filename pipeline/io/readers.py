@@ -1,6 +1,6 @@
 """Shard readers: one Parquet or JSONL file -> Arrow tables in the pipeline's row layout.
 
-Pure functions over file objects (no Ray): the Ray datasource in ``pipeline/graph.py`` calls
+Pure functions over file objects (no Ray): the Ray datasource in ``pipeline/cluster/graph.py`` calls
 them once per shard. A row that cannot be read as a row (malformed JSON, invalid UTF-8, a
 non-object line, an id or text of the wrong type) is not dropped: it comes out with its reason
 in ``__reject`` and an excerpt of the raw value, and goes to ``_rejects/``.
@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import schema as S
+from .errors import StorageError
+from .storage import InputFile, open_filesystem, storage_errors
 
 READ_CHUNK_BYTES = 4 << 20
 COMPRESSED_READ_BYTES = 64 << 10
@@ -180,8 +182,6 @@ def read_jsonl(stream, source: str, spec: ReadSpec) -> Iterator[pa.Table]:
 
 
 def _read_error(source: str, err: BaseException) -> Exception:
-    from .storage import StorageError
-
     return StorageError(f"cannot read {source}: {type(err).__name__}: {err}")
 
 
@@ -253,7 +253,7 @@ def _jsonl_table(rows, source: str, spec: ReadSpec, seen: dict) -> pa.Table:
                                  excerpts)
     rows_array = pa.array(numbers, pa.int64())
     if spec.dedupe:
-        _reject_unembeddable(columns[S.ID], texts, rejects, excerpts)
+        S.reject_unembeddable(_nulls(columns[S.ID]), texts, rejects, excerpts)
         _reject_duplicates(columns[S.ID], rows_array, rejects, excerpts, seen)
     return _with_origin(columns, source, rows_array, rejects, excerpts, None)
 
@@ -305,16 +305,9 @@ def _json_fits(kind: pa.DataType):
     raise ValueError(f"no JSON value fits kept-column type {kind}")
 
 
-def _reject_unembeddable(ids, texts: list, rejects: list, excerpts: list) -> None:
-    """Reject rows the tokenizer stage would reject (null id, unusable text) before the
-    duplicate check, so the first *embeddable* row of an id is the one kept."""
-    from ..tokenize import text_problem
-
-    for i, (value, text) in enumerate(zip(ids.to_pylist(), texts)):
-        if rejects[i] is None:
-            reason = "id is null" if value is None else text_problem(text)
-            if reason:
-                rejects[i], excerpts[i] = reason, S.excerpt(text)
+def _nulls(values) -> list[bool]:
+    """Whether each value is null (the ids of a block)."""
+    return [v is None for v in values.to_pylist()]
 
 
 def _reject_duplicates(ids: pa.Array, rows: pa.Array, rejects: list, excerpts: list,
@@ -395,7 +388,7 @@ def read_parquet(f, source: str, spec: ReadSpec,
                 columns[c] = pa.nulls(n, kind if isinstance(kind, pa.DataType) else pa.null())
         rows = pa.array(range(offset, offset + n), pa.int64())
         if spec.dedupe:
-            _reject_unembeddable(ids, text.to_pylist(), rejects, excerpts)
+            S.reject_unembeddable(_nulls(ids), text.to_pylist(), rejects, excerpts)
             _reject_duplicates(ids, rows, rejects, excerpts, seen)
         block = _with_origin(columns, source, rows, rejects, excerpts, total)
         yield block.set_column(block.schema.get_field_index(S.FILE_ROWSUM), S.FILE_ROWSUM,
@@ -477,3 +470,16 @@ def _with_origin(columns: dict, source: str, rows: pa.Array, rejects, excerpts,
     columns[S.REJECT] = pa.array(rejects, pa.string())
     columns[S.EXCERPT] = pa.array(excerpts, pa.string())
     return pa.table(columns)
+
+
+def count_rows(file: InputFile, storage_options: dict[str, Any] | None = None) -> int:
+    """Rows of a shard: its Parquet footer's count, or its non-blank JSONL lines."""
+    fs, path = open_filesystem(file.uri, storage_options)
+    with storage_errors(file.uri, "read"), fs.open(path, "rb") as f:
+        if file.format == "parquet" and file.row_groups:
+            meta = pq.ParquetFile(f).metadata
+            return sum(meta.row_group(g).num_rows for g in range(*file.row_groups))
+        if file.format == "parquet":
+            return pq.ParquetFile(f).metadata.num_rows if file.size else 0
+        return sum(1 for _, line in iter_lines(open_decompressed(f, file.compression))
+                   if line.strip())

@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 
 from ..config import embedding_column
+from ..tokenize import text_problem
 
 # Set by the reader.
 ID = "__id"
@@ -69,6 +70,25 @@ def excerpt(value: Any) -> str:
     text = value if isinstance(value, str) else repr(value)
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "..."
+
+
+def reject_unembeddable(ids_null: list[bool], texts: list[Any], rejects: list[str | None],
+                        excerpts: list[str | None], skip: list[bool] | None = None) -> list[int]:
+    """The one rule for "can this row be embedded?", applied where rows are read (before the
+    duplicate check), diffed (nightly) and tokenized: a row not rejected so far (nor marked in
+    ``skip``) is rejected when its id is null or its text unusable
+    (:func:`pipeline.tokenize.text_problem`). ``rejects`` and ``excerpts`` are updated in
+    place; returns the indices of the embeddable rows."""
+    good = []
+    for i, text in enumerate(texts):
+        if rejects[i] is not None or (skip is not None and skip[i]):
+            continue
+        reason = "id is null" if ids_null[i] else text_problem(text)
+        if reason:
+            rejects[i], excerpts[i] = reason, excerpt(text)
+        else:
+            good.append(i)
+    return good
 
 
 def embedding_type(width: int, output_dtype: str) -> pa.DataType:

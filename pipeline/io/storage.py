@@ -11,13 +11,17 @@ import contextlib
 import dataclasses
 import fnmatch
 import json
+import os
 import posixpath
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .errors import InputError, OutputError, StorageError
 
 FORMAT_SUFFIXES = {".parquet": "parquet", ".pq": "parquet",
                    ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
@@ -33,18 +37,6 @@ S3_CONFIG = {"connect_timeout": 10, "read_timeout": 120,
 # The pre-flight (listing, sampling, the output probe) must report a dead endpoint in seconds.
 S3_PREFLIGHT_CONFIG = {"connect_timeout": 5, "read_timeout": 30,
                        "retries": {"max_attempts": 2, "mode": "standard"}}
-
-
-class InputError(ValueError):
-    """The input is missing, in an unknown format, or lacks a needed column."""
-
-
-class StorageError(RuntimeError):
-    """A filesystem could not be reached or refused an operation."""
-
-
-class OutputError(RuntimeError):
-    """The output location cannot be written, or holds an earlier run's files."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +59,15 @@ class InputFile:
             return self.uri
         start, stop = self.row_groups
         return f"{self.uri}#row-groups[{start}:{stop}]"
+
+
+ICEBERG_SCHEME = "iceberg:"
+
+
+def is_iceberg(uri: str) -> bool:
+    """Whether ``uri`` names an Iceberg table (``iceberg:ns.table`` or ``iceberg://ns.table``);
+    here so that telling one apart needs no pyiceberg (``pipeline/io/iceberg.py`` reads them)."""
+    return uri.startswith(ICEBERG_SCHEME)
 
 
 def open_filesystem(uri: str, storage_options: dict[str, Any] | None = None,
@@ -168,8 +169,6 @@ def split_large_parquet(files: list[InputFile], storage_options: dict[str, Any] 
     A slice is a unit of its own (committed and resumed alone) and a read task of its own,
     so one large file is read in parallel. Only the footers of the large files are read.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     large = [f for f in files if f.format == "parquet" and f.size > unit_bytes]
     if not large:
         return files
@@ -249,112 +248,6 @@ def _hidden(relative: str) -> bool:
     return any(part.startswith(("_", ".")) for part in relative.split("/") if part)
 
 
-def sample_columns(file: InputFile, storage_options: dict[str, Any] | None = None,
-                   max_lines: int = 100, prefer_key: str | None = None) -> dict[str, Any] | None:
-    """Column names of a shard -> Arrow type (Parquet) or first JSON value (JSONL).
-
-    For JSONL, the first object among the first ``max_lines`` lines whose ``prefer_key`` is
-    not null (else the first object). None when the shard holds no rows to sample.
-    """
-    if file.size == 0:
-        return None
-    if file.format == "parquet":
-        fs, path = open_filesystem(file.uri, storage_options, preflight=True)
-        with storage_errors(file.uri, "read"), fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            schema, rows = parquet.schema_arrow, parquet.metadata.num_rows
-        return {name: schema.field(name).type for name in schema.names} if rows else None
-    return preferred_record(sample_records(file, storage_options, max_lines), prefer_key)
-
-
-def preferred_record(records: list[dict[str, Any]], key: str | None) -> dict[str, Any] | None:
-    """The first record whose ``key`` is not null, else the first record (None if none)."""
-    preferred = [r for r in records if key is None or r.get(key) is not None]
-    return (preferred or records or [None])[0]
-
-
-def sample_records(file: InputFile, storage_options: dict[str, Any] | None = None,
-                   max_lines: int = 100) -> list[dict[str, Any]]:
-    """The JSON objects among the first ``max_lines`` non-blank lines of a JSONL shard.
-
-    Lines are decoded as the reader decodes them; a bad line here is the reader's reject
-    later, but a sample with no object at all is an input error.
-    """
-    if file.size == 0:
-        return []
-    from .readers import open_decompressed
-
-    fs, path = open_filesystem(file.uri, storage_options, preflight=True)
-    records, bad = [], []
-    with storage_errors(file.uri, "read"), fs.open(path, "rb") as raw:
-        stream = open_decompressed(raw, file.compression)
-        for number, line in _readable_lines(stream):
-            if not line.strip():
-                continue
-            if len(records) + len(bad) >= max_lines:
-                break
-            try:
-                record = json.loads(line.decode("utf-8").removeprefix("\ufeff"))
-            except ValueError as err:
-                bad.append(f"line {number}: {err}")
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-            else:
-                bad.append(f"line {number}: a JSON {type(record).__name__}, not an object")
-    if bad and not records:
-        raise InputError(f"{file.uri}: none of its first {len(bad)} line(s) is a JSON "
-                         f"object ({bad[0]})")
-    return records
-
-
-def _readable_lines(stream) -> Iterator[tuple[int, bytes]]:
-    """Lines up to any damage of a compressed file (the reader rejects the damaged rest)."""
-    from .readers import DecompressedStream, iter_lines
-
-    lines = iter_lines(stream, 1 << 16)
-    while True:
-        try:
-            yield next(lines)
-        except StopIteration:
-            return
-        except OSError:
-            if isinstance(stream, DecompressedStream) and stream.source_error is None:
-                return
-            raise
-
-
-def json_value_type(values: list[Any]) -> Any:
-    """The Arrow type a JSONL kept column settles on, from sampled values.
-
-    Booleans, integers (float64 when a sampled number has a fraction), and strings map to
-    their Arrow types; objects, arrays and columns with no sampled value are kept as text
-    (strings as they are, other values as JSON).
-    """
-    from .readers import JSON_TEXT
-
-    present = [v for v in values if v is not None]
-    if not present:
-        return JSON_TEXT
-    first = present[0]
-    if isinstance(first, bool):
-        return pa.bool_()
-    if isinstance(first, (int, float)):
-        numbers = [v for v in present if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        return pa.float64() if any(isinstance(v, float) for v in numbers) else pa.int64()
-    if isinstance(first, str):
-        return pa.string()
-    return JSON_TEXT
-
-
-def json_id_type(value: Any, uri: str, id_column: str) -> pa.DataType:
-    """The Arrow type of JSONL ids, from the first row's id (integers or strings)."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise InputError(f"{uri}: id column {id_column!r} holds {type(value).__name__} "
-                         f"{value!r}; ids must be integers or strings")
-    return pa.int64() if isinstance(value, int) else pa.string()
-
-
 def prepare_output(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Check that ``uri`` is writable; returns the pipeline's files already there (an earlier
     run to resume, or to replace with ``--overwrite``)."""
@@ -387,8 +280,6 @@ def relative(path: str, base: str, local: bool = False) -> str:
     """``path`` relative to the folder ``base``, both normalised (``./`` and ``//`` folded; on
     local disks, symbolic links in the folders resolved, never the file's own name), so that
     any spelling of an output names the same files."""
-    import os
-
     p = posixpath.normpath(path)
     bases = [posixpath.normpath(base.rstrip("/") or "/")]
     candidates = [p]
@@ -442,8 +333,6 @@ def check_disjoint(input_uri: str, output_uri: str) -> None:
 
 def _normalise(uri: str) -> str:
     if "://" not in uri or uri.startswith("file://"):
-        import os
-
         return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
     return uri.rstrip("/")
 
@@ -471,16 +360,9 @@ def open_for_publish(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Any]:
         fs.mv(target, path)
 
 
-def count_rows(file: InputFile, storage_options: dict[str, Any] | None = None) -> int:
-    """Rows of a shard: its Parquet footer's count, or its non-blank JSONL lines."""
-    from .readers import iter_lines, open_decompressed
-
-    fs, path = open_filesystem(file.uri, storage_options)
-    with storage_errors(file.uri, "read"), fs.open(path, "rb") as f:
-        if file.format == "parquet" and file.row_groups:
-            meta = pq.ParquetFile(f).metadata
-            return sum(meta.row_group(g).num_rows for g in range(*file.row_groups))
-        if file.format == "parquet":
-            return pq.ParquetFile(f).metadata.num_rows if file.size else 0
-        return sum(1 for _, line in iter_lines(open_decompressed(f, file.compression))
-                   if line.strip())
+def publish_json(fs: fsspec.AbstractFileSystem, path: str, document: dict[str, Any]) -> str:
+    """Publish a JSON document (a manifest, a summary) whole or not at all; returns ``path``.
+    The one JSON writer of the pipeline's own files."""
+    with storage_errors(to_uri(fs, path), "write"), open_for_publish(fs, path) as f:
+        f.write(json.dumps(document, indent=1, sort_keys=True, default=str).encode())
+    return path

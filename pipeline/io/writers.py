@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from ..config import embedding_column
 from . import schema as S
+from ..units import unit_key
 from .storage import REJECTS_DIR, open_for_publish, storage_errors, to_uri
 
 ROW_GROUP_ROWS = 8192
@@ -148,8 +149,6 @@ def write_outputs(fs, output_path: str, table: pa.Table, spec: OutputSpec) -> li
     """Write ``table``'s rows to files holding one unit's rows each (its embedded rows, and its
     rejects under ``_rejects/``); returns one record per unit for the driver, which commits
     a unit once all of its rows are reported. Files are named relative to the output."""
-    from ..units import unit_key
-
     base = output_path.rstrip("/")
     records = []
     # The unit of work: an input file, or a row-group slice of a large one.

@@ -12,7 +12,7 @@ _EXPORTS = {
     "MAX_SEQ_LEN": "config", "EncoderConfig": "config", "UnsupportedConfigError": "config",
     "config_from_hub": "config", "hub_config_dict": "config", "load_config": "config",
     "NomicMoEEncoder": "encoder", "PackedBatch": "packed",
-    "check_dims": "pooling", "matryoshka": "pooling", "mean_pool": "pooling",
+    "check_dims": "config", "check_split": "config", "matryoshka": "pooling", "mean_pool": "pooling",
 }
 __all__ = sorted(_EXPORTS)
 

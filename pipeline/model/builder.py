@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import processors, trainers
 
 from .checkpoint import encoder_from_state, key_map
 from .config import EncoderConfig, hub_config_dict
@@ -78,8 +80,6 @@ def random_encoder(
 def train_tokenizer(texts: list[str], vocab_size: int = TINY_TOKENIZER_VOCAB):
     """A small XLM-R-shaped Unigram tokenizer: ``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3,
     ``<mask>`` last; NFKC, Metaspace, ``<s> $A </s>`` post-processing (like the real one)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from tokenizers import processors, trainers
 
     def pipeline_parts(tok):
         tok.normalizer = normalizers.Sequence(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 # Tokens per sequence the model was fine-tuned for, including <s>, </s> and the task prefix.
 MAX_SEQ_LEN = 512
@@ -198,3 +198,33 @@ def hub_config_dict(cfg: EncoderConfig, name: str = "random/nomic-moe") -> dict[
     hub.update(_REQUIRED)
     hub.update({theirs: getattr(cfg, ours) for theirs, ours in _MAPPED.items()})
     return dict(sorted(hub.items()))
+
+
+# Checks of run settings against a model's shape, made before any weight is loaded (the
+# driver's pre-flight and plan, which do not import torch) and again where the weights are.
+
+
+def check_dims(dims: Iterable[int], hidden_size: int) -> tuple[int, ...]:
+    """Validate Matryoshka widths: integers in ``[1, hidden_size]``, no repeats, order kept."""
+    dims = tuple(dims)
+    if not dims:
+        raise ValueError("dims must name at least one width")
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= hidden_size:
+            raise ValueError(f"width {d!r} is not an integer in [1, {hidden_size}] (model width)")
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"dims {dims} repeat a width")
+    return dims
+
+
+def check_split(num_experts: int, world_size: int) -> None:
+    """Raise unless ``world_size`` ranks can hold equal shares of ``num_experts`` experts."""
+    if world_size < 1 or num_experts % world_size:
+        raise ValueError(
+            f"expert parallelism over {world_size} rank(s) needs a rank count that divides the "
+            f"model's {num_experts} experts (e.g. {divisors(num_experts)})"
+        )
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .config import EncoderConfig
+from .config import EncoderConfig, check_split
 from .moe import Routing, _resolve_backend, expert_matmul, route
 
 
@@ -46,19 +46,6 @@ class ExpertGroup:
         check_split(num_experts, self.world_size)
         per = num_experts // self.world_size
         return self.rank * per, (self.rank + 1) * per
-
-
-def check_split(num_experts: int, world_size: int) -> None:
-    """Raise unless ``world_size`` ranks can hold equal shares of ``num_experts`` experts."""
-    if world_size < 1 or num_experts % world_size:
-        raise ValueError(
-            f"expert parallelism over {world_size} rank(s) needs a rank count that divides the "
-            f"model's {num_experts} experts (e.g. {divisors(num_experts)})"
-        )
-
-
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def init_group(rank: int, world_size: int, init_method: str, device: torch.device,

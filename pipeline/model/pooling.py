@@ -22,19 +22,6 @@ def mean_pool(x_TD: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     return sums_BD / batch.lengths_B.to(sums_BD.dtype).clamp_min(1)[:, None]
 
 
-def check_dims(dims: Iterable[int], hidden_size: int) -> tuple[int, ...]:
-    """Validate Matryoshka widths: integers in ``[1, hidden_size]``, no repeats, order kept."""
-    dims = tuple(dims)
-    if not dims:
-        raise ValueError("dims must name at least one width")
-    for d in dims:
-        if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= hidden_size:
-            raise ValueError(f"width {d!r} is not an integer in [1, {hidden_size}] (model width)")
-    if len(set(dims)) != len(dims):
-        raise ValueError(f"dims {dims} repeat a width")
-    return dims
-
-
 def matryoshka(pooled_BD: torch.Tensor, dims: Iterable[int]) -> dict[int, torch.Tensor]:
     """For each width ``d``: the first ``d`` pooled features, then L2-normalised.
 

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import fsspec
+from huggingface_hub import HfApi, constants, errors, snapshot_download
+from huggingface_hub.file_download import repo_folder_name
 
 from .checkpoint import PICKLE_SUFFIXES, weight_files
 from .config import DEFAULT_MODEL
@@ -393,7 +395,6 @@ def _resolve_hub(
     repo_id: str, revision: str | None, cache_dir: str | os.PathLike[str] | None
 ) -> tuple[Path, str]:
     """Download (or reuse from the HF cache) the model files; returns ``(dir, commit)``."""
-    from huggingface_hub import errors
 
     endpoint = _hub_endpoint()
     if _hub_offline():
@@ -423,7 +424,6 @@ def _resolve_hub(
 def _hub_offline() -> bool:
     # huggingface_hub reads HF_HUB_OFFLINE once, at import; read it again so that a value set
     # later in the process (a test, a Ray runtime_env) is honoured as well.
-    from huggingface_hub import constants
 
     value = os.environ.get("HF_HUB_OFFLINE")
     if value is None:
@@ -450,7 +450,6 @@ def _hub_network_errors() -> tuple[type[BaseException], ...]:
 
 def _hub_commit(repo_id: str, revision: str | None, endpoint: str | None) -> str:
     """The commit ``revision`` points at, asked with a bounded timeout (fails fast offline)."""
-    from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint)
     info = api.repo_info(repo_id, revision=revision, timeout=HUB_METADATA_TIMEOUT_S)
@@ -467,7 +466,6 @@ def _hub_snapshot(
     *,
     local_files_only: bool,
 ) -> Path:
-    from huggingface_hub import snapshot_download
 
     folder = snapshot_download(
         repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS, cache_dir=cache_dir,
@@ -483,8 +481,6 @@ def _record_hub_ref(
     # We download by commit (resolved with a bounded timeout), and huggingface_hub writes
     # refs/<branch> only when it resolves the branch itself; without the file an offline run
     # (HF_HUB_OFFLINE=1) could not find this snapshot by branch or tag name.
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
 
     name = revision or constants.DEFAULT_REVISION
     if name == commit:
@@ -505,7 +501,6 @@ def _hub_from_cache(
     cause: str,
 ) -> tuple[Path, str]:
     """The Hugging Face cache's copy when the Hub cannot be reached, else a how-to error."""
-    from huggingface_hub import constants
 
     try:
         folder = _hub_snapshot(repo_id, revision, cache_dir, None, local_files_only=True)

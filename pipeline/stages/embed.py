@@ -1,25 +1,25 @@
 """The pipeline's stages as small classes: heavy state in ``__init__``, work in ``__call__``.
 
 Each stage maps one Arrow table to another (Ray Data calls them with ``batch_format="pyarrow"``
-from ``pipeline/graph.py``, but nothing here imports Ray, so tests call them directly). Rows
+from ``pipeline/cluster/graph.py``, but nothing here imports Ray, so tests call them directly). Rows
 carry their id and origin; no stage relies on row order. A rejected row (``__reject`` set)
 passes through every stage untouched until the writer sends it to ``_rejects/``.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .config import embedding_column
-from .io import schema as S
-from .io.schema import embedding_type
-from .tokenize import TextTokenizer, add_prefix, task_prefix, text_problem
+from ..config import embedding_column
+from ..io import schema as S
+from ..io.schema import embedding_type
+from ..model.cpu import default_threads, set_threads
+from ..tokenize import TextTokenizer, TokenizedBatch, add_prefix, task_prefix
 
 
 def require_columns(table: pa.Table, columns, stage: str) -> None:
@@ -53,15 +53,7 @@ class TokenizeStage:
         # Rows whose earlier embeddings the nightly job reuses are not tokenized.
         reused = table[S.REUSE].to_pylist() if S.REUSE in table.column_names \
             else [False] * table.num_rows
-        good = []
-        for i, text in enumerate(texts):
-            if rejects[i] is not None or reused[i]:
-                continue
-            reason = "id is null" if ids_null[i] else text_problem(text)
-            if reason:
-                rejects[i], excerpts[i] = reason, S.excerpt(text)
-            else:
-                good.append(i)
+        good = S.reject_unembeddable(ids_null, texts, rejects, excerpts, skip=reused)
         tokens = self.tokenizer.encode([add_prefix(texts[i], self.prefix) for i in good])
         lengths = np.zeros(table.num_rows, np.int32)
         truncated = np.zeros(table.num_rows, bool)
@@ -92,26 +84,24 @@ class EncodeStage:
                  dims: tuple[int, ...], output_dtype: str, max_tokens_per_batch: int | None,
                  threads: int | None = None, replicas: int = 1,
                  storage_options: dict[str, Any] | None = None,
-                 fingerprint: str | None = None, expert_parallel: int = 1,
-                 group_name: str = "pipeline-ep") -> None:
+                 fingerprint: str | None = None, engine: Callable[..., Any] | None = None) -> None:
         load = dict(model=model, revision=revision, device=device, dtype=dtype,
                     max_tokens_per_batch=max_tokens_per_batch, storage_options=storage_options,
                     fingerprint=fingerprint)
-        if expert_parallel > 1:
-            # This actor only coordinates: the ranks of its group do the work (pipeline/ep.py).
-            from .ep import RankGroup
-
-            self.embedder = RankGroup(expert_parallel, load, name=group_name,
-                                      threads=threads or None, replicas=replicas)
+        if engine is not None:
+            # Given by the graph: e.g. an expert-parallel group whose ranks do the work
+            # (pipeline/cluster/expert_groups.py); this actor only coordinates.
+            self.embedder = engine(load)
         else:
             if threads or device == "cpu":
                 set_threads(threads or default_threads(replicas))
-            self.embedder = load_embedder(**load)
+            # Lazy: importing the embedder imports torch, after the thread count is set.
+            from ..embedder import load_worker_embedder
+
+            self.embedder = load_worker_embedder(**load)
         self.dims, self.output_dtype = dims, output_dtype
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from .tokenize import TokenizedBatch
-
         require_columns(table, self.NEEDS, "encode")
         t0, start = time.perf_counter(), time.time()
         good = _good_rows(table)
@@ -159,25 +149,6 @@ class EncodeStage:
             .cast(embedding_type(width, self.output_dtype))
 
 
-def load_embedder(model: str, *, revision: str | None, device: str, dtype: str,
-                  max_tokens_per_batch: int | None, storage_options: dict[str, Any] | None,
-                  fingerprint: str | None, placement=None):
-    """The encoder of a worker: the model resolved on this node, checked against the weights
-    the driver fingerprinted, loaded whole or (``placement``) as one expert-parallel rank."""
-    from .embedder import Embedder
-    from .model.sources import ModelSourceError, resolve_model, weights_fingerprint
-
-    resolved = resolve_model(model, revision=revision, storage_options=storage_options)
-    if fingerprint is not None and weights_fingerprint(resolved.local_dir) != fingerprint:
-        raise ModelSourceError(
-            f"the weights of {model} on this node differ from the ones the driver checked "
-            f"({fingerprint}); the model source changed during the run"
-        )
-    return Embedder.from_pretrained(resolved.local_dir, device=device, dtype=dtype,
-                                    max_tokens_per_batch=max_tokens_per_batch,
-                                    placement=placement)
-
-
 def reused_vectors(table: pa.Table, rows: np.ndarray, width: int) -> np.ndarray:
     """The previous snapshot's vectors of ``rows`` (``[len(rows), width]``)."""
     column = table[S.prev_embedding(width)].take(pa.array(rows))
@@ -186,25 +157,3 @@ def reused_vectors(table: pa.Table, rows: np.ndarray, width: int) -> np.ndarray:
                          f"embedding of width {width}")
     flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
     return flat.reshape(len(rows), width)
-
-
-def set_threads(threads: int) -> None:
-    """Give torch ``threads`` intra-op threads, through OpenMP's environment when possible.
-
-    Ray starts actors with ``OMP_NUM_THREADS`` = their logical CPUs (1). ``set_num_threads``
-    after torch started with that value runs measurably slower on CPU (760 vs 815 tokens/s
-    on the 2-core dev machine) than OpenMP initialised with the right count, so the variable
-    is set before torch's first import in this process; stage modules never import torch.
-    """
-    import sys
-
-    if "torch" not in sys.modules:
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def default_threads(replicas_per_node: int) -> int:
-    """Torch threads for a CPU encoder actor: this node's usable cores shared by the replicas."""
-    return max(1, len(os.sched_getaffinity(0)) // max(replicas_per_node, 1))

@@ -1,6 +1,6 @@
 """``python -m pipeline.bench ep``: expert parallelism vs. whole-model replicas, same processes.
 
-One synthetic passage mix (``bench.length_mix``, synthetic ids), token-budgeted batches
+One synthetic passage mix (``bench.workload.length_mix``, synthetic ids), token-budgeted batches
 (``plan_batches``) dealt to ``P`` processes balanced by work (``deal_groups``), and three ways
 to encode it, each in fresh processes (``torch.multiprocessing`` spawn; no Ray):
 
@@ -47,6 +47,9 @@ routers as built: single 766, replicas 828, EP 567 tokens/s (EP / replicas 0.69x
 blocked 45% of the wall waiting for rank 1's experts); balanced routers: single 792, replicas
 819, EP 756 tokens/s (0.92x; each rank blocked 8-9% of the wall, its own work the same as a
 replica's). All-to-all 36-37 KB per token (6 KB per MoE layer), ~50% of slots remote.
+
+torch is imported inside functions: each spawned worker sets its thread count before it imports
+torch, and the parent imports it only once the workers are planned.
 """
 
 from __future__ import annotations
@@ -61,6 +64,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from ..batching import deal_groups, default_max_tokens, plan_batches
+from ..model.config import check_split, load_config
+from ..tokenize import TokenizedBatch
+from .workload import length_mix, machine, synthetic_ids
 
 MODES = ("single", "replicas", "expert-parallel")
 FP32_TOLERANCE = 1e-5
@@ -90,7 +98,7 @@ class _CollectiveTimer:
     ``pipeline.model.expert_parallel``) to sum the time spent in it, per exchange kind."""
 
     def __init__(self, cuda: bool) -> None:
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: torch, see the module docstring
 
         self.dist, self.cuda = dist, cuda
         self.original = dist.all_to_all_single
@@ -130,12 +138,12 @@ class _CollectiveTimer:
 
 
 def _worker(rank: int, spec: dict, out_dir: str) -> None:
-    import torch
+    import torch  # lazy: torch, see the module docstring
 
     torch.set_num_threads(spec["threads"])
-    from .embedder import Embedder
-    from .model.expert_parallel import init_group
-    from .tokenize import TokenizedBatch
+    # Lazy: these import torch, after this worker process set its thread count.
+    from ..embedder import Embedder
+    from ..model.expert_parallel import init_group
 
     mode, world = spec["mode"], spec["processes"]
     cuda = spec["device"] == "cuda"
@@ -239,7 +247,7 @@ def _worker(rank: int, spec: dict, out_dir: str) -> None:
 
 def run_mode(mode: str, processes: int, threads: int, common: dict, tmp: Path) -> dict:
     """Spawn ``processes`` workers for one mode; their results, embeddings in input order."""
-    import torch.multiprocessing as mp
+    import torch.multiprocessing as mp  # lazy: torch, see the module docstring
 
     out_dir = tmp / mode
     out_dir.mkdir()
@@ -359,10 +367,9 @@ def balanced_routers(model_dir: Path, passages: int, seed: int, out: Path) -> di
     calibration mix, taken with the earlier layers' routers already changed) projected out,
     so the experts are chosen by what differs between tokens.
     """
-    import torch
+    import torch  # lazy: torch, see the module docstring
 
-    from .bench import length_mix, synthetic_ids
-    from .model import PackedBatch, load_encoder
+    from ..model import PackedBatch, load_encoder  # lazy: torch (see the module docstring)
 
     enc = load_encoder(model_dir)
     routers: dict[int, torch.Tensor] = {}
@@ -389,14 +396,11 @@ def balanced_routers(model_dir: Path, passages: int, seed: int, out: Path) -> di
 
 
 def bench_ep(args) -> tuple[dict, list[dict], bool]:
-    import torch
+    import torch  # lazy: torch, see the module docstring
 
-    from .batching import deal_groups, default_max_tokens, plan_batches
-    from .bench import length_mix, machine, synthetic_ids
-    from .embedder import resolve_dtype
-    from .model.builder import build_model_dir
-    from .model.config import load_config
-    from .model.expert_parallel import check_split
+    # Lazy: torch, imported by the parent only once its workers are planned.
+    from ..embedder import resolve_dtype
+    from ..model.builder import build_model_dir
 
     t_all = time.perf_counter()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

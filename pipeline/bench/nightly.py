@@ -17,15 +17,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from .bench_pipeline import texts_of_lengths, write_corpus
-from .model.builder import build_model_dir
-from .tokenize import TextTokenizer
+from ..config import RunConfig, parse_int_list
+from ..model.builder import build_model_dir
+from ..tokenize import TextTokenizer
+from .workload import length_mix, machine, texts_of_lengths, write_corpus
 
 
 def nightly_run(corpus: Path, out: Path, model_dir: Path, args) -> dict:
-    from .config import RunConfig
-    from .nightly import run_nightly
+    from ..jobs.nightly import run_nightly  # lazy: ray (the encoder benchmarks run without it)
 
     t0 = time.perf_counter()
     summary = run_nightly(RunConfig(input=str(corpus), output=str(out), model=str(model_dir),
@@ -37,8 +39,7 @@ def nightly_run(corpus: Path, out: Path, model_dir: Path, args) -> dict:
 
 
 def full_run(corpus: Path, out: Path, model_dir: Path, args) -> dict:
-    from .config import RunConfig
-    from .runner import run
+    from ..jobs.run import run  # lazy: ray (the encoder benchmarks run without it)
 
     t0 = time.perf_counter()
     summary = run(RunConfig(input=str(corpus), output=str(out), model=str(model_dir),
@@ -64,12 +65,7 @@ def edit_corpus(texts: list[str], args, rng) -> tuple[list[int], list[str]]:
 
 
 def bench_nightly(args) -> dict:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from .bench import length_mix, machine
-    from .config import RunConfig
-    from .runner import init_ray
+    from ..cluster.session import ray_session  # lazy: ray (see above)
 
     model_dir = Path(args.model_dir or f"models/bench-{args.size}")
     if not (model_dir / "config.json").is_file():
@@ -87,17 +83,12 @@ def bench_nightly(args) -> dict:
                                      "text": [texts2[i] for i in part]}),
                            day2 / f"part-{k:03d}.parquet")
         out = Path(tmp) / "snapshots"
-        started = init_ray(RunConfig(input=str(day1), output=str(out), device=args.device))
-        try:  # one local Ray for the four runs (each run's actors start afresh)
+        # One local Ray for the four runs (each run's actors start afresh).
+        with ray_session(RunConfig(input=str(day1), output=str(out), device=args.device)):
             night1 = nightly_run(day1, out, model_dir, args)
             night2 = nightly_run(day2, out, model_dir, args)
             night3 = nightly_run(day2, out, model_dir, args)
             full = full_run(day2, Path(tmp) / "full", model_dir, args)
-        finally:
-            if started:
-                import ray
-
-                ray.shutdown()
     return {
         "benchmark": "nightly", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
         "model": args.size, "texts": args.texts, "device": args.device, "dtype": args.dtype,
@@ -124,7 +115,6 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> None:
-    from .config import parse_int_list
 
     args.dims = parse_int_list(args.dims or ("64,32" if args.size == "tiny" else "768,512,256"),
                                "--dims")

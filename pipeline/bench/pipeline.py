@@ -18,47 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from .bench import length_mix
-from .model.builder import build_model_dir, sample_texts
-from .tokenize import TASK_PREFIXES, TextTokenizer
-
-
-def texts_of_lengths(lengths: np.ndarray, tokenizer: TextTokenizer, seed: int = 0) -> list[str]:
-    """Texts whose token counts (with the document prefix, ``<s>`` and ``</s>``) follow ``lengths``."""
-    words = " ".join(sample_texts()).split()
-    rng = np.random.default_rng(seed)
-    texts = []
-    for target in lengths:
-        start = int(rng.integers(len(words)))
-        stream = (words * (2 + 4 * int(target) // len(words) + 1))[start:]
-
-        def tokens(k: int) -> int:
-            text = TASK_PREFIXES["document"] + " ".join(stream[:k])
-            return int(tokenizer.encode([text]).lengths[0])
-
-        lo, hi = 1, 4 * int(target)
-        while lo < hi:  # the fewest words reaching the target length
-            mid = (lo + hi) // 2
-            lo, hi = (mid + 1, hi) if tokens(mid) < target else (lo, mid)
-        texts.append(" ".join(stream[:lo]))
-    return texts
-
-
-def write_corpus(texts: list[str], out: Path, shards: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for i, part in enumerate(np.array_split(np.arange(len(texts)), shards)):
-        table = pa.table({"id": pa.array(part, pa.int64()), "text": [texts[j] for j in part]})
-        pq.write_table(table, out / f"part-{i:03d}.parquet")
+from ..config import RunConfig, parse_int_list
+from ..embedder import Embedder
+from ..model.builder import build_model_dir
+from ..tokenize import TextTokenizer
+from .workload import length_mix, machine, texts_of_lengths, write_corpus
 
 
 def encoder_alone(model_dir: Path, texts: list[str], device: str, dtype: str,
                   max_tokens: int | None, dims: tuple[int, ...]) -> dict:
-    from .embedder import Embedder
-
     embedder = Embedder.from_pretrained(model_dir, device=device, dtype=dtype,
                                         max_tokens_per_batch=max_tokens)
     batch = embedder.tokenize(texts, task="document")
@@ -75,8 +43,7 @@ def encoder_alone(model_dir: Path, texts: list[str], device: str, dtype: str,
 
 
 def pipeline_run(model_dir: Path, corpus: Path, out: Path, args) -> dict:
-    from .config import RunConfig
-    from .runner import run
+    from ..jobs.run import run  # lazy: ray (the encoder benchmarks run without it)
 
     config = RunConfig(input=str(corpus), output=str(out), model=str(model_dir), dims=args.dims,
                        device=args.device, dtype=args.dtype, overwrite=True, progress="off",
@@ -89,8 +56,6 @@ def pipeline_run(model_dir: Path, corpus: Path, out: Path, args) -> dict:
 
 
 def bench_pipeline(args) -> dict:
-    from .bench import machine
-
     model_dir = Path(args.model_dir or f"models/bench-{args.size}")
     if not (model_dir / "config.json").is_file():
         print(f"building a random-weight {args.size} model in {model_dir} ...", flush=True)
@@ -125,8 +90,6 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> None:
-    from .config import parse_int_list
-
     default_dims = "64,32" if args.size == "tiny" else "768,512,256"
     args.dims = parse_int_list(args.dims or default_dims, "--dims")
     result = bench_pipeline(args)

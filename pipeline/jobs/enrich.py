@@ -5,7 +5,7 @@
 
 Every source row, column, type and value is kept, in the same files and the same order:
 
-1. The texts are embedded by an ordinary run (``pipeline/runner.py``: units, manifests,
+1. The texts are embedded by an ordinary run (``pipeline/jobs/run.py``: units, manifests,
    resume, rejects) into a staging output that holds, per row, its file's row number
    (``_row``) and its vectors. Ids need not be unique (rows are matched by position).
 2. Each source file is then read whole and written again with the embedding columns appended
@@ -23,23 +23,29 @@ The staging output is deleted once the enriched files are complete (or committed
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import logging
 import posixpath
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import units
-from .config import RunConfig, embedding_column
-from .io import schema as S
-from .io.storage import (InputError, InputFile, check_disjoint, glob_base, is_local, list_inputs,
-                         open_filesystem, open_for_publish, own_files, relative, storage_errors,
-                         to_uri)
-from .runner import PlainRun, RunFailed, init_ray, run
+from .. import units
+from ..cluster.session import ray_session
+from ..cluster.tasks import map_tasks
+from ..config import RunConfig, embedding_column
+from ..errors import RunFailed, root_cause
+from ..io import schema as S
+from ..io.errors import InputError
+from ..io.storage import (InputFile, check_disjoint, glob_base, is_local, list_inputs,
+                          is_iceberg, open_filesystem, open_for_publish, own_files, publish_json, relative,
+                          storage_errors, to_uri)
+from .run import JobSpec, run
 
 log = logging.getLogger("pipeline.enrich")
 
@@ -49,20 +55,15 @@ SLICE_MARK = "#row-groups["
 HIVE_SEGMENT = re.compile(r"^[^=/]+=[^/]*$")  # a hive-style partition folder: key=value
 
 
-class EnrichVariant(PlainRun):
-    """The staging run: vectors and row numbers only (no kept columns), ids not deduplicated."""
-
-    def __init__(self, files: list[InputFile] | None = None) -> None:
-        self.files = files
-
-    def identity(self) -> dict[str, Any]:
-        return {"enrich": True}
-
-    def output_spec(self, spec):
-        return dataclasses.replace(spec, keep_columns=(), extra_columns=((ROW_COLUMN, S.ROW),))
-
-    def input_files(self):
-        return self.files
+def staging_spec(files: list[InputFile] | None = None) -> JobSpec:
+    """The staging run: vectors and row numbers only (no kept columns); ``files``: the input
+    files when the job lists them itself (an Iceberg snapshot's)."""
+    return JobSpec(
+        identity={"enrich": True},
+        output=lambda spec: dataclasses.replace(spec, keep_columns=(),
+                                                extra_columns=((ROW_COLUMN, S.ROW),)),
+        input_files=None if files is None else tuple(files),
+    )
 
 
 def staging_config(config: RunConfig, output: str) -> RunConfig:
@@ -71,8 +72,6 @@ def staging_config(config: RunConfig, output: str) -> RunConfig:
 
 def run_enrich(config: RunConfig) -> dict[str, Any]:
     """Enrich a Parquet table (folder, prefix or glob) or an Iceberg table; returns the summary."""
-    from .io.iceberg import is_iceberg
-
     if is_iceberg(config.input) or is_iceberg(config.output):
         return enrich_iceberg(config)
     return enrich_parquet(config)
@@ -89,9 +88,8 @@ def enrich_parquet(config: RunConfig) -> dict[str, Any]:
     base = _input_base(config.input, files, config.storage_options)
     names = {f.uri: _relative_name(f.uri, base, config.storage_options) for f in files}
     targets = {uri: f"{out}/{name}" for uri, name in names.items()}
-    started = init_ray(config)
-    try:
-        result = run(staging_config(config, f"{out}/{STAGING}"), EnrichVariant())
+    with ray_session(config):  # one Ray for the staging run and the file rewrites
+        result = run(staging_config(config, f"{out}/{STAGING}"), staging_spec())
         if not result["reconciled"]:
             return result
         earlier = _earlier_files(config, out)
@@ -101,11 +99,6 @@ def enrich_parquet(config: RunConfig) -> dict[str, Any]:
             if fs.exists(path):
                 fs.rm(path)
         merged = merge_all(config, f"{out}/{STAGING}", targets)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     # An earlier enrichment's files that this input covers but whose source is gone are not
     # part of the table now; those of sources this input does not cover stay (and listed).
     in_scope = _scope(config.input, base, files, config.storage_options)
@@ -126,8 +119,6 @@ def enrich_parquet(config: RunConfig) -> dict[str, Any]:
 def check_columns(files: list[InputFile], config: RunConfig) -> None:
     """Every file has the id and text columns (footers read in parallel): a table file
     lacking them would come back with no vectors at all, so it is a setup mistake here."""
-    from concurrent.futures import ThreadPoolExecutor
-
     def lacking(file: InputFile) -> list[str]:
         if not file.size:
             return []
@@ -146,7 +137,8 @@ def check_columns(files: list[InputFile], config: RunConfig) -> None:
 
 
 def enrich_iceberg(config: RunConfig) -> dict[str, Any]:
-    from .io import iceberg
+    # Lazy: pyiceberg is heavy, and only Iceberg targets need it.
+    from ..io import iceberg
 
     if config.input != config.output:
         raise ValueError(f"an Iceberg table is enriched in place, as a new snapshot: give the "
@@ -161,18 +153,12 @@ def enrich_iceberg(config: RunConfig) -> dict[str, Any]:
     staging = f"{table.location().rstrip('/')}/_enrich/{snapshot}"
     enriched = iceberg.staging_location(table, str(snapshot))
     targets = {i.uri: iceberg.enriched_file_uri(enriched, k, i.uri) for k, i in enumerate(infos)}
-    started = init_ray(config)
-    try:
-        result = run(staging_config(config, staging), EnrichVariant(files))
+    with ray_session(config):  # one Ray for the staging run and the file rewrites
+        result = run(staging_config(config, staging), staging_spec(files))
         if not result["reconciled"]:
             return result
         merged = merge_all(config, staging, targets,
                            frozenset(f.field_id for f in table.schema().fields))
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     result = _summary(result, merged)
     snapshot_id = iceberg.commit_enriched(
         table, targets, config.dims, properties={
@@ -191,7 +177,7 @@ def enrich_iceberg(config: RunConfig) -> dict[str, Any]:
 
 def open_catalog(config: RunConfig):
     """The Iceberg catalog the ``--iceberg-*`` options name (see ``io/iceberg.load_catalog``)."""
-    from .io import iceberg
+    from ..io import iceberg  # lazy: pyiceberg, for Iceberg targets only
 
     return iceberg.load_catalog(config.iceberg_catalog, config.iceberg_catalog_uri,
                                 config.iceberg_warehouse, config.storage_options)
@@ -200,8 +186,6 @@ def open_catalog(config: RunConfig):
 def merge_all(config: RunConfig, staging: str, targets: dict[str, str],
               field_ids: frozenset[int] | None = None) -> list[dict[str, Any]]:
     """Write every enriched file (one Ray task per source file); returns their records."""
-    import ray
-
     fs, path = open_filesystem(staging, config.storage_options)
     state = units.load_state(fs, path, own_files(fs, path))
     parts: dict[str, list[str]] = {uri: [] for uri in targets}
@@ -214,15 +198,12 @@ def merge_all(config: RunConfig, staging: str, targets: dict[str, str],
         raise RunFailed(f"the staging output {staging} holds units of files not in the input: "
                         f"{unknown[:3]}")
     metadata = _pipeline_metadata(parts, config.storage_options)
-    task = ray.remote(num_cpus=1, max_retries=3)(merge_file)
-    refs = [task.remote(source, parts[source], target, tuple(config.dims), config.output_dtype,
-                        metadata, config.storage_options, field_ids)
-            for source, target in sorted(targets.items())]
+    calls = [(source, parts[source], target, tuple(config.dims), config.output_dtype,
+              metadata, config.storage_options, field_ids)
+             for source, target in sorted(targets.items())]
     try:
-        return ray.get(refs)
+        return map_tasks(merge_file, calls, num_cpus=1, max_retries=3)
     except Exception as err:  # noqa: BLE001 - reported with the stage's own error
-        from .runner import root_cause
-
         cause = root_cause(err)
         raise RunFailed(f"writing the enriched files failed: {type(cause).__name__}: {cause}") from err
 
@@ -319,8 +300,6 @@ def _input_base(uri: str, files: list[InputFile], storage_options) -> str:
 def _scope(uri: str, base: str, files: list[InputFile], storage_options):
     """Whether an output name (relative to the output) is among what input ``uri`` covers:
     its glob, its one file, or everything under its prefix."""
-    import fnmatch
-
     rest = uri.rstrip("/") if base == "." else uri.rstrip("/")[len(base):].strip("/")
     if any(ch in uri for ch in "*?["):
         return lambda name: fnmatch.fnmatchcase(name, rest)
@@ -358,8 +337,7 @@ def _summary(result: dict[str, Any], merged: list[dict[str, Any]]) -> dict[str, 
 
 def _write_json(config: RunConfig, uri: str, document: dict[str, Any]) -> None:
     fs, path = open_filesystem(uri, config.storage_options)
-    with storage_errors(uri, "write"), open_for_publish(fs, path) as f:
-        f.write(json.dumps(document, indent=2, sort_keys=True, default=str).encode())
+    publish_json(fs, path, document)
 
 
 def _move_rejects(config: RunConfig, staging: str, dest: str) -> list[str]:

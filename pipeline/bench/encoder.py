@@ -1,7 +1,4 @@
-"""Benchmarks. ``python -m pipeline.bench encoder [--device cpu|cuda] [--dtypes float32,bfloat16]``
-(this module; no Ray), ``python -m pipeline.bench pipeline`` (``pipeline/bench_pipeline.py``),
-``python -m pipeline.bench nightly`` (``pipeline/bench_nightly.py``) and
-``python -m pipeline.bench ep`` (``pipeline/bench_ep.py``: expert parallelism vs. replicas, no Ray).
+"""``python -m pipeline.bench encoder [--device cpu|cuda] [--dtypes float32,bfloat16]`` (no Ray).
 
 Encoder alone, real-size random weights (768 wide, 12 layers, 8 experts, 250048 vocab), on a
 synthetic passage mix (median ~110 tokens, tail to 512). Runs side by side, in one process:
@@ -16,43 +13,25 @@ Reports real tokens/s, padding waste, peak memory, and MFU on CUDA. Needs no Ray
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import time
 
 import numpy as np
 import torch
 
-from .batching import attention_padding, default_max_tokens, fixed_size_batches, padding_stats, plan_batches
-from .embedder import resolve_device, resolve_dtype
-from .model import EncoderConfig, PackedBatch, mean_pool
-from .model.cpu import retain_freed_memory
-from .model.builder import SIZES, random_encoder
-from .model.reference import padded_forward
+from ..batching import attention_padding, default_max_tokens, fixed_size_batches, padding_stats, plan_batches
+from ..embedder import resolve_device, resolve_dtype
+from ..model import EncoderConfig, PackedBatch, mean_pool
+from ..model.cpu import retain_freed_memory
+from ..model.builder import SIZES, random_encoder
+from ..model.reference import padded_forward
+from .workload import length_mix, machine, synthetic_ids
 
 H100_BF16_FLOPS = 790e12  # measured dense bf16 matmul peak (MISSION.md)
 BASELINE_BATCH = 32
-
-
-def length_mix(n: int, seed: int = 0, median: float = 110.0, max_len: int = 512) -> np.ndarray:
-    """Passage lengths in tokens (incl. ``<s>``/``</s>``): log-normal, median ~110, tail to 512."""
-    rng = np.random.default_rng(seed)
-    lengths = np.exp(rng.normal(np.log(median), 0.75, n)).round().astype(np.int64)
-    return np.clip(lengths, 8, max_len)
-
-
-def synthetic_ids(lengths: np.ndarray, vocab: int, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed + 1)
-    seqs = []
-    for n in lengths:
-        s = rng.integers(4, min(vocab, 250002), n)
-        s[0], s[-1] = 0, 2
-        seqs.append(s)
-    return seqs
 
 
 def flops_per_sequence(cfg: EncoderConfig, n: int) -> float:
@@ -186,19 +165,6 @@ def bench_encoder(args) -> list[dict]:
     return results
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
-
-
 def print_table(results: list[dict], header: dict) -> None:
     print(json.dumps(header))
     cols = ["device", "dtype", "path", "max_tokens_per_batch", "tokens", "seconds", "tokens_per_s", "matmul_padding",
@@ -219,45 +185,23 @@ def print_table(results: list[dict], header: dict) -> None:
                       f"{r['tokens_per_s'] / fp32_base['tokens_per_s']:.2f}x")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__)
-    sub = parser.add_subparsers(dest="what", required=True)
-    enc = sub.add_parser("encoder", help="encoder alone: packed path vs. straightforward baseline")
-    enc.add_argument("--device", default="auto")
-    enc.add_argument("--size", choices=sorted(SIZES), default="real",
+def add_arguments(parser) -> None:
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--size", choices=sorted(SIZES), default="real",
                      help="model size with random weights (tiny: for a quick smoke run)")
-    enc.add_argument("--dtypes", default=None, help="comma list; default float32,bfloat16 on "
+    parser.add_argument("--dtypes", default=None, help="comma list; default float32,bfloat16 on "
                      "CPU, bfloat16 on CUDA")
-    enc.add_argument("--texts", type=int, default=192)
-    enc.add_argument("--seed", type=int, default=0)
-    enc.add_argument("--max-tokens", type=int, default=None,
+    parser.add_argument("--texts", type=int, default=192)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-tokens", type=int, default=None,
                      help="token budget per batch (default: pipeline.batching.default_max_tokens)")
-    enc.add_argument("--repeats", type=int, default=1)
-    enc.add_argument("--threads", type=int, default=None)
-    enc.add_argument("--no-baseline", action="store_true")
-    enc.add_argument("--json", help="also write the results to this file")
-    pipe = sub.add_parser("pipeline", help="the Ray Data job vs. the encoder alone (needs ray)")
-    from . import bench_pipeline
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--json", help="also write the results to this file")
 
-    bench_pipeline.add_arguments(pipe)
-    night = sub.add_parser("nightly", help="incremental nightly runs vs. a full run (needs ray)")
-    from . import bench_nightly
 
-    bench_nightly.add_arguments(night)
-    ep = sub.add_parser("ep", help="expert parallelism vs. whole-model replicas (no Ray)")
-    from . import bench_ep
-
-    bench_ep.add_arguments(ep)
-    args = parser.parse_args(argv)
-    if args.what == "pipeline":
-        bench_pipeline.main(args)
-        return
-    if args.what == "nightly":
-        bench_nightly.main(args)
-        return
-    if args.what == "ep":
-        bench_ep.main(args)
-        return
+def main(args) -> None:
     if args.dtypes is None:
         args.dtypes = "bfloat16" if resolve_device(args.device).type == "cuda" else "float32,bfloat16"
     results = bench_encoder(args)
@@ -268,7 +212,3 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "results": results}, f, indent=2)
-
-
-if __name__ == "__main__":
-    main()

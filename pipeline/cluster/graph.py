@@ -4,7 +4,8 @@
         -> write tasks (one file per input file per batch) -> records the driver consumes
 
 Everything it wires is built from a :class:`~pipeline.plan.RunPlan`; the stages and the I/O
-functions it calls live in modules that do not import Ray.
+functions it calls live in modules that do not import Ray. The nightly job's graph adds the
+diff against the previous snapshot (``pipeline/stages/diff.py``) before the tokenizers.
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import ray
-from ray.data import ActorPoolStrategy, Dataset
+from ray.data import ActorPoolStrategy, DataContext, Dataset, ExecutionResources
 from ray.data.block import Block, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from .io import schema as S
-from .io.readers import ReadSpec, open_decompressed, read_jsonl, read_parquet
-from .io.storage import InputFile, open_filesystem, storage_errors
-from .io.writers import OutputSpec, write_outputs
-from .plan import RunPlan
-from .stages import EncodeStage, TokenizeStage
+from ..io import schema as S
+from ..io.readers import ReadSpec, open_decompressed, read_jsonl, read_parquet
+from ..io.storage import InputFile, open_filesystem, storage_errors
+from ..io.writers import OutputSpec, write_outputs
+from ..plan import RunPlan
+from ..stages.diff import Diff, diff_bucket, hash_rows, read_previous, read_seen
+from ..stages.embed import EncodeStage, TokenizeStage
+from .expert_groups import RankGroup
 
 
 class ShardDatasource(Datasource):
@@ -98,6 +101,14 @@ def write_batch(table: pa.Table, output_uri: str, storage_options: dict[str, Any
     return pa.table({STATS: [json.dumps(r | {"write_s": share}) for r in records]})
 
 
+def write_records(ds: Dataset) -> Iterator[dict[str, Any]]:
+    """Run ``ds`` (a graph of this module) and yield its write records as they come: one per
+    unit and write, with the unit's rows, rejects and files (``pipeline/io/writers.py``)."""
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for text in batch[STATS].to_pylist():
+            yield json.loads(text)
+
+
 def build_dataset(plan: RunPlan) -> Dataset:
     """Read -> tokenize -> encode -> write, as a lazy Dataset of write records (JSON strings
     in ``__stats``); nothing runs until the driver iterates over it."""
@@ -110,15 +121,13 @@ def read_shards(plan: RunPlan) -> Dataset:
     )
 
 
-def build_nightly_dataset(plan: RunPlan, diff) -> Dataset:
+def build_nightly_dataset(plan: RunPlan, diff: Diff) -> Dataset:
     """Read -> content hash -> diff against the previous snapshot (rows of one id meet in one
-    call of a hash shuffle) -> tokenize -> encode -> write; see ``pipeline/nightly.py``.
+    call of a hash shuffle) -> tokenize -> encode -> write; see ``pipeline/stages/diff.py``.
 
-    ``diff`` is a :class:`~pipeline.nightly.Diff`: the previous snapshot's files, whether its
-    embeddings are reused, the bucket count.
+    ``diff`` holds the previous snapshot's files, whether its embeddings are reused, the
+    bucket count and the one schema of the shuffle.
     """
-    from .nightly import diff_bucket, hash_rows, read_previous, read_seen
-
     ds = read_shards(plan).map_batches(
         hash_rows, batch_format="pyarrow",
         fn_kwargs={"task": diff.task, "buckets": diff.buckets, "schema": diff.schema},
@@ -170,8 +179,6 @@ def limit_resources(plan: RunPlan) -> None:
     driver may run several), from the cluster's total at planning time, before the run's
     dataset is made (a Dataset keeps a copy of the context it was made with).
     """
-    from ray.data import DataContext, ExecutionResources
-
     options = DataContext.get_current().execution_options
     if plan.encode.ranks > 1:
         total, ranks = ray.cluster_resources(), plan.encode.actors * plan.encode.ranks
@@ -180,6 +187,17 @@ def limit_resources(plan: RunPlan) -> None:
             gpu=total.get("GPU", 0.0) - ranks * plan.encode.rank_gpus)
     else:
         options.resource_limits = ExecutionResources.for_limits()
+
+
+def encode_kwargs(plan: RunPlan) -> dict[str, Any]:
+    """The encode stage's arguments; with ``--expert-parallel`` its engine is a group of rank
+    actors (each encode actor makes its own group when it starts)."""
+    encode = plan.encode
+    if encode.ranks == 1:
+        return encode.kwargs
+    return encode.kwargs | {"engine": functools.partial(
+        RankGroup, encode.ranks, name=encode.group, threads=encode.kwargs["threads"] or None,
+        replicas=encode.kwargs["replicas"])}
 
 
 def embed_and_write(ds: Dataset, plan: RunPlan) -> Dataset:
@@ -192,7 +210,7 @@ def embed_and_write(ds: Dataset, plan: RunPlan) -> Dataset:
     # Merged by Ray with the job's runtime_env (working_dir, credentials by reference).
     env = {"runtime_env": {"env_vars": plan.encode.env_vars}} if plan.encode.env_vars else {}
     ds = ds.map_batches(
-        EncodeStage, fn_constructor_kwargs=plan.encode.kwargs,
+        EncodeStage, fn_constructor_kwargs=encode_kwargs(plan),
         batch_size=plan.encode.batch_rows, batch_format="pyarrow",
         compute=ActorPoolStrategy(size=plan.encode.actors),
         num_cpus=plan.encode.num_cpus, num_gpus=plan.encode.num_gpus, **env,

@@ -5,8 +5,8 @@ group (STRICT_PACK: one node, so NCCL stays on NVLink/PCIe) forming one torch.di
 process group, NCCL on GPUs and gloo on CPUs. Each rank loads the dense weights and its
 ``E/N`` experts of every MoE layer (``pipeline/model/expert_parallel.py`` has the math).
 
-The Ray Data actor of the encode stage (:class:`~pipeline.stages.EncodeStage`) holds a
-:class:`RankGroup` and only coordinates: for every window it plans token-budgeted batches,
+The Ray Data actor of the encode stage (:class:`~pipeline.stages.embed.EncodeStage`) is given
+a :class:`RankGroup` as its engine (``pipeline/cluster/graph.py``) and only coordinates: for every window it plans token-budgeted batches,
 deals them to the ranks balanced by work, and calls every rank at once with its batches and
 the common step count, so the ranks make the same collectives in the same order (a rank with
 fewer batches takes part in the remaining steps' exchanges with nothing to send).
@@ -29,18 +29,20 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import (get_placement_group, placement_group,
+                                      placement_group_table, remove_placement_group)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .batching import attention_slots, deal_groups, default_max_tokens, plan_batches
+from ..batching import attention_slots, deal_groups, default_max_tokens, plan_batches
+from ..errors import root_cause
+from ..model.cpu import CPU_WORKER_ENV, default_threads, set_threads
+from ..tokenize import TokenizedBatch
 
 log = logging.getLogger("pipeline")
 
 DEFAULT_TIMEOUT_S = 300.0  # one collective, and the rendezvous
 START_TIMEOUT_S = 600.0  # placement group resources, model loading
 DEFAULT_RESTARTS = 2
-# Ray Data runs a map actor's calls on a thread other than the main one; see plan.CPU_ENCODER_ENV.
-CPU_RANK_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 
 class GroupFailed(RuntimeError):
@@ -52,8 +54,6 @@ class ExpertRank:
 
     def __init__(self, rank: int, world_size: int, threads: int | None) -> None:
         if threads:
-            from .stages import set_threads
-
             set_threads(threads)
         self.rank, self.world_size = rank, world_size
         self.embedder = None
@@ -67,15 +67,14 @@ class ExpertRank:
 
     def setup(self, init_method: str, load: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         """Join the process group, then load the dense weights and this rank's experts."""
-        from .embedder import resolve_device
-        from .model.expert_parallel import init_group
-        from .stages import load_embedder
+        # Lazy: these import torch, after this process's thread count is set (__init__).
+        from ..embedder import load_worker_embedder, resolve_device
+        from ..model.expert_parallel import init_group
+        from ..model.layers import uses_varlen
 
         device = resolve_device(load["device"])
         placement = init_group(self.rank, self.world_size, init_method, device, timeout_s)
-        self.embedder = load_embedder(**load, placement=placement)
-        from .model.layers import uses_varlen
-
+        self.embedder = load_worker_embedder(**load, placement=placement)
         enc = self.embedder.encoder
         return {"pid": os.getpid(), "max_tokens_per_batch": self.embedder.max_tokens_per_batch,
                 "varlen": uses_varlen(enc.device, enc.dtype),
@@ -84,8 +83,6 @@ class ExpertRank:
 
     def encode(self, flat_ids: np.ndarray, lengths: np.ndarray, groups: list[np.ndarray],
                steps: int, dims: tuple[int, ...]) -> dict[int, np.ndarray]:
-        from .tokenize import TokenizedBatch
-
         batch = TokenizedBatch(flat_ids, lengths, np.zeros(len(lengths), bool))
         return self.embedder.embed_tokenized(batch, dims, groups, steps=steps)
 
@@ -100,8 +97,6 @@ class RankGroup:
         self.size, self.load, self.name = size, dict(load), name
         self.cuda = load["device"] == "cuda"
         if threads is None and not self.cuda:
-            from .stages import default_threads
-
             threads = default_threads(replicas * size)
         self.threads, self.rank_cpus = threads, rank_cpus
         self.timeout_s, self.restarts_left = timeout_s, restarts
@@ -130,7 +125,7 @@ class RankGroup:
         actor = ray.remote(ExpertRank)
         options = {"num_cpus": self.rank_cpus, "num_gpus": 1 if self.cuda else 0,
                    "max_restarts": 0,
-                   "runtime_env": {"env_vars": {} if self.cuda else CPU_RANK_ENV}}
+                   "runtime_env": {"env_vars": {} if self.cuda else CPU_WORKER_ENV}}
         self.ranks = [
             actor.options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.pg, placement_group_bundle_index=r)).remote(r, self.size, self.threads)
@@ -234,8 +229,6 @@ class RankGroup:
                 try:
                     results[index[ref]] = ray.get(ref)
                 except Exception as err:  # noqa: BLE001 - reported with the rank and its cause
-                    from .runner import root_cause
-
                     cause = root_cause(err)
                     raise GroupFailed(
                         f"expert-parallel rank {index[ref]} of {self.size} failed while "
@@ -247,28 +240,34 @@ class RankGroup:
 
 def _groups(prefix: str) -> list:
     """``(group, name)`` of the placement groups named ``prefix-...`` still holding resources."""
-    from ray.util.placement_group import PlacementGroup, placement_group_table
-    from ray._raylet import PlacementGroupID
-
-    return [(PlacementGroup(PlacementGroupID.from_hex(pg_id)), info["name"])
-            for pg_id, info in placement_group_table().items()
+    return [(get_placement_group(info["name"]), info["name"])
+            for info in placement_group_table().values()
             if info.get("name", "").startswith(prefix + "-") and info.get("state") != "REMOVED"]
+
+
+def _actor_dead(actor_id: str) -> bool:
+    """Whether the GCS knows actor ``actor_id`` (hex) as dead.
+
+    The one private Ray API of the project: Ray has no public call that looks an actor up by
+    id without the dashboard's state API (``ray.util.state`` needs the dashboard, which local
+    runs do not start). Unknown actors count as alive (their group is released at the end).
+    """
+    from ray._private.state import actors  # private; see the docstring
+
+    try:
+        return actors(actor_id=actor_id).get("State") == "DEAD"
+    except Exception:  # noqa: BLE001 - unknown to the GCS: leave it to the end of the run
+        return False
 
 
 def release_orphans(prefix: str) -> int:
     """Remove this run's placement groups whose encode actor died (Ray Data then starts a new
     one): their ranks died with it, but the group would hold its CPUs/GPUs until the job ends.
     """
-    from ray._private.state import actors
-
     removed = 0
     for pg, name in _groups(prefix):
         owner = name[len(prefix) + 1:].rsplit("-", 1)[0]
-        try:
-            dead = owner != "driver" and actors(actor_id=owner).get("State") == "DEAD"
-        except Exception:  # noqa: BLE001 - unknown to the GCS: leave it to the end of the run
-            dead = False
-        if dead:
+        if owner != "driver" and _actor_dead(owner):
             remove_placement_group(pg)
             removed += 1
     return removed

@@ -1,0 +1,27 @@
+"""``python -m pipeline.bench {encoder,pipeline,nightly,ep} [options]``: one benchmark a run."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import encoder, ep, nightly, pipeline
+
+BENCHMARKS = {
+    "encoder": (encoder, "encoder alone: packed path vs. straightforward baseline"),
+    "pipeline": (pipeline, "the Ray Data job vs. the encoder alone (needs ray)"),
+    "nightly": (nightly, "incremental nightly runs vs. a full run (needs ray)"),
+    "ep": (ep, "expert parallelism vs. whole-model replicas (no Ray)"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench")
+    sub = parser.add_subparsers(dest="what", required=True)
+    for name, (module, help_text) in BENCHMARKS.items():
+        module.add_arguments(sub.add_parser(name, help=help_text))
+    args = parser.parse_args(argv)
+    BENCHMARKS[args.what][0].main(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""What the benchmarks run on, in one place: length mixes, synthetic token ids, texts of
+given token lengths, corpora written as Parquet shards, and the machine's description."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..tokenize import TASK_PREFIXES, TextTokenizer
+
+
+def length_mix(n: int, seed: int = 0, median: float = 110.0, max_len: int = 512) -> np.ndarray:
+    """Passage lengths in tokens (incl. ``<s>``/``</s>``): log-normal, median ~110, tail to 512."""
+    rng = np.random.default_rng(seed)
+    lengths = np.exp(rng.normal(np.log(median), 0.75, n)).round().astype(np.int64)
+    return np.clip(lengths, 8, max_len)
+
+
+def synthetic_ids(lengths: np.ndarray, vocab: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed + 1)
+    seqs = []
+    for n in lengths:
+        s = rng.integers(4, min(vocab, 250002), n)
+        s[0], s[-1] = 0, 2
+        seqs.append(s)
+    return seqs
+
+
+def texts_of_lengths(lengths: np.ndarray, tokenizer: TextTokenizer, seed: int = 0) -> list[str]:
+    """Texts whose token counts (with the document prefix, ``<s>`` and ``</s>``) follow ``lengths``."""
+    from ..model.builder import sample_texts  # lazy: torch; this module stays torch-free
+
+    words = " ".join(sample_texts()).split()
+    rng = np.random.default_rng(seed)
+    texts = []
+    for target in lengths:
+        start = int(rng.integers(len(words)))
+        stream = (words * (2 + 4 * int(target) // len(words) + 1))[start:]
+
+        def tokens(k: int) -> int:
+            text = TASK_PREFIXES["document"] + " ".join(stream[:k])
+            return int(tokenizer.encode([text]).lengths[0])
+
+        lo, hi = 1, 4 * int(target)
+        while lo < hi:  # the fewest words reaching the target length
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if tokens(mid) < target else (lo, mid)
+        texts.append(" ".join(stream[:lo]))
+    return texts
+
+
+def write_corpus(texts: list[str], out: Path, shards: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for i, part in enumerate(np.array_split(np.arange(len(texts)), shards)):
+        table = pa.table({"id": pa.array(part, pa.int64()), "text": [texts[j] for j in part]})
+        pq.write_table(table, out / f"part-{i:03d}.parquet")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch  # lazy: the data-only helpers above need no torch
+
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"

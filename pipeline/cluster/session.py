@@ -1,0 +1,77 @@
+"""Ray for one job: connect to a cluster or start a local Ray, what the cluster holds, and
+Ray Data's settings for the run.
+
+A job that finds Ray already initialised (a driver that runs several jobs, the enrich job's
+staging run) uses it as it is and leaves it running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from typing import Iterator
+
+import ray
+from ray.data import DataContext
+
+from ..config import RunConfig
+from ..plan import Cluster, local_cpus
+from .expert_groups import release_groups
+
+
+def init_ray(config: RunConfig) -> bool:
+    """Connect to ``--address`` or ``$RAY_ADDRESS``, else start a local Ray; True if started."""
+    if ray.is_initialized():
+        return False
+    quiet = {"logging_level": logging.WARNING}
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, **quiet)
+        return True
+    # Lazy: torch only to count this machine's GPUs, when a local Ray is started.
+    import torch
+
+    gpus = torch.cuda.device_count()
+    cpus = local_cpus(config, gpus, os.cpu_count() or 1)
+    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, **quiet)
+    return True
+
+
+def cluster() -> Cluster:
+    """The connected cluster's logical CPUs and GPUs, and its largest node's."""
+    resources = ray.cluster_resources()
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    return Cluster(cpus=resources.get("CPU", 0.0), gpus=resources.get("GPU", 0.0),
+                   node_cpus=max((n.get("CPU", 0.0) for n in nodes), default=None),
+                   node_gpus=max((n.get("GPU", 0.0) for n in nodes), default=None))
+
+
+@contextlib.contextmanager
+def ray_session(config: RunConfig, ep_group: str | None = None) -> Iterator[Cluster]:
+    """Ray for the length of a job: started (or joined) on entry; on exit the job's
+    expert-parallel placement groups (named ``ep_group-...``) are released, and a Ray this
+    call started is shut down."""
+    started = init_ray(config)
+    try:
+        yield cluster()
+    finally:
+        if ep_group and ray.is_initialized():
+            release_groups(ep_group)
+        if started:
+            ray.shutdown()
+
+
+def configure_progress(progress: str) -> None:
+    """Ray Data's progress bars (``--progress``) and the messages it prints for a run."""
+    ctx = DataContext.get_current()
+    shown = progress == "on" or (progress == "auto" and sys.stderr.isatty())
+    ctx.enable_progress_bars = shown
+    # A stage's own exception, not Ray Data's UserCodeException without it (see root_cause).
+    ctx.raise_original_map_exception = True
+    # Messages that mean nothing to a user: the plan printed at each dataset's start, and a
+    # warning that the progress bars they did not ask for are off.
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data._internal.progress").setLevel(
+        logging.WARNING if shown else logging.ERROR)

@@ -1,0 +1,169 @@
+"""The nightly re-embedding job: snapshots that embed only what changed since the last one.
+
+    python -m pipeline nightly --input URI --output URI [run options] [--keep-snapshots N]
+
+Each run writes a complete snapshot of the corpus to a folder of its own,
+``<output>/snapshot-<UTC time>/``, laid out like any run's output (part files, ``_rejects/``,
+``_manifest/``, ``_summary.json``) plus a ``content_hash`` column: the SHA-256 (first 128 bits,
+hex) of the row's text with its task prefix, the text the encoder sees. When the snapshot is
+complete, ``<output>/_LATEST`` (the folder's name) is replaced in one PUT, so readers that
+follow it see the old snapshot or the new one, never a mix. Snapshots older than the newest
+``--keep-snapshots`` are then deleted.
+
+What is embedded: rows are keyed by id. A row whose id is not in the previous snapshot is
+*new*; one whose content hash differs is *changed*; both are encoded. An *unchanged* row takes
+the previous snapshot's vectors as they are (it is neither tokenized nor encoded), and ids of
+the previous snapshot that are gone today are *deleted* (not carried over). The previous
+snapshot's settings (model fingerprint, tokenizer, task, widths, dtypes, columns; see
+:data:`pipeline.units.IDENTITY_FIELDS`) must equal today's for its vectors to be reused;
+otherwise every row is encoded again (the counts still compare the two snapshots).
+
+The job is the ``run`` job (``pipeline/jobs/run.py``) with a spec: the diff of
+``pipeline/stages/diff.py`` before the tokenizers, a ``content_hash`` column, the change
+counts in the summary. The snapshot folders are ``pipeline/snapshots.py``.
+
+How rows meet their previous version: today's rows and the previous snapshot's (id, hash,
+vectors) are hashed by id into buckets and grouped with Ray Data's hash shuffle
+(``groupby().map_groups``), so each id's rows meet in one call of ``diff_bucket``, which
+classifies them in Arrow. The same call rejects an id that occurs in more than one of today's
+files (a snapshot keys rows by id; the first by file and row is kept), which a plain run does
+not check. A killed run is resumed by the next one: an unfinished snapshot built on the same
+previous snapshot is picked up with its committed units (``pipeline/units.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any
+
+from .. import units
+from ..cluster.graph import Dataset, build_nightly_dataset
+from ..config import RunConfig
+from ..errors import RunFailed
+from ..io import schema as S
+from ..io.errors import OutputError
+from ..io.storage import REJECTS_DIR, SUMMARY_NAME, open_filesystem, prepare_output
+from ..snapshots import (LATEST, Previous, list_snapshots, load_previous, new_snapshot_name,
+                         prune, publish, read_latest, unfinished_snapshot)
+from ..stages.diff import HASH_COLUMN, plan_diff
+from .run import JobSpec, Work, run
+
+log = logging.getLogger("pipeline.nightly")
+
+
+def nightly_spec(previous: Previous | None, snapshot: str) -> JobSpec:
+    """The run of one snapshot: its identity records the base snapshot, the graph diffs
+    against it, the output has a ``content_hash`` column, the summary counts the changes."""
+    return JobSpec(
+        identity={"nightly": {"base": previous.name if previous else None}},
+        output=lambda spec: dataclasses.replace(spec, extra_columns=((HASH_COLUMN, S.HASH),)),
+        graph=functools.partial(diff_graph, previous),
+        summarize=functools.partial(summarize, previous, snapshot),
+    )
+
+
+def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str, Any]]:
+    """The nightly graph for ``work``, and whether the previous vectors are reused (and why
+    not) for the summary."""
+    plan, identity = work.plan, work.identity
+    # The units this snapshot committed before a resume: their ids take part in the
+    # duplicate check (a resumed run must not write an id twice).
+    seen = tuple(sorted((f"{plan.output_uri.rstrip('/')}/{name}", unit["uri"])
+                        for unit in work.kept.values() for name in unit["files"]
+                        if not name.startswith(REJECTS_DIR + "/")))
+    diff = plan_diff(
+        task=identity["task"], id_column=identity["id_column"], dims=tuple(identity["dims"]),
+        output_dtype=identity["output_dtype"], identity=identity, read=plan.read,
+        previous_name=previous.name if previous else None,
+        previous_identity=previous.identity if previous else None,
+        previous_files=tuple(previous.files) if previous else (),
+        todo_bytes=sum(f.size for f in plan.files), seen_files=seen, cpus=work.cpus)
+    if previous is not None and not diff.reuse:
+        log.warning("the previous snapshot %s: %s; every row is embedded again",
+                    previous.name, diff.reembed_reason)
+    facts = {"reused_previous": diff.reuse, "reembed_reason": diff.reembed_reason,
+             "tokenizer_sha256": identity.get("tokenizer_sha256")}
+    return build_nightly_dataset(plan, diff), facts
+
+
+def summarize(previous: Previous | None, snapshot: str, result: dict[str, Any],
+              committed: dict[str, dict[str, Any]], facts: dict[str, Any]) -> dict[str, Any]:
+    """The run summary with the snapshot's change counts and what it was compared with."""
+    totals = units.Totals.of(committed.values()).counts
+    counts = {k: totals[k] for k in ("rows_new", "rows_changed", "rows_unchanged", "rows_reused")}
+    prev_rows = previous.rows if previous else 0
+    rows_out = result["rows_embedded"]
+    model = result["model"]
+    return result | counts | {
+        "snapshot": snapshot,
+        "previous_snapshot": previous.name if previous else None,
+        "rows_out": rows_out,  # rows in the snapshot
+        # Rows the encoder ran on for this snapshot; the others' vectors were reused.
+        "rows_embedded": rows_out - counts["rows_reused"],
+        "rows_deleted": prev_rows - counts["rows_changed"] - counts["rows_unchanged"],
+        "reused_previous": facts.get("reused_previous", False),
+        "reembed_reason": facts.get("reembed_reason") if previous else "first snapshot",
+        "fingerprints": {"weights": model["weights_fingerprint"],
+                         "tokenizer_sha256": facts.get("tokenizer_sha256"),
+                         "task": result["config"]["task"], "widths": result["widths"]},
+    }
+
+
+def run_nightly(config: RunConfig) -> dict[str, Any]:
+    """One nightly run: a new (or the unfinished) snapshot, then ``_LATEST``, then pruning."""
+    if config.on_duplicate == "keep-all":
+        raise ValueError("nightly keys rows by id, so --on-duplicate keep-all cannot be used")
+    if HASH_COLUMN in config.keep_columns:
+        raise ValueError(f"--keep-columns names {HASH_COLUMN!r}, the snapshot's own column; "
+                         "rename that column")
+    root_uri = config.output.rstrip("/")
+    found = prepare_output(root_uri, config.storage_options)  # writable; no bucket is created
+    if found:
+        raise OutputError(f"output {root_uri} holds the output of a `run` (e.g. {found[0]}); "
+                          "nightly writes snapshot folders and _LATEST: choose another output")
+    fs, root = open_filesystem(root_uri, config.storage_options)
+    root = root.rstrip("/")
+    latest = read_latest(fs, root)
+    snapshots = list_snapshots(fs, root)
+    previous = load_previous(fs, root, latest, root_uri) if latest else None
+    name = None if config.overwrite else unfinished_snapshot(fs, root, snapshots, latest)
+    if name:
+        log.info("resuming the unfinished snapshot %s/%s", root_uri, name)
+    else:
+        name = new_snapshot_name(set(snapshots) | ({latest} if latest else set()))
+    try:
+        result = _snapshot(config, fs, root, root_uri, name, previous)
+    except units.ResumeRefused as err:
+        # Today's input or settings differ from the unfinished run's: a scheduled job must
+        # not stop there. That snapshot is left alone and deleted by the next pruning.
+        log.warning("the unfinished snapshot %s cannot be resumed (%s); starting a new one",
+                    name, err)
+        name = new_snapshot_name(set(snapshots) | {name} | ({latest} if latest else set()))
+        result = _snapshot(config, fs, root, root_uri, name, previous)
+    if not result["reconciled"]:
+        log.error("snapshot %s does not reconcile; %s still names %s", name, LATEST, latest)
+        return result
+    publish(fs, root, name)
+    gone = prune(fs, root, name, config.keep_snapshots)
+    log.info("published %s/%s (%s); deleted %d older snapshot(s)", root_uri, name, LATEST, len(gone))
+    return result | {"snapshots_deleted": gone}
+
+
+def _snapshot(config: RunConfig, fs, root: str, root_uri: str, name: str,
+              previous: Previous | None) -> dict[str, Any]:
+    """Run into the snapshot folder ``name``. A snapshot that failed or did not reconcile
+    loses its ``_summary.json``, so that it is never taken for a complete one (it is resumed
+    by the next run, or pruned)."""
+    summary = f"{root}/{name}/{SUMMARY_NAME}"
+    try:
+        result = run(dataclasses.replace(config, output=f"{root_uri}/{name}", overwrite=False),
+                     nightly_spec(previous, name))
+    except RunFailed:
+        if fs.exists(summary):
+            fs.rm(summary)
+        raise
+    if not result["reconciled"] and fs.exists(summary):
+        fs.rm(summary)
+    return result

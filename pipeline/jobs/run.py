@@ -1,0 +1,261 @@
+"""The ``run`` job, and the phases every job goes through.
+
+``run(config)`` is what ``python -m pipeline run`` and the ``ray job submit`` entrypoints call.
+A job is ``run`` with a :class:`JobSpec`: plain values and functions that change what the
+output holds, the graph and the summary (``nightly`` and ``enrich`` build their own specs;
+nothing is subclassed). Every job goes through the same four phases:
+
+1. :func:`resume_state`: pre-flight (inputs, output, model) and what an earlier run of the same
+   output committed; before Ray starts, so a setup mistake costs seconds.
+2. :func:`plan`: the :class:`~pipeline.plan.RunPlan` for the cluster, the run's identity, the
+   units kept from an earlier run (their leftovers deleted), the units to do.
+3. :func:`execute`: the job's graph on Ray Data; each unit is committed as its rows come out.
+4. :func:`finish`: units that produced no row, stray files, ``_summary.json``, the reject check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+from .. import summary, units
+from ..cluster.expert_groups import new_group_name
+from ..cluster.graph import Dataset, build_dataset, limit_resources, write_records
+from ..cluster.session import configure_progress, ray_session
+from ..config import RunConfig
+from ..errors import RunFailed, root_cause
+from ..io.readers import count_rows
+from ..io.storage import (SUMMARY_NAME, InputFile, is_local, open_filesystem, own_files,
+                          publish_json, remove_files)
+from ..io.writers import OutputSpec
+from ..plan import Cluster, ModelInfo, RunPlan, plan_run
+from ..preflight import Inputs, check_inputs, check_output, load_model_info
+
+log = logging.getLogger("pipeline")
+
+# The reject fraction is judged early only once this many rows came out; always at the end.
+EARLY_REJECT_CHECK_ROWS = 10_000
+PROGRESS_LOG_S = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """What a job's graph is built from: the plan (its files: the units to do), the run's
+    identity, the cluster's CPUs, and the units committed earlier (kept)."""
+
+    plan: RunPlan
+    identity: dict[str, Any]
+    cpus: float
+    kept: dict[str, dict[str, Any]]
+
+
+def plain_graph(work: Work) -> tuple[Dataset, dict[str, Any]]:
+    """Read -> tokenize -> encode -> write; no facts for the summary."""
+    return build_dataset(work.plan), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """What a job changes in a run. ``graph`` returns the dataset and facts (a dict) that
+    ``summarize(result, committed, facts)`` may add to the summary."""
+
+    identity: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # extra identity fields
+    output: Callable[[OutputSpec], OutputSpec] = lambda spec: spec  # the output's columns
+    graph: Callable[[Work], tuple[Dataset, dict[str, Any]]] = plain_graph
+    summarize: Callable[[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]],
+                        dict[str, Any]] = lambda result, committed, facts: result
+    input_files: tuple[InputFile, ...] | None = None  # listed by the job (Iceberg), else None
+
+
+RUN = JobSpec()
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Phase 1's result: the checked inputs and model, and the output's earlier state."""
+
+    inputs: Inputs
+    previous: list[str]  # the pipeline's files already at the output
+    model: ModelInfo
+    fs: Any
+    out_path: str
+    state: units.OutputState
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """Phase 2's result: the plan (its files: the units to do), identity, kept units."""
+
+    plan: RunPlan
+    identity: dict[str, Any]
+    keep: dict[str, dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Executed:
+    """Phase 3's result: the committed and open units, the wall time, the graph's facts."""
+
+    tracker: units.Tracker
+    wall_s: float
+    facts: dict[str, Any]
+
+
+def run(config: RunConfig, spec: JobSpec = RUN) -> dict[str, Any]:
+    """Embed ``config.input`` into ``config.output``; returns the run summary.
+
+    An output holding an earlier run of the same settings is resumed: its committed units are
+    kept and skipped, everything else there is deleted and redone. Setup mistakes raise the
+    pre-flight's errors before any work; a failure once the run has started raises
+    :class:`~pipeline.errors.RunFailed`.
+    """
+    setup = resume_state(config, spec)
+    group = new_group_name()
+    with ray_session(config, ep_group=group if config.expert_parallel > 1 else None) as cluster:
+        planned = plan(config, setup, cluster, spec, group)
+        executed = execute(config, setup, planned, spec, cluster)
+    return finish(config, setup, planned, executed, spec)
+
+
+def resume_state(config: RunConfig, spec: JobSpec) -> Setup:
+    """Pre-flight, then what the output holds; refuses a resume of other settings (before
+    Ray starts: the encoder's dtype is known once it has)."""
+    inputs = check_inputs(config, None if spec.input_files is None else list(spec.input_files))
+    previous = check_output(config)
+    model = load_model_info(config)
+    fs, out_path = open_filesystem(config.output, config.storage_options)
+    state = units.load_state(fs, out_path, previous)
+    log.info("inputs: %d %s file(s); model %s (%s)", len(inputs.files),
+             inputs.files[0].format if inputs.files else "?", model.model_id, model.fingerprint)
+    if not config.overwrite:
+        units.resumable_units(state, units.run_identity(config, None, model, inputs),
+                              inputs.files, config.output, unknown=("dtype",))
+        if state.identity and state.identity.get("types"):
+            # A resume keeps the types the output was written with (part files share one
+            # schema), whatever the first shard of today's input looks like.
+            id_type, keep_types = units.decode_types(state.identity["types"])
+            inputs = dataclasses.replace(inputs, id_type=id_type, keep_types=keep_types)
+    return Setup(inputs, previous, model, fs, out_path, state)
+
+
+def plan(config: RunConfig, setup: Setup, cluster: Cluster, spec: JobSpec,
+         group: str) -> Planned:
+    """The plan, the identity (written to the output), the kept units and the units to do."""
+    inputs = setup.inputs
+    run_plan = plan_run(config, cluster, setup.model, inputs.files, inputs.id_type,
+                        inputs.keep_types, group)
+    run_plan = dataclasses.replace(run_plan, output=spec.output(run_plan.output))
+    identity = units.run_identity(config, run_plan.dtype, setup.model, inputs) \
+        | dict(spec.identity)
+    keep = kept_units(config, setup, identity)
+    if keep:
+        log.info("resuming %s: %d of %d unit(s) committed earlier are kept", config.output,
+                 len(keep), len(inputs.files))
+    units.write_identity(setup.fs, setup.out_path, identity)
+    todo = tuple(f for f in inputs.files if units.unit_key(f.unit) not in keep)
+    return Planned(dataclasses.replace(run_plan, files=todo), identity, keep)
+
+
+def kept_units(config: RunConfig, setup: Setup,
+               identity: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The units an earlier run committed that this one keeps; every other file of the
+    pipeline at the output (and the earlier summary) is deleted. None with ``--overwrite``."""
+    if config.overwrite:
+        remove_files(config.output, setup.previous, config.storage_options)
+        return {}
+    keep = units.resumable_units(setup.state, identity, setup.inputs.files, config.output)
+    for key in units.incomplete_units(setup.state, keep):
+        log.warning("unit %s is committed but some of its files are missing from %s; "
+                    "embedding it again", keep.pop(key)["uri"], config.output)
+    stale = units.stray_files(setup.fs, setup.state, keep)
+    stale += [p for p in setup.previous if p.endswith("/" + SUMMARY_NAME)]
+    remove_files(config.output, stale, config.storage_options)
+    return keep
+
+
+def execute(config: RunConfig, setup: Setup, planned: Planned, spec: JobSpec,
+            cluster: Cluster) -> Executed:
+    """Run the job's graph over the units to do, committing each unit as it completes."""
+    fs, out_path = setup.fs, setup.out_path
+    tracker = units.Tracker(planned.plan.files, commit=lambda u: publish_json(
+        fs, units.manifest_path(out_path, u["unit"]), u))
+    configure_progress(config.progress)
+    t0, facts = time.perf_counter(), {}
+    if planned.plan.files:
+        limit_resources(planned.plan)  # before the dataset is made: it copies the context
+        ds, facts = spec.graph(Work(planned.plan, planned.identity, cluster.cpus, planned.keep))
+        consume(write_records(ds), tracker, config)
+    return Executed(tracker, time.perf_counter() - t0, facts)
+
+
+def finish(config: RunConfig, setup: Setup, planned: Planned, executed: Executed,
+           spec: JobSpec) -> dict[str, Any]:
+    """Account for every unit, delete what is not output, write and check the summary."""
+    tracker = executed.tracker
+    unseen = {}
+    for key in tracker.unseen():
+        f = tracker.files[key]
+        rows = count_rows(f, config.storage_options)
+        if tracker.finish_empty(key, rows) is None:
+            unseen[f.unit] = rows
+    committed = planned.keep | tracker.committed
+    # Files of units left open, and of write attempts Ray retried, are not output.
+    fs, out_path = setup.fs, setup.out_path
+    done = units.OutputState(out_path, planned.identity, committed, own_files(fs, out_path),
+                             is_local(fs))
+    remove_files(config.output, units.stray_files(fs, done, committed), config.storage_options)
+    result = summary.build(
+        committed=committed, resumed=planned.keep, open_units=list(tracker.open.values()),
+        unseen_rows=unseen, wall_s=executed.wall_s, config=config.to_dict(),
+        model=setup.model.describe() | summary.model_fields(planned.plan),
+        input_files=len({f.uri for f in setup.inputs.files}),
+        units_total=len(setup.inputs.files),
+    )
+    result = spec.summarize(result, committed, executed.facts)
+    write_summary(config, result)
+    if result["rows_in"] and result["reject_fraction"] > config.max_reject_fraction:
+        raise RunFailed(
+            f"{result['rows_rejected']} of {result['rows_in']} rows were rejected "
+            f"({result['reject_fraction']:.1%}), more than --max-reject-fraction "
+            f"{config.max_reject_fraction:g}; reasons: {result['reject_reasons']} (see "
+            f"{config.output.rstrip('/')}/_rejects/)")
+    return result
+
+
+def consume(records: Iterable[dict[str, Any]], tracker: units.Tracker,
+            config: RunConfig) -> None:
+    """Take the write records as they come, committing units; stop on ``--on-bad-rows fail``
+    or too many rejects early on."""
+    rows = rejected = 0
+    last_log = time.monotonic()
+    try:
+        for record in records:
+            if config.on_bad_rows == "fail" and record["rows_rejected"]:
+                row, reason = record["first_reject"]
+                raise RunFailed(f"row {row} of {record['source']} was rejected "
+                                f"(--on-bad-rows fail): {reason}")
+            tracker.add(record)
+            rows, rejected = rows + record["rows"], rejected + record["rows_rejected"]
+            if rows >= EARLY_REJECT_CHECK_ROWS and rejected > config.max_reject_fraction * rows:
+                raise RunFailed(
+                    f"{rejected} of the first {rows} rows were rejected, more than "
+                    f"--max-reject-fraction {config.max_reject_fraction:g}; stopping early "
+                    f"(the last: {record['first_reject']} in {record['source']})")
+            if time.monotonic() - last_log > PROGRESS_LOG_S:
+                last_log = time.monotonic()
+                log.info("%d of %d unit(s) committed; %d rows out this run",
+                         len(tracker.committed), len(tracker.files), rows)
+    except RunFailed:
+        raise
+    except units.RowsDuplicated as err:
+        raise RunFailed(f"the run stopped to keep the output exact: {err}") from err
+    except Exception as err:  # noqa: BLE001 - reported whole, with its type
+        cause = root_cause(err)
+        raise RunFailed(f"the run failed: {type(cause).__name__}: {cause}") from err
+
+
+def write_summary(config: RunConfig, result: dict[str, Any]) -> str:
+    """Write ``<output>/_summary.json``, whole or not at all."""
+    fs, path = open_filesystem(config.output, config.storage_options)
+    return publish_json(fs, f"{path.rstrip('/')}/{SUMMARY_NAME}", result)

@@ -1,0 +1,124 @@
+"""The nightly job's snapshot folders under its output: ``_LATEST``, listing, the previous
+snapshot's identity and part files, naming, resuming an unfinished one, pruning. Driver side,
+no Ray (the job is ``pipeline/jobs/nightly.py``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import re
+from typing import Any
+
+from . import units
+from .io.errors import OutputError
+from .io.storage import MANIFEST_DIR, REJECTS_DIR, SUMMARY_NAME, open_for_publish, storage_errors, to_uri
+
+LATEST = "_LATEST"
+SNAPSHOT_RE = re.compile(r"^snapshot-\d{8}T\d{6}Z(-\d+)?$")
+
+
+@dataclasses.dataclass
+class Previous:
+    """The snapshot ``_LATEST`` names: its identity, row count and part files."""
+
+    name: str
+    identity: dict[str, Any]
+    rows: int
+    files: list[tuple[str, int]]
+
+
+def read_latest(fs, root: str) -> str | None:
+    """The snapshot ``<root>/_LATEST`` names, or None before the first run."""
+    path = f"{root}/{LATEST}"
+    with storage_errors(to_uri(fs, path), "read"):
+        if not fs.exists(path):
+            return None
+        raw = fs.cat_file(path)
+    name = raw.decode("utf-8", "replace").strip()
+    if not SNAPSHOT_RE.match(name):
+        raise OutputError(f"{to_uri(fs, path)} holds {name[:80]!r}, not a snapshot name; it was "
+                          "not written by this job")
+    return name
+
+
+def list_snapshots(fs, root: str) -> dict[str, bool]:
+    """Snapshot folders under ``root``: name -> complete (has its ``_summary.json``)."""
+    with storage_errors(to_uri(fs, root), "list"):
+        try:
+            entries = fs.ls(root, detail=True, refresh=True)
+        except FileNotFoundError:
+            return {}
+        names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries
+                 if e["type"] == "directory"]
+        return {n: fs.exists(f"{root}/{n}/{SUMMARY_NAME}")
+                for n in sorted(names) if SNAPSHOT_RE.match(n)}
+
+
+def load_previous(fs, root: str, name: str, root_uri: str) -> Previous:
+    """The complete snapshot ``name``: identity from its manifest, rows from its summary,
+    part files from its unit manifests (with their sizes)."""
+    base = f"{root}/{name}"
+    uri = f"{root_uri}/{name}"
+    with storage_errors(uri, "read the previous snapshot"):
+        if not fs.exists(f"{base}/{SUMMARY_NAME}"):
+            raise OutputError(f"{root_uri}/{LATEST} names {name}, which has no {SUMMARY_NAME}; "
+                              f"restore {uri} or delete {LATEST} to start afresh")
+        summary = json.loads(fs.cat_file(f"{base}/{SUMMARY_NAME}"))
+        state = units.load_state(fs, base, sorted(fs.find(f"{base}/{MANIFEST_DIR}")))
+        names = sorted(f for u in state.units.values() for f in u["files"]
+                       if not f.startswith(REJECTS_DIR + "/"))
+        sizes = fs.info  # one HEAD per part file (files are ~128 MiB; few per snapshot)
+        files = [(f"{uri}/{n}", int(sizes(f"{base}/{n}")["size"])) for n in names]
+    if state.identity is None:
+        raise OutputError(f"{uri} has no {MANIFEST_DIR}/{units.RUN_FILE}: not a snapshot of "
+                          "this job")
+    return Previous(name, state.identity, int(summary.get("rows_out", 0)), files)
+
+
+def new_snapshot_name(existing, now: datetime.datetime | None = None) -> str:
+    """``snapshot-<UTC time>``, later than every existing name, so names sort in the order
+    runs started: when that second (or a later one, the clock having gone back) is taken,
+    the second after the newest name's."""
+    now = (now or datetime.datetime.now(datetime.timezone.utc)).replace(microsecond=0)
+    stamps = [datetime.datetime.strptime(n[len("snapshot-"):len("snapshot-") + 16],
+                                         "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.timezone.utc)
+              for n in existing if SNAPSHOT_RE.match(n)]
+    if stamps and max(stamps) >= now:
+        now = max(stamps) + datetime.timedelta(seconds=1)
+    return "snapshot-" + now.strftime("%Y%m%dT%H%M%SZ")
+
+
+def unfinished_snapshot(fs, root: str, snapshots: dict[str, bool], base: str | None) -> str | None:
+    """The newest unfinished snapshot started on ``base`` (the same previous snapshot), which
+    this run resumes; None if there is none."""
+    for name in sorted(snapshots, reverse=True):
+        if snapshots[name] or (base and name <= base):
+            continue
+        run_file = f"{root}/{name}/{MANIFEST_DIR}/{units.RUN_FILE}"
+        try:
+            identity = json.loads(fs.cat_file(run_file))["identity"]
+        except (FileNotFoundError, KeyError, ValueError):
+            continue
+        if identity.get("nightly", {}).get("base") == base:
+            return name
+    return None
+
+
+def publish(fs, root: str, name: str) -> None:
+    """Point ``_LATEST`` at ``name``: one atomic PUT (a rename on local disks)."""
+    with open_for_publish(fs, f"{root}/{LATEST}") as f:
+        f.write((name + "\n").encode("utf-8"))
+
+
+def prune(fs, root: str, latest: str, keep: int) -> list[str]:
+    """Delete snapshots older than ``latest`` beyond the newest ``keep`` complete ones
+    (``latest`` included), and unfinished ones older than ``latest``; returns their names."""
+    snapshots = list_snapshots(fs, root)
+    complete = sorted((n for n, done in snapshots.items() if done and n <= latest), reverse=True)
+    kept = set(complete[:max(keep, 1)]) | {latest}
+    gone = sorted(n for n in snapshots if n < latest and n not in kept)
+    for name in gone:
+        with storage_errors(to_uri(fs, f"{root}/{name}"), "delete"):
+            fs.rm(f"{root}/{name}", recursive=True)
+    return gone

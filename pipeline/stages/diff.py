@@ -1,0 +1,313 @@
+"""The nightly diff: today's rows against the previous snapshot's, keyed by id. No Ray.
+
+Today's rows get a content hash (:func:`hash_rows`: the SHA-256, first 128 bits, of the text
+with its task prefix, the text the encoder sees) and an id bucket; the previous snapshot's
+rows (:func:`read_previous`: id, hash, vectors) and, on a resume, the ids this snapshot
+already committed (:func:`read_seen`) get the same buckets. The cluster's graph groups all of
+them by bucket (Ray Data's hash shuffle), so each id's rows meet in one call of
+:func:`diff_bucket`, which marks today's rows new, changed or unchanged in Arrow, attaches
+the previous vectors to unchanged rows when they are reused, and rejects an id that occurs in
+more than one of today's files (a snapshot keys rows by id). :func:`plan_diff` decides, on the
+driver, whether the previous vectors can be reused and how many buckets there are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import zlib
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .. import units
+from ..config import embedding_column
+from ..io import schema as S
+from ..io.storage import open_filesystem, storage_errors
+from ..tokenize import add_prefix, task_prefix
+
+HASH_COLUMN = "content_hash"
+HASH_HEX_CHARS = 32  # 128 bits of SHA-256
+# A bucket of rows per this many bytes of input (and of the previous snapshot), at least
+# two per CPU: each bucket is one diff call's table.
+BUCKET_BYTES = 256 << 20
+MAX_BUCKETS = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Diff:
+    """How today's rows are compared with the previous snapshot's (the diff stage's plan)."""
+
+    task: str
+    buckets: int
+    previous_files: tuple[tuple[str, int], ...]  # (URI, bytes) of its part files
+    id_column: str
+    id_type: Any  # today's id type; the previous ids are cast to it
+    dims: tuple[int, ...]
+    reuse: bool  # its settings equal today's: unchanged rows take its vectors
+    output_dtype: str = "float32"  # of its vectors (today's, when they are reused)
+    # Part files this snapshot committed before a resume, with their source: (URI, source).
+    seen_files: tuple[tuple[str, str], ...] = ()
+    # The one schema of every table entering the shuffle: Ray's hash shuffle concatenates the
+    # tables of a partition as they are (no promotion), so both sides must agree exactly.
+    schema: pa.Schema | None = None
+    # Why every row is embedded again (None: unchanged rows reuse the previous vectors).
+    reembed_reason: str | None = None
+
+
+def diff_schema(read, diff: Diff) -> pa.Schema:
+    """Today's rows' columns (``read``: the run's ReadSpec), then the previous snapshot's and
+    the resumed snapshot's; each side leaves the others' columns null."""
+    fields = [(S.ID, read.id_type or pa.string()), (S.TEXT, pa.large_string()),
+              (S.SOURCE, pa.string()), (S.UNIT, pa.string()), (S.ROW, pa.int64()),
+              (S.FILE_ROWS, pa.int64()), (S.FILE_ROWSUM, pa.int64()),
+              (S.REJECT, pa.string()), (S.EXCERPT, pa.string())]
+    for c in read.keep_columns:
+        kind = read.keep_type(c)
+        fields.append((c, kind if isinstance(kind, pa.DataType) else pa.string()))
+    fields += [(S.HASH, pa.string()), (S.BUCKET, pa.int64()), (S.PREV_HASH, pa.string())]
+    if diff.reuse:
+        fields += [(S.prev_embedding(d), S.embedding_type(d, diff.output_dtype)) for d in diff.dims]
+    fields.append((S.SEEN, pa.bool_()))
+    return pa.schema(fields)
+
+
+def conform(table: pa.Table, schema: pa.Schema | None) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns, in its order and types (nulls for the
+    columns it lacks)."""
+    if schema is None:
+        return table
+    extra = set(table.column_names) - set(schema.names)
+    if extra:
+        raise ValueError(f"columns {sorted(extra)} are not part of the diff's schema")
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            column = table[field.name]
+            columns.append(column if column.type == field.type else column.cast(field.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def content_hash(prefixed: str) -> str:
+    """The ``content_hash`` of a text as the encoder sees it (task prefix included)."""
+    return hashlib.sha256(prefixed.encode("utf-8")).hexdigest()[:HASH_HEX_CHARS]
+
+
+def bucket_of(ids: pa.ChunkedArray | pa.Array, buckets: int) -> pa.Array:
+    """A bucket in ``[0, buckets)`` per id, the same in every process (nulls: bucket 0)."""
+    ids = plain(ids)
+    t = ids.type
+    if pa.types.is_integer(t):
+        x = pc.fill_null(ids, 0).to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64)
+        with np.errstate(over="ignore"):  # splitmix64's finaliser, wrapping on purpose
+            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            x = x ^ (x >> np.uint64(31))
+        return pa.array((x % np.uint64(buckets)).astype(np.int64))
+    values = ids.to_pylist()
+    return pa.array([0 if v is None else zlib.crc32(v.encode("utf-8") if isinstance(v, str)
+                                                    else bytes(v)) % buckets
+                     for v in values], pa.int64())
+
+
+def id_kind(kind: pa.DataType) -> str:
+    """Integer, string or binary: ids of one kind compare whatever their width or layout
+    (int32 and int64, string and large_string, dictionary-encoded or not)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if pa.types.is_integer(kind):
+        return "integer"
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        return "string"
+    return "binary" if (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+                        or pa.types.is_fixed_size_binary(kind)) else str(kind)
+
+
+def plain(values: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """``values`` without dictionary encoding (ids compare and sort by value)."""
+    if pa.types.is_dictionary(values.type):
+        return pc.cast(values, values.type.value_type)
+    return values
+
+
+def hash_rows(table: pa.Table, task: str, buckets: int, schema: pa.Schema | None = None) -> pa.Table:
+    """Add each row's content hash and id bucket; reject rows that cannot be embedded (the
+    one rule the tokenizer stage applies, applied here so that only embeddable rows take part
+    in the diff)."""
+    prefix = task_prefix(task)
+    rejects = table[S.REJECT].to_pylist()
+    excerpts = table[S.EXCERPT].to_pylist()
+    ids_null = pc.is_null(table[S.ID]).to_pylist()
+    texts = table[S.TEXT].to_pylist()
+    hashes: list[str | None] = [None] * table.num_rows
+    for i in S.reject_unembeddable(ids_null, texts, rejects, excerpts):
+        hashes[i] = content_hash(add_prefix(texts[i], prefix))
+    out = table.drop_columns([S.REJECT, S.EXCERPT, S.TEXT])
+    # Texts as one type whatever the file stored; a rejected row's is not needed any more.
+    text = pa.array([t if h is not None else None for t, h in zip(texts, hashes)],
+                    pa.large_string())
+    out = out.append_column(S.TEXT, text) \
+        .append_column(S.REJECT, pa.array(rejects, pa.string())) \
+        .append_column(S.EXCERPT, pa.array(excerpts, pa.string())) \
+        .append_column(S.HASH, pa.array(hashes, pa.string())) \
+        .append_column(S.BUCKET, bucket_of(table[S.ID], buckets))
+    return conform(out, schema)
+
+
+def read_previous(uri: str, diff: Diff, storage_options: dict[str, Any]) -> Iterator[pa.Table]:
+    """The previous snapshot's rows of one part file: id, hash, (vectors), bucket."""
+    fs, path = open_filesystem(uri, storage_options)
+    columns = [diff.id_column, HASH_COLUMN]
+    if diff.reuse:
+        columns += [embedding_column(d) for d in diff.dims]
+    with storage_errors(uri, "read the previous snapshot's"), fs.open(path, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=columns):
+            ids = batch.column(diff.id_column)
+            if diff.id_type is not None and ids.type != diff.id_type:
+                try:
+                    ids = pc.cast(ids, diff.id_type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+                    raise ValueError(f"{uri}: the previous snapshot's ids ({ids.type}) do not "
+                                     f"convert to today's id type {diff.id_type}: {err}") from err
+            out = {S.ID: ids, S.PREV_HASH: batch.column(HASH_COLUMN)}
+            if diff.reuse:
+                out |= {S.prev_embedding(d): batch.column(embedding_column(d)) for d in diff.dims}
+            out[S.BUCKET] = bucket_of(ids, diff.buckets)
+            yield conform(pa.table(out), diff.schema)
+
+
+def read_seen(uri: str, diff: Diff, source: str, storage_options: dict[str, Any]) -> Iterator[pa.Table]:
+    """The ids of one part file this snapshot committed before a resume, marked as seen."""
+    fs, path = open_filesystem(uri, storage_options)
+    with storage_errors(uri, "read the resumed snapshot's"), fs.open(path, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=[diff.id_column]):
+            ids = batch.column(diff.id_column)
+            n = len(ids)
+            yield conform(pa.table({S.ID: ids, S.SEEN: pa.array([True] * n),
+                                    S.SOURCE: pa.array([source] * n, pa.string()),
+                                    S.BUCKET: bucket_of(ids, diff.buckets)}), diff.schema)
+
+
+def diff_bucket(table: pa.Table, diff: Diff) -> Iterator[pa.Table]:
+    """Today's rows of one bucket, each marked new, changed or unchanged against the previous
+    snapshot's rows in the same table (those are dropped), with the previous vectors attached
+    to unchanged rows when they are reused. A later row of an id that occurs in more than one
+    file is rejected. Rejected rows pass through unmarked."""
+    if S.UNIT not in table.column_names:
+        return  # only the previous snapshot's rows reached this bucket: deleted ids
+    today_mask = pc.is_valid(table[S.UNIT])
+    today = table.filter(today_mask)
+    if not today.num_rows:
+        return  # only deleted ids in this bucket
+    others = table.filter(pc.invert(today_mask))
+    # (a column may be missing, or null-typed, in tables not made by conform(): tests)
+    seen_mask = pc.is_valid(others[S.SEEN]) if S.SEEN in others.column_names \
+        else pa.array([False] * others.num_rows, pa.bool_())
+    previous, seen = others.filter(pc.invert(seen_mask)), others.filter(seen_mask)
+    rejects = today[S.REJECT].to_pylist()
+    excerpts = today[S.EXCERPT].to_pylist()
+    _reject_repeated_ids(today, rejects, excerpts)
+    if seen.num_rows:
+        _reject_seen_ids(today, seen, rejects, excerpts)
+    rejected = pa.array([r is not None for r in rejects])
+
+    prev_cols = [c for c in today.column_names
+                 if c in (S.PREV_HASH, S.SEEN) or c.startswith("__prev_")]
+    ids = plain(today[S.ID].combine_chunks())
+    if previous.num_rows:
+        match = pc.index_in(ids, value_set=plain(previous[S.ID].combine_chunks()))
+        prev_hash = pc.take(previous[S.PREV_HASH].combine_chunks(), match)
+    else:
+        match = pa.nulls(today.num_rows, pa.int32())
+        prev_hash = pa.nulls(today.num_rows, pa.string())
+    same = pc.fill_null(pc.equal(prev_hash, today[S.HASH].combine_chunks()), False)
+    change = pc.if_else(pc.is_null(match), "new", pc.if_else(same, "unchanged", "changed"))
+    change = pc.if_else(rejected, pa.scalar(None, pa.string()), change)
+    reuse = pc.and_(pc.equal(pc.fill_null(change, ""), "unchanged"), pa.scalar(diff.reuse))
+
+    out = today.drop_columns(prev_cols + [S.REJECT, S.EXCERPT, S.BUCKET])
+    out = out.append_column(S.REJECT, pa.array(rejects, pa.string())) \
+        .append_column(S.EXCERPT, pa.array(excerpts, pa.string())) \
+        .append_column(S.CHANGE, change).append_column(S.REUSE, reuse)
+    if diff.reuse:
+        taken = pc.if_else(reuse, match, pa.scalar(None, match.type))
+        for d in diff.dims:
+            column = previous[S.prev_embedding(d)].combine_chunks() if previous.num_rows \
+                else pa.nulls(0, S.embedding_type(d, diff.output_dtype))
+            out = out.append_column(S.prev_embedding(d), pc.take(column, taken))
+    yield out
+
+
+def _reject_repeated_ids(today: pa.Table, rejects: list, excerpts: list) -> None:
+    """Reject (in place) every embeddable row of an id but the first by (file, row)."""
+    good = np.flatnonzero([r is None for r in rejects])
+    if len(good) < 2:
+        return
+    order = pa.table({"id": plain(today[S.ID].take(good)), "source": today[S.SOURCE].take(good),
+                      "row": today[S.ROW].take(good), "i": pa.array(good)}) \
+        .sort_by([("id", "ascending"), ("source", "ascending"), ("row", "ascending")])
+    sorted_ids = order["id"].combine_chunks()
+    repeat = pc.equal(sorted_ids.slice(1), sorted_ids.slice(0, len(sorted_ids) - 1))
+    repeats = np.flatnonzero(pc.fill_null(repeat, False).to_numpy(zero_copy_only=False)) + 1
+    if not len(repeats):
+        return
+    firsts = np.setdiff1d(np.arange(len(sorted_ids)), repeats)
+    for k in repeats:
+        first = firsts[np.searchsorted(firsts, k, side="right") - 1]
+        i = order["i"][int(k)].as_py()
+        rejects[i] = (f"duplicate id: also in {order['source'][int(first)].as_py()} row "
+                      f"{order['row'][int(first)].as_py()} (a snapshot keys rows by id)")
+        excerpts[i] = S.excerpt(str(order["id"][int(k)].as_py()))
+
+
+def _reject_seen_ids(today: pa.Table, seen: pa.Table, rejects: list, excerpts: list) -> None:
+    """Reject (in place) today's embeddable rows whose id a unit committed earlier in this
+    snapshot already holds (a resumed run)."""
+    ids = plain(today[S.ID].combine_chunks())
+    where = pc.index_in(ids, value_set=plain(seen[S.ID].combine_chunks()))
+    sources = seen[S.SOURCE]
+    for i, k in enumerate(where.to_pylist()):
+        if k is not None and rejects[i] is None:
+            rejects[i] = (f"duplicate id: also in {sources[k].as_py()} (committed earlier in "
+                          "this snapshot; a snapshot keys rows by id)")
+            excerpts[i] = S.excerpt(str(ids[i].as_py()))
+
+
+def plan_diff(*, task: str, id_column: str, dims: tuple[int, ...], output_dtype: str,
+              identity: dict[str, Any], read, previous_name: str | None,
+              previous_identity: dict[str, Any] | None,
+              previous_files: tuple[tuple[str, int], ...], todo_bytes: int,
+              seen_files: tuple[tuple[str, str], ...], cpus: float) -> Diff:
+    """How today's rows meet the previous snapshot's: a pure function of what the driver knows.
+
+    ``identity`` is today's run identity (``pipeline.units``), ``read`` the run's ReadSpec
+    (today's id type and kept columns), ``previous_*`` the snapshot ``_LATEST`` names (None
+    before the first night), ``todo_bytes`` the bytes of today's units still to do,
+    ``seen_files`` the part files (and their sources) this snapshot committed before a resume.
+    The previous vectors are reused only when its settings equal today's; ids of another kind
+    are other ids, so nothing is compared and every row is new.
+    """
+    reuse, reason, files = False, "first snapshot", ()
+    if previous_identity is not None:
+        files = tuple(previous_files)
+        differs = [f for f in units.IDENTITY_FIELDS
+                   if previous_identity.get(f) != identity.get(f)]
+        reuse = not differs
+        reason = None if reuse else "settings changed: " + ", ".join(differs)
+        prev_type = units.decode_types(previous_identity["types"])[0] \
+            if previous_identity.get("types") else None
+        if prev_type is not None and read.id_type is not None \
+                and id_kind(prev_type) != id_kind(read.id_type):
+            reuse, files = False, ()
+            reason = f"id type changed: {prev_type} -> {read.id_type}"
+    total = todo_bytes + sum(size for _, size in files)
+    buckets = min(MAX_BUCKETS, max(2 * int(cpus), -(-total // BUCKET_BYTES)))
+    diff = Diff(task=task, buckets=int(buckets), previous_files=files, id_column=id_column,
+                id_type=read.id_type, dims=tuple(dims), reuse=reuse,
+                output_dtype=output_dtype, seen_files=tuple(seen_files), reembed_reason=reason)
+    return dataclasses.replace(diff, schema=diff_schema(read, diff))
