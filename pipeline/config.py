@@ -69,7 +69,7 @@ class RunConfig:
     expert_parallel: int = _field(1, "ranks per encoder replica splitting the experts of every "
                                   "MoE layer (expert parallelism: N GPUs, or N CPU processes, "
                                   "exchanging tokens with all-to-all); 1: whole-model replicas "
-                                  "(measured faster, see README)", metavar="N")
+                                  "(measured faster, see docs/expert-parallel.md)", metavar="N")
     tokenizer_actors: int | None = _field(None, "tokenizer actors (default: 4 per GPU "
                                           "replica, 1 on CPU)", metavar="N")
     max_tokens_per_batch: int | None = _field(None, "token budget per encoder batch (default: "

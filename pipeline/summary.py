@@ -146,8 +146,15 @@ def report(result: dict[str, Any], config, command: str = "run") -> list[str]:
                  f"{result['tokens_per_s']:,.0f} tokens/s end to end "
                  f"({result['tokens_per_s_steady']:,.0f} steady); units {units['committed']} "
                  f"of {units['total']} committed ({units['resumed']} kept from earlier runs)")
-    lines.append(f"output: {where}/ (summary: {where}/_summary.json"
-                 + (f", rejects: {where}/_rejects/" if result["rows_rejected"] else "") + ")")
+    iceberg = result.get("iceberg")
+    if iceberg:  # enriched in place: the summary and rejects lie beside the table's data
+        lines.append(f"output: {iceberg['table']}, snapshot {iceberg['snapshot_id']} (from "
+                     f"{iceberg['source_snapshot_id']}); summary: <table location>/_enrich/"
+                     f"{iceberg['source_snapshot_id']}-summary.json")
+    else:
+        lines.append(f"output: {where}/ (summary: {where}/_summary.json"
+                     + (f", rejects: {where}/_rejects/" if result["rows_rejected"] else "")
+                     + ")")
     return lines
 
 

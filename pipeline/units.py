@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from .io.readers import JSON_TEXT
 from .io.storage import (MANIFEST_DIR, SUMMARY_NAME, InputFile, OutputError, is_local,
-                         publish_json, relative, storage_errors, to_uri)
+                         publish_json, relative, storage_errors, to_uri, unit_key)
 
 log = logging.getLogger("pipeline.units")
 
@@ -39,11 +39,6 @@ RUN_FILE = "_run.json"
 # Settings that change what a row's output is; a resumed run must match them all.
 IDENTITY_FIELDS = ("model_fingerprint", "tokenizer_sha256", "task", "dims", "output_dtype",
                    "dtype", "id_column", "text_column", "keep_columns", "on_duplicate")
-
-
-def unit_key(uri: str) -> str:
-    """The key of a unit (an input file's URI, or a row-group slice's): a stable name."""
-    return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:16]
 
 
 def unit_manifest_name(key: str) -> str:

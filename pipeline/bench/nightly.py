@@ -1,6 +1,6 @@
 """``python -m pipeline.bench nightly``: what an incremental night costs against a full one.
 
-The pipeline benchmark's texts (``bench_pipeline``), same model and device, as Parquet shards.
+The pipeline benchmark's texts (``pipeline.bench.workload``), same model and device, as Parquet shards.
 Night 1 embeds the corpus into a fresh snapshot folder. Then ``--change`` of the rows get a new
 text, ``--delete`` are removed and ``--add`` new rows arrive; night 2 should encode only those,
 night 3 (nothing changed) nothing. A plain ``run`` over night 2's corpus gives the cost of

@@ -195,27 +195,29 @@ class RankGroup:
                 log.warning("%s; starting a new group and retrying the window (%d restart(s) "
                             "left)", err, self.restarts_left)
 
-    def _embed(self, batch, dims, groups) -> dict[int, np.ndarray]:
+    def _embed(self, batch, dims, groups_G) -> dict[int, np.ndarray]:
+        """The window's batches dealt to the R ranks (``dealt_R``: each rank's batch indices),
+        one call per rank with the common step count; vectors back in the window's order."""
         offsets = batch.offsets
-        dealt = deal_groups(batch.lengths, groups, self.size)
-        steps = max(len(d) for d in dealt)
+        dealt_R = deal_groups(batch.lengths, groups_G, self.size)
+        steps = max(len(d) for d in dealt_R)
         calls, rows = [], []
-        for rank, mine in zip(self.ranks, dealt):
-            members = [groups[i] for i in mine]
+        for rank, mine in zip(self.ranks, dealt_R):
+            members = [groups_G[i] for i in mine]
             seqs = np.concatenate(members) if members else np.zeros(0, np.int64)
-            flat = np.concatenate([batch.ids[offsets[i]: offsets[i + 1]] for i in seqs]) \
+            flat_T = np.concatenate([batch.ids[offsets[i]: offsets[i + 1]] for i in seqs]) \
                 if len(seqs) else np.zeros(0, np.int32)
-            # The rank's groups, as positions in its own sub-batch.
+            # The rank's groups_G, as positions in its own sub-batch.
             starts = np.cumsum([0] + [len(g) for g in members])
             local = [np.arange(starts[j], starts[j + 1]) for j in range(len(members))]
-            calls.append(rank.encode.remote(flat, batch.lengths[seqs], local, steps, dims))
+            calls.append(rank.encode.remote(flat_T, batch.lengths[seqs], local, steps, dims))
             rows.append(seqs)
         results = self._wait(calls, "encoding")
-        out = {d: np.empty((len(batch.lengths), d), np.float32) for d in dims}
+        out_MW = {d: np.empty((len(batch.lengths), d), np.float32) for d in dims}
         for seqs, vectors in zip(rows, results):
             for d in dims:
-                out[d][seqs] = vectors[d]
-        return out
+                out_MW[d][seqs] = vectors[d]
+        return out_MW
 
     def _wait(self, calls: list, doing: str) -> list:
         """Every call's result, in order; raises GroupFailed as soon as any call fails."""

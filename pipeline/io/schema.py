@@ -37,7 +37,7 @@ ENCODE_S = "__encode_s"
 ENCODE_START = "__encode_start"  # wall-clock (epoch) start and end of this row's encoder window
 ENCODE_END = "__encode_end"
 
-# Set by the nightly job's diff against the previous snapshot (pipeline/nightly.py).
+# Set by the nightly job's diff against the previous snapshot (pipeline/stages/diff.py).
 HASH = "__hash"  # content hash of the prefixed text (the snapshot's content_hash column)
 BUCKET = "__bucket"  # the id's hash bucket: rows of one id meet in one diff call
 CHANGE = "__change"  # "new", "changed" or "unchanged" against the previous snapshot

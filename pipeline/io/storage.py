@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import hashlib
 import json
 import os
 import posixpath
@@ -59,6 +60,12 @@ class InputFile:
             return self.uri
         start, stop = self.row_groups
         return f"{self.uri}#row-groups[{start}:{stop}]"
+
+
+def unit_key(uri: str) -> str:
+    """The key of a unit (an input file's URI, or a row-group slice's): a stable name
+    for its output files (``part-<key>-...``) and its manifest (``unit-<key>.json``)."""
+    return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:16]
 
 
 ICEBERG_SCHEME = "iceberg:"

@@ -18,8 +18,7 @@ import pyarrow.parquet as pq
 
 from ..config import embedding_column
 from . import schema as S
-from ..units import unit_key
-from .storage import REJECTS_DIR, open_for_publish, storage_errors, to_uri
+from .storage import REJECTS_DIR, open_for_publish, storage_errors, to_uri, unit_key
 
 ROW_GROUP_ROWS = 8192
 # Output files of about this many bytes of embeddings (no swarm of tiny files, none too big

@@ -230,23 +230,7 @@ def merge_file(source: str, parts: list[str], target: str, dims: tuple[int, ...]
         table = table.drop_columns([f.name for f in table.schema
                                     if _field_id(f) is not None and _field_id(f) not in field_ids])
     n = table.num_rows
-    dtype = np.float16 if output_dtype == "float16" else np.float32
-    values = {d: np.zeros((n, d), dtype) for d in dims}
-    have = np.zeros(n, bool)
-    for part in parts:
-        pfs, ppath = open_filesystem(part, storage_options)
-        with storage_errors(part, "read"), pfs.open(ppath, "rb") as f:
-            vectors = pq.read_table(f, columns=[ROW_COLUMN] + [embedding_column(d) for d in dims])
-        rows = vectors[ROW_COLUMN].to_numpy()
-        if len(rows) and (rows.min() < 0 or rows.max() >= n or have[rows].any()
-                          or len(np.unique(rows)) != len(rows)):
-            raise ValueError(f"{part}: row numbers out of range or repeated for {source} "
-                             f"({n} rows); the staging output does not match the source")
-        have[rows] = True
-        for d in dims:
-            flat = vectors[embedding_column(d)].combine_chunks().flatten().to_numpy(
-                zero_copy_only=False)
-            values[d][rows] = flat.reshape(len(rows), d)
+    values, have = _staged_vectors(source, n, parts, dims, output_dtype, storage_options)
     out = table.drop_columns([c for c in (embedding_column(d) for d in dims)
                               if c in table.column_names])
     for d in dims:
@@ -264,6 +248,30 @@ def merge_file(source: str, parts: list[str], target: str, dims: tuple[int, ...]
         with open_for_publish(tfs, tpath) as f:
             pq.write_table(out, f, store_decimal_as_integer=decimals_as_integers)
     return {"source": source, "target": target, "rows": n, "rows_with_embeddings": int(have.sum())}
+
+
+def _staged_vectors(source: str, n: int, parts: list[str], dims: tuple[int, ...],
+                    output_dtype: str, storage_options: dict[str, Any]):
+    """The vectors of ``source``'s ``n`` rows from its staging ``parts``, by row number, and
+    which rows have one (a rejected row has none); every row at most once."""
+    dtype = np.float16 if output_dtype == "float16" else np.float32
+    values = {d: np.zeros((n, d), dtype) for d in dims}
+    have = np.zeros(n, bool)
+    for part in parts:
+        pfs, ppath = open_filesystem(part, storage_options)
+        with storage_errors(part, "read"), pfs.open(ppath, "rb") as f:
+            vectors = pq.read_table(f, columns=[ROW_COLUMN] + [embedding_column(d) for d in dims])
+        rows = vectors[ROW_COLUMN].to_numpy()
+        if len(rows) and (rows.min() < 0 or rows.max() >= n or have[rows].any()
+                          or len(np.unique(rows)) != len(rows)):
+            raise ValueError(f"{part}: row numbers out of range or repeated for {source} "
+                             f"({n} rows); the staging output does not match the source")
+        have[rows] = True
+        for d in dims:
+            flat = vectors[embedding_column(d)].combine_chunks().flatten().to_numpy(
+                zero_copy_only=False)
+            values[d][rows] = flat.reshape(len(rows), d)
+    return values, have
 
 
 def _field_id(field: pa.Field) -> int | None:

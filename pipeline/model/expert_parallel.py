@@ -15,7 +15,8 @@ packed batch through attention and the dense layers; at a MoE layer:
 
 Every rank must make the same collective calls in the same order. A rank with no batch for a
 step calls :meth:`NomicMoEEncoder.forward_idle`, which takes part in every MoE layer's three
-exchanges with nothing to send. No Ray here: the pipeline's Ray actors (``pipeline/ep.py``)
+exchanges with nothing to send. No Ray here: the pipeline's Ray actors
+(``pipeline/cluster/expert_groups.py``)
 and the benchmark (torch.multiprocessing) both use this module.
 """
 

@@ -3,6 +3,10 @@
 Sequences are concatenated without padding. Legend for tensor names used across the model:
 ``T`` packed tokens, ``B`` sequences, ``L`` longest sequence, ``D`` model width, ``H`` heads,
 ``Dh`` head width, ``F`` expert/FFN hidden, ``E`` experts, ``K`` top-k, ``S`` routed slots (T*K).
+The pipeline's arrays around the model use the same legend, plus ``N`` rows of a window (one
+Ray Data batch), ``M`` rows of it that are encoded, ``G`` token-budgeted batches of a window,
+``R`` expert-parallel ranks and ``W`` one Matryoshka width (``pipeline/stages/embed.py``,
+``pipeline/cluster/expert_groups.py``).
 """
 
 from __future__ import annotations

@@ -104,46 +104,46 @@ class EncodeStage:
     def __call__(self, table: pa.Table) -> pa.Table:
         require_columns(table, self.NEEDS, "encode")
         t0, start = time.perf_counter(), time.time()
-        good = _good_rows(table)
-        reuse = np.zeros(0, np.int64)
+        good_M = _good_rows(table)  # indices into the window's N rows
+        reused = np.zeros(0, np.int64)  # indices of rows taking earlier vectors
         if S.REUSE in table.column_names:
-            flags = pc.fill_null(table[S.REUSE], False).to_numpy(zero_copy_only=False)
-            reuse = good[flags[good]]
-            good = good[~flags[good]]
+            reuse_flags_N = pc.fill_null(table[S.REUSE], False).to_numpy(zero_copy_only=False)
+            reused = good_M[reuse_flags_N[good_M]]
+            good_M = good_M[~reuse_flags_N[good_M]]
         tokens = table[S.TOKENS].combine_chunks()
-        lengths = table[S.NUM_TOKENS].to_numpy()[good]
-        flat = pc.list_flatten(tokens.take(pa.array(good))).to_numpy().astype(np.int32, copy=False)
-        batch = TokenizedBatch(flat, lengths, np.zeros(len(good), bool))
-        groups = self.embedder.plan(lengths)
-        vectors = self.embedder.embed_tokenized(batch, self.dims, groups)
-        grid = np.zeros(table.num_rows, np.int32)
-        batch_max = np.zeros(table.num_rows, np.int32)
-        grid[good] = self.embedder.attention_slots(lengths, groups)
-        for g in groups:
-            batch_max[good[g]] = lengths[g].max()
+        lengths_M = table[S.NUM_TOKENS].to_numpy()[good_M]
+        flat_T = pc.list_flatten(tokens.take(pa.array(good_M))).to_numpy().astype(np.int32, copy=False)
+        batch = TokenizedBatch(flat_T, lengths_M, np.zeros(len(good_M), bool))
+        groups_G = self.embedder.plan(lengths_M)
+        vectors_MW = self.embedder.embed_tokenized(batch, self.dims, groups_G)
+        grid_N = np.zeros(table.num_rows, np.int32)
+        batch_max_N = np.zeros(table.num_rows, np.int32)
+        grid_N[good_M] = self.embedder.attention_slots(lengths_M, groups_G)
+        for g in groups_G:
+            batch_max_N[good_M[g]] = lengths_M[g].max()
         prev = [S.prev_embedding(d) for d in self.dims if S.prev_embedding(d) in table.column_names]
         out = table.drop_columns([S.TOKENS, *prev])
-        rows = np.concatenate([good, reuse])
+        rows = np.concatenate([good_M, reused])
         for d in self.dims:
-            values = vectors[d]
-            if len(reuse):
-                values = np.concatenate([values, reused_vectors(table, reuse, d)])
+            values = vectors_MW[d]
+            if len(reused):
+                values = np.concatenate([values, reused_vectors(table, reused, d)])
             out = out.append_column(embedding_column(d), self._column(values, rows, table.num_rows, d))
         elapsed = time.perf_counter() - t0
         n = table.num_rows
-        return out.append_column(S.GRID_TOKENS, pa.array(grid)) \
-            .append_column(S.BATCH_MAX, pa.array(batch_max)) \
+        return out.append_column(S.GRID_TOKENS, pa.array(grid_N)) \
+            .append_column(S.BATCH_MAX, pa.array(batch_max_N)) \
             .append_column(S.ENCODE_S, pa.array(np.full(n, elapsed / max(n, 1)))) \
             .append_column(S.ENCODE_START, pa.array(np.full(n, start))) \
             .append_column(S.ENCODE_END, pa.array(np.full(n, start + elapsed)))
 
-    def _column(self, vectors_ND: np.ndarray, good: np.ndarray, n: int, width: int) -> pa.Array:
-        """A fixed-size-list column with the rows of ``good`` filled and the others null."""
+    def _column(self, vectors_MW: np.ndarray, rows: np.ndarray, n: int, width: int) -> pa.Array:
+        """A fixed-size-list column with ``rows`` filled (one vector each) and the others null."""
         dtype = np.float16 if self.output_dtype == "float16" else np.float32
         full = np.zeros((n, width), dtype)
-        full[good] = vectors_ND
+        full[rows] = vectors_MW
         mask = np.ones(n, bool)
-        mask[good] = False
+        mask[rows] = False
         values = pa.array(full.reshape(-1))
         return pa.FixedSizeListArray.from_arrays(values, width, mask=pa.array(mask)) \
             .cast(embedding_type(width, self.output_dtype))
