@@ -1,7 +1,9 @@
-"""Shared fixtures: the team's parity fixture and tiny random-weight model directories."""
+"""Shared fixtures: the parity fixture, tiny random-weight model directories, the module
+Ray cluster, and the ``ray`` marker's guard (a test not marked ``ray`` may not start Ray)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -10,16 +12,27 @@ import torch
 
 from tests.s3server import s3_endpoint  # noqa: F401 - the cluster fixture's dependency
 
-# CI clones the repo with the team's shared/ folder beside it.
-SHARED = Path(os.environ.get("NOMIC_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-PARITY_FIXTURE = SHARED / "fixtures" / "nomic-moe-tiny"
+# The parity fixture lives in the repository (tests/fixtures/); NOMIC_SHARED_DIR, when set,
+# names a shared folder whose fixtures/nomic-moe-tiny is used instead.
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+PARITY_FIXTURE = (Path(os.environ["NOMIC_SHARED_DIR"]) / "fixtures" if os.environ.get(
+    "NOMIC_SHARED_DIR") else FIXTURES) / "nomic-moe-tiny"
+# Fixtures that start (or connect to) a Ray: a test using one must be marked ``ray``.
+RAY_FIXTURES = ("cluster", "local_ray", "ray_head")
 
 
 @pytest.fixture(scope="session")
 def parity_fixture_dir() -> Path:
     if not (PARITY_FIXTURE / "expected.safetensors").is_file():
-        pytest.fail(f"parity fixture not found at {PARITY_FIXTURE} (set NOMIC_SHARED_DIR)")
+        pytest.fail(f"parity fixture not found at {PARITY_FIXTURE} (tests/fixtures/ is part of "
+                    "the repository; NOMIC_SHARED_DIR, if set, must hold fixtures/nomic-moe-tiny)")
     return PARITY_FIXTURE
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json(tiny_model_dir) -> str:
+    """The tiny model's tokenizer, as the stages take it."""
+    return (tiny_model_dir / "tokenizer.json").read_text()
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +67,49 @@ def _deterministic_threads():
     # Tests compare fp32 results at 1e-5; keep intra-op threading fixed across tests.
     torch.manual_seed(0)
     yield
+
+
+# ---------------------------------------------------------------------------------------------
+# The ``ray`` marker: ``-m "not ray"`` must start no Ray. A test that is not marked ``ray`` and
+# uses a Ray fixture fails at collection; one that calls ``ray.init`` (directly, through a job
+# or through a fixture being set up for it) fails with a message saying so.
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [item.nodeid for item in items if item.get_closest_marker("ray") is None
+                and set(RAY_FIXTURES) & set(getattr(item, "fixturenames", ()))]
+    if unmarked:
+        raise pytest.UsageError("tests using a Ray fixture (" + ", ".join(RAY_FIXTURES) +
+                                ") must be marked `ray`: " + ", ".join(unmarked))
+
+
+class RayStartedByUnmarkedTest(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def _no_ray_unless_marked(item):
+    if item.get_closest_marker("ray") is not None:
+        yield
+        return
+    import ray  # the guard patches ray.init (importing ray starts nothing)
+
+    def refuse(*args, **kwargs):
+        raise RayStartedByUnmarkedTest(f"{item.nodeid} starts Ray (ray.init) but is not marked "
+                                       "`ray`; mark it with @pytest.mark.ray")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ray, "init", refuse)
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _no_ray_unless_marked(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _no_ray_unless_marked(item):
+        yield

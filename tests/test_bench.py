@@ -48,6 +48,7 @@ def test_bench_texts_follow_the_length_mix(tiny_model_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_bench_pipeline_smoke(tmp_path, tiny_model_dir):
     out = tmp_path / "pipe.json"
     bench_main(["pipeline", "--size", "tiny", "--model-dir", str(tiny_model_dir), "--texts", "30",

@@ -1,8 +1,10 @@
-"""The README's demo command: the bundled corpus through the real job on a local Ray."""
+"""The README's demo command: the bundled corpus through the real job on a local Ray, and
+what it prints: the short report by default, the summary as JSON with ``--json``."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -10,7 +12,7 @@ import pytest
 
 from pipeline.cli import main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def test_demo_embeds_the_bundled_corpus(tmp_path, tiny_model_dir, capsys):
@@ -25,9 +27,29 @@ def test_demo_embeds_the_bundled_corpus(tmp_path, tiny_model_dir, capsys):
     for width in (64, 32, 16):
         vectors = np.stack(table[f"embedding_{width}"].to_numpy(zero_copy_only=False))
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+    # The short report for people: rows in, embedded, rejected; tokens/s and wall time; where
+    # the output and its _summary.json are. Not the JSON summary.
     printed = capsys.readouterr().out
-    assert '"rows_embedded": 32' in printed
-    # Rerunning the demo replaces its output instead of refusing it.
+    assert '"rows_embedded"' not in printed, printed
+    assert re.search(r"\b32 in, 32 embedded, 0 rejected\b", printed), printed
+    tokens = re.search(r"\btokens: ([\d,]+) in ([\d.]+) s, ([\d,]+) tokens/s\b", printed)
+    assert tokens, printed
+    assert int(tokens.group(1).replace(",", "")) == summary["tokens"] > 0
+    assert float(tokens.group(2)) == pytest.approx(summary["wall_s"], abs=0.05)
+    assert int(tokens.group(3).replace(",", "")) == pytest.approx(summary["tokens_per_s"], abs=1)
+    assert f"output: {out}/" in printed and f"{out}/_summary.json" in printed
+    assert "_rejects" not in printed  # nothing rejected, no rejects folder to point at
+
+    # Rerunning the demo replaces its output instead of refusing it; --json prints the summary.
     assert main(["demo", "--out", str(out), "--model-dir", str(tiny_model_dir),
-                 "--progress", "off"]) == 0
+                 "--progress", "off", "--json"]) == 0
     assert len(list(out.glob("part-*.parquet"))) == len(summary["output_files"])
+    printed = capsys.readouterr().out
+    start = re.search(r"^\{$", printed, re.M)  # json.dumps(indent=2): "{" on a line
+    assert start, printed
+    shown, _ = json.JSONDecoder().raw_decode(printed, start.start())
+    again = json.loads((out / "_summary.json").read_text())
+    assert shown["rows_embedded"] == again["rows_embedded"] == 32
+    assert {k: v for k, v in again.items() if k not in ("config", "output_files")} == shown
+    assert "tokens/s" not in printed

@@ -1,4 +1,5 @@
-"""Embedder: prefixes, truncation, bad texts, widths, invariances, dtypes."""
+"""Embedder: prefixes, truncation, bad texts, widths, invariances, dtypes (``embedder``: the
+tiny model's fp32 encoder, conftest's)."""
 
 import numpy as np
 import pytest
@@ -9,11 +10,6 @@ from pipeline.model.builder import sample_texts
 from pipeline.tokenize import TASK_PREFIXES, TokenizerError, add_prefix, text_problem
 
 DIMS = (64, 32, 16)
-
-
-@pytest.fixture(scope="module")
-def embedder(tiny_model_dir):
-    return Embedder.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
 
 
 def test_widths_are_unit_norm_and_nested(embedder):

@@ -66,6 +66,7 @@ def check_embeddings(table: pa.Table, embedder: Embedder, empty: set[str]) -> No
         np.testing.assert_allclose(got, want[d], atol=1e-5, rtol=0)
 
 
+@pytest.mark.ray
 def test_partitioned_parquet_table_round_trip_on_s3(cluster, s3_endpoint, s3_bucket,
                                                     tiny_model_dir, embedder, tmp_path):
     source = source_table()
@@ -139,6 +140,7 @@ def warehouse(tmp_path, monkeypatch):
     return tmp_path / "warehouse"
 
 
+@pytest.mark.ray
 def test_iceberg_table_enriched_in_place_as_a_new_snapshot(cluster, tiny_model_dir, embedder,
                                                            warehouse):
     catalog = iceberg.load_catalog("lake", warehouse=str(warehouse))

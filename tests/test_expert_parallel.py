@@ -222,6 +222,7 @@ def window(embedder):
     return batch, embedder.embed_tokenized(batch, (64, 32))
 
 
+@pytest.mark.ray
 def test_a_hung_rank_fails_the_group_in_bounded_time(cluster, tiny_model_dir, window):
     import ray
 
@@ -267,6 +268,7 @@ def read_output(out: Path) -> tuple[pa.Table, dict]:
     return pa.concat_tables([pq.read_table(p) for p in parts]).sort_by("id"), summary
 
 
+@pytest.mark.ray
 def test_run_with_expert_parallel_equals_the_plain_run(cluster, tmp_path, tiny_model_dir):
     import ray
 
@@ -302,6 +304,7 @@ def rank_pids(doing: bytes = b"") -> list[int]:
     return pids
 
 
+@pytest.mark.ray
 def test_a_rank_killed_mid_run_costs_a_restart_not_a_row(cluster, tmp_path, tiny_model_dir,
                                                          embedder):
     texts = write_corpus(tmp_path / "in", shards=4, rows=80)

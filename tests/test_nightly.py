@@ -1,4 +1,5 @@
-"""The nightly job end to end: snapshots on S3 (moto's server on 127.0.0.1), a local Ray.
+"""The nightly job (``pipeline/jobs/nightly.py``) end to end: snapshots on S3 (moto's server on
+127.0.0.1), a local Ray; and its refusals, found before Ray starts.
 
 Run 1 embeds a corpus; texts are then changed, rows added and deleted; run 2 must encode
 exactly the new and changed rows, reuse the others' vectors, and publish a snapshot equal to
@@ -19,19 +20,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import s3fs
 
 from pipeline import Embedder
 from pipeline.config import RunConfig
+from pipeline.io.errors import OutputError
 from pipeline.model.builder import sample_texts
 from pipeline.jobs.nightly import run_nightly
 from pipeline.snapshots import LATEST
 from pipeline.stages.diff import HASH_COLUMN, content_hash
 from pipeline.tokenize import add_prefix
 from tests.faultproxy import fault_proxy  # noqa: F401
+from tests.helpers import read_output, s3
 from tests.s3server import s3_bucket, s3_client, s3_endpoint, upload_dir  # noqa: F401
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 DIMS = (64, 32)
 
@@ -75,10 +76,6 @@ def texts_of(corpus) -> dict[int, str]:
     return {i: r["text"] for rows in corpus.values() for i, r in rows.items()}
 
 
-def s3(endpoint: str) -> s3fs.S3FileSystem:
-    return s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
-
-
 def config(input_uri: str, output_uri: str, model: Path, **extra) -> RunConfig:
     # The endpoint explicitly: Ray's workers started before the test set AWS_ENDPOINT_URL.
     import os
@@ -94,12 +91,8 @@ def latest(fs, out: str) -> str:
 
 
 def read_snapshot(fs, out: str, name: str) -> tuple[pa.Table, dict]:
-    path = f"{out.removeprefix('s3://')}/{name}"
     fs.invalidate_cache()
-    summary = json.loads(fs.cat(f"{path}/_summary.json"))
-    parts = sorted(p for p in fs.ls(path, refresh=True) if p.rsplit("/", 1)[-1].startswith("part-"))
-    assert summary["output_files"] == sorted(f"s3://{p}" for p in parts), "stray files left"
-    table = pa.concat_tables([pq.read_table(fs.open(p, "rb")) for p in parts])
+    table, summary = read_output(fs, f"{out}/{name}")
     return table.sort_by("id"), summary
 
 
@@ -117,6 +110,8 @@ def check_snapshot(table: pa.Table, corpus, embedder: Embedder) -> None:
         np.testing.assert_allclose(got, want[d], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_second_run_encodes_only_new_and_changed_rows_and_equals_a_fresh_run(
         cluster, s3_endpoint, s3_bucket, tiny_model_dir, embedder):
     fs = s3(s3_endpoint)
@@ -168,6 +163,8 @@ def test_second_run_encodes_only_new_and_changed_rows_and_equals_a_fresh_run(
     assert left == {LATEST, third["snapshot"]}
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_other_settings_encode_every_row_again(cluster, s3_endpoint, s3_bucket, tiny_model_dir):
     client = s3_client(s3_endpoint)
     day1 = make_corpus(shards=2, rows=6)
@@ -209,6 +206,8 @@ def test_other_settings_encode_every_row_again(cluster, s3_endpoint, s3_bucket, 
     assert (fourth["rows_new"], fourth["rows_deleted"], fourth["rows_embedded"]) == (12, 12, 12)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_ids_repeated_across_files_are_rejected_after_the_first(
         cluster, s3_endpoint, s3_bucket, tiny_model_dir):
     client = s3_client(s3_endpoint)
@@ -241,6 +240,8 @@ def run_cli(cmd: list[str], tmp_path: Path, name: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_killed_second_run_leaves_latest_on_the_first_and_is_resumed(
         cluster, s3_endpoint, s3_bucket, fault_proxy, tiny_model_dir, embedder, tmp_path):
     fs = s3(s3_endpoint)
@@ -298,6 +299,8 @@ def test_a_killed_second_run_leaves_latest_on_the_first_and_is_resumed(
     assert summary2["rows_embedded"] == 5 + changed
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_resumed_snapshot_keeps_its_committed_units_and_never_repeats_their_ids(
         cluster, tmp_path, tiny_model_dir, embedder):
     """An unfinished snapshot (made here from a finished one: its summary removed, one unit
@@ -354,3 +357,22 @@ def test_a_resumed_snapshot_keeps_its_committed_units_and_never_repeats_their_id
                                              + list(range(40, 52)))
     del day2["y.jsonl"][3]
     check_snapshot(table, day2, embedder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals, before any work (no Ray)
+
+
+def test_nightly_refuses_a_kept_content_hash_column_and_a_run_output(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text('{"id": 1, "text": "x", "content_hash": "u"}\n')
+    with pytest.raises(ValueError, match="content_hash"):
+        run_nightly(RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                              keep_columns=("content_hash",)))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "part-0123456789abcdef-0123456789ab.parquet").write_bytes(b"x")
+    with pytest.raises(OutputError, match="holds the output of a `run`"):
+        run_nightly(RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out")))
+    with pytest.raises(ValueError, match="keep-all"):
+        run_nightly(RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out2"),
+                              on_duplicate="keep-all"))

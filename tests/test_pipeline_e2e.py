@@ -19,15 +19,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-import s3fs
 
 from pipeline import Embedder
 from pipeline.cli import main
 from pipeline.io.schema import read_metadata
 from pipeline.model.builder import sample_texts
+from tests.helpers import read_output, s3
 from tests.s3server import s3_bucket, s3_client, s3_endpoint, upload_dir  # noqa: F401
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 DIMS = (64, 32)
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,11 +38,6 @@ def local_ray(s3_endpoint):
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def embedder(tiny_model_dir) -> Embedder:
-    return Embedder.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -61,16 +56,6 @@ def upload_model(endpoint: str, bucket: str, model_dir: Path) -> str:
     files = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
     upload_dir(s3_client(endpoint), bucket, "models/tiny", files)
     return f"s3://{bucket}/models/tiny/"
-
-
-def read_output(endpoint: str, uri: str) -> tuple[pa.Table, dict]:
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
-    path = uri.removeprefix("s3://").rstrip("/")
-    parts = sorted(p for p in fs.ls(path) if p.rsplit("/", 1)[-1].startswith("part-"))
-    tables = [pq.read_table(fs.open(p, "rb")) for p in parts]
-    summary = json.loads(fs.cat(f"{path}/_summary.json"))
-    assert summary["output_files"] == sorted(f"s3://{p}" for p in parts)
-    return pa.concat_tables(tables), summary
 
 
 def check_embeddings(table: pa.Table, rows: list[dict], embedder: Embedder, id_column: str,
@@ -106,7 +91,7 @@ def test_parquet_shards_on_s3(local_ray, s3_endpoint, s3_bucket, tiny_model_dir,
                  "--s3-endpoint", s3_endpoint, "--progress", "off", "--window-rows", "64",
                  "--rows-per-file", "100"])
     assert code == 0
-    table, summary = read_output(s3_endpoint, out)
+    table, summary = read_output(s3(s3_endpoint), out)
     check_embeddings(table, rows, embedder, "id", "document")
     by_id = {r["id"]: r for r in rows}
     assert table.column_names == ["id", "lang", "score", "embedding_64", "embedding_32"]
@@ -144,13 +129,13 @@ def test_gzip_jsonl_with_bad_rows(local_ray, s3_endpoint, s3_bucket, tiny_model_
                  "--text-column", "body", "--keep-columns", "lang", "--task", "query",
                  "--s3-endpoint", s3_endpoint, "--progress", "off"])
     assert code == 0
-    table, summary = read_output(s3_endpoint, out)
+    table, summary = read_output(s3(s3_endpoint), out)
     check_embeddings(table, [{"doc_id": r["doc_id"], "text": r["body"]} for r in rows], embedder,
                      "doc_id", "query")
     assert summary["rows_in"] == 47 and summary["rows_embedded"] == 45
     assert summary["rows_rejected"] == 2 and summary["reconciled"]
     assert summary["reject_reasons"] == {"malformed JSON": 1, "text is empty or whitespace only": 1}
-    rejects = pq.read_table(s3fs.S3FileSystem(endpoint_url=s3_endpoint).open(
+    rejects = pq.read_table(s3(s3_endpoint).open(
         summary["rejects_files"][0].removeprefix("s3://"), "rb"))
     assert sorted(rejects["row"].to_pylist()) == [31, 32]
     assert set(rejects["id"].to_pylist()) == {None, "bad2"}
@@ -168,13 +153,14 @@ def test_cli_subprocess_with_the_aws_environment_only(s3_endpoint, s3_bucket, ti
     env["NOMIC_PIPELINE_CACHE"] = str(tmp_path / "cache")
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", "--input", f"s3://{s3_bucket}/sub/",
-         "--output", out, "--model", model, "--dims", "64,32", "--output-dtype", "float16"],
+         "--output", out, "--model", model, "--dims", "64,32", "--output-dtype", "float16",
+         "--json"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert printed["rows_embedded"] == 25 and printed["reconciled"]
-    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    fs = s3(s3_endpoint)
     (part,) = [p for p in fs.ls(out.removeprefix("s3://")) if "/part-" in p]
     table = pq.read_table(fs.open(part, "rb"))
     assert table.schema.field("embedding_64").type == pa.list_(pa.float16(), 64)
@@ -222,7 +208,15 @@ def test_a_failure_during_the_run_exits_3(local_ray, tmp_path, tiny_model_dir, c
     code = main(["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
                  "--model", str(tiny_model_dir), "--dims", "64", "--keep-columns", "score",
                  "--progress", "off", "--on-bad-rows", "fail"])
-    err = capsys.readouterr().err
+    printed = capsys.readouterr()
+    err = printed.err
     assert code == 3 and "row 2 of" in err and "a.jsonl was rejected (--on-bad-rows fail)" in err
     assert "kept column 'score'" in err
     assert not (tmp_path / "out" / "_summary.json").exists()
+    # How to go on, on stderr after the error: the committed units stay, the same command
+    # resumes. Nothing on stdout (no report of a run that did not finish).
+    (hint,) = [line for line in err.splitlines() if "rerun the same command" in line]
+    assert str(tmp_path / "out") in hint and "resume" in hint
+    assert err.splitlines().index(hint) > err.splitlines().index(
+        next(line for line in err.splitlines() if line.startswith("error:")))
+    assert "rows:" not in printed.out and "tokens/s" not in printed.out

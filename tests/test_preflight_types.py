@@ -24,6 +24,7 @@ from pipeline.io.readers import JSON_TEXT
 from pipeline.io.errors import InputError
 from pipeline.io.sampling import sample_records
 from pipeline.preflight import MAX_SAMPLED_FILES, check_inputs
+from tests.helpers import compress
 
 
 def config(tmp_path: Path, keep=("lang",), **options) -> RunConfig:
@@ -45,15 +46,6 @@ def jsonl(tmp_path: Path, name: str, rows: list[dict] | None = None,
     path.write_bytes(data if data is not None
                      else "".join(json.dumps(r) + "\n" for r in rows or []).encode())
     return path
-
-
-def compress(data: bytes, compression: str) -> bytes:
-    if compression == "gzip":
-        return gzip.compress(data)
-    sink = pa.BufferOutputStream()
-    with pa.CompressedOutputStream(sink, compression) as out:
-        out.write(data)
-    return sink.getvalue().to_pybytes()
 
 
 REAL = pa.table({"id": pa.array([1, 2], pa.int64()), "text": ["a", "b"],
@@ -211,7 +203,7 @@ LONG_LINES = "".join(json.dumps({"id": i, "text": "%03000x" % _RANDOM.getrandbit
 
 @pytest.mark.parametrize("compression", ["gzip", "zstd"])
 def test_truncated_compressed_first_shard_settles_from_its_readable_lines(tmp_path, compression):
-    whole = compress(LONG_LINES, compression)
+    whole = compress(LONG_LINES, compression, gzip_level=9)
     suffix = ".gz" if compression == "gzip" else ".zst"
     path = jsonl(tmp_path, "a.jsonl" + suffix, data=whole[: len(whole) // 4])
     jsonl(tmp_path, "b.jsonl", NEXT)

@@ -72,6 +72,7 @@ def test_runtime_env_passes_credentials_by_reference_only():
     assert "models/" in runtime_env["excludes"]  # weights never travel with the working dir
 
 
+@pytest.mark.ray
 def test_ray_job_submit_runs_the_embedding_job(ray_head, tmp_path, tiny_model_dir):
     address, env = ray_head
     (tmp_path / "in").mkdir()
@@ -97,6 +98,7 @@ def test_ray_job_submit_runs_the_embedding_job(ray_head, tmp_path, tiny_model_di
     assert proc.returncode != 0 and "does not exist" in proc.stdout + proc.stderr
 
 
+@pytest.mark.ray
 def test_ray_job_submit_runs_the_nightly_job(ray_head, tmp_path, tiny_model_dir):
     address, env = ray_head
     (tmp_path / "in").mkdir()
@@ -115,6 +117,7 @@ def test_ray_job_submit_runs_the_nightly_job(ray_head, tmp_path, tiny_model_dir)
     assert table.column_names == ["id", "embedding_64", "content_hash"]
 
 
+@pytest.mark.ray
 def test_env_var_references_expand_from_the_node(ray_head):
     address, env = ray_head
     proc = submit(address, env, "python", "-c",

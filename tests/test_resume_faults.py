@@ -19,14 +19,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import s3fs
 
 from pipeline import Embedder
 from pipeline.model.builder import sample_texts
 from tests.faultproxy import fault_proxy  # noqa: F401
+from tests.helpers import read_output, s3
 from tests.s3server import s3_bucket, s3_client, s3_endpoint, upload_dir  # noqa: F401
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 REPO = Path(__file__).resolve().parents[1]
 DIMS = "64,32"
 
@@ -64,18 +64,6 @@ def start(cmd: list[str], tmp_path: Path, name: str) -> subprocess.Popen:
 def finish(proc: subprocess.Popen, tmp_path: Path, name: str, timeout: float = 240) -> str:
     proc.wait(timeout=timeout)
     return (tmp_path / f"{name}.log").read_text()
-
-
-def s3(endpoint: str) -> s3fs.S3FileSystem:
-    return s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
-
-
-def read_output(fs, uri: str) -> tuple[pa.Table, dict]:
-    path = uri.removeprefix("s3://").rstrip("/")
-    parts = sorted(p for p in fs.ls(path, refresh=True) if p.rsplit("/", 1)[-1].startswith("part-"))
-    summary = json.loads(fs.cat(f"{path}/_summary.json"))
-    assert summary["output_files"] == sorted(f"s3://{p}" for p in parts), "stray files left"
-    return pa.concat_tables([pq.read_table(fs.open(p, "rb")) for p in parts]), summary
 
 
 def check_exact(table: pa.Table, texts: dict[int, str], embedder: Embedder) -> None:
@@ -223,6 +211,8 @@ def test_a_permanent_s3_error_fails_the_run_naming_the_object(
     assert proc.returncode == 3, log[-3000:]
     (message,) = [line for line in log.splitlines() if line.startswith("error:")]
     assert f"cannot read s3://{s3_bucket}/deny/shard-02.jsonl: permission denied" in message
+    (hint,) = [line for line in log.splitlines() if "rerun the same command" in line]
+    assert f"s3://{s3_bucket}/deny-out" in hint and "resume" in hint  # how to go on
     assert fault_proxy.denied >= 1
     # The shards that were readable are committed; a rerun once access is back finishes.
     fault_proxy.deny = set()

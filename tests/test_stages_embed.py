@@ -1,4 +1,8 @@
-"""The pipeline stages called directly (no Ray): ids travel, rejects pass, values match."""
+"""``pipeline/stages/embed.py``: the tokenizer and encoder stages called directly (no Ray):
+ids travel, rejects pass, values match ``Embedder.encode`` in any row order; and the nightly
+reuse path (rows marked for reuse take the previous snapshot's vectors, untokenized and
+unencoded). The tiny random-weight model, on CPU; ``embedder`` and ``tokenizer_json`` are
+conftest's."""
 
 from __future__ import annotations
 
@@ -6,29 +10,19 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.embedder import Embedder
 from pipeline.io import schema as S
 from pipeline.io.readers import ReadSpec, read_jsonl
 from pipeline.model.builder import sample_texts
 from pipeline.stages.embed import EncodeStage, TokenizeStage, require_columns
+from tests.helpers import reader_rows, vector
 
 DIMS = (64, 32)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_json(tiny_model_dir) -> str:
-    return (tiny_model_dir / "tokenizer.json").read_text()
 
 
 @pytest.fixture(scope="module")
 def encode_stage(tiny_model_dir) -> EncodeStage:
     return EncodeStage(str(tiny_model_dir), revision=None, device="cpu", dtype="float32",
                        dims=DIMS, output_dtype="float32", max_tokens_per_batch=512)
-
-
-@pytest.fixture(scope="module")
-def embedder(tiny_model_dir) -> Embedder:
-    return Embedder.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
 
 
 def reader_table(ids, texts, rejects=None) -> pa.Table:
@@ -138,3 +132,87 @@ def test_reader_rejects_flow_to_the_end(tokenizer_json, encode_stage, tmp_path):
     assert reasons[0] is None
     assert reasons[1].startswith("malformed JSON") and reasons[2] == "text is int, not str"
     assert out[S.ROW].to_pylist() == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages' reuse path (nightly: rows marked __reuse carry the previous vectors)
+
+
+@pytest.fixture(scope="module")
+def reuse_encode_stage(tiny_model_dir) -> EncodeStage:
+    return EncodeStage(str(tiny_model_dir), revision=None, device="cpu", dtype="float32",
+                       dims=DIMS, output_dtype="float32", max_tokens_per_batch=None)
+
+
+def reuse_table(reuse: list[bool], *, seeds=None, dtype="float32", null_prev=()) -> pa.Table:
+    n = len(reuse)
+    texts = sample_texts()[:n]
+    table = reader_rows(list(range(100, 100 + n)), texts)
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    table = table.append_column(S.REUSE, pa.array(reuse, pa.bool_()))
+    for d in DIMS:
+        prev = [vector(1000 + i, d, np_dtype) if reuse[i] and i not in null_prev else None
+                for i in range(n)]
+        table = table.append_column(S.prev_embedding(d), pa.array(prev, S.embedding_type(d, dtype)))
+    return table
+
+
+def stage_vectors(out: pa.Table, width: int) -> list:
+    return out[f"embedding_{width}"].to_pylist()
+
+
+def test_reused_rows_are_not_tokenized_or_encoded(tokenizer_json, reuse_encode_stage):
+    reuse = [False, True, False, True, True, False, False]
+    table = reuse_table(reuse)
+    tokenized = TokenizeStage(tokenizer_json, "document")(table)
+    lengths = tokenized[S.NUM_TOKENS].to_pylist()
+    assert [n == 0 for n in lengths] == reuse
+    assert [len(t) for t in tokenized[S.TOKENS].to_pylist()] == lengths
+    assert tokenized[S.REJECT].null_count == len(reuse)
+    out = reuse_encode_stage(tokenized)
+    assert not [c for c in out.column_names if c.startswith("__prev_")]
+    plain = reuse_encode_stage(TokenizeStage(tokenizer_json, "document")(
+        table.drop_columns([S.REUSE] + [S.prev_embedding(d) for d in DIMS])))
+    for d in DIMS:
+        got, fresh = stage_vectors(out, d), stage_vectors(plain, d)
+        assert out.schema.field(f"embedding_{d}").type == S.embedding_type(d, "float32")
+        for i, r in enumerate(reuse):
+            if r:
+                assert got[i] == vector(1000 + i, d)  # exactly, not re-normalised
+            else:
+                np.testing.assert_allclose(got[i], fresh[i], atol=1e-5, rtol=0)
+    assert [g == 0 for g in out[S.GRID_TOKENS].to_pylist()] == reuse
+
+
+def test_a_window_of_only_reused_rows(tokenizer_json, reuse_encode_stage):
+    table = reuse_table([True, True, True])
+    out = reuse_encode_stage(TokenizeStage(tokenizer_json, "document")(table))
+    for d in DIMS:
+        assert stage_vectors(out, d) == [vector(1000 + i, d) for i in range(3)]
+
+
+def test_reuse_flag_on_a_rejected_row_keeps_it_rejected(tokenizer_json, reuse_encode_stage):
+    table = reuse_table([True, False])
+    table = table.set_column(table.schema.get_field_index(S.REJECT), S.REJECT,
+                             pa.array(["malformed JSON: x", None], pa.string()))
+    out = reuse_encode_stage(TokenizeStage(tokenizer_json, "document")(table))
+    assert out[S.REJECT].to_pylist() == ["malformed JSON: x", None]
+    for d in DIMS:
+        assert out[f"embedding_{d}"].is_null().to_pylist() == [True, False]
+
+
+def test_a_reused_row_without_a_previous_vector_raises(tokenizer_json, reuse_encode_stage):
+    table = reuse_table([False, True, True], null_prev=(2,))
+    with pytest.raises(ValueError, match="marked for reuse have no earlier embedding"):
+        reuse_encode_stage(TokenizeStage(tokenizer_json, "document")(table))
+
+
+def test_reuse_with_float16_output(tokenizer_json, tiny_model_dir):
+    stage = EncodeStage(str(tiny_model_dir), revision=None, device="cpu", dtype="float32",
+                        dims=DIMS, output_dtype="float16", max_tokens_per_batch=None)
+    table = reuse_table([True, False], dtype="float16")
+    out = stage(TokenizeStage(tokenizer_json, "document")(table))
+    for d in DIMS:
+        assert out.schema.field(f"embedding_{d}").type == S.embedding_type(d, "float16")
+        assert stage_vectors(out, d)[0] == vector(1000, d, np.float16)
+        assert stage_vectors(out, d)[1] is not None

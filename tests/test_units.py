@@ -1,9 +1,9 @@
 """Units of work (one per input file): commits, resuming an output, manifests. No Ray.
 
-The Tracker sums the write records of each unit and commits it once its rows' count and the
-sum of their row numbers equal the file's own; ``resumable_units`` decides what an earlier
-run's output may keep, ``stray_files`` what must go; ``load_state`` reads the manifests back
-from a local directory and from S3 (moto).
+The Tracker sums the write records of each unit (``merge``, with the one ``Totals`` sum) and
+commits it once its rows' count and the sum of their row numbers equal the file's own;
+``resumable_units`` decides what an earlier run's output may keep, ``stray_files`` what must
+go; ``load_state`` reads the manifests back from a local directory and from S3 (moto).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from pipeline.io.readers import (JSON_TEXT, ReadSpec, open_decompressed, read_js
 from pipeline.io.storage import (MANIFEST_DIR, SUMMARY_NAME, InputFile, OutputError,
                                  open_filesystem, own_files, prepare_output, remove_files)
 from pipeline.io.writers import OutputSpec, write_outputs
-from pipeline.units import (IDENTITY_FIELDS, RUN_FILE, OutputState, RowsDuplicated, Tracker,
-                            complete, decode_types, encode_types, incomplete_units, load_state,
-                            manifest_path, resumable_units, stray_files, unit_key,
-                            unit_manifest_name, write_identity)
+from pipeline.units import (COUNTS, IDENTITY_FIELDS, RUN_FILE, TIMES, OutputState,
+                            RowsDuplicated, Totals, Tracker, complete, decode_types, encode_types,
+                            incomplete_units, load_state, manifest_path, merge, resumable_units,
+                            stray_files, unit_key, unit_manifest_name, write_identity)
 from pipeline.io.storage import publish_json as write_json
 from tests.s3server import s3_bucket, s3_endpoint  # noqa: F401
 
@@ -181,6 +181,81 @@ def test_unit_key_is_stable_and_distinct():
     assert unit_key("s3://b/a.jsonl") == unit_key("s3://b/a.jsonl")
     assert len({unit_key(f"s3://b/{i}.jsonl") for i in range(1000)}) == 1000
     assert len(unit_key("x")) == 16 and int(unit_key("x"), 16) >= 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Totals (the one sum behind manifests, the summary and the nightly counts) and merge
+
+
+def test_totals_start_at_zero_with_every_field():
+    total = Totals()
+    assert total.counts == dict.fromkeys(COUNTS, 0) and total.times == dict.fromkeys(TIMES, 0.0)
+    assert (total.reject_reasons, total.files) == ({}, [])
+    assert (total.encode_first_start, total.encode_last_end) == (0.0, 0.0)
+    assert set(total.as_dict()) == set(COUNTS) | set(TIMES) | {
+        "reject_reasons", "files", "encode_first_start", "encode_last_end"}
+    assert Totals.of([]).as_dict() == total.as_dict()
+
+
+def test_totals_add_sums_counts_times_reasons_files_and_the_encoder_window():
+    a = record(PQ, range(6), rejected=2, files=["part-a.parquet", "_rejects/part-b.parquet"],
+               reasons={"text is null": 1, "malformed JSON": 1}) | {
+        "encode_first_start": 1000.0, "encode_last_end": 1003.0, "rows_new": 4}
+    b = record(JS, [1, 2, 4], rejected=1, files=["part-c.parquet"]) | {
+        "encode_first_start": 999.5, "encode_last_end": 1002.0, "rows_new": 1, "rows_reused": 2}
+    no_window = record(JS, [7], files=[])  # encode_first_start 0.0: not in the window
+    no_window["encode_last_end"] = 5000.0
+    total = Totals()
+    assert total.add(a) is total  # chains
+    total.add(b).add(no_window)
+    assert total.counts["rows"] == 10 and total.counts["row_sum"] == 15 + 7 + 7
+    assert (total.counts["rows_embedded"], total.counts["rows_rejected"]) == (7, 3)
+    assert total.counts["tokens"] == 21 and total.counts["bytes"] == 30
+    assert (total.counts["rows_new"], total.counts["rows_reused"]) == (5, 2)  # nightly counts
+    assert total.counts["rows_changed"] == 0  # absent from every record: zero
+    assert total.times == pytest.approx({"tokenize_s": 0.3, "encode_s": 0.6, "write_s": 0.15})
+    assert total.reject_reasons == {"text is null": 2, "malformed JSON": 1}
+    assert total.files == ["part-a.parquet", "_rejects/part-b.parquet", "part-c.parquet"]
+    assert (total.encode_first_start, total.encode_last_end) == (999.5, 1003.0)
+    # of() is add() over the items; the items are not changed.
+    assert Totals.of([a, b, no_window]) == total
+    assert a["files"] == ["part-a.parquet", "_rejects/part-b.parquet"] and a["rows"] == 6
+
+
+def test_totals_as_dict_is_flat_and_sums_again_to_itself():
+    total = Totals.of([record(PQ, range(3), rejected=1, files=["part-a.parquet"]) | {
+        "encode_first_start": 10.0, "encode_last_end": 12.0}])
+    flat = total.as_dict()
+    assert flat["rows"] == 3 and flat["encode_s"] == pytest.approx(0.2)
+    assert flat["reject_reasons"] == {"text is null": 1} and flat["files"] == ["part-a.parquet"]
+    assert (flat["encode_first_start"], flat["encode_last_end"]) == (10.0, 12.0)
+    assert "unit" not in flat and "file_rows" not in flat and "first_reject" not in flat
+    assert Totals.of([flat]) == total  # a manifest sums like the records it came from
+    json.dumps(flat)
+
+
+def test_merge_keeps_the_manifest_fields_beside_the_totals():
+    first = record(JS, [1, 2], rejected=1, files=["part-1.parquet"])
+    unit = merge(None, first)
+    assert (unit["unit"], unit["uri"]) == (unit_key(JS), JS)
+    assert (unit["file_rows"], unit["file_rowsum"]) == (-1, -1)  # not known yet (JSONL)
+    assert unit["first_reject"] == [1, "text is null"] and unit["rows"] == 2
+    assert set(unit) >= set(Totals().as_dict())
+    unit["size"] = 123  # a field of the manifest the totals know nothing of
+    second = record(JS, [4, 5, 7], file_rows=5, file_rowsum=19, rejected=1,
+                    files=["part-2.parquet"])
+    second["first_reject"] = [4, "malformed JSON"]
+    merged = merge(unit, second)
+    assert merged is unit  # the running totals are updated in place
+    assert (merged["unit"], merged["uri"], merged["size"]) == (unit_key(JS), JS, 123)
+    assert (merged["file_rows"], merged["file_rowsum"]) == (5, 19)  # the known counts win
+    assert merged["first_reject"] == [1, "text is null"]  # the first one stays
+    assert (merged["rows"], merged["row_sum"], merged["rows_rejected"]) == (5, 19, 2)
+    assert merged["files"] == ["part-1.parquet", "part-2.parquet"]
+    assert merged["reject_reasons"] == {"text is null": 2}
+    assert complete(merged)
+    # A later record without counts (-1) does not forget the known ones.
+    assert merge(dict(merged), record(JS, [], files=[]))["file_rows"] == 5
 
 
 # ---------------------------------------------------------------------------------------------

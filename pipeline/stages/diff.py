@@ -306,7 +306,7 @@ def plan_diff(*, task: str, id_column: str, dims: tuple[int, ...], output_dtype:
             reuse, files = False, ()
             reason = f"id type changed: {prev_type} -> {read.id_type}"
     total = todo_bytes + sum(size for _, size in files)
-    buckets = min(MAX_BUCKETS, max(2 * int(cpus), -(-total // BUCKET_BYTES)))
+    buckets = min(MAX_BUCKETS, max(1, 2 * int(cpus), -(-total // BUCKET_BYTES)))
     diff = Diff(task=task, buckets=int(buckets), previous_files=files, id_column=id_column,
                 id_type=read.id_type, dims=tuple(dims), reuse=reuse,
                 output_dtype=output_dtype, seen_files=tuple(seen_files), reembed_reason=reason)

@@ -1,0 +1,212 @@
+"""``pipeline/io/storage.py`` on real local files (no Ray, no network): format detection,
+input listing (hidden files, globs, mixed or unknown formats), the output checks
+(``prepare_output``, ``remove_files``) and input/output disjointness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.io.errors import InputError, OutputError
+from pipeline.io.storage import (check_disjoint, detect_format, list_inputs, prepare_output,
+                                 remove_files)
+from tests.helpers import files_under, sample_parquet, write_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# detect_format
+
+
+@pytest.mark.parametrize("name,forced,want", [
+    ("a.parquet", "auto", ("parquet", None)),
+    ("dir/A.PQ", "auto", ("parquet", None)),
+    ("a.jsonl", "auto", ("jsonl", None)),
+    ("a.json", "auto", ("jsonl", None)),
+    ("a.ndjson", "auto", ("jsonl", None)),
+    ("s3://b/x/a.jsonl.gz", "auto", ("jsonl", "gzip")),
+    ("a.json.zst", "auto", ("jsonl", "zstd")),
+    ("a.ndjson.zstd", "auto", ("jsonl", "zstd")),
+    ("a.csv", "auto", (None, None)),
+    ("a.txt.gz", "auto", (None, "gzip")),
+    ("a.parquet.gz", "auto", (None, "gzip")),
+    ("a.txt", "jsonl", ("jsonl", None)),
+    ("a.log.gz", "jsonl", ("jsonl", "gzip")),
+    ("a.bin", "parquet", ("parquet", None)),
+    ("a.bin.gz", "parquet", (None, "gzip")),
+])
+def test_detect_format(name, forced, want):
+    assert detect_format(name, forced) == want
+
+
+# ---------------------------------------------------------------------------------------------
+# list_inputs
+
+
+def test_list_inputs_single_file(tmp_path):
+    path = sample_parquet(tmp_path / "one.parquet")
+    (file,) = list_inputs(str(path))
+    assert (file.uri, file.format, file.compression) == (str(path), "parquet", None)
+    assert file.size == path.stat().st_size
+
+
+def test_list_inputs_directory_recursive_sorted_hidden_skipped(tmp_path):
+    d = tmp_path / "in"
+    for rel in ["b.jsonl", "a/c.jsonl.gz", "a/b.json", "_SUCCESS", ".crc", "_tmp/x.jsonl",
+                "a/.hidden.jsonl", "a/_meta.jsonl"]:
+        write_bytes(d / rel, b'{"id": 1, "text": "x"}\n')
+    files = list_inputs(str(d))
+    assert [f.uri for f in files] == [str(d / "a/b.json"), str(d / "a/c.jsonl.gz"), str(d / "b.jsonl")]
+    assert [f.compression for f in files] == [None, "gzip", None]
+    assert {f.format for f in files} == {"jsonl"}
+
+
+def test_list_inputs_glob(tmp_path):
+    d = tmp_path / "in"
+    for rel in ["b.parquet", "a.parquet", "notes.txt", "sub/c.parquet"]:
+        write_bytes(d / rel, b"x")
+    files = list_inputs(str(d / "*.parquet"))
+    assert [f.uri for f in files] == [str(d / "a.parquet"), str(d / "b.parquet")]
+
+
+def test_list_inputs_forced_format(tmp_path):
+    write_bytes(tmp_path / "in" / "a.txt", b"{}\n")
+    (file,) = list_inputs(str(tmp_path / "in"), forced_format="jsonl")
+    assert file.format == "jsonl"
+
+
+def test_list_inputs_missing_path(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        list_inputs(str(tmp_path / "nope"))
+
+
+def test_list_inputs_glob_matching_nothing(tmp_path):
+    (tmp_path / "in").mkdir()
+    with pytest.raises(InputError):
+        list_inputs(str(tmp_path / "in" / "*.parquet"))
+
+
+def test_list_inputs_empty_directory(tmp_path):
+    (tmp_path / "in").mkdir()
+    with pytest.raises(InputError, match="holds no data files"):
+        list_inputs(str(tmp_path / "in"))
+    write_bytes(tmp_path / "hidden" / "_SUCCESS", b"")
+    with pytest.raises(InputError, match="holds no data files"):
+        list_inputs(str(tmp_path / "hidden"))
+
+
+def test_list_inputs_unknown_suffix_lists_the_file(tmp_path):
+    write_bytes(tmp_path / "in" / "a.parquet", b"x")
+    write_bytes(tmp_path / "in" / "notes.csv", b"x")
+    with pytest.raises(InputError, match=r"no known format.*notes\.csv"):
+        list_inputs(str(tmp_path / "in"))
+
+
+def test_list_inputs_mixed_formats(tmp_path):
+    write_bytes(tmp_path / "in" / "a.parquet", b"x")
+    write_bytes(tmp_path / "in" / "b.jsonl", b"x")
+    with pytest.raises(InputError, match="mixes formats"):
+        list_inputs(str(tmp_path / "in"))
+
+
+def test_globs_skip_hidden_directories_and_are_checked_against_the_output(tmp_path):
+    for rel in ["in/a/p.jsonl", "in/.tmp/partial.jsonl", "in/_rejects/old.jsonl"]:
+        write_bytes(tmp_path / rel, b'{"id": 1, "text": "x"}\n')
+    files = list_inputs(str(tmp_path / "in" / "**" / "*.jsonl"))
+    assert [Path(f.uri).relative_to(tmp_path).as_posix() for f in files] == ["in/a/p.jsonl"]
+    with pytest.raises(OutputError, match="inside the input"):
+        check_disjoint(str(tmp_path / "in" / "**" / "*.jsonl"), str(tmp_path / "in" / "out"))
+    check_disjoint(str(tmp_path / "in" / "*.jsonl"), str(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare_output, remove_files, check_disjoint
+
+
+def test_prepare_output_fresh_dir_created(tmp_path):
+    out = tmp_path / "a" / "b" / "out"
+    prepare_output(str(out))
+    assert out.is_dir() and files_under(out) == []  # the write probe is gone
+
+
+OWN = ["part-0001.parquet", "part-abc-0123456789ab.parquet", "_summary.json",
+       "_rejects/part-0002.parquet", "_manifest/_run.json", "_manifest/unit-abc.json",
+       "_manifest/.unit-def.json.tmp-1a2b3c4d", "_manifest/deeper/anything",
+       ".part-abc-0123456789ab.parquet.tmp-deadbeef", "_rejects/.part-x.parquet.tmp-0badf00d"]
+
+
+FOREIGN = ["README.txt", "sub/part-0003.parquet", "part-dir/x.parquet", "other.parquet",
+           "_rejects/sub/part-0004.parquet", "_rejects/notes.txt", ".hidden", "sub/_summary.json",
+           "sub/.part-y.parquet.tmp-12345678"]
+
+
+def test_prepare_output_returns_own_files_and_deletes_nothing(tmp_path):
+    out = tmp_path / "out"
+    for rel in OWN + FOREIGN:
+        write_bytes(out / rel, b"x")
+    found = prepare_output(str(out))
+    # Full paths of the pipeline's files only: parts, rejects, everything under _manifest/,
+    # the summary, and the hidden temporaries of interrupted local writes (root, _rejects/).
+    assert sorted(Path(p).relative_to(out).as_posix() for p in found) == sorted(OWN)
+    assert all(Path(p).is_absolute() for p in found)
+    # Checking deletes nothing (no probe left either): the run decides what to remove.
+    assert files_under(out) == sorted(OWN + FOREIGN)
+
+
+def test_remove_files_deletes_only_what_it_is_given(tmp_path):
+    out = tmp_path / "out"
+    for rel in OWN + FOREIGN:
+        write_bytes(out / rel, b"x")
+    found = prepare_output(str(out))
+    doomed = [p for p in found if "_manifest" not in p]
+    remove_files(str(out), doomed)
+    assert files_under(out) == sorted(FOREIGN + [r for r in OWN if r.startswith("_manifest/")])
+    remove_files(str(out), [])  # nothing to do is fine
+    remove_files(str(out), prepare_output(str(out)))
+    assert files_under(out) == sorted(FOREIGN)
+    assert prepare_output(str(out)) == []  # no earlier run left
+
+
+def test_prepare_output_earlier_run_is_not_refused(tmp_path):
+    out = tmp_path / "out"
+    write_bytes(out / "part-0001.parquet", b"x")
+    write_bytes(out / "_summary.json", b"{}")
+    found = prepare_output(str(out))  # no --overwrite any more: resume decides later
+    assert sorted(Path(p).name for p in found) == ["_summary.json", "part-0001.parquet"]
+
+
+def test_prepare_output_unrelated_files_allowed(tmp_path):
+    write_bytes(tmp_path / "out" / "notes.md", b"x")
+    prepare_output(str(tmp_path / "out"))
+    assert files_under(tmp_path / "out") == ["notes.md"]
+
+
+@pytest.mark.parametrize("rel", ["", "sub"])
+def test_prepare_output_on_or_under_a_regular_file(tmp_path, rel):
+    blocker = write_bytes(tmp_path / "file", b"x")
+    with pytest.raises(OutputError, match="cannot write"):
+        prepare_output(str(blocker / rel) if rel else str(blocker))
+    assert blocker.read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("inp,out", [
+    ("/data/in", "/data/in/out"), ("/data/in/", "/data/in/out/"), ("/data/in", "/data/in"),
+    ("file:///data/in", "/data/in/x"), ("s3://b/in/", "s3://b/in/out"), ("s3://b/in", "s3://b/in/"),
+])
+def test_check_disjoint_refuses_output_inside_input(inp, out):
+    with pytest.raises(OutputError, match="inside the input"):
+        check_disjoint(inp, out)
+
+
+@pytest.mark.parametrize("inp,out", [
+    ("/data/in", "/data/out"), ("/data/in", "/data/input2"), ("/data/in/x", "/data/in"),
+    ("s3://b/in", "s3://b/input"), ("s3://b/in", "s3://c/in"),
+])
+def test_check_disjoint_allows_siblings(inp, out):
+    check_disjoint(inp, out)
+
+
+def test_check_disjoint_relative_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputError):
+        check_disjoint("data", str(tmp_path / "data" / "out"))

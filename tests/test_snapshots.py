@@ -1,0 +1,196 @@
+"""``pipeline/snapshots.py``: the nightly job's snapshot folders on a local filesystem, no
+Ray: names that sort in the order runs started, ``_LATEST`` (read, published atomically),
+listing complete and unfinished snapshots, the unfinished one a run resumes, pruning."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from pipeline import snapshots as Snap
+from pipeline.io.errors import OutputError
+
+
+T0 = datetime.datetime(2026, 3, 1, 2, 30, 15, tzinfo=datetime.timezone.utc)
+
+
+def snap(seconds: int, suffix: str = "") -> str:
+    return "snapshot-" + (T0 + datetime.timedelta(seconds=seconds)).strftime("%Y%m%dT%H%M%SZ") \
+        + suffix
+
+
+def test_new_snapshot_name_orders_runs():
+    first = Snap.new_snapshot_name(set(), T0)
+    assert first == "snapshot-20260301T023015Z" and Snap.SNAPSHOT_RE.match(first)
+    later = Snap.new_snapshot_name({first}, T0 + datetime.timedelta(seconds=1))
+    assert later == snap(1)
+    names = [first]
+    for _ in range(12):  # the same second again and again: the next free seconds
+        names.append(Snap.new_snapshot_name(set(names), T0))
+    assert names[1] == snap(1) and names[12] == snap(12)
+    assert names == sorted(names) and len(set(names)) == len(names)
+    assert all(Snap.SNAPSHOT_RE.match(n) for n in names)
+
+
+def test_new_snapshot_name_when_the_clock_goes_back():
+    existing = {snap(0), snap(3600)}
+    name = Snap.new_snapshot_name(existing, T0 + datetime.timedelta(seconds=60))
+    assert name == snap(3601) and Snap.SNAPSHOT_RE.match(name)
+    again = Snap.new_snapshot_name(existing | {name}, T0)
+    assert again == snap(3602)
+
+
+def test_new_snapshot_name_after_older_suffixed_names_stays_sortable_and_fresh():
+    existing = {snap(0)} | {snap(0, f"-{k:03d}") for k in range(2, 1000)}
+    name = Snap.new_snapshot_name(existing, T0)
+    assert name not in existing and name > max(existing), name
+    assert Snap.new_snapshot_name(existing | {name}, T0) > name
+
+
+def put(root: Path, rel: str, data: bytes = b"x") -> None:
+    p = root / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+
+
+def run_file(root: Path, name: str, base: str | None) -> None:
+    put(root, f"{name}/_manifest/_run.json",
+        json.dumps({"identity": {"task": "document", "nightly": {"base": base}}}).encode())
+
+
+def complete(root: Path, name: str, base: str | None = None) -> None:
+    run_file(root, name, base)
+    put(root, f"{name}/part-a.parquet")
+    put(root, f"{name}/_rejects/part-b.parquet")
+    put(root, f"{name}/_summary.json", b"{}")
+
+
+def unfinished(root: Path, name: str, base: str | None = None) -> None:
+    run_file(root, name, base)
+    put(root, f"{name}/part-a.parquet")
+
+
+@pytest.fixture()
+def local(tmp_path):
+    return fsspec.filesystem("file"), tmp_path, str(tmp_path)
+
+
+def test_read_latest(local):
+    fs, root, path = local
+    assert Snap.read_latest(fs, path) is None
+    put(root, "_LATEST", (snap(0) + "\n").encode())
+    assert Snap.read_latest(fs, path) == snap(0)
+    put(root, "_LATEST", (snap(0, "-002")).encode())
+    assert Snap.read_latest(fs, path) == snap(0, "-002")
+    for junk in (b"", b"hello\n", b"snapshot-2026\n", b"../snapshot-20260301T023015Z",
+                 b"snapshot-20260301T023015Z\nmore"):
+        put(root, "_LATEST", junk)
+        with pytest.raises(OutputError, match="not a snapshot name"):
+            Snap.read_latest(fs, path)
+
+
+def test_read_latest_of_binary_junk_is_an_output_error(local):
+    fs, root, path = local
+    put(root, "_LATEST", b"\xff\xfe\x00junk")
+    with pytest.raises(OutputError):
+        Snap.read_latest(fs, path)
+
+
+def test_list_snapshots(local):
+    fs, root, path = local
+    assert Snap.list_snapshots(fs, str(root / "missing")) == {}
+    assert Snap.list_snapshots(fs, path) == {}
+    complete(root, snap(0))
+    unfinished(root, snap(10))
+    put(root, "_LATEST", snap(0).encode())
+    put(root, "other/_summary.json")
+    put(root, "snapshot-bad/_summary.json")
+    put(root, "notes.txt")
+    put(root, f"{snap(20)}/_rejects/_summary.json")  # a summary deeper down is not its summary
+    put(root, f"{snap(20)}/part-x.parquet")
+    assert Snap.list_snapshots(fs, path) == {snap(0): True, snap(10): False, snap(20): False}
+    assert Snap.list_snapshots(fs, path + "/") == Snap.list_snapshots(fs, path)
+
+
+def test_a_snapshot_killed_before_its_first_part_file_is_seen(local):
+    # run() writes _manifest/_run.json first; a run killed before any part file leaves only
+    # that (a folder whose files are all two levels down).
+    fs, root, path = local
+    complete(root, snap(0))
+    run_file(root, snap(10), snap(0))
+    assert Snap.list_snapshots(fs, path) == {snap(0): True, snap(10): False}
+    assert Snap.unfinished_snapshot(fs, path, Snap.list_snapshots(fs, path), snap(0)) == snap(10)
+    complete(root, snap(20), snap(0))
+    assert snap(10) in Snap.prune(fs, path, snap(20), keep=2)
+
+
+def test_unfinished_snapshot_picks_the_newest_on_the_same_base(local):
+    fs, root, path = local
+    base = snap(100)
+    complete(root, base)
+    unfinished(root, snap(50), base)  # older than its base: not today's run
+    unfinished(root, snap(110), base)
+    unfinished(root, snap(120), base)  # the newest on this base
+    unfinished(root, snap(130), snap(10))  # another base
+    unfinished(root, snap(140), None)  # a first run's
+    put(root, f"{snap(150)}/part-a.parquet")  # no run file
+    put(root, f"{snap(160)}/_manifest/_run.json", b"not json")
+    put(root, f"{snap(170)}/_manifest/_run.json", b'{"other": 1}')
+    complete(root, snap(180), base)  # finished: nothing to resume
+    snapshots = Snap.list_snapshots(fs, path)
+    assert Snap.unfinished_snapshot(fs, path, snapshots, base) == snap(120)
+    assert Snap.unfinished_snapshot(fs, path, snapshots, None) == snap(140)
+    assert Snap.unfinished_snapshot(fs, path, snapshots, snap(10)) == snap(130)
+    assert Snap.unfinished_snapshot(fs, path, snapshots, snap(180)) is None
+    assert Snap.unfinished_snapshot(fs, path, {}, base) is None
+
+
+def test_publish_replaces_latest_atomically(local):
+    fs, root, path = local
+    Snap.publish(fs, path, snap(0))
+    assert (root / "_LATEST").read_text() == snap(0) + "\n"
+    assert Snap.read_latest(fs, path) == snap(0)
+    Snap.publish(fs, path, snap(5, "-002"))
+    assert Snap.read_latest(fs, path) == snap(5, "-002")
+    assert sorted(p.name for p in root.iterdir()) == ["_LATEST"]  # no temporary file left
+
+
+def test_prune_keeps_the_newest_complete_and_newer_runs(local):
+    fs, root, path = local
+    names = [snap(i * 10) for i in range(8)]
+    complete(root, names[0])
+    complete(root, names[1])
+    unfinished(root, names[2])
+    complete(root, names[3])
+    unfinished(root, names[4])
+    complete(root, names[5])  # latest
+    complete(root, names[6])  # newer: another run finished meanwhile
+    unfinished(root, names[7])  # newer: another run is writing
+    put(root, "_LATEST", names[5].encode())
+    put(root, "other/part-a.parquet")
+    put(root, "snapshot-bad/part-a.parquet")
+    put(root, "notes.txt")
+    gone = Snap.prune(fs, path, names[5], keep=2)
+    assert gone == [names[0], names[1], names[2], names[4]]
+    left = sorted(p.name for p in root.iterdir())
+    assert left == sorted(["_LATEST", "other", "snapshot-bad", "notes.txt",
+                           names[3], names[5], names[6], names[7]])
+    assert (root / names[7] / "part-a.parquet").exists()
+    assert Snap.prune(fs, path, names[5], keep=2) == []
+    assert Snap.prune(fs, path, names[5], keep=1) == [names[3]]
+    assert Snap.prune(fs, path, names[5], keep=0) == []  # the latest always stays
+    assert (root / names[5] / "_summary.json").exists()
+    assert Snap.list_snapshots(fs, path) == {names[5]: True, names[6]: True, names[7]: False}
+
+
+def test_prune_with_many_to_keep_deletes_only_unfinished(local):
+    fs, root, path = local
+    complete(root, snap(0))
+    unfinished(root, snap(1))
+    complete(root, snap(2))
+    assert Snap.prune(fs, path, snap(2), keep=10) == [snap(1)]
+    assert Snap.list_snapshots(fs, path) == {snap(0): True, snap(2): True}

@@ -1,0 +1,682 @@
+"""``pipeline/stages/diff.py``, the nightly diff, no Ray: content hashes, id buckets, the
+rows' hashes and rejects, the diff of one bucket against the previous snapshot (checked
+against a row-by-row reference), the one schema of every side of the shuffle, id kinds, and
+``plan_diff`` (whether the previous vectors are reused, and how many buckets)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from pipeline.io import schema as S
+from pipeline.stages import diff as N
+from pipeline.stages.embed import TokenizeStage
+from pipeline.tokenize import TASK_PREFIXES, add_prefix, task_prefix, text_problem
+from tests.helpers import reader_rows, vector
+
+
+DIMS = (64, 32)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+DOC = TASK_PREFIXES["document"]
+
+
+# ---------------------------------------------------------------------------------------------
+# content_hash
+
+
+def test_content_hash_is_128_bits_of_sha256_hex():
+    import hashlib
+
+    h = N.content_hash(DOC + "hello")
+    assert re.fullmatch(r"[0-9a-f]{32}", h)
+    assert h == hashlib.sha256((DOC + "hello").encode()).hexdigest()[:32]
+    assert N.content_hash(DOC + "hellp") != h  # one character
+    assert N.content_hash("hello") != h  # the prefix is part of what is hashed
+    assert N.content_hash(TASK_PREFIXES["query"] + "hello") != h
+    assert N.content_hash("é") == hashlib.sha256("é".encode("utf-8")).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------------
+# bucket_of
+
+
+INT_TYPES = [pa.int8(), pa.int16(), pa.int32(), pa.int64(),
+             pa.uint8(), pa.uint16(), pa.uint32(), pa.uint64()]
+
+
+def _extremes(t: pa.DataType) -> list[int]:
+    bits = t.bit_width
+    if pa.types.is_signed_integer(t):
+        return [-(2 ** (bits - 1)), -1, 0, 1, 2 ** (bits - 1) - 1]
+    return [0, 1, 2 ** bits - 1]
+
+
+@pytest.mark.parametrize("t", INT_TYPES, ids=str)
+@pytest.mark.parametrize("buckets", [1, 7, 64, 4096])
+def test_bucket_of_integers_in_range_including_extremes(t, buckets):
+    values = _extremes(t) + [None, 5, 100]
+    got = N.bucket_of(pa.array(values, t), buckets)
+    assert got.type == pa.int64() and len(got) == len(values) and got.null_count == 0
+    assert all(0 <= b < buckets for b in got.to_pylist())
+    assert got[values.index(None)].as_py() == 0  # nulls: bucket 0
+
+
+def test_bucket_of_same_small_value_same_bucket_in_every_integer_type():
+    values = [0, 1, 2, 3, 42, 100, 127]
+    want = N.bucket_of(pa.array(values, pa.int64()), 97).to_pylist()
+    for t in INT_TYPES:
+        assert N.bucket_of(pa.array(values, t), 97).to_pylist() == want, t
+    negatives = [-1, -2, -100, -128]
+    want = N.bucket_of(pa.array(negatives, pa.int64()), 97).to_pylist()
+    for t in (pa.int8(), pa.int16(), pa.int32()):
+        assert N.bucket_of(pa.array(negatives, t), 97).to_pylist() == want, t
+
+
+@pytest.mark.parametrize("arr", [
+    pa.array(["a", "b", None, "", "ünïcødé", "x" * 1000]),
+    pa.array(["a", None, "c"], pa.large_string()),
+    pa.array([b"\x00\xff", None, b""], pa.binary()),
+    pa.array([b"ab", None], pa.large_binary()),
+    pa.array([b"abcd", None], pa.binary(4)),
+    pa.array(["a", "b", "a", None]).dictionary_encode(),
+    pa.array(["a", None], pa.string_view()),
+], ids=lambda a: str(a.type))
+def test_bucket_of_strings_and_bytes(arr):
+    got = N.bucket_of(arr, 13)
+    assert got.type == pa.int64() and len(got) == len(arr) and got.null_count == 0
+    assert all(0 <= b < 13 for b in got.to_pylist())
+    for v, b in zip(arr.to_pylist(), got.to_pylist()):
+        if v is None:
+            assert b == 0
+    assert got.to_pylist() == N.bucket_of(arr, 13).to_pylist()
+
+
+def test_bucket_of_string_layouts_agree():
+    values = ["a", "bb", "ccc", None, "ü"]
+    want = N.bucket_of(pa.array(values, pa.string()), 31).to_pylist()
+    assert N.bucket_of(pa.array(values, pa.large_string()), 31).to_pylist() == want
+    assert N.bucket_of(pa.array(values).dictionary_encode(), 31).to_pylist() == want
+
+
+def test_bucket_of_dictionary_encoded_integer_ids():
+    # The pre-flight accepts dictionary-encoded ids whose values are integers.
+    ids = pa.array([3, -7, 3, None, 10 ** 6], pa.int64()).dictionary_encode()
+    got = N.bucket_of(ids, 16).to_pylist()
+    assert all(0 <= b < 16 for b in got) and got[0] == got[2] and got[3] == 0
+
+
+@pytest.mark.parametrize("t", [pa.int64(), pa.string()], ids=str)
+def test_bucket_of_chunked_equals_concatenated(t):
+    values = list(range(50)) if t == pa.int64() else [f"id-{i}" for i in range(50)]
+    values[7] = None
+    whole = N.bucket_of(pa.array(values, t), 11).to_pylist()
+    chunked = pa.chunked_array([pa.array(values[:10], t), pa.array([], t),
+                                pa.array(values[10:], t)])
+    assert N.bucket_of(chunked, 11).to_pylist() == whole
+    assert N.bucket_of(pa.chunked_array([], t), 11).to_pylist() == []
+
+
+def test_bucket_of_spreads_ids_over_buckets():
+    n, buckets = 20000, 16
+    for ids in (pa.array(range(n), pa.int64()),  # sequential ids: the common case
+                pa.array(range(0, n * 1024, 1024), pa.int64()),  # strided
+                pa.array([f"doc-{i}" for i in range(n)])):
+        counts = np.bincount(N.bucket_of(ids, buckets).to_numpy(), minlength=buckets)
+        assert counts.min() > 0.85 * n / buckets and counts.max() < 1.15 * n / buckets, counts
+
+
+def test_bucket_of_is_the_same_in_another_process():
+    code = (
+        "import json, pyarrow as pa\n"
+        "from pipeline.stages.diff import bucket_of\n"
+        "ints = pa.array([0, 1, -1, 2**63 - 1, -2**63, 12345, None], pa.int64())\n"
+        "strs = pa.array(['a', 'doc-1', 'ü', None, ''])\n"
+        "bins = pa.array([b'\\x00', b'xyz', None])\n"
+        "print(json.dumps([bucket_of(a, 1000).to_pylist() for a in (ints, strs, bins)]))\n"
+    )
+    ints = pa.array([0, 1, -1, 2**63 - 1, -2**63, 12345, None], pa.int64())
+    strs = pa.array(["a", "doc-1", "ü", None, ""])
+    bins = pa.array([b"\x00", b"xyz", None])
+    here = [N.bucket_of(a, 1000).to_pylist() for a in (ints, strs, bins)]
+    for seed in ("0", "12345"):  # str hashing differs between these processes
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                             text=True, check=True, env={"PYTHONHASHSEED": seed,
+                                                         "PYTHONPATH": str(REPO)})
+        assert json.loads(out.stdout) == here
+
+
+# ---------------------------------------------------------------------------------------------
+# hash_rows
+
+
+class _SurrogateScalar(pa.ExtensionScalar):
+    def as_py(self, **kwargs):
+        v = self.value
+        return None if v is None or not v.is_valid else v.as_py().decode("utf-8", "surrogatepass")
+
+
+class _SurrogateText(pa.ExtensionType):
+    """Text that reads back as Python strings with lone surrogates (Arrow strings cannot hold
+    them; this is how one reaches a stage's ``to_pylist`` in a test)."""
+
+    def __init__(self):
+        super().__init__(pa.binary(), "test.surrogate_text")
+
+    def __arrow_ext_serialize__(self):
+        return b""
+
+    @classmethod
+    def __arrow_ext_deserialize__(cls, storage_type, serialized):
+        return cls()
+
+    def __arrow_ext_scalar_class__(self):
+        return _SurrogateScalar
+
+
+def surrogate_texts(values) -> pa.Array:
+    raw = [None if v is None else v.encode("utf-8", "surrogatepass") for v in values]
+    return pa.ExtensionArray.from_storage(_SurrogateText(), pa.array(raw, pa.binary()))
+
+
+def test_hash_rows_rejects_like_the_tokenizer(tokenizer_json):
+    texts = ["good", "", "   \n\t", None, "lone \ud800 surrogate", "x", "fine too", "\udfff"]
+    ids = [1, 2, 3, 4, 5, None, 7, 8]
+    table = reader_rows(ids, surrogate_texts(texts))
+    out = N.hash_rows(table, "document", 8)
+    want = ["id is null" if i is None else text_problem(t) for i, t in zip(ids, texts)]
+    assert out[S.REJECT].to_pylist() == want
+    assert want[1] == "text is empty or whitespace only" and "lone surrogate" in want[4]
+    tokenized = TokenizeStage(tokenizer_json, "document")(table)
+    assert out[S.REJECT].to_pylist() == tokenized[S.REJECT].to_pylist()
+    assert out[S.EXCERPT].to_pylist() == tokenized[S.EXCERPT].to_pylist()
+    hashes = out[S.HASH].to_pylist()
+    assert [h is None for h in hashes] == [r is not None for r in want]
+    assert hashes[0] == N.content_hash(DOC + "good")
+    assert out.num_rows == table.num_rows
+
+
+def test_hash_rows_rejects_non_string_texts(tokenizer_json):
+    table = reader_rows([1, 2, 3], pa.array([5, None, 7], pa.int64()))
+    out = N.hash_rows(table, "query", 4)
+    assert out[S.REJECT].to_pylist() == ["text is int, not str", "text is null",
+                                         "text is int, not str"]
+    assert out[S.HASH].null_count == 3
+    tokenized = TokenizeStage(tokenizer_json, "query")(table)
+    assert out[S.REJECT].to_pylist() == tokenized[S.REJECT].to_pylist()
+
+
+def test_hash_rows_keeps_earlier_rejects_untouched():
+    table = reader_rows([1, None, 3, 4], ["", "text", "ok", "fine"],
+                        rejects=["malformed JSON: x", "duplicate id: first seen at row 1", None,
+                                 None])
+    out = N.hash_rows(table, "document", 4)
+    assert out[S.REJECT].to_pylist() == ["malformed JSON: x", "duplicate id: first seen at row 1",
+                                         None, None]
+    assert out[S.EXCERPT].to_pylist() == ["raw 0", "raw 1", None, None]
+    assert out[S.HASH].to_pylist() == [None, None, N.content_hash(DOC + "ok"),
+                                       N.content_hash(DOC + "fine")]
+
+
+@pytest.mark.parametrize("task", sorted(TASK_PREFIXES))
+def test_hash_rows_hashes_the_prefixed_text(task):
+    texts = ["plain text", "search_query: already prefixed", "clustering: other prefix",
+             "search_document:no space", "ünïcødé ✓"]
+    table = reader_rows(list(range(len(texts))), texts)
+    out = N.hash_rows(table, task, 5)
+    prefix = task_prefix(task)
+    assert out[S.HASH].to_pylist() == [N.content_hash(add_prefix(t, prefix)) for t in texts]
+    assert out[S.HASH].to_pylist()[1] == N.content_hash("search_query: already prefixed")
+    assert out[S.HASH].to_pylist()[3] == N.content_hash(prefix + "search_document:no space")
+
+
+def test_hash_rows_adds_buckets_and_keeps_every_column():
+    ids = [10, 11, None, 13]
+    table = reader_rows(ids, ["a", "b", "c", "d"])
+    out = N.hash_rows(table, "document", 3)
+    assert out[S.BUCKET].to_pylist() == N.bucket_of(pa.array(ids, pa.int64()), 3).to_pylist()
+    assert out[S.BUCKET].to_pylist()[2] == 0
+    assert set(out.column_names) == set(table.column_names) | {S.HASH, S.BUCKET}
+    for c in (S.ID, S.SOURCE, S.ROW, S.UNIT, "lang"):
+        assert out[c].to_pylist() == table[c].to_pylist()
+    assert out[S.REJECT].to_pylist() == [None, None, "id is null", None]
+    # Texts leave as large strings; a rejected row's is dropped (its excerpt is kept).
+    assert out[S.TEXT].type == pa.large_string()
+    assert out[S.TEXT].to_pylist() == ["a", "b", None, "d"]
+
+
+def test_every_side_of_the_shuffle_has_the_diff_schema():
+    # Ray's hash shuffle concatenates a partition's tables without promotion: today's rows,
+    # the previous snapshot's and the resumed snapshot's must share one schema exactly.
+    from pipeline.io.readers import ReadSpec
+
+    d = diff(True, output_dtype="float16")
+    spec = ReadSpec("id", "text", ("lang",), pa.int64(), keep_types=(("lang", pa.string()),))
+    d = N.dataclasses.replace(d, schema=N.diff_schema(spec, d))
+    today = N.hash_rows(reader_rows([1, 2], ["a", "b"]), "document", 1, d.schema)
+    prev = N.conform(previous_rows([1], [h("a")], dtype="float16"), d.schema)
+    seen = N.conform(pa.table({S.ID: pa.array([5], pa.int64()), S.SEEN: [True],
+                               S.SOURCE: ["s"], S.BUCKET: pa.array([0], pa.int64())}), d.schema)
+    assert today.schema == prev.schema == seen.schema == d.schema
+    combined = pa.concat_tables([today, prev, seen])  # what the shuffle's reduce does
+    out = run_diff(combined, d)
+    assert out[S.CHANGE].to_pylist() == ["unchanged", "new"]
+    with pytest.raises(ValueError, match="not part of the diff's schema"):
+        N.conform(pa.table({"stray": [1]}), d.schema)
+
+
+# ---------------------------------------------------------------------------------------------
+# diff_bucket
+
+
+def today_rows(ids, texts, **kwargs) -> pa.Table:
+    return N.hash_rows(reader_rows(ids, texts, **kwargs), "document", 1)
+
+
+def previous_rows(ids, hashes, *, id_type=None, dtype="float32", seeds=None) -> pa.Table:
+    """The previous snapshot's rows as ``read_previous`` yields them (vectors: seeds)."""
+    seeds = seeds if seeds is not None else list(range(1000, 1000 + len(ids)))
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    ids = pa.array(ids, id_type)
+    out = {S.ID: ids, S.PREV_HASH: pa.array(hashes, pa.string())}
+    for d in DIMS:
+        out[S.prev_embedding(d)] = pa.array([vector(s, d, np_dtype) for s in seeds],
+                                            S.embedding_type(d, dtype))
+    out[S.BUCKET] = N.bucket_of(ids, 1)
+    return pa.table(out)
+
+
+def union(*tables: pa.Table) -> pa.Table:
+    """Ray's union then shuffle: one table, the other side's columns filled with nulls."""
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def diff(reuse=True, id_type=pa.int64(), output_dtype="float32") -> N.Diff:
+    return N.Diff(task="document", buckets=1, previous_files=(), id_column="id",
+                  id_type=id_type, dims=DIMS, reuse=reuse, output_dtype=output_dtype)
+
+
+def run_diff(table: pa.Table, d: N.Diff) -> pa.Table:
+    out = list(N.diff_bucket(table, d))
+    assert len(out) == 1
+    return out[0]
+
+
+def h(text: str) -> str:
+    return N.content_hash(add_prefix(text, DOC))
+
+
+def by_id(out: pa.Table, column: str) -> dict:
+    return dict(zip(out[S.ID].to_pylist(), out[column].to_pylist()))
+
+
+@pytest.mark.parametrize("kind", ["int", "str"])
+def test_diff_classifies_new_changed_unchanged_and_drops_deleted(kind):
+    key = (lambda i: i) if kind == "int" else (lambda i: f"doc-{i}")
+    today = today_rows([key(i) for i in (1, 2, 3, 4)], ["same", "edited", "brand new", "  "])
+    prev = previous_rows([key(i) for i in (5, 2, 1, 4)], [h("gone"), h("before"), h("same"),
+                                                          h("  ")], seeds=[5, 2, 1, 4])
+    out = run_diff(union(today, prev), diff(True))
+    assert out[S.ID].to_pylist() == [key(i) for i in (1, 2, 3, 4)]  # deleted id 5 dropped
+    assert by_id(out, S.CHANGE) == {key(1): "unchanged", key(2): "changed", key(3): "new",
+                                    key(4): None}
+    assert by_id(out, S.REUSE) == {key(1): True, key(2): False, key(3): False, key(4): False}
+    assert by_id(out, S.REJECT)[key(4)] == "text is empty or whitespace only"
+    for d in DIMS:
+        got = by_id(out, S.prev_embedding(d))
+        assert got == {key(1): vector(1, d), key(2): None, key(3): None, key(4): None}
+        assert out.schema.field(S.prev_embedding(d)).type == S.embedding_type(d, "float32")
+    assert S.PREV_HASH not in out.column_names and S.BUCKET not in out.column_names
+    for c in (S.TEXT, S.SOURCE, S.ROW, S.UNIT, S.HASH, "lang"):
+        assert out[c].to_pylist() == today[c].to_pylist()
+
+
+def test_diff_without_reuse_has_no_previous_vectors():
+    today = today_rows([1, 2, 3], ["same", "edited", "new"])
+    prev = previous_rows([1, 2], [h("same"), h("before")])
+    out = run_diff(union(today, prev), diff(False))
+    assert out[S.CHANGE].to_pylist() == ["unchanged", "changed", "new"]
+    assert out[S.REUSE].to_pylist() == [False, False, False]
+    assert not [c for c in out.column_names if c.startswith("__prev_")]
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_diff_of_a_bucket_without_previous_rows(reuse):
+    today = today_rows([1, 2, 3], ["a", "", "c"])  # no __prev_* columns at all
+    out = run_diff(today, diff(reuse))
+    assert out[S.CHANGE].to_pylist() == ["new", None, "new"]
+    assert out[S.REUSE].to_pylist() == [False, False, False]
+    prev_cols = [c for c in out.column_names if c.startswith("__prev_")]
+    if reuse:
+        assert prev_cols == [S.prev_embedding(d) for d in DIMS]
+        for d in DIMS:
+            assert out[S.prev_embedding(d)].null_count == 3
+    else:
+        assert prev_cols == []
+
+
+def test_diff_of_a_bucket_with_only_previous_rows_yields_nothing():
+    # As after a union whose other side had rows: today's columns are there, all null.
+    today = today_rows([1], ["x"]).slice(0, 0)
+    assert list(N.diff_bucket(union(today, previous_rows([1, 2], [h("a"), h("b")])),
+                              diff(True))) == []
+
+
+def test_diff_of_a_bucket_with_only_previous_rows_and_none_of_todays_columns():
+    # What Ray 2.60's hash shuffle hands map_groups for a partition that only previous-snapshot
+    # blocks reached (checked with ray.data union -> groupby(num_partitions).map_groups): the
+    # columns of today's rows (__unit, __reject, ...) are absent, not null.
+    prev = previous_rows([1, 2], [h("a"), h("b")])
+    assert list(N.diff_bucket(prev, diff(True))) == []
+    assert list(N.diff_bucket(prev.drop_columns([S.prev_embedding(d) for d in DIMS]),
+                              diff(False))) == []
+
+
+def test_diff_rejected_rows_pass_through_untouched():
+    today = today_rows([1, 2, 3], ["x", "y", "z"],
+                       rejects=["malformed JSON: q", None, "duplicate id: first seen at row 1"])
+    prev = previous_rows([1, 2, 3], [h("x"), h("y"), h("z")], seeds=[1, 2, 3])
+    out = run_diff(union(today, prev), diff(True))
+    assert out[S.REJECT].to_pylist() == ["malformed JSON: q", None,
+                                         "duplicate id: first seen at row 1"]
+    assert out[S.EXCERPT].to_pylist() == ["raw 0", None, "raw 2"]
+    assert out[S.CHANGE].to_pylist() == [None, "unchanged", None]
+    assert out[S.REUSE].to_pylist() == [False, True, False]
+    assert out[S.prev_embedding(64)].to_pylist() == [None, vector(2, 64), None]
+
+
+def test_diff_rejects_ids_repeated_across_files_keeping_the_first_by_file_and_row():
+    # id 7: three copies; the first by (source, row) is f1 row 2, whatever the table order.
+    # id 8: its earliest row was rejected already, so f1 row 9 is the one kept.
+    # id 9: twice in one bucket but in the same place order: f0 row 5 first.
+    ids = [7, 8, 7, 9, 8, 7, 9, 8]
+    sources = ["s3://in/f2", "s3://in/f1", "s3://in/f1", "s3://in/f1", "s3://in/f1",
+               "s3://in/f1", "s3://in/f0", "s3://in/f2"]
+    rows = [0, 1, 5, 3, 9, 2, 5, 0]
+    texts = ["t7a", "", "t7b", "t9a", "t8a", "t7c", "t9b", "t8b"]
+    today = today_rows(ids, texts, sources=sources, rows=rows)
+    out = run_diff(union(today, previous_rows([7], [h("t7c")])), diff(True))
+    reasons = out[S.REJECT].to_pylist()
+    assert reasons[5] is None and reasons[4] is None and reasons[6] is None  # the kept ones
+    assert reasons[1] == "text is empty or whitespace only"
+    for i, (src, row) in {0: ("s3://in/f1", 2), 2: ("s3://in/f1", 2), 7: ("s3://in/f1", 9),
+                          3: ("s3://in/f0", 5)}.items():
+        assert reasons[i].startswith("duplicate id"), reasons[i]
+        assert re.search(rf"{re.escape(src)} row {row}\b", reasons[i]), reasons[i]
+    assert out[S.CHANGE].to_pylist() == [None, None, None, None, "new", "unchanged", "new", None]
+    assert out[S.REUSE].to_pylist() == [False] * 5 + [True, False, False]
+    assert out.num_rows == today.num_rows
+
+
+def test_diff_repeated_string_ids_and_first_previous_of_a_duplicated_previous_id():
+    today = today_rows(["a", "b", "a"], ["one", "two", "one"],
+                       sources=["s3://in/x", "s3://in/x", "s3://in/w"], rows=[1, 2, 7])
+    # The previous snapshot holds "a" twice (it should not, but index_in takes the first).
+    prev = previous_rows(["a", "b", "a"], [h("one"), h("two"), h("other")], seeds=[11, 12, 13])
+    out = run_diff(union(today, prev), diff(True, pa.string()))
+    assert out[S.REJECT].to_pylist()[0].startswith("duplicate id: also in s3://in/w row 7")
+    assert out[S.CHANGE].to_pylist() == [None, "unchanged", "unchanged"]
+    assert out[S.prev_embedding(32)].to_pylist() == [None, vector(12, 32), vector(11, 32)]
+    # The other way round: the first previous row of "a" has another hash.
+    prev = previous_rows(["a", "a", "b"], [h("other"), h("one"), h("two")], seeds=[13, 11, 12])
+    out = run_diff(union(today, prev), diff(True, pa.string()))
+    assert out[S.CHANGE].to_pylist() == [None, "unchanged", "changed"]
+    assert out[S.prev_embedding(32)].to_pylist() == [None, vector(12, 32), None]
+
+
+def test_diff_with_dictionary_encoded_string_ids():
+    # The pre-flight accepts dictionary-encoded string ids (test_preflight_types), and
+    # read_previous casts the previous ids to today's type.
+    ids = pa.array(["a", "b", "c", "a"]).dictionary_encode()
+    today = today_rows(ids, ["one", "two", "three", "one"],
+                       sources=["s3://in/x"] * 3 + ["s3://in/y"])
+    prev = previous_rows(pa.array(["a", "b"]).dictionary_encode(), [h("one"), h("old")])
+    out = run_diff(union(today, prev), diff(True, ids.type))
+    assert out[S.CHANGE].to_pylist() == ["unchanged", "changed", "new", None]
+    assert out[S.REJECT].to_pylist()[3].startswith("duplicate id: also in s3://in/x row 1")
+
+
+def test_diff_previous_vector_columns_have_one_type_in_every_bucket():
+    # --output-dtype float16: the previous snapshot's vectors are float16. A bucket without
+    # previous rows must give the same column type, or blocks of different buckets cannot be
+    # concatenated into one tokenizer batch (Ray 2.60's concat refuses float16 vs float32).
+    today = today_rows([1, 2], ["a", "b"])
+    with_prev = run_diff(union(today, previous_rows([1], [h("a")], dtype="float16")),
+                         diff(True, output_dtype="float16"))
+    without = run_diff(today, diff(True, output_dtype="float16"))
+    for d in DIMS:
+        assert with_prev.schema.field(S.prev_embedding(d)).type == \
+            without.schema.field(S.prev_embedding(d)).type, d
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("kind", ["int", "str"])
+@pytest.mark.parametrize("reuse", [True, False])
+def test_diff_matches_a_row_by_row_reference(seed, kind, reuse):
+    rng = np.random.default_rng(seed)
+    key = (lambda i: int(i)) if kind == "int" else (lambda i: f"id-{i}")
+    pool = ["alpha", "beta", "gamma", "", "search_query: delta", "epsilon"]
+    ids, texts, sources, rows, rejects = [], [], [], [], []
+    for f in range(3):
+        for r in range(int(rng.integers(0, 25))):
+            ids.append(key(rng.integers(0, 30)))
+            texts.append(pool[int(rng.integers(0, len(pool)))])
+            sources.append(f"s3://in/part-{f}.jsonl")
+            rows.append(r + 1)
+            rejects.append("malformed JSON: z" if rng.random() < 0.1 else None)
+    if not ids:
+        ids, texts, sources, rows, rejects = [key(0)], ["alpha"], ["s3://in/p"], [1], [None]
+    today = today_rows(ids, texts, sources=sources, rows=rows, rejects=rejects)
+    n_prev = int(rng.integers(0, 40))
+    prev_ids = [key(rng.integers(0, 40)) for _ in range(n_prev)]
+    prev_hashes = [h(pool[int(rng.integers(0, len(pool)))]) if rng.random() < 0.8 else None
+                   for _ in range(n_prev)]
+    seeds = list(range(500, 500 + n_prev))
+    prev = previous_rows(prev_ids, prev_hashes, seeds=seeds, id_type=today[S.ID].type)
+    table = union(today, prev)
+    table = table.take(pa.array(rng.permutation(table.num_rows)))  # no order across the shuffle
+
+    # The reference, one row at a time.
+    hashed = today.to_pylist()
+    first = {}
+    for i in sorted((i for i, r in enumerate(hashed) if r[S.REJECT] is None),
+                    key=lambda i: (hashed[i][S.SOURCE], hashed[i][S.ROW])):
+        first.setdefault(hashed[i][S.ID], i)
+    prev_first = {}
+    for j, pid in enumerate(prev_ids):
+        prev_first.setdefault(pid, j)
+    want = {}
+    for i, r in enumerate(hashed):
+        reason, change, vec = r[S.REJECT], None, {d: None for d in DIMS}
+        if reason is None and first[r[S.ID]] != i:
+            f = hashed[first[r[S.ID]]]
+            reason = f"duplicate id: also in {f[S.SOURCE]} row {f[S.ROW]} "
+        elif reason is None:
+            j = prev_first.get(r[S.ID])
+            change = "new" if j is None else \
+                "unchanged" if prev_hashes[j] == r[S.HASH] else "changed"
+            if change == "unchanged":
+                vec = {d: vector(seeds[j], d) for d in DIMS}
+        want[(r[S.SOURCE], r[S.ROW])] = (reason, change, vec)
+
+    out = run_diff(table, diff(reuse, today[S.ID].type))
+    assert out.num_rows == today.num_rows
+    got = out.to_pylist()
+    assert sorted((r[S.SOURCE], r[S.ROW]) for r in got) == sorted(want)
+    for r in got:
+        reason, change, vec = want[(r[S.SOURCE], r[S.ROW])]
+        if reason is not None and reason.startswith("duplicate id"):
+            assert r[S.REJECT].startswith(reason), (r[S.REJECT], reason)
+        else:
+            assert r[S.REJECT] == reason
+        assert r[S.CHANGE] == change
+        assert r[S.REUSE] == (reuse and change == "unchanged")
+        for d in DIMS:
+            if reuse:
+                assert r[S.prev_embedding(d)] == (vec[d] if change == "unchanged" else None)
+            else:
+                assert S.prev_embedding(d) not in r
+
+
+def test_pc_is_used_like_the_diff_expects():
+    # index_in takes the first of repeated values: diff_bucket relies on it.
+    assert pc.index_in(pa.array([2, 3]), value_set=pa.array([2, 2, 3])).to_pylist() == [0, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# id_kind
+
+
+def test_id_kinds_compare_across_widths_and_layouts():
+    assert N.id_kind(pa.int32()) == N.id_kind(pa.int64()) == N.id_kind(pa.uint16()) == "integer"
+    assert N.id_kind(pa.string()) == N.id_kind(pa.large_string()) == "string"
+    assert N.id_kind(pa.dictionary(pa.int32(), pa.string())) == "string"
+    assert N.id_kind(pa.binary(16)) == N.id_kind(pa.binary()) == "binary"
+    assert N.id_kind(pa.int64()) != N.id_kind(pa.string())
+
+
+# ---------------------------------------------------------------------------------------------
+# plan_diff: whether the previous vectors are reused, and how many buckets (pure, the driver's)
+
+GIB = 1 << 30
+SAME = {"model_fingerprint": "fp", "tokenizer_sha256": "tk", "task": "document", "dims": [64, 32],
+        "output_dtype": "float32", "dtype": "float32", "id_column": "id", "text_column": "text",
+        "keep_columns": ["lang"], "on_duplicate": "keep-first"}
+
+
+def identity(id_type=pa.int64(), **changes) -> dict:
+    """A run identity (``units.run_identity``'s fields) with the settled types."""
+    from pipeline.units import encode_types
+
+    return {"types": encode_types(id_type, (("lang", pa.string()),)), "model_id": "m",
+            "revision": None} | SAME | changes
+
+
+def read_spec(id_type=pa.int64()):
+    from pipeline.io.readers import ReadSpec
+
+    return ReadSpec("id", "text", ("lang",), id_type, keep_types=(("lang", pa.string()),))
+
+
+def plan(previous=None, *, today=None, id_type=pa.int64(), files=None, todo_bytes=1000,
+         cpus=4.0, seen=(), output_dtype="float32") -> N.Diff:
+    read = read_spec(id_type)
+    if files is None:
+        files = (("s3://o/snapshot-1/part-a.parquet", 4000), ("s3://o/snapshot-1/part-b.parquet",
+                                                               6000))
+    return N.plan_diff(task="document", id_column="id", dims=DIMS, output_dtype=output_dtype,
+                       identity=today or identity(id_type), read=read,
+                       previous_name=None if previous is None else "snapshot-1",
+                       previous_identity=previous, previous_files=files if previous else (),
+                       todo_bytes=todo_bytes, seen_files=seen, cpus=cpus)
+
+
+def prev_columns(d: N.Diff) -> list[str]:
+    """The previous vectors' columns in the diff's schema (the previous hash is always there)."""
+    assert S.PREV_HASH in d.schema.names
+    return [f.name for f in d.schema if f.name.startswith("__prev_") and f.name != S.PREV_HASH]
+
+
+def test_plan_diff_first_snapshot_compares_nothing():
+    d = plan(None)
+    assert (d.reuse, d.reembed_reason, d.previous_files) == (False, "first snapshot", ())
+    assert (d.task, d.id_column, d.id_type, d.dims) == ("document", "id", pa.int64(), DIMS)
+    assert prev_columns(d) == [] and d.schema == N.diff_schema(read_spec(), d)
+
+
+def test_plan_diff_equal_settings_reuse_the_previous_vectors():
+    seen = (("s3://o/snapshot-2/part-x.parquet", "s3://in/a.jsonl"),)
+    d = plan(identity(), seen=seen, output_dtype="float16")
+    assert d.reuse is True and d.reembed_reason is None
+    assert d.previous_files == (("s3://o/snapshot-1/part-a.parquet", 4000),
+                                ("s3://o/snapshot-1/part-b.parquet", 6000))
+    assert d.seen_files == seen and d.output_dtype == "float16"
+    # The previous vectors travel through the shuffle, typed like today's output.
+    assert prev_columns(d) == [S.prev_embedding(w) for w in DIMS]
+    assert [d.schema.field(S.prev_embedding(w)).type for w in DIMS] == [
+        S.embedding_type(w, "float16") for w in DIMS]
+
+
+def test_plan_diff_what_is_not_a_setting_does_not_stop_the_reuse():
+    # The model's name and revision, the nightly base, and the settled types (ids of the same
+    # kind, another width; other kept-column types) are not settings of the vectors.
+    previous = identity(pa.int32(), model_id="other/name", revision="abc",
+                        nightly={"base": "snapshot-0"})
+    d = plan(previous)
+    assert d.reuse is True and d.reembed_reason is None and len(d.previous_files) == 2
+
+
+@pytest.mark.parametrize("changes,named", [
+    ({"task": "query"}, "task"),
+    ({"dims": [64]}, "dims"),
+    ({"model_fingerprint": "fp2", "tokenizer_sha256": "tk2"}, "model_fingerprint, tokenizer_sha256"),
+    ({"output_dtype": "float16", "keep_columns": []}, "output_dtype, keep_columns"),
+    ({"dtype": None}, "dtype"),
+], ids=["task", "dims", "model", "dtype-and-columns", "dtype-unknown"])
+def test_plan_diff_other_settings_reembed_every_row_but_still_compare(changes, named):
+    d = plan(identity(**changes))
+    assert d.reuse is False and d.reembed_reason == f"settings changed: {named}"
+    # The previous rows are still read: the counts compare the two snapshots.
+    assert len(d.previous_files) == 2 and prev_columns(d) == []
+
+
+def test_plan_diff_a_field_missing_on_one_side_is_a_changed_setting():
+    previous = {k: v for k, v in identity().items() if k != "on_duplicate"}
+    d = plan(previous)
+    assert d.reuse is False and d.reembed_reason == "settings changed: on_duplicate"
+
+
+@pytest.mark.parametrize("before,now", [(pa.string(), pa.int64()), (pa.int64(), pa.string()),
+                                        (pa.binary(), pa.large_string())], ids=str)
+def test_plan_diff_ids_of_another_kind_are_other_ids(before, now):
+    # Even with other settings changed too: nothing is compared, every row is new.
+    d = plan(identity(before, task="query"), id_type=now, today=identity(now))
+    assert d.reuse is False and d.previous_files == ()
+    assert d.reembed_reason == f"id type changed: {before} -> {now}"
+    assert prev_columns(d) == [] and d.id_type == now
+
+
+def test_plan_diff_previous_without_settled_types_is_compared_by_settings_only():
+    previous = {k: v for k, v in identity().items() if k != "types"}
+    assert plan(previous, id_type=pa.string(), today=identity(pa.string())).reuse is True
+    assert plan(identity(None)).reuse is True  # a previous id type never settled
+
+
+@pytest.mark.parametrize("cpus,todo,files,want", [
+    (4, 1000, (), 8),  # small: two buckets per CPU
+    (2.5, 0, (), 4),  # whole CPUs
+    (4, 10 * GIB, (), 40),  # one per 256 MiB of input
+    (4, 10 * GIB + 1, (), 41),  # rounded up
+    (4, 5 * GIB, (("p", 5 * GIB),), 40),  # the previous snapshot's bytes count too
+    (16, 10 ** 15, (), N.MAX_BUCKETS),  # at most MAX_BUCKETS
+], ids=["two-per-cpu", "fractional-cpus", "per-256MiB", "rounded-up", "previous-bytes", "max"])
+def test_plan_diff_bucket_count_bounds(cpus, todo, files, want):
+    previous = identity() if files else None
+    d = plan(previous, files=files, todo_bytes=todo, cpus=cpus)
+    assert d.buckets == want and isinstance(d.buckets, int)
+    assert 1 <= d.buckets <= N.MAX_BUCKETS
+
+
+def test_plan_diff_previous_bytes_of_other_ids_do_not_count():
+    previous = identity(pa.string())
+    d = plan(previous, files=(("p", 20 * GIB),), todo_bytes=1000)
+    assert d.previous_files == () and d.buckets == 8
+
+
+def test_plan_diff_at_least_one_bucket_without_cpus_or_bytes():
+    # A KubeRay head with num-cpus 0 reports no CPUs before its workers join; with nothing
+    # left to read the count would be 0, and bucket_of(ids, 0) divides by zero.
+    diff = plan(None, todo_bytes=0, cpus=0.0)
+    assert diff.buckets == 1
+    assert N.bucket_of(pa.array(["a", "b"]), diff.buckets).to_pylist() == [0, 0]
