@@ -49,7 +49,8 @@ def cluster(s3_endpoint) -> str:
     workers inherit them); yields its address for drivers started as subprocesses."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # address="local": a Ray of its own, even where another one runs on the machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -87,20 +88,38 @@ class RayStartedByUnmarkedTest(RuntimeError):
     pass
 
 
+# The test running now, while it is not marked ``ray`` (None otherwise). ``ray.init`` is wrapped
+# once for the session, so a test that monkeypatches ``ray.init`` itself restores the wrapper.
+_UNMARKED: dict[str, str | None] = {"nodeid": None}
+
+
+def _guard_ray_init() -> None:
+    import ray  # importing ray starts nothing
+
+    real = ray.init
+    if getattr(real, "_refuses_unmarked_tests", False):
+        return
+
+    def init(*args, **kwargs):
+        if _UNMARKED["nodeid"]:
+            raise RayStartedByUnmarkedTest(f"{_UNMARKED['nodeid']} starts Ray (ray.init) but is "
+                                           "not marked `ray`; mark it with @pytest.mark.ray")
+        return real(*args, **kwargs)
+
+    init._refuses_unmarked_tests = True
+    ray.init = init
+
+
+_guard_ray_init()
+
+
 @contextlib.contextmanager
 def _no_ray_unless_marked(item):
-    if item.get_closest_marker("ray") is not None:
+    _UNMARKED["nodeid"] = None if item.get_closest_marker("ray") is not None else item.nodeid
+    try:
         yield
-        return
-    import ray  # the guard patches ray.init (importing ray starts nothing)
-
-    def refuse(*args, **kwargs):
-        raise RayStartedByUnmarkedTest(f"{item.nodeid} starts Ray (ray.init) but is not marked "
-                                       "`ray`; mark it with @pytest.mark.ray")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ray, "init", refuse)
-        yield
+    finally:
+        _UNMARKED["nodeid"] = None
 
 
 @pytest.hookimpl(hookwrapper=True)

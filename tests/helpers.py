@@ -123,3 +123,27 @@ def read_output(fs, uri: str) -> tuple[pa.Table, dict]:
     summary = json.loads(fs.cat(f"{path}/_summary.json"))
     assert summary["output_files"] == sorted(f"s3://{p}" for p in parts), "stray files left"
     return pa.concat_tables([pq.read_table(fs.open(p, "rb")) for p in parts]), summary
+
+
+def ray_worker_pids(gcs_address: str, title: bytes) -> list[int]:
+    """Live worker processes of the Ray cluster at ``gcs_address`` whose title (Ray names a
+    worker ``ray::<actor or task>``) contains ``title``. Only this cluster's: a worker is a
+    child of its node's raylet, whose command line names the cluster's GCS, so a test never
+    touches another Ray on the machine (another test session's, running at the same time)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            if title not in cmdline:
+                continue
+            stat = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
+            if stat[0] == "Z":
+                continue
+            parent = Path(f"/proc/{stat[1]}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"--gcs-address={gcs_address}".encode() in parent:
+            pids.append(int(entry.name))
+    return pids

@@ -31,6 +31,7 @@ import torch
 
 from pipeline.model import PackedBatch, load_encoder
 from pipeline.model.builder import sample_texts
+from tests.helpers import ray_worker_pids
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -291,17 +292,10 @@ def test_run_with_expert_parallel_equals_the_plain_run(cluster, tmp_path, tiny_m
     assert all(info["state"] == "REMOVED" for info in ray.util.placement_group_table().values())
 
 
-def rank_pids(doing: bytes = b"") -> list[int]:
-    """Processes of expert-parallel ranks (Ray titles them ``ray::ExpertRank.<method>``)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and _alive(int(entry.name)):
-            try:
-                if (entry / "cmdline").read_bytes().startswith(b"ray::ExpertRank" + doing):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
+def rank_pids(cluster: str, doing: bytes = b"") -> list[int]:
+    """Processes of expert-parallel ranks of this module's cluster (Ray titles them
+    ``ray::ExpertRank.<method>``)."""
+    return ray_worker_pids(cluster, b"ray::ExpertRank" + doing)
 
 
 @pytest.mark.ray
@@ -321,7 +315,7 @@ def test_a_rank_killed_mid_run_costs_a_restart_not_a_row(cluster, tmp_path, tiny
     victim, committed = None, 0
     deadline = time.monotonic() + 180
     while proc.poll() is None and time.monotonic() < deadline:
-        encoding = rank_pids(b".encode")
+        encoding = rank_pids(cluster, b".encode")
         if encoding:  # a rank is inside a window
             committed = len(list((out / "_manifest").glob("unit-*")))
             victim = encoding[0]

@@ -35,7 +35,9 @@ def init_ray(config: RunConfig) -> bool:
 
     gpus = torch.cuda.device_count()
     cpus = local_cpus(config, gpus, os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, **quiet)
+    # address="local": a Ray of the job's own, sized for it, even where a `ray start` cluster
+    # runs on this machine (ray.init would otherwise join that one, and refuse the sizes).
+    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False, **quiet)
     return True
 
 
@@ -70,8 +72,10 @@ def configure_progress(progress: str) -> None:
     ctx.enable_progress_bars = shown
     # A stage's own exception, not Ray Data's UserCodeException without it (see root_cause).
     ctx.raise_original_map_exception = True
-    # Messages that mean nothing to a user: the plan printed at each dataset's start, and a
-    # warning that the progress bars they did not ask for are off.
-    ctx.print_on_execution_start = False
+    # Messages that mean nothing to a user: the plan printed at each dataset's start, its
+    # INFO lines (the run's own log and report say what happened), and a warning that the
+    # progress bars they did not ask for are off. With --progress on, Ray Data says it all.
+    ctx.print_on_execution_start = shown
+    logging.getLogger("ray.data").setLevel(logging.NOTSET if shown else logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(
-        logging.WARNING if shown else logging.ERROR)
+        logging.NOTSET if shown else logging.ERROR)

@@ -6,6 +6,7 @@ Names carry their shapes; legend in :mod:`pipeline.model.packed`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +16,19 @@ from ..batching import segment_runs
 from .config import EncoderConfig
 from .packed import PackedBatch
 
-try:  # torch >= 2.10: flash-attention varlen kernel on CUDA (no padding at all)
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-except ImportError:  # pragma: no cover - depends on the torch build
-    _varlen_attn = None
+
+@functools.cache
+def _varlen_attn():
+    """torch >= 2.10's flash-attention varlen kernel on CUDA (no padding at all), or None.
+
+    Lazy: importing it imports torch._dynamo (over a second on a CPU worker's start), and only
+    CUDA in half precision uses it.
+    """
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # lazy: torch, see above
+    except ImportError:  # pragma: no cover - depends on the torch build
+        return None
+    return varlen_attn
 
 
 def rotary_cos_sin(
@@ -70,8 +80,8 @@ class GridSegment:
 
 def uses_varlen(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether attention runs as flash varlen (no padding) for this device and dtype."""
-    return (_varlen_attn is not None and device.type == "cuda"
-            and dtype in (torch.float16, torch.bfloat16))
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and _varlen_attn() is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +137,7 @@ def packed_attention(qkv_T3HDh: torch.Tensor, plan: AttentionPlan) -> torch.Tens
     if plan.use_varlen:
         cu = plan.batch.cu_seqlens_B1
         q, k, v = qkv_T3HDh.unbind(1)
-        return _varlen_attn(q, k, v, cu, cu, plan.batch.max_seqlen, plan.batch.max_seqlen)
+        return _varlen_attn()(q, k, v, cu, cu, plan.batch.max_seqlen, plan.batch.max_seqlen)
     if len(plan.segments) == 1:
         return _grid_attention(qkv_T3HDh, plan.segments[0])
     T, _, H, Dh = qkv_T3HDh.shape
