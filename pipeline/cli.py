@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 import typing
 from importlib import resources
 from pathlib import Path
@@ -23,20 +24,25 @@ from . import summary
 from .config import JOB_EXCLUDES, JOB_OPTIONS, RunConfig, parse_int_list, parse_name_list
 from .errors import RunFailed, UserError
 
+
 def demo(args: argparse.Namespace) -> int:
     """Embed the bundled sample corpus with the offline tiny model on a local Ray."""
     # Lazy: the model builder imports torch; --help and option errors should not wait for it.
     from .model.builder import build_model_dir
 
+    corpus = resources.files("pipeline.data").joinpath("sample_corpus")
     model_dir = Path(args.model_dir)
+    try:  # A demo is rerun often: replace its previous output (only the pipeline's own files).
+        config = RunConfig(input=str(corpus), output=args.out, model=str(model_dir),
+                           dims=args.dims, keep_columns=("lang",), overwrite=True,
+                           progress=args.progress)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not (model_dir / "config.json").is_file():
         build_model_dir(model_dir, "tiny", seed=0)
-        print(f"built tiny random-weight model in {model_dir}")
-    corpus = resources.files("pipeline.data").joinpath("sample_corpus")
-    # A demo is rerun often: replace its previous output (only the pipeline's own files).
-    config = RunConfig(input=str(corpus), output=args.out, model=str(model_dir),
-                       dims=args.dims, keep_columns=("lang",), overwrite=True,
-                       progress=args.progress)
+        # stderr: with --json, stdout holds the summary alone
+        print(f"built tiny random-weight model in {model_dir}", file=sys.stderr)
     return _run_and_report(config, "run", args.json)
 
 
@@ -68,11 +74,12 @@ def _job(command: str):
 
 def _run_and_report(config: RunConfig, command: str = "run", as_json: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    started = time.monotonic()
     try:
         result = _job(command)(config)
     except RunFailed as err:
         print(f"error: {str(err)[:4000]}", file=sys.stderr)
-        print(summary.resume_hint(config), file=sys.stderr)
+        print(summary.resume_hint(config, str(err)), file=sys.stderr)
         return 3
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
@@ -81,7 +88,8 @@ def _run_and_report(config: RunConfig, command: str = "run", as_json: bool = Fal
         shown = {k: v for k, v in result.items() if k not in ("config", "output_files")}
         print(json.dumps(shown, indent=2))
     else:
-        print("\n".join(summary.report(result, config, command)))
+        print("\n".join(summary.report(result, config, command,
+                                        elapsed_s=time.monotonic() - started)))
     if not result["reconciled"]:
         print("error: row counts do not reconcile: " + "; ".join(result["reconcile_problems"]),
               file=sys.stderr)
@@ -126,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", default="models/nomic-moe-tiny",
                    help="where the tiny model is built on first use")
     p.add_argument("--out", default="out/demo", help="output folder (replaced on each run)")
-    p.add_argument("--dims", default="64,32,16", help="widths (the tiny model is 64 wide)")
-    p.add_argument("--progress", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--dims", default="64,32,16", help="widths (the tiny model is 64 wide; "
+                   "default: 64,32,16)")
+    p.add_argument("--progress", default="auto", choices=("auto", "on", "off"),
+                   help="Ray Data progress bars (auto: when stderr is a terminal)")
     _report_option(p)
     return parser
 

@@ -120,13 +120,18 @@ def _waste(real: int, computed: int) -> float:
     return round(1.0 - real / computed, 6) if computed else 0.0
 
 
-def report(result: dict[str, Any], config, command: str = "run") -> list[str]:
+def report(result: dict[str, Any], config, command: str = "run",
+           elapsed_s: float | None = None) -> list[str]:
     """The few lines a person reads at the end of a job (``config``: its
-    :class:`~pipeline.config.RunConfig`); the whole summary is in ``_summary.json``."""
+    :class:`~pipeline.config.RunConfig`; ``elapsed_s``: the command's own wall time); the whole
+    summary is in ``_summary.json``."""
     out = str(config.output).rstrip("/")
     where = f"{out}/{result['snapshot']}" if result.get("snapshot") else out
-    lines = [f"rows: {result['rows_in']:,} in, {result['rows_embedded']:,} embedded, "
-             f"{result['rows_rejected']:,} rejected ({result['reject_fraction']:.2%})"]
+    reused = f" ({result['rows_reused']:,} of them with earlier vectors)" \
+        if result.get("rows_reused") else ""
+    embedded = result["rows_embedded"] + result.get("rows_reused", 0)
+    lines = [f"rows: {result['rows_in']:,} in, {embedded:,} embedded{reused}, "
+             f"{result['rows_rejected']:,} rejected ({result['reject_fraction']:.1%})"]
     reasons = sorted(result.get("reject_reasons", {}).items(), key=lambda kv: -kv[1])
     for reason, n in reasons[:3]:
         lines.append(f"  rejected {n:,}: {reason}")
@@ -135,17 +140,12 @@ def report(result: dict[str, Any], config, command: str = "run") -> list[str]:
     if command == "nightly":
         lines.append(f"snapshot {result['snapshot']}: {result['rows_new']:,} new, "
                      f"{result['rows_changed']:,} changed, {result['rows_unchanged']:,} "
-                     f"unchanged ({result['rows_reused']:,} vectors reused), "
-                     f"{result['rows_deleted']:,} deleted; _LATEST names it")
+                     f"unchanged, {result['rows_deleted']:,} deleted; _LATEST names it")
     if command == "enrich":
         lines.append(f"enriched: {len(result.get('enriched_files', []))} file(s), "
                      f"{result.get('rows_out', 0):,} rows, "
                      f"{result.get('rows_with_embeddings', 0):,} with embeddings")
-    units = result["units"]
-    lines.append(f"tokens: {result['tokens']:,} in {result['wall_s']:.1f} s, "
-                 f"{result['tokens_per_s']:,.0f} tokens/s end to end "
-                 f"({result['tokens_per_s_steady']:,.0f} steady); units {units['committed']} "
-                 f"of {units['total']} committed ({units['resumed']} kept from earlier runs)")
+    lines += _work_lines(result, elapsed_s)
     iceberg = result.get("iceberg")
     if iceberg:  # enriched in place: the summary and rejects lie beside the table's data
         lines.append(f"output: {iceberg['table']}, snapshot {iceberg['snapshot_id']} (from "
@@ -158,7 +158,25 @@ def report(result: dict[str, Any], config, command: str = "run") -> list[str]:
     return lines
 
 
-def resume_hint(config) -> str:
-    """What to do after a failed run: the same command resumes it."""
-    return (f"the units committed so far stay in {str(config.output).rstrip('/')}; rerun the "
-            "same command to resume (only the rest is embedded)")
+def _work_lines(result: dict[str, Any], elapsed_s: float | None) -> list[str]:
+    """This run's work: the units it committed, its tokens/s, the time it took."""
+    units = result["units"]
+    took = f" in {elapsed_s:.1f} s" if elapsed_s is not None else ""
+    if not units.get("committed_now", units["committed"] - units["resumed"]):
+        return [f"nothing left to do: all {units['committed']} unit(s) were committed by an "
+                f"earlier run{took}"]
+    kept = f", {units['resumed']} kept from an earlier run" if units["resumed"] else ""
+    return [f"this run: {units['committed'] - units['resumed']} of {units['total']} unit(s) "
+            f"committed{kept}{took}; {result['tokens_per_s']:,.0f} tokens/s end to end, "
+            f"{result['tokens_per_s_steady']:,.0f} once the encoders were up; "
+            f"{result['tokens']:,} tokens in the output"]
+
+
+def resume_hint(config, error: str = "") -> str:
+    """What to do after a failed run: the committed units stay and the same command resumes;
+    a failure the input causes (too many rejects, --on-bad-rows fail) needs a change first."""
+    kept = f"the units committed so far stay in {str(config.output).rstrip('/')}"
+    if "--max-reject-fraction" in error or "--on-bad-rows fail" in error:
+        return (f"{kept}; fix the input (see _rejects/) or relax --max-reject-fraction / "
+                "--on-bad-rows, then rerun: only the rest is embedded")
+    return f"{kept}; rerun the same command to resume (only the rest is embedded)"

@@ -197,9 +197,9 @@ def config(output: str = "s3://bkt/out/"):
 
 
 def test_report_of_a_run_names_rows_top_reasons_rates_and_where_the_output_is():
-    lines = summary.report(run_result(), config())
+    lines = summary.report(run_result(), config(), elapsed_s=61.3)
     text = "\n".join(lines)
-    assert lines[0].startswith("rows: 12,345 in, 12,000 embedded, 345 rejected (2.79%)")
+    assert lines[0].startswith("rows: 12,345 in, 12,000 embedded, 345 rejected (2.8%)")
     # The top three reasons, most frequent first, then how many more there are.
     reasons = [line.strip() for line in lines if line.strip().startswith("rejected ")]
     assert reasons == ["rejected 200: text is empty or whitespace only",
@@ -208,7 +208,8 @@ def test_report_of_a_run_names_rows_top_reasons_rates_and_where_the_output_is():
     assert "1 more reason(s) in _summary.json" in text
     (rates,) = [line for line in lines if "tokens/s" in line]
     assert "1,234,567" in rates and "61.3 s" in rates and "20,156 tokens/s" in rates
-    assert "25,000" in rates and "7 of 7" in rates and "2 kept from earlier runs" in rates
+    assert "25,000" in rates and "5 of 7 unit(s) committed" in rates
+    assert "2 kept from an earlier run" in rates
     (where,) = [line for line in lines if line.startswith("output: ")]
     assert "s3://bkt/out/ " in where and "s3://bkt/out/_summary.json" in where
     assert "s3://bkt/out/_rejects/" in where and "//_" not in where
@@ -220,7 +221,7 @@ def test_report_without_rejects_shows_no_reasons_and_no_rejects_folder():
     result = run_result(rows_in=10, rows_embedded=10, rows_rejected=0, reject_fraction=0.0,
                         reject_reasons={})
     lines = summary.report(result, config("/data/out"))
-    assert lines[0] == "rows: 10 in, 10 embedded, 0 rejected (0.00%)"
+    assert lines[0] == "rows: 10 in, 10 embedded, 0 rejected (0.0%)"
     assert not [line for line in lines if line.strip().startswith("rejected ")]
     assert "more reason" not in "\n".join(lines)
     (where,) = [line for line in lines if line.startswith("output: ")]
@@ -237,12 +238,16 @@ def test_report_shows_every_reason_when_there_are_three_or_fewer():
 
 def test_report_of_a_nightly_run_names_the_snapshot_and_its_changes():
     result = run_result(snapshot="snapshot-20260301T023015Z", rows_new=5, rows_changed=17,
-                        rows_unchanged=11978, rows_reused=11978, rows_deleted=4)
+                        rows_unchanged=11978, rows_reused=11978, rows_deleted=4,
+                        rows_embedded=22)
     lines = summary.report(result, config("s3://bkt/snaps"), "nightly")
+    # Rows the encoder ran on and rows that took the previous snapshot's vectors: all embedded.
+    assert lines[0].startswith("rows: 12,345 in, 12,000 embedded (11,978 of them with earlier "
+                               "vectors), 345 rejected")
     (changes,) = [line for line in lines if line.startswith("snapshot ")]
     assert "snapshot-20260301T023015Z" in changes
     assert all(s in changes for s in ("5 new", "17 changed", "11,978 unchanged",
-                                      "11,978 vectors reused", "4 deleted", "_LATEST"))
+                                      "4 deleted", "_LATEST"))
     # The output is the snapshot's folder, not the root of the snapshots.
     (where,) = [line for line in lines if line.startswith("output: ")]
     snap = "s3://bkt/snaps/snapshot-20260301T023015Z"
@@ -266,6 +271,21 @@ def test_report_of_an_iceberg_table_enriched_in_place_names_the_table_and_its_sn
     assert "lake.docs" in where and "snapshot 222" in where and "111" in where
     assert "_enrich/111-summary.json" in where
     assert "iceberg:lake.docs/" not in where  # not a folder of part files
+
+
+def test_report_of_a_rerun_with_nothing_left_says_so():
+    result = run_result(units={"total": 7, "committed": 7, "resumed": 7, "committed_now": 0},
+                        tokens_per_s=0.0, tokens_per_s_steady=0.0)
+    lines = summary.report(result, config(), elapsed_s=3.2)
+    assert "nothing left to do: all 7 unit(s) were committed by an earlier run in 3.2 s" in lines
+    assert not any("tokens/s" in line for line in lines)
+
+
+def test_resume_hint_after_too_many_rejects_asks_for_a_change_first():
+    hint = summary.resume_hint(config(), "9 of 29 rows were rejected (31.0%), more than "
+                                         "--max-reject-fraction 0.1; reasons: ...")
+    assert "fix the input" in hint and "--max-reject-fraction" in hint
+    assert "rerun the same command" not in hint
 
 
 def test_resume_hint_names_the_output_and_the_same_command():

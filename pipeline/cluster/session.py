@@ -76,6 +76,6 @@ def configure_progress(progress: str) -> None:
     # INFO lines (the run's own log and report say what happened), and a warning that the
     # progress bars they did not ask for are off. With --progress on, Ray Data says it all.
     ctx.print_on_execution_start = shown
-    logging.getLogger("ray.data").setLevel(logging.NOTSET if shown else logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.INFO if shown else logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(
         logging.NOTSET if shown else logging.ERROR)

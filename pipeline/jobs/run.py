@@ -185,7 +185,11 @@ def execute(config: RunConfig, setup: Setup, planned: Planned, spec: JobSpec,
     if planned.plan.files:
         limit_resources(planned.plan)  # before the dataset is made: it copies the context
         ds, facts = spec.graph(Work(planned.plan, planned.identity, cluster.cpus, planned.keep))
-        consume(write_records(ds), tracker, config)
+        records = write_records(ds)
+        try:
+            consume(records, tracker, config)
+        finally:
+            records.close()  # stop Ray Data's iterator now, while Ray is still up
     return Executed(tracker, time.perf_counter() - t0, facts)
 
 
