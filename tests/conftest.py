@@ -76,9 +76,9 @@ def _deterministic_threads():
 # or through a fixture being set up for it) fails with a message saying so.
 
 
-# The slowest modules first: with the suite in two processes (`--dist loadfile`), the two
-# longest start at once and the short ones fill in beside them, instead of one long module
-# running alone at the end. A stable sort: each module's own order is kept.
+# The slowest modules first (a stable sort: each module's own order is kept), so that a run
+# split over processes (pytest-xdist `-n 2 --dist loadfile`) starts the long ones at once, and
+# the quick unit tests of a serial run report last, after the Ray modules.
 SLOWEST_FIRST = ("test_nightly.py", "test_resume_faults.py", "test_ray_job.py",
                  "test_expert_parallel.py", "test_enrich.py", "test_pipeline_e2e.py",
                  "test_demo.py", "test_bench.py")

@@ -213,10 +213,10 @@ def test_a_failure_during_the_run_exits_3(local_ray, tmp_path, tiny_model_dir, c
     assert code == 3 and "row 2 of" in err and "a.jsonl was rejected (--on-bad-rows fail)" in err
     assert "kept column 'score'" in err
     assert not (tmp_path / "out" / "_summary.json").exists()
-    # How to go on, on stderr after the error: the committed units stay, the same command
-    # resumes. Nothing on stdout (no report of a run that did not finish).
-    (hint,) = [line for line in err.splitlines() if "rerun the same command" in line]
-    assert str(tmp_path / "out") in hint and "resume" in hint
+    # How to go on, on stderr after the error: the committed units stay; a row stopped the
+    # run, so the input (or --on-bad-rows) must change first. Nothing on stdout.
+    (hint,) = [line for line in err.splitlines() if "fix the input" in line]
+    assert str(tmp_path / "out") in hint and "--on-bad-rows" in hint and "rerun" in hint
     assert err.splitlines().index(hint) > err.splitlines().index(
         next(line for line in err.splitlines() if line.startswith("error:")))
     assert "rows:" not in printed.out and "tokens/s" not in printed.out
