@@ -575,9 +575,7 @@ def plan(previous=None, *, today=None, id_type=pa.int64(), files=None, todo_byte
     if files is None:
         files = (("s3://o/snapshot-1/part-a.parquet", 4000), ("s3://o/snapshot-1/part-b.parquet",
                                                                6000))
-    return N.plan_diff(task="document", id_column="id", dims=DIMS, output_dtype=output_dtype,
-                       identity=today or identity(id_type), read=read,
-                       previous_name=None if previous is None else "snapshot-1",
+    return N.plan_diff(identity=today or identity(id_type, output_dtype=output_dtype), read=read,
                        previous_identity=previous, previous_files=files if previous else (),
                        todo_bytes=todo_bytes, seen_files=seen, cpus=cpus)
 
@@ -597,7 +595,7 @@ def test_plan_diff_first_snapshot_compares_nothing():
 
 def test_plan_diff_equal_settings_reuse_the_previous_vectors():
     seen = (("s3://o/snapshot-2/part-x.parquet", "s3://in/a.jsonl"),)
-    d = plan(identity(), seen=seen, output_dtype="float16")
+    d = plan(identity(output_dtype="float16"), seen=seen, output_dtype="float16")
     assert d.reuse is True and d.reembed_reason is None
     assert d.previous_files == (("s3://o/snapshot-1/part-a.parquet", 4000),
                                 ("s3://o/snapshot-1/part-b.parquet", 6000))

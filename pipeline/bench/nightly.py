@@ -11,7 +11,6 @@ previous snapshot, writing every row again).
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -20,10 +19,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import RunConfig, parse_int_list
+from ..config import RunConfig
 from ..model.builder import build_model_dir
 from ..tokenize import TextTokenizer
-from .workload import length_mix, machine, texts_of_lengths, write_corpus
+from .workload import (add_job_arguments, emit, job_dims, length_mix, machine,
+                       texts_of_lengths, write_corpus)
 
 
 def nightly_run(corpus: Path, out: Path, model_dir: Path, args) -> dict:
@@ -100,25 +100,12 @@ def bench_nightly(args) -> dict:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--size", choices=("tiny", "real"), default="real")
-    parser.add_argument("--model-dir", default=None, help="default models/bench-<size>")
-    parser.add_argument("--texts", type=int, default=600)
-    parser.add_argument("--shards", type=int, default=6)
+    add_job_arguments(parser)
     parser.add_argument("--change", type=float, default=0.02, help="fraction of texts changed")
     parser.add_argument("--delete", type=float, default=0.01, help="fraction of rows deleted")
     parser.add_argument("--add", type=float, default=0.01, help="new rows, as a fraction")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--dims", default=None, help="widths (default 768,512,256; 64,32 tiny)")
-    parser.add_argument("--json", help="also write the result to this file")
 
 
 def main(args) -> None:
-
-    args.dims = parse_int_list(args.dims or ("64,32" if args.size == "tiny" else "768,512,256"),
-                               "--dims")
-    result = bench_nightly(args)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    args.dims = job_dims(args)
+    emit(bench_nightly(args), args.json)

@@ -13,16 +13,16 @@ token budget. Reports:
 from __future__ import annotations
 
 import gc
-import json
 import tempfile
 import time
 from pathlib import Path
 
-from ..config import RunConfig, parse_int_list
+from ..config import RunConfig
 from ..embedder import Embedder
 from ..model.builder import build_model_dir
 from ..tokenize import TextTokenizer
-from .workload import length_mix, machine, texts_of_lengths, write_corpus
+from .workload import (add_job_arguments, emit, job_dims, length_mix, machine,
+                       texts_of_lengths, write_corpus)
 
 
 def encoder_alone(model_dir: Path, texts: list[str], device: str, dtype: str,
@@ -77,22 +77,10 @@ def bench_pipeline(args) -> dict:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--size", choices=("tiny", "real"), default="real")
-    parser.add_argument("--model-dir", default=None, help="default models/bench-<size>")
-    parser.add_argument("--texts", type=int, default=600)
-    parser.add_argument("--shards", type=int, default=6)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="auto")
+    add_job_arguments(parser)
     parser.add_argument("--max-tokens", type=int, default=None)
-    parser.add_argument("--dims", default=None, help="widths (default 768,512,256; 64,32 tiny)")
-    parser.add_argument("--json", help="also write the result to this file")
 
 
 def main(args) -> None:
-    default_dims = "64,32" if args.size == "tiny" else "768,512,256"
-    args.dims = parse_int_list(args.dims or default_dims, "--dims")
-    result = bench_pipeline(args)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    args.dims = job_dims(args)
+    emit(bench_pipeline(args), args.json)

@@ -3,6 +3,7 @@ given token lengths, corpora written as Parquet shards, and the machine's descri
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..config import parse_int_list
 from ..tokenize import TASK_PREFIXES, TextTokenizer
 
 
@@ -74,3 +76,30 @@ def machine() -> str:
 
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
+
+
+def add_job_arguments(parser) -> None:
+    """The options of the benchmarks that run a job (``pipeline``, ``nightly``): model size and
+    folder, corpus, device, dtype, widths, where to write the result."""
+    parser.add_argument("--size", choices=("tiny", "real"), default="real")
+    parser.add_argument("--model-dir", default=None, help="default models/bench-<size>")
+    parser.add_argument("--texts", type=int, default=600)
+    parser.add_argument("--shards", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dims", default=None, help="widths (default 768,512,256; 64,32 tiny)")
+    parser.add_argument("--json", help="also write the result to this file")
+
+
+def job_dims(args) -> tuple[int, ...]:
+    """``--dims``, or the default widths of the model size."""
+    return parse_int_list(args.dims or ("64,32" if args.size == "tiny" else "768,512,256"),
+                          "--dims")
+
+
+def emit(result: dict, json_path: str | None) -> None:
+    """Print a benchmark's result, and write it to ``--json`` when given."""
+    print(json.dumps(result, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")

@@ -74,9 +74,7 @@ def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str
                         for unit in work.kept.values() for name in unit["files"]
                         if not name.startswith(REJECTS_DIR + "/")))
     diff = plan_diff(
-        task=identity["task"], id_column=identity["id_column"], dims=tuple(identity["dims"]),
-        output_dtype=identity["output_dtype"], identity=identity, read=plan.read,
-        previous_name=previous.name if previous else None,
+        identity=identity, read=plan.read,
         previous_identity=previous.identity if previous else None,
         previous_files=tuple(previous.files) if previous else (),
         todo_bytes=sum(f.size for f in plan.files), seen_files=seen, cpus=work.cpus)

@@ -278,14 +278,13 @@ def _reject_seen_ids(today: pa.Table, seen: pa.Table, rejects: list, excerpts: l
             excerpts[i] = S.excerpt(str(ids[i].as_py()))
 
 
-def plan_diff(*, task: str, id_column: str, dims: tuple[int, ...], output_dtype: str,
-              identity: dict[str, Any], read, previous_name: str | None,
-              previous_identity: dict[str, Any] | None,
+def plan_diff(*, identity: dict[str, Any], read, previous_identity: dict[str, Any] | None,
               previous_files: tuple[tuple[str, int], ...], todo_bytes: int,
               seen_files: tuple[tuple[str, str], ...], cpus: float) -> Diff:
     """How today's rows meet the previous snapshot's: a pure function of what the driver knows.
 
-    ``identity`` is today's run identity (``pipeline.units``), ``read`` the run's ReadSpec
+    ``identity`` is today's run identity (``pipeline.units``: task, id column, widths, output
+    dtype and the other settings), ``read`` the run's ReadSpec
     (today's id type and kept columns), ``previous_*`` the snapshot ``_LATEST`` names (None
     before the first night), ``todo_bytes`` the bytes of today's units still to do,
     ``seen_files`` the part files (and their sources) this snapshot committed before a resume.
@@ -307,7 +306,9 @@ def plan_diff(*, task: str, id_column: str, dims: tuple[int, ...], output_dtype:
             reason = f"id type changed: {prev_type} -> {read.id_type}"
     total = todo_bytes + sum(size for _, size in files)
     buckets = min(MAX_BUCKETS, max(1, 2 * int(cpus), -(-total // BUCKET_BYTES)))
-    diff = Diff(task=task, buckets=int(buckets), previous_files=files, id_column=id_column,
-                id_type=read.id_type, dims=tuple(dims), reuse=reuse,
-                output_dtype=output_dtype, seen_files=tuple(seen_files), reembed_reason=reason)
+    diff = Diff(task=identity["task"], buckets=int(buckets), previous_files=files,
+                id_column=identity["id_column"], id_type=read.id_type,
+                dims=tuple(identity["dims"]), reuse=reuse,
+                output_dtype=identity["output_dtype"], seen_files=tuple(seen_files),
+                reembed_reason=reason)
     return dataclasses.replace(diff, schema=diff_schema(read, diff))
