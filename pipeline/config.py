@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .chunking import DEFAULT_MAX_CHUNKS, DEFAULT_OVERLAP, LONG_TEXT, LongText
 from .model.config import DEFAULT_MODEL, MAX_SEQ_LEN
 from .tokenize import TASK_PREFIXES
 
@@ -100,6 +101,20 @@ class RunConfig:
     max_reject_fraction: float = _field(0.1, "fail the run when more than this fraction of "
                                         "the rows read is rejected (1 disables the check)",
                                         metavar="F")
+    long_text: str = _field("truncate", "a text over the model's 512 tokens: truncate keeps its "
+                            "first 512 (counted as texts_truncated); chunk embeds it as "
+                            "overlapping chunks, one output row each (docs/long-documents.md); "
+                            "reject sends it to _rejects/ with its token count",
+                            choices=LONG_TEXT)
+    chunk_tokens: int = _field(MAX_SEQ_LEN, "chunk: model input tokens per chunk, the task "
+                               "prefix and <s>/</s> included", metavar="N")
+    chunk_overlap: int = _field(DEFAULT_OVERLAP, "chunk: tokens consecutive chunks share "
+                                "(less than half the window)", metavar="N")
+    max_chunks: int = _field(DEFAULT_MAX_CHUNKS, "chunk: a document needing more chunks is "
+                             "rejected with the reason", metavar="N")
+    keep_chunk_text: bool = _field(False, "chunk: write each chunk's text (chunk_text column)")
+    doc_vectors: bool = _field(False, "chunk: also write one vector per document (the "
+                               "token-weighted mean of its chunks) under _documents/")
     progress: str = _field("auto", "Ray Data progress bars (auto: when stderr is a terminal)",
                            choices=PROGRESS)
     # Options of one job only (see JOB_OPTIONS); the others ignore them.
@@ -119,7 +134,7 @@ class RunConfig:
             if not getattr(self, name):
                 raise ValueError(f"{name} must be a URI or path, got {getattr(self, name)!r}")
         for name in ("task", "format", "output_dtype", "device", "dtype", "progress",
-                     "on_duplicate", "on_bad_rows"):
+                     "on_duplicate", "on_bad_rows", "long_text"):
             allowed = self.__dataclass_fields__[name].metadata["choices"]
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not one of {list(allowed)}")
@@ -127,7 +142,7 @@ class RunConfig:
         object.__setattr__(self, "keep_columns", tuple(self.keep_columns))
         for name in ("encoder_replicas", "expert_parallel", "tokenizer_actors", "max_tokens_per_batch",
                      "window_rows", "rows_per_file", "encoder_threads", "unit_bytes",
-                     "keep_snapshots"):
+                     "keep_snapshots", "chunk_tokens", "max_chunks"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
@@ -140,6 +155,29 @@ class RunConfig:
                 or not 0.0 <= fraction <= 1.0:
             raise ValueError(f"max_reject_fraction must be a number from 0 to 1, got {fraction!r}")
         self._check_columns()
+        self._check_long_text()
+
+    def _check_long_text(self) -> None:
+        if self.chunk_tokens > MAX_SEQ_LEN:
+            raise ValueError(f"chunk_tokens must be at most the model's {MAX_SEQ_LEN}, got "
+                             f"{self.chunk_tokens}")
+        overlap = self.chunk_overlap
+        if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+            raise ValueError(f"chunk_overlap must be a whole number >= 0, got {overlap!r}")
+        if self.long_text != "chunk":
+            chunk_options = [name for name, default in (
+                ("chunk_tokens", MAX_SEQ_LEN), ("chunk_overlap", DEFAULT_OVERLAP),
+                ("max_chunks", DEFAULT_MAX_CHUNKS), ("keep_chunk_text", False),
+                ("doc_vectors", False)) if getattr(self, name) != default]
+            if chunk_options:
+                raise ValueError(f"{', '.join(chunk_options)} apply to long_text 'chunk' only "
+                                 f"(long_text is {self.long_text!r})")
+
+    @property
+    def long_text_spec(self) -> LongText:
+        """The long-text settings as one value (stages, writer and identity take it)."""
+        return LongText(self.long_text, self.chunk_tokens, self.chunk_overlap, self.max_chunks,
+                        self.keep_chunk_text, self.doc_vectors)
 
     def _check_columns(self) -> None:
         names = [self.id_column, self.text_column, *self.keep_columns]
@@ -181,6 +219,11 @@ def resolve_dtype_name(dtype: str, device_type: str) -> str:
     if dtype != "auto":
         return dtype
     return "bfloat16" if device_type == "cuda" else "float32"
+
+
+# The key of the pooled vectors (before any cut or normalisation) among an encoder's results
+# by width (``Embedder.embed_tokenized(..., pooled=True)``); no width is 0.
+POOLED = 0
 
 
 def embedding_column(width: int) -> str:

@@ -170,7 +170,8 @@ def plan_run(config: RunConfig, cluster: Cluster, model: ModelInfo, files: list[
     device = resolve_device_type(config.device, cluster.gpus)
     replicas = encoder_replicas(config, device, cluster)
     tokenize = StagePlan(
-        kwargs={"tokenizer_json": model.tokenizer_json, "task": config.task},
+        kwargs={"tokenizer_json": model.tokenizer_json, "task": config.task,
+                "long_text": config.long_text_spec},
         actors=tokenizer_actors(config, device, replicas, cluster.cpus),
         batch_rows=TOKENIZE_BATCH_ROWS, num_cpus=1.0,
     )
@@ -181,6 +182,7 @@ def plan_run(config: RunConfig, cluster: Cluster, model: ModelInfo, files: list[
             "max_tokens_per_batch": config.max_tokens_per_batch,
             "threads": config.encoder_threads, "replicas": replicas,
             "storage_options": config.storage_options, "fingerprint": model.fingerprint,
+            "doc_vectors": config.doc_vectors,
         },
         actors=replicas, batch_rows=config.window_rows or WINDOW_ROWS[device],
         **(_rank_resources(ranks, device) | {"group": group_name} if ranks > 1 else
@@ -193,8 +195,10 @@ def plan_run(config: RunConfig, cluster: Cluster, model: ModelInfo, files: list[
         task=config.task, prefix=task_prefix(config.task), dims=config.dims,
         output_dtype=config.output_dtype,
     )
+    if config.long_text == "chunk":
+        metadata |= {"chunks": config.long_text_spec.identity()}
     output = OutputSpec(config.id_column, config.keep_columns, config.dims,
-                        config.output_dtype, metadata)
+                        config.output_dtype, metadata, long_text=config.long_text_spec)
     return RunPlan(
         files=tuple(files), format=files[0].format if files else "parquet",
         read=ReadSpec(config.id_column, config.text_column, config.keep_columns, id_type,

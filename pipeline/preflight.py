@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from .chunking import Chunker
 from .config import RunConfig
 from .io.errors import InputError
 from .io.readers import JSON_TEXT
@@ -19,7 +20,7 @@ from .io.sampling import (json_id_type, json_value_type, preferred_record, sampl
 from .io.storage import InputFile, check_disjoint, list_inputs, prepare_output, split_large_parquet
 from .model.config import check_dims, check_split, load_config
 from .plan import ModelInfo
-from .tokenize import TextTokenizer, TokenizerError
+from .tokenize import TextTokenizer, TokenizerError, task_prefix
 
 # Shards to look at for a first row before giving up on checking the columns up front.
 MAX_SAMPLED_FILES = 20
@@ -132,6 +133,8 @@ def load_model_info(config: RunConfig) -> ModelInfo:
     tokenizer = TextTokenizer.from_json(tokenizer_json) if tokenizer_json else None
     if tokenizer is None or tokenizer.vocab_size > model_config.vocab_size:
         raise TokenizerError(f"model {resolved.model_id} has no usable tokenizer.json")
+    if config.long_text == "chunk":  # the window against this tokenizer's prefix, now
+        Chunker(tokenizer, task_prefix(config.task), config.chunk_tokens, config.chunk_overlap)
     # Actors resolve the same source; a hub source is pinned to the commit resolved here.
     source = str(resolved.local_dir) if resolved.kind == "local" else config.model
     return ModelInfo(

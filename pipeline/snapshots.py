@@ -12,7 +12,7 @@ from typing import Any
 
 from . import units
 from .io.errors import OutputError
-from .io.storage import MANIFEST_DIR, REJECTS_DIR, SUMMARY_NAME, open_for_publish, storage_errors, to_uri
+from .io.storage import MANIFEST_DIR, SUMMARY_NAME, is_side_file, open_for_publish, storage_errors, to_uri
 
 LATEST = "_LATEST"
 SNAPSHOT_RE = re.compile(r"^snapshot-\d{8}T\d{6}Z(-\d+)?$")
@@ -67,7 +67,7 @@ def load_previous(fs, root: str, name: str, root_uri: str) -> Previous:
         summary = json.loads(fs.cat_file(f"{base}/{SUMMARY_NAME}"))
         state = units.load_state(fs, base, sorted(fs.find(f"{base}/{MANIFEST_DIR}")))
         names = sorted(f for u in state.units.values() for f in u["files"]
-                       if not f.startswith(REJECTS_DIR + "/"))
+                       if not is_side_file(f))
         sizes = fs.info  # one HEAD per part file (files are ~128 MiB; few per snapshot)
         files = [(f"{uri}/{n}", int(sizes(f"{base}/{n}")["size"])) for n in names]
     if state.identity is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from .io.storage import DOCUMENTS_DIR, REJECTS_DIR, is_side_file
 from .units import Totals
 
 
@@ -100,13 +101,28 @@ def build(*, committed: dict[str, dict[str, Any]], resumed: Iterable[str],
         "encoder_tokens_per_busy_s": round(now["tokens"] / now["encode_s"], 1)
         if now["encode_s"] > 0 else 0.0,
         "input_files": input_files,
-        "output_files": [f"{base}/{f}" for f in every["files"] if not f.startswith("_rejects/")],
-        "rejects_files": [f"{base}/{f}" for f in every["files"] if f.startswith("_rejects/")],
+        "output_files": [f"{base}/{f}" for f in every["files"] if not is_side_file(f)],
+        "rejects_files": [f"{base}/{f}" for f in every["files"]
+                          if f.startswith(REJECTS_DIR + "/")],
+        **_chunk_fields(config, every, base),
         "output_bytes": every["bytes"],
         "model": model,
         "widths": list(config["dims"]),
         "config": config,
     }
+
+
+def _chunk_fields(config: dict[str, Any], every: dict[str, Any], base: str) -> dict[str, Any]:
+    """With ``--long-text chunk``: the chunks of the embedded documents (rows stay documents:
+    ``rows_embedded`` counts documents, ``chunks`` the output's rows)."""
+    if config.get("long_text") != "chunk":
+        return {}
+    docs = every["rows_embedded"]
+    return {"chunks": every["chunks"], "chunks_per_doc_max": every["chunks_max"],
+            "chunks_per_doc_mean": round(every["chunks"] / docs, 4) if docs else 0.0,
+            "docs_chunked": every["docs_chunked"], "overlap_tokens": every["overlap_tokens"],
+            "documents_files": [f"{base}/{f}" for f in every["files"]
+                                if f.startswith(DOCUMENTS_DIR + "/")]}
 
 
 def model_fields(plan) -> dict[str, Any]:
@@ -132,6 +148,11 @@ def report(result: dict[str, Any], config, command: str = "run",
     embedded = result["rows_embedded"] + result.get("rows_reused", 0)
     lines = [f"rows: {result['rows_in']:,} in, {embedded:,} embedded{reused}, "
              f"{result['rows_rejected']:,} rejected ({result['reject_fraction']:.1%})"]
+    if "chunks" in result:
+        lines.append(f"chunks: {result['chunks']:,} ({result['docs_chunked']:,} document(s) "
+                     f"over {config.chunk_tokens} tokens cut in several, at most "
+                     f"{result['chunks_per_doc_max']:,} for one; {result['overlap_tokens']:,} "
+                     "overlap tokens)")
     reasons = sorted(result.get("reject_reasons", {}).items(), key=lambda kv: -kv[1])
     for reason, n in reasons[:3]:
         lines.append(f"  rejected {n:,}: {reason}")

@@ -3,6 +3,12 @@
 Uses the model directory's fast tokenizer (``tokenizer.json``, batch encoding in Rust). The
 task prefix is plain text prepended before tokenisation and counts toward the 512 tokens
 (model-spec section 4); truncation cuts the text and keeps ``</s>``.
+
+A long text is cut to a safe number of characters before it is tokenized (a 1 MB text is not
+tokenized whole to keep its first 512 tokens): at whitespace before ``16 x max_length``
+characters, doubled until the cut text alone overflows the limit or the text is whole. Cuts
+fall between words, which the tokenizer segments one by one, so the ids are those of the
+whole text (one word of more than ~8,000 characters is cut inside).
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ TASK_PREFIXES = {
 SPECIAL_IDS = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Truncation tokenizes at most this many characters per token of the limit at first.
+CUT_CHARS_PER_TOKEN = 16
+_CUT_SLACK = 1024
 
 
 class TokenizerError(ValueError):
@@ -118,9 +127,24 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def untruncated(self) -> Tokenizer:
+        """A copy of the tokenizer that does not truncate (for chunking and counting)."""
+        tok = Tokenizer.from_str(self._tok.to_str())
+        tok.no_truncation()
+        return tok
+
     def encode(self, texts: Sequence[str]) -> TokenizedBatch:
         """Tokenise already-prefixed, already-validated texts (see :func:`text_problem`)."""
-        encodings = self._tok.encode_batch(list(texts), add_special_tokens=True)
+        texts = list(texts)
+        chars = CUT_CHARS_PER_TOKEN * self.max_length
+        encodings = self._tok.encode_batch([cut_text(t, chars) for t in texts],
+                                           add_special_tokens=True)
+        for i, text in enumerate(texts):
+            # Cut, yet within the limit: the cut may have dropped tokens that fit; cut later.
+            limit = chars
+            while len(text) > limit and not encodings[i].overflowing:
+                limit *= 2
+                encodings[i] = self._tok.encode(cut_text(text, limit), add_special_tokens=True)
         lengths = np.fromiter((len(e.ids) for e in encodings), np.int32, len(encodings))
         truncated = np.fromiter((bool(e.overflowing) for e in encodings), bool, len(encodings))
         ids = (
@@ -128,3 +152,12 @@ class TextTokenizer:
             if encodings else np.zeros(0, np.int32)
         )
         return TokenizedBatch(ids, lengths, truncated)
+
+
+def cut_text(text: str, chars: int) -> str:
+    """``text`` if it has at most ``chars`` characters, else a prefix of it ending at the last
+    whitespace before ``chars`` (or at ``chars`` when there is none in the last 1,024)."""
+    if len(text) <= chars:
+        return text
+    cut = max(text.rfind(c, max(0, chars - _CUT_SLACK), chars) for c in " \n\t\r")
+    return text[:cut] if cut > 0 else text[:chars]

@@ -38,7 +38,8 @@ log = logging.getLogger("pipeline.units")
 RUN_FILE = "_run.json"
 # Settings that change what a row's output is; a resumed run must match them all.
 IDENTITY_FIELDS = ("model_fingerprint", "tokenizer_sha256", "task", "dims", "output_dtype",
-                   "dtype", "id_column", "text_column", "keep_columns", "on_duplicate")
+                   "dtype", "id_column", "text_column", "keep_columns", "on_duplicate",
+                   "long_text")
 
 
 def unit_manifest_name(key: str) -> str:
@@ -197,6 +198,7 @@ def run_identity(config, dtype: str | None, model, inputs=None) -> dict[str, Any
         "task": config.task, "dims": list(config.dims), "output_dtype": config.output_dtype,
         "dtype": dtype, "id_column": config.id_column, "text_column": config.text_column,
         "keep_columns": list(config.keep_columns), "on_duplicate": config.on_duplicate,
+        "long_text": config.long_text_spec.identity(),
         "model_id": model.model_id, "revision": model.revision,
     }
 
@@ -208,7 +210,9 @@ def write_identity(fs, path: str, identity: dict[str, Any]) -> None:
 
 COUNTS = ("rows", "row_sum", "rows_embedded", "rows_rejected", "tokens", "texts_truncated",
           "grid_tokens", "batch_grid_tokens", "bytes",
-          "rows_new", "rows_changed", "rows_unchanged", "rows_reused")  # the last: nightly
+          "rows_new", "rows_changed", "rows_unchanged", "rows_reused",  # nightly
+          "chunks", "docs_chunked", "overlap_tokens")  # --long-text chunk
+MAXIMA = ("chunks_max",)
 TIMES = ("tokenize_s", "encode_s", "write_s")
 
 
@@ -217,7 +221,8 @@ class Totals:
     """Counts, stage times, reject reasons and files summed over write records or committed
     units: the one sum behind each unit's manifest, the run summary and the nightly counts."""
 
-    counts: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
+    counts: dict[str, int] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(COUNTS + MAXIMA, 0))
     times: dict[str, float] = dataclasses.field(
         default_factory=lambda: dict.fromkeys(TIMES, 0.0))
     reject_reasons: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -236,6 +241,8 @@ class Totals:
         """Add a write record, or a unit's manifest (both carry the same fields)."""
         for k in COUNTS:
             self.counts[k] += item.get(k, 0)
+        for k in MAXIMA:
+            self.counts[k] = max(self.counts[k], item.get(k, 0))
         for k in TIMES:
             self.times[k] += item.get(k, 0)
         for reason, n in item.get("reject_reasons", {}).items():

@@ -400,6 +400,54 @@ def test_iceberg_warehouse(tmp_path, monkeypatch):
     assert catalog.properties["warehouse"].endswith(str(tmp_path / "wh"))
 
 
+def test_long_text(model_info, tiny_model_dir):
+    p = plan(model_info, "--long-text", "reject")
+    stage = TokenizeStage(**p.tokenize.kwargs)
+    assert stage.long_text.mode == "reject" and stage.chunker is not None
+    assert p.output.long_text.mode == "reject"
+    assert TokenizeStage(**plan(model_info).tokenize.kwargs).chunker is None
+    with pytest.raises(SystemExit):
+        parse("--long-text", "split")
+
+
+def test_chunk_tokens(model_info):
+    p = plan(model_info, "--long-text", "chunk", "--chunk-tokens", "128", "--chunk-overlap", "16")
+    assert TokenizeStage(**p.tokenize.kwargs).chunker.window == 128
+    assert p.output.long_text.window == 128 and p.output.metadata["chunks"]["window"] == 128
+    with pytest.raises(ValueError, match="apply to long_text 'chunk' only"):
+        parse("--chunk-tokens", "128")
+    with pytest.raises(ValueError, match="at most the model's 512"):
+        parse("--long-text", "chunk", "--chunk-tokens", "513")
+
+
+def test_chunk_overlap(model_info, tiny_model_dir):
+    from pipeline.preflight import load_model_info
+
+    p = plan(model_info, "--long-text", "chunk", "--chunk-overlap", "10")
+    assert TokenizeStage(**p.tokenize.kwargs).chunker.overlap == 10
+    # Half the window or more, or a window with no room after the prefix: refused by the
+    # pre-flight, which knows the tokenizer's prefix length (before Ray starts).
+    for extra in (("--chunk-overlap", "256"), ("--chunk-tokens", "12")):
+        with pytest.raises(ValueError, match="chunk_"):
+            load_model_info(parse("--model", str(tiny_model_dir), "--dims", "64,32",
+                                  "--long-text", "chunk", *extra))
+
+
+def test_max_chunks(model_info):
+    p = plan(model_info, "--long-text", "chunk", "--max-chunks", "7")
+    assert TokenizeStage(**p.tokenize.kwargs).chunker.max_chunks == 7
+
+
+def test_keep_chunk_text(model_info):
+    p = plan(model_info, "--long-text", "chunk", "--keep-chunk-text")
+    assert p.output.long_text.chunk_text and p.tokenize.kwargs["long_text"].chunk_text
+
+
+def test_doc_vectors(model_info):
+    p = plan(model_info, "--long-text", "chunk", "--doc-vectors")
+    assert p.output.long_text.doc_vectors and encode_stage(p).doc_vectors
+
+
 def test_every_option_has_a_test_here():
     tested = {name.removeprefix("test_") for name in globals() if name.startswith("test_")}
     tested |= {"input", "format"}  # test_input_and_format

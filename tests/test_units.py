@@ -26,7 +26,7 @@ from pipeline.io.readers import (JSON_TEXT, ReadSpec, open_decompressed, read_js
 from pipeline.io.storage import (MANIFEST_DIR, SUMMARY_NAME, InputFile, OutputError,
                                  open_filesystem, own_files, prepare_output, remove_files)
 from pipeline.io.writers import OutputSpec, write_outputs
-from pipeline.units import (COUNTS, IDENTITY_FIELDS, RUN_FILE, TIMES, OutputState,
+from pipeline.units import (COUNTS, IDENTITY_FIELDS, MAXIMA, RUN_FILE, TIMES, OutputState,
                             RowsDuplicated, Totals, Tracker, complete, decode_types, encode_types,
                             incomplete_units, load_state, manifest_path, merge, resumable_units,
                             stray_files, unit_key, unit_manifest_name, write_identity)
@@ -187,12 +187,19 @@ def test_unit_key_is_stable_and_distinct():
 # Totals (the one sum behind manifests, the summary and the nightly counts) and merge
 
 
+def test_totals_take_the_largest_of_a_maximum():
+    total = Totals.of([{"chunks": 3, "chunks_max": 2}, {"chunks": 9, "chunks_max": 7},
+                       {"chunks": 1, "chunks_max": 1}])
+    assert (total.counts["chunks"], total.counts["chunks_max"]) == (13, 7)
+
+
 def test_totals_start_at_zero_with_every_field():
     total = Totals()
-    assert total.counts == dict.fromkeys(COUNTS, 0) and total.times == dict.fromkeys(TIMES, 0.0)
+    assert total.counts == dict.fromkeys(COUNTS + MAXIMA, 0)
+    assert total.times == dict.fromkeys(TIMES, 0.0)
     assert (total.reject_reasons, total.files) == ({}, [])
     assert (total.encode_first_start, total.encode_last_end) == (0.0, 0.0)
-    assert set(total.as_dict()) == set(COUNTS) | set(TIMES) | {
+    assert set(total.as_dict()) == set(COUNTS) | set(MAXIMA) | set(TIMES) | {
         "reject_reasons", "files", "encode_first_start", "encode_last_end"}
     assert Totals.of([]).as_dict() == total.as_dict()
 
@@ -356,7 +363,8 @@ def test_parquet_blocks_commit_their_unit(tmp_path, damaged):
 IDENT = {"model_fingerprint": "fp1", "tokenizer_sha256": "tk1", "task": "document",
          "dims": [768, 256], "output_dtype": "float32", "dtype": "float32", "id_column": "id",
          "text_column": "text", "keep_columns": ["lang"], "on_duplicate": "keep-first",
-         "model_id": "nomic-ai/nomic-embed-text-v2-moe", "revision": "abc123"}
+         "model_id": "nomic-ai/nomic-embed-text-v2-moe", "revision": "abc123",
+         "long_text": None}
 A, B, C = "s3://in/a.jsonl", "s3://in/b.jsonl", "s3://in/c.jsonl"
 
 

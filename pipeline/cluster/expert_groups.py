@@ -34,6 +34,7 @@ from ray.util.placement_group import (get_placement_group, placement_group,
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..batching import attention_slots, deal_groups, default_max_tokens, plan_batches
+from ..config import POOLED
 from ..errors import root_cause
 from ..model.cpu import CPU_WORKER_ENV, default_threads, set_threads
 from ..tokenize import TokenizedBatch
@@ -82,9 +83,9 @@ class ExpertRank:
                 "parameters": sum(p.numel() for p in enc.parameters())}
 
     def encode(self, flat_ids: np.ndarray, lengths: np.ndarray, groups: list[np.ndarray],
-               steps: int, dims: tuple[int, ...]) -> dict[int, np.ndarray]:
+               steps: int, dims: tuple[int, ...], pooled: bool = False) -> dict[int, np.ndarray]:
         batch = TokenizedBatch(flat_ids, lengths, np.zeros(len(lengths), bool))
-        return self.embedder.embed_tokenized(batch, dims, groups, steps=steps)
+        return self.embedder.embed_tokenized(batch, dims, groups, steps=steps, pooled=pooled)
 
 
 class RankGroup:
@@ -178,15 +179,15 @@ class RankGroup:
         varlen = bool(self.info and self.info[0]["varlen"])  # as the ranks run attention
         return attention_slots(lengths, groups, varlen)
 
-    def embed_tokenized(self, batch, dims: tuple[int, ...],
-                        groups: list[np.ndarray]) -> dict[int, np.ndarray]:
+    def embed_tokenized(self, batch, dims: tuple[int, ...], groups: list[np.ndarray],
+                        pooled: bool = False) -> dict[int, np.ndarray]:
         """Like ``Embedder.embed_tokenized``, the groups spread over the ranks. A failed group
         is replaced and the window retried, ``restarts`` times in the group's life."""
         while True:
             try:
                 if not self.ranks:
                     self.start()
-                return self._embed(batch, dims, groups)
+                return self._embed(batch, dims, groups, pooled)
             except GroupFailed as err:
                 self.stop()
                 if self.restarts_left <= 0:
@@ -195,7 +196,7 @@ class RankGroup:
                 log.warning("%s; starting a new group and retrying the window (%d restart(s) "
                             "left)", err, self.restarts_left)
 
-    def _embed(self, batch, dims, groups_G) -> dict[int, np.ndarray]:
+    def _embed(self, batch, dims, groups_G, pooled: bool) -> dict[int, np.ndarray]:
         """The window's batches dealt to the R ranks (``dealt_R``: each rank's batch indices),
         one call per rank with the common step count; vectors back in the window's order."""
         offsets = batch.offsets
@@ -210,13 +211,16 @@ class RankGroup:
             # The rank's groups_G, as positions in its own sub-batch.
             starts = np.cumsum([0] + [len(g) for g in members])
             local = [np.arange(starts[j], starts[j + 1]) for j in range(len(members))]
-            calls.append(rank.encode.remote(flat_T, batch.lengths[seqs], local, steps, dims))
+            calls.append(rank.encode.remote(flat_T, batch.lengths[seqs], local, steps, dims,
+                                            pooled))
             rows.append(seqs)
         results = self._wait(calls, "encoding")
-        out_MW = {d: np.empty((len(batch.lengths), d), np.float32) for d in dims}
+        keys = [*dims, POOLED] if pooled else list(dims)
+        out_MW = {k: np.empty((len(batch.lengths), results[0][k].shape[1]), np.float32)
+                  for k in keys}
         for seqs, vectors in zip(rows, results):
-            for d in dims:
-                out_MW[d][seqs] = vectors[d]
+            for k in keys:
+                out_MW[k][seqs] = vectors[k]
         return out_MW
 
     def _wait(self, calls: list, doing: str) -> list:

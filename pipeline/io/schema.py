@@ -30,6 +30,14 @@ TOKENS = "__tokens"  # list<int32>, empty for rejected rows
 NUM_TOKENS = "__num_tokens"
 TRUNCATED = "__truncated"
 TOKENIZE_S = "__tokenize_s"  # this row's share of its tokenizer batch's wall time
+# Set by the tokenizer stage with --long-text chunk (a row stays one document: its chunks'
+# ids follow each other in TOKENS, NUM_TOKENS is their sum).
+CHUNK_LENGTHS = "__chunk_lengths"  # list<int32>: model input tokens per chunk
+CHAR_STARTS = "__char_starts"  # list<int64>: each chunk's char_start in the document's text
+CHAR_ENDS = "__char_ends"  # list<int64>: char_end (exclusive)
+CHUNK_WEIGHTS = "__chunk_weights"  # list<int32>: document tokens each adds beyond the overlap
+CHUNK_TEXTS = "__chunk_texts"  # list<string>, with --keep-chunk-text
+OVERLAP_TOKENS = "__overlap_tokens"  # document tokens shared by consecutive chunks
 # Set by the encoder stage.
 GRID_TOKENS = "__grid_tokens"  # attention slots the encoder computed this row at
 BATCH_MAX = "__batch_max"  # the longest sequence of this row's encoder batch
@@ -44,6 +52,11 @@ CHANGE = "__change"  # "new", "changed" or "unchanged" against the previous snap
 REUSE = "__reuse"  # true: the previous snapshot's embeddings are reused, the row is not encoded
 PREV_HASH = "__prev_hash"  # the previous snapshot's rows, read for the diff
 SEEN = "__seen"  # ids a resumed snapshot committed earlier (checked for duplicates)
+
+
+def doc_embedding(width: int) -> str:
+    """A chunked document's vector of one width (``--doc-vectors``), set by the encoder."""
+    return f"__doc_{width}"
 
 
 def prev_embedding(width: int) -> str:

@@ -30,6 +30,8 @@ COMPRESSION_SUFFIXES = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd":
 OUTPUT_PART_GLOB = "part-*.parquet"
 SUMMARY_NAME = "_summary.json"
 REJECTS_DIR = "_rejects"
+DOCUMENTS_DIR = "_documents"  # --long-text chunk --doc-vectors: one vector per document
+SIDE_DIRS = (REJECTS_DIR, DOCUMENTS_DIR)  # part files beside the output's own rows
 MANIFEST_DIR = "_manifest"
 # S3 data access: botocore's standard retry mode backs off on throttling, 5xx and resets;
 # the connect timeout bounds how long an unreachable endpoint takes to report.
@@ -302,6 +304,12 @@ def relative(path: str, base: str, local: bool = False) -> str:
     return posixpath.basename(p)
 
 
+def is_side_file(name: str) -> bool:
+    """Whether an output file name (relative to the output) is a reject or document file, not
+    one of the output's own rows."""
+    return name.partition("/")[0] in SIDE_DIRS
+
+
 def own_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     """The files the pipeline writes under an output ``path``: parts, rejects, manifests,
     the summary, and on local disks the temporaries of interrupted writes."""
@@ -317,7 +325,7 @@ def own_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
         top, _, rest = rel.partition("/")
         single = "/" not in rest
         if rel == SUMMARY_NAME or top == MANIFEST_DIR \
-                or (top == REJECTS_DIR and single and _is_part_or_temporary(rest)) \
+                or (top in SIDE_DIRS and single and _is_part_or_temporary(rest)) \
                 or (not rest and _is_part_or_temporary(top)):
             ours.append(p)
     return sorted(ours)

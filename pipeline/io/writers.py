@@ -12,13 +12,15 @@ import uuid
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..chunking import LongText
 from ..config import embedding_column
 from . import schema as S
-from .storage import REJECTS_DIR, open_for_publish, storage_errors, to_uri, unit_key
+from .storage import DOCUMENTS_DIR, REJECTS_DIR, open_for_publish, storage_errors, to_uri, unit_key
 
 ROW_GROUP_ROWS = 8192
 # Output files of about this many bytes of embeddings (no swarm of tiny files, none too big
@@ -38,6 +40,7 @@ class OutputSpec:
     # Further output columns: (output name, internal column), written after the embeddings
     # (the nightly snapshot's content_hash, the enrichment's source row number).
     extra_columns: tuple[tuple[str, str], ...] = ()
+    long_text: LongText = LongText()
 
     @property
     def bytes_per_row(self) -> int:
@@ -47,26 +50,73 @@ class OutputSpec:
         return max(1024, TARGET_FILE_BYTES // self.bytes_per_row)
 
 
+CHUNK_COLUMNS = ("chunk", "chunks", "char_start", "char_end", "tokens")
+
+
 def split_rows(table: pa.Table, spec: OutputSpec) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
     """``(embedded, rejects, stats)`` of a table of encoder rows.
 
     ``embedded`` has the id, the kept columns and the embedding columns, with the run metadata
-    in its schema; ``rejects`` follows :data:`schema.REJECTS_SCHEMA`.
+    in its schema (with ``--long-text chunk``: one row per chunk, see :func:`chunk_rows`);
+    ``rejects`` follows :data:`schema.REJECTS_SCHEMA`.
     """
     rejected = pc.is_valid(table[S.REJECT])
     good = table.filter(pc.invert(rejected))
     bad = table.filter(rejected)
-    columns = {spec.id_column: good[S.ID]}
-    columns |= {c: good[c] for c in spec.keep_columns}
-    columns |= {embedding_column(d): good[embedding_column(d)] for d in spec.dims}
-    columns |= {name: good[internal] for name, internal in spec.extra_columns}
-    embedded = pa.table(columns).replace_schema_metadata(S.encode_metadata(spec.metadata))
+    if spec.long_text.chunked:
+        embedded = chunk_rows(good, spec)
+    else:
+        columns = {spec.id_column: good[S.ID]}
+        columns |= {c: good[c] for c in spec.keep_columns}
+        columns |= {embedding_column(d): good[embedding_column(d)] for d in spec.dims}
+        columns |= {name: good[internal] for name, internal in spec.extra_columns}
+        embedded = pa.table(columns)
+    embedded = embedded.replace_schema_metadata(S.encode_metadata(spec.metadata))
     rejects = pa.table({
         "id": id_text(bad[S.ID]),
         "source": bad[S.SOURCE], "row": bad[S.ROW], "reason": bad[S.REJECT],
         "excerpt": bad[S.EXCERPT],
     }, schema=S.REJECTS_SCHEMA)
     return embedded, rejects, row_stats(table, good, bad)
+
+
+def chunk_rows(good: pa.Table, spec: OutputSpec) -> pa.Table:
+    """One row per chunk of the embedded documents ``good``: the id, ``chunk`` (0-based),
+    ``chunks`` (the document's count), ``char_start``/``char_end`` (code points, half-open),
+    ``tokens`` (the chunk's model input), ``chunk_text`` if kept, the kept columns (repeated),
+    the embeddings, the extra columns (repeated)."""
+    lengths = good[S.CHUNK_LENGTHS].combine_chunks()
+    doc = pc.list_parent_indices(lengths)
+    counts = pc.list_value_length(lengths)
+    first = np.concatenate(([0], np.cumsum(counts.to_numpy(zero_copy_only=False))))[:-1]
+    index = np.arange(len(doc)) - first[doc.to_numpy()]
+    repeat = lambda column: good[column].take(doc)  # noqa: E731 (a document's value per chunk)
+    columns = {spec.id_column: repeat(S.ID),
+               "chunk": pa.array(index.astype(np.int32)),
+               "chunks": counts.take(doc).cast(pa.int32()),
+               "char_start": pc.list_flatten(good[S.CHAR_STARTS]),
+               "char_end": pc.list_flatten(good[S.CHAR_ENDS]),
+               "tokens": pc.list_flatten(lengths)}
+    if spec.long_text.chunk_text:
+        columns["chunk_text"] = pc.list_flatten(good[S.CHUNK_TEXTS])
+    columns |= {c: repeat(c) for c in spec.keep_columns}
+    columns |= {embedding_column(d): pc.list_flatten(good[embedding_column(d)])
+                for d in spec.dims}
+    columns |= {name: repeat(internal) for name, internal in spec.extra_columns}
+    return pa.table(columns)
+
+
+def document_rows(good: pa.Table, spec: OutputSpec) -> pa.Table:
+    """One row per chunked document (``--doc-vectors``): the id, ``chunks``, ``tokens`` (its
+    chunks' model input tokens), the kept columns and the document's vectors."""
+    columns = {spec.id_column: good[S.ID],
+               "chunks": pc.list_value_length(good[S.CHUNK_LENGTHS]).cast(pa.int32()),
+               "tokens": good[S.NUM_TOKENS]}
+    columns |= {c: good[c] for c in spec.keep_columns}
+    columns |= {embedding_column(d): good[S.doc_embedding(d)] for d in spec.dims}
+    return pa.table(columns).replace_schema_metadata(S.encode_metadata(
+        spec.metadata | {"documents": "token-weighted mean of the chunks' pooled vectors, then "
+                                      "cut and L2-normalised per width"}))
 
 
 def id_text(ids: pa.ChunkedArray) -> pa.Array:
@@ -90,7 +140,7 @@ def row_stats(table: pa.Table, good: pa.Table, bad: pa.Table) -> dict[str, Any]:
     if bad.num_rows:
         first = [bad[S.ROW][0].as_py(), bad[S.REJECT][0].as_py()]
     starts = table[S.ENCODE_START] if S.ENCODE_START in table.column_names else None
-    return change_stats(good) | {
+    return change_stats(good) | chunk_stats(good) | {
         "rows": table.num_rows,
         "row_sum": int(pc.sum(table[S.ROW]).as_py() or 0),
         "file_rows": _max_or(table, S.FILE_ROWS),
@@ -119,6 +169,18 @@ def change_stats(good: pa.Table) -> dict[str, int]:
     reused = int(pc.sum(pc.cast(good[S.REUSE], pa.int64())).as_py() or 0)
     return {"rows_new": kinds.get("new", 0), "rows_changed": kinds.get("changed", 0),
             "rows_unchanged": kinds.get("unchanged", 0), "rows_reused": reused}
+
+
+def chunk_stats(good: pa.Table) -> dict[str, int]:
+    """With ``--long-text chunk``: chunks written, the most of one document, the documents
+    cut into more than one, and the document tokens embedded twice (overlaps)."""
+    if S.CHUNK_LENGTHS not in good.column_names:
+        return {}
+    counts = pc.list_value_length(good[S.CHUNK_LENGTHS])
+    return {"chunks": int(pc.sum(counts).as_py() or 0),
+            "chunks_max": int(pc.max(counts).as_py() or 0),
+            "docs_chunked": int(pc.sum(pc.greater(counts, 1)).as_py() or 0),
+            "overlap_tokens": int(pc.sum(good[S.OVERLAP_TOKENS]).as_py() or 0)}
 
 
 def _max_or(table: pa.Table, column: str) -> int:
@@ -164,6 +226,11 @@ def write_outputs(fs, output_path: str, table: pa.Table, spec: OutputSpec) -> li
         if rejects.num_rows:
             name = f"{REJECTS_DIR}/{part_name(unit)}"
             size += write_parquet(fs, f"{base}/{name}", rejects)
+            files.append(name)
+        if spec.long_text.doc_vectors and embedded.num_rows:
+            good = part.filter(pc.is_null(part[S.REJECT]))
+            name = f"{DOCUMENTS_DIR}/{part_name(unit)}"
+            size += write_parquet(fs, f"{base}/{name}", document_rows(good, spec))
             files.append(name)
         records.append(stats | {"unit": unit, "source": source, "files": files, "bytes": size})
     return records

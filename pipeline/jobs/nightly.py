@@ -44,7 +44,7 @@ from ..config import RunConfig
 from ..errors import RunFailed
 from ..io import schema as S
 from ..io.errors import OutputError
-from ..io.storage import REJECTS_DIR, SUMMARY_NAME, open_filesystem, prepare_output
+from ..io.storage import SUMMARY_NAME, is_side_file, open_filesystem, prepare_output
 from ..snapshots import (LATEST, Previous, list_snapshots, load_previous, new_snapshot_name,
                          prune, publish, read_latest, unfinished_snapshot)
 from ..stages.diff import HASH_COLUMN, plan_diff
@@ -72,7 +72,7 @@ def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str
     # duplicate check (a resumed run must not write an id twice).
     seen = tuple(sorted((f"{plan.output_uri.rstrip('/')}/{name}", unit["uri"])
                         for unit in work.kept.values() for name in unit["files"]
-                        if not name.startswith(REJECTS_DIR + "/")))
+                        if not is_side_file(name)))
     diff = plan_diff(
         identity=identity, read=plan.read,
         previous_identity=previous.identity if previous else None,

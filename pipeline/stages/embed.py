@@ -15,11 +15,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..config import embedding_column
+from ..chunking import Chunker, Chunks, LongText
+from ..config import POOLED, embedding_column
 from ..io import schema as S
 from ..io.schema import embedding_type
 from ..model.cpu import default_threads, set_threads
 from ..tokenize import TextTokenizer, TokenizedBatch, add_prefix, task_prefix
+
+NORM_EPS = 1e-12  # as the encoder's own normalisation (pipeline/model/pooling.py)
 
 
 def require_columns(table: pa.Table, columns, stage: str) -> None:
@@ -35,13 +38,22 @@ def _good_rows(table: pa.Table) -> np.ndarray:
 
 
 class TokenizeStage:
-    """Validate ids and texts, add the task prefix, tokenize; strings stop here."""
+    """Validate ids and texts, add the task prefix, tokenize; strings stop here.
+
+    A text over the model's limit is truncated, rejected with its token count, or cut into
+    chunks (``long_text``, see ``pipeline/chunking.py``); a chunked document stays one row,
+    its chunks' ids one after another in ``__tokens`` and their spans in list columns.
+    """
 
     NEEDS = (S.ID, S.TEXT, S.REJECT, S.EXCERPT)
 
-    def __init__(self, tokenizer_json: str, task: str) -> None:
+    def __init__(self, tokenizer_json: str, task: str, long_text: LongText = LongText()) -> None:
         self.tokenizer = TextTokenizer.from_json(tokenizer_json)
         self.prefix = task_prefix(task)
+        self.long_text = long_text
+        self.chunker = None if long_text.mode == "truncate" else Chunker(
+            self.tokenizer, self.prefix, long_text.window, long_text.overlap,
+            long_text.max_chunks)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         require_columns(table, self.NEEDS, "tokenize")
@@ -55,18 +67,90 @@ class TokenizeStage:
             else [False] * table.num_rows
         good = S.reject_unembeddable(ids_null, texts, rejects, excerpts, skip=reused)
         tokens = self.tokenizer.encode([add_prefix(texts[i], self.prefix) for i in good])
-        lengths = np.zeros(table.num_rows, np.int32)
+        sequences = [tokens.sequence(k) for k in range(len(good))]
         truncated = np.zeros(table.num_rows, bool)
-        lengths[good], truncated[good] = tokens.lengths, tokens.truncated
+        chunks: dict[int, Chunks] = {}
+        if self.long_text.mode == "truncate":
+            truncated[good] = tokens.truncated
+        elif self.long_text.mode == "reject":
+            for k in np.flatnonzero(tokens.truncated):
+                i = good[k]
+                rejects[i], excerpts[i] = self._over_limit(texts[i]), S.excerpt(texts[i])
+        else:
+            window = self.long_text.window
+            for k, i in enumerate(good):
+                if not tokens.truncated[k] and tokens.lengths[k] <= window:
+                    chunks[i] = one_chunk(sequences[k], len(texts[i]))
+                    continue
+                cut = self.chunker.chunk(texts[i])
+                if isinstance(cut, str):
+                    rejects[i], excerpts[i] = cut, S.excerpt(texts[i])
+                else:
+                    chunks[i] = cut
+                    truncated[i] = cut.truncated > 0
+        ids_N = [np.zeros(0, np.int32)] * table.num_rows
+        for k, i in enumerate(good):
+            if rejects[i] is None:
+                ids_N[i] = chunks[i].ids if i in chunks else sequences[k]
+        lengths = np.fromiter((len(x) for x in ids_N), np.int32, table.num_rows)
         offsets = np.concatenate(([0], np.cumsum(lengths, dtype=np.int64))).astype(np.int32)
+        flat = np.concatenate(ids_N) if table.num_rows else np.zeros(0, np.int32)
         out = table.drop_columns([S.TEXT, S.REJECT, S.EXCERPT])
         elapsed = (time.perf_counter() - t0) / max(table.num_rows, 1)
-        return out.append_column(S.REJECT, pa.array(rejects, pa.string())) \
+        out = out.append_column(S.REJECT, pa.array(rejects, pa.string())) \
             .append_column(S.EXCERPT, pa.array(excerpts, pa.string())) \
-            .append_column(S.TOKENS, pa.ListArray.from_arrays(offsets, pa.array(tokens.ids))) \
+            .append_column(S.TOKENS, pa.ListArray.from_arrays(offsets, pa.array(flat, pa.int32()))) \
             .append_column(S.NUM_TOKENS, pa.array(lengths)) \
             .append_column(S.TRUNCATED, pa.array(truncated)) \
             .append_column(S.TOKENIZE_S, pa.array(np.full(table.num_rows, elapsed)))
+        if self.long_text.chunked:
+            kept = {i: c for i, c in chunks.items() if rejects[i] is None}
+            out = append_chunk_columns(out, kept, texts, self.long_text.chunk_text)
+        return out
+
+    def _over_limit(self, text: str) -> str:
+        count, exact = self.chunker.count_tokens(text)
+        counted = f"{count} tokens" if exact else f"more than {count} tokens"
+        return (f"text over the model's {self.tokenizer.max_length}-token limit: {counted} "
+                "with the task prefix (--long-text reject)")
+
+
+def one_chunk(ids: np.ndarray, chars: int) -> Chunks:
+    """A document that fits: one chunk, the whole text."""
+    n = len(ids)
+    return Chunks(ids, np.array([n], np.int32), np.array([0], np.int64),
+                  np.array([chars], np.int64), np.array([n], np.int32))
+
+
+def append_chunk_columns(table: pa.Table, chunks: dict[int, Chunks], texts: list,
+                         with_text: bool) -> pa.Table:
+    """The chunk list columns of ``table``'s rows (empty lists for rows without chunks)."""
+    n = table.num_rows
+    counts = np.zeros(n, np.int64)
+    for i, c in chunks.items():
+        counts[i] = c.count
+    offsets = pa.array(np.concatenate(([0], np.cumsum(counts))).astype(np.int32))
+    order = sorted(chunks)
+
+    def listed(field: str, dtype) -> pa.Array:
+        parts = [getattr(chunks[i], field) for i in order]
+        values = np.concatenate(parts) if parts else np.zeros(0)
+        return pa.ListArray.from_arrays(offsets, pa.array(values.astype(dtype)))
+
+    out = table.append_column(S.CHUNK_LENGTHS, listed("lengths", np.int32)) \
+        .append_column(S.CHAR_STARTS, listed("starts", np.int64)) \
+        .append_column(S.CHAR_ENDS, listed("ends", np.int64)) \
+        .append_column(S.CHUNK_WEIGHTS, listed("weights", np.int32))
+    overlap = np.zeros(n, np.int64)
+    for i, c in chunks.items():
+        overlap[i] = c.overlap_tokens
+    out = out.append_column(S.OVERLAP_TOKENS, pa.array(overlap))
+    if with_text:
+        pieces = [texts[i][a:b] for i in order
+                  for a, b in zip(chunks[i].starts.tolist(), chunks[i].ends.tolist())]
+        out = out.append_column(S.CHUNK_TEXTS, pa.ListArray.from_arrays(
+            offsets, pa.array(pieces, pa.string())))
+    return out
 
 
 class EncodeStage:
@@ -84,7 +168,8 @@ class EncodeStage:
                  dims: tuple[int, ...], output_dtype: str, max_tokens_per_batch: int | None,
                  threads: int | None = None, replicas: int = 1,
                  storage_options: dict[str, Any] | None = None,
-                 fingerprint: str | None = None, engine: Callable[..., Any] | None = None) -> None:
+                 fingerprint: str | None = None, engine: Callable[..., Any] | None = None,
+                 doc_vectors: bool = False) -> None:
         load = dict(model=model, revision=revision, device=device, dtype=dtype,
                     max_tokens_per_batch=max_tokens_per_batch, storage_options=storage_options,
                     fingerprint=fingerprint)
@@ -99,7 +184,7 @@ class EncodeStage:
             from ..embedder import load_worker_embedder
 
             self.embedder = load_worker_embedder(**load)
-        self.dims, self.output_dtype = dims, output_dtype
+        self.dims, self.output_dtype, self.doc_vectors = dims, output_dtype, doc_vectors
 
     def __call__(self, table: pa.Table) -> pa.Table:
         require_columns(table, self.NEEDS, "encode")
@@ -110,32 +195,73 @@ class EncodeStage:
             reuse_flags_N = pc.fill_null(table[S.REUSE], False).to_numpy(zero_copy_only=False)
             reused = good_M[reuse_flags_N[good_M]]
             good_M = good_M[~reuse_flags_N[good_M]]
+        # Sequences: one per row, or one per chunk of a chunked document (its chunks' ids
+        # follow each other in the row's tokens); doc_S: the row (index into good_M) of each.
         tokens = table[S.TOKENS].combine_chunks()
-        lengths_M = table[S.NUM_TOKENS].to_numpy()[good_M]
-        flat_T = pc.list_flatten(tokens.take(pa.array(good_M))).to_numpy().astype(np.int32, copy=False)
-        batch = TokenizedBatch(flat_T, lengths_M, np.zeros(len(good_M), bool))
-        groups_G = self.embedder.plan(lengths_M)
-        vectors_MW = self.embedder.embed_tokenized(batch, self.dims, groups_G)
-        grid_N = np.zeros(table.num_rows, np.int32)
-        batch_max_N = np.zeros(table.num_rows, np.int32)
-        grid_N[good_M] = self.embedder.attention_slots(lengths_M, groups_G)
+        take_M = pa.array(good_M)
+        chunked = S.CHUNK_LENGTHS in table.column_names
+        if chunked:
+            per_doc = table[S.CHUNK_LENGTHS].combine_chunks().take(take_M)
+            lengths_S = pc.list_flatten(per_doc).to_numpy().astype(np.int32, copy=False)
+            doc_S = pc.list_parent_indices(per_doc).to_numpy()
+        else:
+            lengths_S = table[S.NUM_TOKENS].to_numpy()[good_M].astype(np.int32, copy=False)
+            doc_S = np.arange(len(good_M))
+        flat_T = pc.list_flatten(tokens.take(take_M)).to_numpy().astype(np.int32, copy=False)
+        batch = TokenizedBatch(flat_T, lengths_S, np.zeros(len(lengths_S), bool))
+        groups_G = self.embedder.plan(lengths_S)
+        pooled = chunked and self.doc_vectors
+        vectors_SW = self.embedder.embed_tokenized(batch, self.dims, groups_G,
+                                                   **({"pooled": True} if pooled else {}))
+        grid_S = self.embedder.attention_slots(lengths_S, groups_G)
+        batch_max_S = np.zeros(len(lengths_S), np.int64)
         for g in groups_G:
-            batch_max_N[good_M[g]] = lengths_M[g].max()
+            batch_max_S[g] = lengths_S[g].max()
+        grid_N = np.zeros(table.num_rows, np.int64)
+        batch_max_N = np.zeros(table.num_rows, np.int64)
+        np.add.at(grid_N, good_M[doc_S], grid_S)
+        np.add.at(batch_max_N, good_M[doc_S], batch_max_S)
         prev = [S.prev_embedding(d) for d in self.dims if S.prev_embedding(d) in table.column_names]
         out = table.drop_columns([S.TOKENS, *prev])
-        rows = np.concatenate([good_M, reused])
-        for d in self.dims:
-            values = vectors_MW[d]
-            if len(reused):
-                values = np.concatenate([values, reused_vectors(table, reused, d)])
-            out = out.append_column(embedding_column(d), self._column(values, rows, table.num_rows, d))
-        elapsed = time.perf_counter() - t0
         n = table.num_rows
+        if chunked:
+            counts_N = np.zeros(n, np.int64)
+            counts_N[good_M] = np.bincount(doc_S, minlength=len(good_M))
+            for d in self.dims:
+                out = out.append_column(embedding_column(d),
+                                        self._chunk_column(vectors_SW[d], good_M, counts_N, d))
+            if pooled:
+                weights_S = pc.list_flatten(table[S.CHUNK_WEIGHTS].combine_chunks().take(take_M))
+                docs_MW = doc_vectors(vectors_SW[POOLED], doc_S, len(good_M),
+                                      weights_S.to_numpy().astype(np.float64), self.dims)
+                for d in self.dims:
+                    out = out.append_column(S.doc_embedding(d),
+                                            self._column(docs_MW[d], good_M, n, d))
+        else:
+            rows = np.concatenate([good_M, reused])
+            for d in self.dims:
+                values = vectors_SW[d]
+                if len(reused):
+                    values = np.concatenate([values, reused_vectors(table, reused, d)])
+                out = out.append_column(embedding_column(d), self._column(values, rows, n, d))
+        elapsed = time.perf_counter() - t0
         return out.append_column(S.GRID_TOKENS, pa.array(grid_N)) \
             .append_column(S.BATCH_MAX, pa.array(batch_max_N)) \
             .append_column(S.ENCODE_S, pa.array(np.full(n, elapsed / max(n, 1)))) \
             .append_column(S.ENCODE_START, pa.array(np.full(n, start))) \
             .append_column(S.ENCODE_END, pa.array(np.full(n, start + elapsed)))
+
+    def _chunk_column(self, vectors_SW: np.ndarray, rows: np.ndarray, counts_N: np.ndarray,
+                      width: int) -> pa.Array:
+        """A list<fixed-size-list> column: each row's chunk vectors (null for other rows)."""
+        dtype = np.float16 if self.output_dtype == "float16" else np.float32
+        values = pa.FixedSizeListArray.from_arrays(
+            pa.array(vectors_SW.astype(dtype, copy=False).reshape(-1)), width) \
+            .cast(embedding_type(width, self.output_dtype))
+        offsets = np.concatenate(([0], np.cumsum(counts_N))).astype(np.int32)
+        mask = np.ones(len(counts_N), bool)
+        mask[rows] = False
+        return pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(mask))
 
     def _column(self, vectors_MW: np.ndarray, rows: np.ndarray, n: int, width: int) -> pa.Array:
         """A fixed-size-list column with ``rows`` filled (one vector each) and the others null."""
@@ -147,6 +273,23 @@ class EncodeStage:
         values = pa.array(full.reshape(-1))
         return pa.FixedSizeListArray.from_arrays(values, width, mask=pa.array(mask)) \
             .cast(embedding_type(width, self.output_dtype))
+
+
+def doc_vectors(pooled_SD: np.ndarray, doc_S: np.ndarray, docs: int, weights_S: np.ndarray,
+                dims: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """One vector per document: the mean of its chunks' pooled vectors, each weighted by the
+    document tokens it adds beyond the overlap, then cut and L2-normalised per width (as a
+    chunk's own vector is)."""
+    weighted = np.zeros((docs, pooled_SD.shape[1]), np.float64)
+    np.add.at(weighted, doc_S, pooled_SD * weights_S[:, None])
+    totals = np.bincount(doc_S, weights_S, minlength=docs)
+    mean_MD = weighted / np.maximum(totals, 1e-12)[:, None]
+    out = {}
+    for d in dims:
+        cut = mean_MD[:, :d]
+        norms = np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), NORM_EPS)
+        out[d] = (cut / norms).astype(np.float32)
+    return out
 
 
 def reused_vectors(table: pa.Table, rows: np.ndarray, width: int) -> np.ndarray:
