@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .config import resolve_device_type, resolve_dtype_name
+from .config import POOLED, resolve_device_type, resolve_dtype_name
 from .batching import attention_padding, attention_slots, default_max_tokens, plan_batches
 from .model.layers import uses_varlen
 from .model.cpu import retain_freed_memory
@@ -157,17 +157,21 @@ class Embedder:
     @torch.inference_mode()
     def embed_tokenized(
         self, batch: TokenizedBatch, dims: Sequence[int], groups: list[np.ndarray] | None = None,
-        steps: int | None = None,
+        steps: int | None = None, pooled: bool = False,
     ) -> dict[int, np.ndarray]:
         """Embed already tokenised sequences in token-budgeted packed batches, input order kept.
 
         ``groups`` (default :meth:`plan`) are the index groups run as one packed batch each.
         ``steps`` (expert parallelism: the most groups any rank of the group has this call)
         pads the call with idle forward steps, so that every rank makes the same collectives.
+        ``pooled`` adds, under the key :data:`POOLED`, the mean-pooled vectors before any cut
+        or normalisation (``[N, hidden]`` float32; document vectors average them).
         """
         dims = check_dims(dims, self.hidden_size)
         n = len(batch.lengths)
         out = {d: np.empty((n, d), dtype=np.float32) for d in dims}
+        if pooled:
+            out[POOLED] = np.empty((n, self.hidden_size), dtype=np.float32)
         if groups is None:
             groups = self.plan(batch.lengths)
         offsets = batch.offsets
@@ -176,9 +180,11 @@ class Embedder:
             packed = PackedBatch.from_lengths_and_ids(ids, batch.lengths[group])
             packed = packed.to(self.encoder.device)
             hidden_TD = self.encoder.forward_packed(packed)
-            widths = matryoshka(mean_pool(hidden_TD, packed), dims)
-            for d, vectors in widths.items():
+            pooled_BD = mean_pool(hidden_TD, packed)
+            for d, vectors in matryoshka(pooled_BD, dims).items():
                 out[d][group] = vectors.cpu().numpy()
+            if pooled:
+                out[POOLED][group] = pooled_BD.cpu().numpy()
         for _ in range(len(groups), steps or 0):
             self.encoder.forward_idle()
         self.last_stats = EncodeStats(
