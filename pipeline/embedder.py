@@ -93,9 +93,10 @@ class Embedder:
         device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
         cache_dir: str | os.PathLike | None = None,
         max_tokens_per_batch: int | None = None, moe_backend: str = "auto",
-        placement=None,
+        placement=None, gguf_expert_bias: str | os.PathLike = "zero",
     ) -> "Embedder":
-        """Load from a local directory, a hub id (default the real model) or an fsspec prefix.
+        """Load from a local directory, a hub id (default the real model) or an fsspec prefix,
+        or a GGUF file (a path, a URI or ``org/name/file.gguf``; see docs/gguf.md).
 
         ``dtype`` is a torch dtype or its name (float32, bfloat16, float16; ``auto`` picks
         bfloat16 on CUDA, float32 on CPU). The router always runs in float32.
@@ -103,9 +104,12 @@ class Embedder:
         4096 on CPU in float32, 16384 on CPU in bfloat16 and on CUDA). ``placement`` (an
         :class:`~pipeline.model.expert_parallel.ExpertGroup`) makes this one rank of an
         expert-parallel group: it loads only its experts and must encode in step with the
-        other ranks (see ``steps`` of :meth:`embed_tokenized`).
+        other ranks (see ``steps`` of :meth:`embed_tokenized`). ``gguf_expert_bias`` (GGUF
+        only): ``"zero"``, what llama.cpp computes, or the sidecar file of the hub model's MoE
+        output biases (``python -m pipeline.model.gguf expert-bias``).
         """
-        resolved = resolve_model(source or DEFAULT_MODEL, revision=revision, cache_dir=cache_dir)
+        resolved = resolve_model(source or DEFAULT_MODEL, revision=revision, cache_dir=cache_dir,
+                                 gguf_expert_bias=gguf_expert_bias)
         dev = resolve_device(device)
         if dev.type == "cpu":
             retain_freed_memory()
@@ -197,11 +201,12 @@ class Embedder:
 def load_worker_embedder(model: str, *, revision: str | None, device: str, dtype: str,
                          max_tokens_per_batch: int | None,
                          storage_options: dict[str, Any] | None, fingerprint: str | None,
-                         placement=None) -> Embedder:
+                         placement=None, gguf_expert_bias: str = "zero") -> Embedder:
     """The encoder of a pipeline worker (an encoder actor, an expert-parallel rank): the model
     resolved on this node, checked against the weights the driver fingerprinted, loaded whole
     or (``placement``) as one expert-parallel rank."""
-    resolved = resolve_model(model, revision=revision, storage_options=storage_options)
+    resolved = resolve_model(model, revision=revision, storage_options=storage_options,
+                             gguf_expert_bias=gguf_expert_bias)
     if fingerprint is not None and weights_fingerprint(resolved.local_dir) != fingerprint:
         raise ModelSourceError(
             f"the weights of {model} on this node differ from the ones the driver checked "

@@ -1,8 +1,11 @@
-"""Where the model comes from: a local directory, an fsspec URI (s3://, gs://, ...) or a hub repo.
+"""Where the model comes from: a local directory, an fsspec URI (s3://, gs://, ...) or a hub repo,
+or a GGUF file (llama.cpp's format) in any of those places.
 
 Every source resolves to a local directory in the hub layout (``config.json``, safetensors
 weights, tokenizer files) that :func:`pipeline.model.load_encoder` reads. Remote copies are
-cached once per node; pickle checkpoints (``*.bin``, ``*.pt``, ...) are never downloaded.
+cached once per node; pickle checkpoints (``*.bin``, ``*.pt``, ...) are never downloaded. A GGUF
+file is converted once (per node, per content) into such a directory in the model cache
+(:mod:`pipeline.model.gguf`).
 
 Cluster nodes often have no route to huggingface.co, so every failure to reach a source is a
 :class:`ModelSourceError` raised within seconds, naming the source and what to do instead.
@@ -20,17 +23,20 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import fsspec
-from huggingface_hub import HfApi, constants, errors, snapshot_download
+from huggingface_hub import HfApi, constants, errors, hf_hub_download, snapshot_download
 from huggingface_hub.file_download import repo_folder_name
 
 from .checkpoint import PICKLE_SUFFIXES, weight_files
 from .config import DEFAULT_MODEL
+from .gguf import (CONVERTER_VERSION, GGUFError, GGUFExpertBiasWarning, convert_gguf,
+                   gguf_manifest, zero_bias_warning)
 
 
 # The files a model directory needs; anything else under a remote prefix is left behind.
@@ -54,6 +60,10 @@ S3_MAX_ATTEMPTS = 2
 _HASH_CHUNK = 8 << 20
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _REPO_ID = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
+# A GGUF file in a hub repo: `org/name/path/to/file.gguf`.
+_HUB_GGUF = re.compile(rf"({_REPO_PART}/{_REPO_PART})/((?:[A-Za-z0-9._-]+/)*[A-Za-z0-9._-]+"
+                       r"\.gguf)", re.IGNORECASE)
+GGUF_SUFFIX = ".gguf"
 _PATH_PREFIXES = ("/", "./", "../", "~")
 
 SourceKind = Literal["local", "fsspec", "hub"]
@@ -65,16 +75,24 @@ class ModelSourceError(RuntimeError):
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """A model source made local: ``local_dir`` holds config.json, safetensors and tokenizer."""
+    """A model source made local: ``local_dir`` holds config.json, safetensors and tokenizer.
+
+    ``gguf`` describes a GGUF source (its sha256, the tensor types it held and the expert bias
+    used); None for every other source.
+    """
 
     local_dir: Path
     model_id: str
     revision: str | None
     kind: SourceKind
+    gguf: dict[str, Any] | None = None
 
-    def describe(self) -> dict[str, str | None]:
-        """``{"model_id", "revision", "kind"}`` for output metadata (hub revision = commit)."""
-        return {"model_id": self.model_id, "revision": self.revision, "kind": self.kind}
+    def describe(self) -> dict[str, Any]:
+        """``{"model_id", "revision", "kind"}`` for output metadata (hub revision = commit),
+        and ``"gguf"`` for a GGUF source."""
+        described: dict[str, Any] = {"model_id": self.model_id, "revision": self.revision,
+                                     "kind": self.kind}
+        return described | ({"gguf": self.gguf} if self.gguf else {})
 
 
 def resolve_model(
@@ -83,14 +101,19 @@ def resolve_model(
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     storage_options: dict[str, Any] | None = None,
+    gguf_expert_bias: str | os.PathLike[str] = "zero",
 ) -> ResolvedModel:
     """Make ``source`` available as a local hub-layout directory.
 
     ``source`` is a local directory (or ``file://`` URI), an fsspec URI whose files sit directly
-    under the prefix (``s3://bucket/models/nomic-v2/``), or a hub repo id (``org/name``).
+    under the prefix (``s3://bucket/models/nomic-v2/``), or a hub repo id (``org/name``); or a
+    ``.gguf`` file: a local path, an fsspec URI, or ``org/name/file.gguf`` in a hub repo.
     ``revision`` (branch, tag or commit) applies to hub repos only. ``cache_dir`` holds remote
-    copies (default ``$NOMIC_PIPELINE_CACHE`` or ``~/.cache/nomic-moe-pipeline/models``; for
-    hub repos the Hugging Face cache). ``storage_options`` go to ``fsspec.core.url_to_fs``.
+    copies and converted GGUF files (default ``$NOMIC_PIPELINE_CACHE`` or
+    ``~/.cache/nomic-moe-pipeline/models``; for hub downloads the Hugging Face cache).
+    ``storage_options`` go to ``fsspec.core.url_to_fs``. ``gguf_expert_bias`` (GGUF sources
+    only) is ``"zero"``, what llama.cpp computes, or a sidecar file (path or URI) of the hub
+    checkpoint's MoE output biases, which GGUF files lack (see :mod:`pipeline.model.gguf`).
     """
     kind = source_kind(source)
     if revision is not None and kind != "hub":
@@ -98,6 +121,12 @@ def resolve_model(
             f"revision={revision!r} applies to hub repo ids only; {str(source)!r} is a {kind} "
             "source, pin it by its path instead"
         )
+    if is_gguf_source(source):
+        return _resolve_gguf(source, kind, revision, cache_dir, storage_options or {},
+                             os.fspath(gguf_expert_bias))
+    if os.fspath(gguf_expert_bias) != "zero":
+        raise ModelSourceError(f"the GGUF expert bias applies to .gguf model files only; "
+                               f"{str(source)!r} is not one")
     if kind == "local":
         path = _resolve_local(source)
         return ResolvedModel(path, str(path), None, "local")
@@ -150,20 +179,33 @@ def source_kind(source: str | os.PathLike[str]) -> SourceKind:
         return "local" if source.startswith("file://") else "fsspec"
     if _looks_like_path(source):
         return "local"
-    if not _REPO_ID.fullmatch(source) or ".." in source or "--" in source:
+    hub_file = _HUB_GGUF.fullmatch(source)
+    repo_id = hub_file.group(1) if hub_file else source
+    if not _REPO_ID.fullmatch(repo_id) or ".." in source or "--" in repo_id:
         raise ModelSourceError(
             f"model source {source!r} is not an existing local directory, an fsspec URI "
-            "(s3://bucket/prefix/, gs://..., file:///path) or a Hugging Face repo id of the "
-            f"form 'org/name' (e.g. {DEFAULT_MODEL!r})"
+            "(s3://bucket/prefix/, gs://..., file:///path), a Hugging Face repo id of the "
+            f"form 'org/name' (e.g. {DEFAULT_MODEL!r}) or a GGUF file ('org/name/file.gguf' in "
+            "a hub repo, or a path or URI ending in .gguf)"
         )
     return "hub"
+
+
+def is_gguf_source(source: str | os.PathLike[str]) -> bool:
+    """Whether ``source`` names a GGUF file (by its suffix, ``.gguf``)."""
+    return os.fspath(source).rstrip("/").lower().endswith(GGUF_SUFFIX)
 
 
 def weights_fingerprint(model_dir: str | os.PathLike[str]) -> str:
     """``"sha256:<hex>"`` over the names and bytes of the safetensors weights of ``model_dir``.
 
-    Uses the same file list as the loader (index-aware), so extra files do not change it.
+    Uses the same file list as the loader (index-aware), so extra files do not change it. A
+    directory converted from a GGUF file has the GGUF's: ``"sha256:<gguf>+expert_bias:zero"``
+    (or ``+expert_bias:sha256:<sidecar>``).
     """
+    manifest = gguf_manifest(model_dir)
+    if manifest is not None:
+        return manifest["weights_fingerprint"]
     digest = hashlib.sha256()
     for path in weight_files(Path(model_dir)):
         # Name and length delimit each file so that moving bytes between files changes the hash.
@@ -388,24 +430,110 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# --- GGUF files (llama.cpp) ------------------------------------------------------------------
+
+
+def _resolve_gguf(source: str | os.PathLike[str], kind: SourceKind, revision: str | None,
+                  cache_dir: str | os.PathLike[str] | None, storage_options: dict[str, Any],
+                  expert_bias: str) -> ResolvedModel:
+    """The GGUF file made local, then converted once into a hub-layout directory of the model
+    cache, keyed by the file's sha256, the expert bias and the converter's version."""
+    root, commit = _cache_root(cache_dir), None
+    if kind == "local":
+        path = _local_path(source).resolve()
+        if not path.is_file():
+            raise ModelSourceError(f"GGUF file {str(path)!r} does not exist")
+        model_id, sha = str(path), _sha256_file(path)
+    elif kind == "fsspec":
+        model_id = _normalise_uri(str(source))
+        path, sha = _fetch_fsspec_file(model_id, root, storage_options)
+    else:
+        model_id = str(source)
+        repo_id, filename = _HUB_GGUF.fullmatch(model_id).groups()
+        path, commit = _resolve_hub(repo_id, revision, cache_dir, filename)
+        sha = _sha256_file(path)
+    bias, label = _read_expert_bias(expert_bias, storage_options)
+    tag = "zero" if bias is None else f"bias{label.removeprefix('sha256:')[:12]}"
+    leaf = re.sub(r"[^A-Za-z0-9._-]", "_", path.stem)[:40]
+    target = root / "gguf" / f"{leaf}-{sha[:16]}-{tag}-v{CONVERTER_VERSION}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.with_name(target.name + ".lock")):
+        if gguf_manifest(target) is None:
+            tmp = _sibling_tmp(target, ".partial")
+            try:
+                convert_gguf(path, tmp, expert_bias=bias, expert_bias_label=label, sha256=sha)
+                _replace_dir(tmp, target)
+            except GGUFError as err:
+                raise GGUFError(f"{model_id}: {err}") from None
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    manifest = gguf_manifest(target)
+    if bias is None:
+        warnings.warn(zero_bias_warning(model_id), GGUFExpertBiasWarning, stacklevel=3)
+    info = {"sha256": sha, "quant_types": manifest["quant_types"], "expert_bias": label}
+    return ResolvedModel(target, model_id, commit, kind, info)
+
+
+def _read_expert_bias(source: str, storage_options: dict[str, Any]) -> tuple[bytes | None, str]:
+    """``(sidecar bytes, "sha256:<hex>")``, or ``(None, "zero")``; the sidecar may be remote."""
+    if source == "zero":
+        return None, "zero"
+    if "://" not in source or source.startswith("file://"):
+        path = _local_path(source)
+        if not path.is_file():
+            raise ModelSourceError(f"GGUF expert-bias file {str(path)!r} does not exist")
+        data = path.read_bytes()
+    else:
+        fs, path = _open_fs(source, storage_options)
+        with _remote_errors(source, "read"), fs.open(path, "rb") as f:
+            data = f.read()
+    return data, "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _fetch_fsspec_file(uri: str, root: Path, storage_options: dict[str, Any]) -> tuple[Path, str]:
+    """One remote file, cached like a model prefix (by listing size and version); returns the
+    local copy and its sha256."""
+    fs, path = _open_fs(uri, storage_options)
+    with _remote_errors(uri, "stat"):
+        info = fs.info(path)
+    if info.get("type") != "file":
+        raise ModelSourceError(f"{uri} is not a file (a GGUF source names the .gguf file)")
+    name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+    remote = {name: _RemoteFile(info["name"], int(info["size"]), _remote_version(info))}
+    target = _cache_dir_for(root, uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.with_name(target.name + ".lock")):
+        if not _cache_is_current(target, uri, remote):
+            _download(fs, uri, remote, target)
+    manifest = json.loads((target / MANIFEST).read_text())
+    return target / name, manifest["files"][name]["sha256"]
+
+
 # --- Hugging Face Hub ------------------------------------------------------------------------
 
 
 def _resolve_hub(
-    repo_id: str, revision: str | None, cache_dir: str | os.PathLike[str] | None
+    repo_id: str, revision: str | None, cache_dir: str | os.PathLike[str] | None,
+    filename: str | None = None,
 ) -> tuple[Path, str]:
-    """Download (or reuse from the HF cache) the model files; returns ``(dir, commit)``."""
+    """Download (or reuse from the HF cache) the model files, or the one file ``filename``;
+    returns ``(dir or file, commit)``."""
 
     endpoint = _hub_endpoint()
     if _hub_offline():
-        return _hub_from_cache(repo_id, revision, cache_dir, endpoint, "HF_HUB_OFFLINE is set")
+        return _hub_from_cache(repo_id, revision, cache_dir, endpoint, "HF_HUB_OFFLINE is set",
+                               filename)
     try:
         commit = _hub_commit(repo_id, revision, endpoint)
-        folder = _hub_snapshot(repo_id, commit, cache_dir, endpoint, local_files_only=False)
+        folder = _hub_snapshot(repo_id, commit, cache_dir, endpoint, local_files_only=False,
+                               filename=filename)
         _record_hub_ref(repo_id, revision, commit, cache_dir)
     except errors.RevisionNotFoundError as err:
         message = f"revision {revision or 'main'!r} does not exist in hub repo {repo_id!r}"
         raise ModelSourceError(message) from err
+    except errors.RemoteEntryNotFoundError as err:
+        raise ModelSourceError(f"hub repo {repo_id!r} has no file {filename!r} at revision "
+                               f"{revision or 'main'!r}") from err
     except errors.GatedRepoError as err:
         raise ModelSourceError(
             f"hub repo {repo_id!r} is gated: accept its terms on the Hub, then log in "
@@ -417,7 +545,7 @@ def _resolve_hub(
         ) from err
     except (errors.HfHubHTTPError, *_hub_network_errors()) as err:
         cause = f"{type(err).__name__}: {err}"
-        return _hub_from_cache(repo_id, revision, cache_dir, endpoint, cause)
+        return _hub_from_cache(repo_id, revision, cache_dir, endpoint, cause, filename)
     return folder, commit
 
 
@@ -465,8 +593,13 @@ def _hub_snapshot(
     endpoint: str | None,
     *,
     local_files_only: bool,
+    filename: str | None = None,
 ) -> Path:
-
+    if filename is not None:
+        return Path(hf_hub_download(
+            repo_id, filename, revision=revision, cache_dir=cache_dir, endpoint=endpoint,
+            etag_timeout=HUB_METADATA_TIMEOUT_S, local_files_only=local_files_only,
+        ))
     folder = snapshot_download(
         repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS, cache_dir=cache_dir,
         endpoint=endpoint, etag_timeout=HUB_METADATA_TIMEOUT_S, local_files_only=local_files_only,
@@ -499,19 +632,23 @@ def _hub_from_cache(
     cache_dir: str | os.PathLike[str] | None,
     endpoint: str | None,
     cause: str,
+    filename: str | None = None,
 ) -> tuple[Path, str]:
     """The Hugging Face cache's copy when the Hub cannot be reached, else a how-to error."""
 
     try:
-        folder = _hub_snapshot(repo_id, revision, cache_dir, None, local_files_only=True)
+        folder = _hub_snapshot(repo_id, revision, cache_dir, None, local_files_only=True,
+                               filename=filename)
     except FileNotFoundError as err:  # LocalEntryNotFoundError: not in the cache either
+        what = f"{repo_id} {filename}" if filename else repo_id
         raise ModelSourceError(
             f"could not reach the Hugging Face Hub at {endpoint or constants.ENDPOINT} for "
             f"{repo_id!r} ({cause}) and no copy is in "
             "the local Hugging Face cache. To use a local copy, download it on a connected "
-            f"machine with `hf download {repo_id} --local-dir DIR` (or `huggingface-cli "
-            f"download {repo_id} --local-dir DIR`), then pass that directory (or an s3:// "
-            "copy of it) as the model source"
+            f"machine with `hf download {what} --local-dir DIR` (or `huggingface-cli "
+            f"download {what} --local-dir DIR`), then pass that directory (or an s3:// "
+            f"copy of it{', the .gguf file in it' if filename else ''}) as the model source"
         ) from err
     # Snapshot folders are named by commit hash (huggingface_hub cache layout).
-    return folder, folder.name
+    snapshot = folder.parents[len(Path(filename).parts) - 1] if filename else folder
+    return folder, snapshot.name
