@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import gguf
 import numpy as np
 import pytest
@@ -36,6 +37,7 @@ from pipeline.model.config import EncoderConfig, load_config
 from pipeline.model.sources import (ModelSourceError, describe_source, resolve_model,
                                     source_kind, weights_fingerprint)
 from pipeline.tokenize import TextTokenizer
+from tests.test_sources import COMMIT, _FakeHub, fake_hub, model_files  # noqa: F401
 
 ARCH = "nomic-bert-moe"
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED = 1, 2, 3, 4, 5
@@ -600,3 +602,128 @@ def test_rope_base_defaults_to_10000_and_is_read_when_present(tiny, tmp_path, ca
                                   cache).local_dir)
     given = load_config(resolve(spec.write(tmp_path / "b.gguf"), cache).local_dir)
     assert (default.rotary_base, given.rotary_base) == (10000.0, 20000.0)
+
+
+# --- sources -------------------------------------------------------------------------------------
+
+
+def test_local_file_is_converted_once_per_content(tiny, tmp_path, cache):
+    cfg, state, tok = tiny
+    path = write_gguf(tmp_path / "tiny.gguf", state, cfg, tok, Q.Q8_0)
+    first = resolve(path, cache)
+    stamp = (first.local_dir / "model.safetensors").stat().st_mtime_ns
+    again = resolve(path, cache)
+    assert again.local_dir == first.local_dir and \
+        (again.local_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (first.model_id, first.kind, first.revision) == (str(path), "local", None)
+    assert describe_source(path) == {"model_id": str(path), "revision": None, "kind": "local"}
+    write_gguf(path, state, cfg, tok, Q.Q4_0)  # new content, same name: converted again
+    changed = resolve(path, cache)
+    assert changed.local_dir != first.local_dir
+    assert changed.describe()["gguf"]["quant_types"] == {"F32": 33, "Q4_0": 17}
+
+
+def test_fsspec_file_is_downloaded_and_converted(tiny, tmp_path, cache):
+    cfg, state, tok = tiny
+    path = write_gguf(tmp_path / "tiny.gguf", state, cfg, tok, Q.F16)
+    root = f"/gguf-{tmp_path.name}"
+    fs = fsspec.filesystem("memory")
+    fs.pipe(f"{root}/m/tiny.gguf", path.read_bytes())
+    try:
+        remote = resolve(f"memory://{root}/m/tiny.gguf", cache)
+        local = resolve(path, cache)
+    finally:
+        fs.rm(root, recursive=True)
+    assert (remote.model_id, remote.kind) == (f"memory://{root}/m/tiny.gguf", "fsspec")
+    assert weights_fingerprint(remote.local_dir) == weights_fingerprint(local.local_dir)
+    with pytest.raises(ModelSourceError, match="no such bucket or prefix"):
+        resolve_model(f"memory://{root}/m/tiny.gguf", cache_dir=cache)
+
+
+@pytest.mark.parametrize("source, kind", [
+    ("nomic-ai/nomic-embed-text-v2-moe-GGUF/nomic-embed-text-v2-moe.Q8_0.gguf", "hub"),
+    ("org/name/sub/dir/Model-F16.GGUF", "hub"), ("s3://bucket/m.gguf", "fsspec"),
+    ("./m.gguf", "local")])
+def test_gguf_sources_by_kind(source, kind, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert source_kind(source) == kind
+
+
+@pytest.mark.parametrize("bad", ["org/name/../x.gguf", "org/na--me/x.gguf", "org/x.gguf/",
+                                 "org/name/a b.gguf"])
+def test_malformed_hub_gguf_ids_are_refused(bad, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelSourceError, match="GGUF file"):
+        resolve_model(bad, cache_dir=tmp_path)
+
+
+def test_hub_file_is_downloaded_by_commit(fake_hub, tiny, tmp_path, cache, monkeypatch):
+    cfg, state, tok = tiny
+    data = write_gguf(tmp_path / "tiny.gguf", state, cfg, tok, Q.Q8_0).read_bytes()
+    monkeypatch.setattr(_FakeHub, "REPO", {"gguf/tiny.Q8_0.gguf": data})
+    resolved = resolve("org/model/gguf/tiny.Q8_0.gguf", cache)
+    assert (resolved.revision, resolved.kind) == (COMMIT, "hub")
+    assert resolved.describe()["gguf"]["sha256"] == G._sha256(tmp_path / "tiny.gguf")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the Hugging Face cache now serves it
+    assert resolve("org/model/gguf/tiny.Q8_0.gguf", cache).local_dir == resolved.local_dir
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def test_convert_and_expert_bias_commands(parity_fixture_dir, tiny, tmp_path, capsys):
+    cfg = load_config(parity_fixture_dir)
+    state = load_file(str(parity_fixture_dir / "model.safetensors"))
+    path = write_gguf(tmp_path / "parity.gguf", state, cfg, tiny[2])
+    sidecar = tmp_path / "bias.safetensors"
+    assert G.main(["expert-bias", "--model", str(parity_fixture_dir), "--out", str(sidecar)]) == 0
+    assert G.main(["convert", str(path), "--out", str(tmp_path / "out"),
+                   "--expert-bias", str(sidecar)]) == 0
+    assert "1 F32 tensors" not in capsys.readouterr().out
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(torch.equal(got[k], v) for k, v in state.items())  # F32 + sidecar: the hub's
+    assert weights_fingerprint(tmp_path / "out") == \
+        f"sha256:{G._sha256(path)}+expert_bias:sha256:{G._sha256(sidecar)}"
+    assert G.main(["convert", str(path), "--out", str(tmp_path / "zero")]) == 0
+    assert "using zero, as llama.cpp does" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        G.main(["convert", str(path), "--out", str(tmp_path / "out")])  # not empty
+
+
+# --- a run ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_run_with_a_gguf_model(tiny, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from pipeline.cli import main
+    from pipeline.io.schema import read_metadata
+
+    cfg, state, tok = tiny
+    path = write_gguf(tmp_path / "tiny.Q8_0.gguf", state, cfg, tok, Q.Q8_0)
+    monkeypatch.setenv("NOMIC_PIPELINE_CACHE", str(tmp_path / "cache"))
+    texts = TEXTS[::6]
+    pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), tmp_path / "in.parquet")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.warns(G.GGUFExpertBiasWarning):
+            code = main(["run", "--input", str(tmp_path / "in.parquet"), "--output",
+                         str(tmp_path / "out"), "--model", str(path), "--dims", "64,32",
+                         "--progress", "off"])
+    finally:
+        ray.shutdown()
+    assert code == 0
+    table = pq.read_table(sorted((tmp_path / "out").glob("part-*.parquet")))
+    with pytest.warns(G.GGUFExpertBiasWarning):
+        model = Embedder.from_pretrained(path, device="cpu", dtype="float32")
+    want = model.encode([texts[i] for i in table["id"].to_pylist()], dims=(64, 32))
+    for d in (64, 32):
+        got = np.stack(table[f"embedding_{d}"].to_numpy(zero_copy_only=False))
+        assert np.abs(got - want[d]).max() < TOL
+    meta = read_metadata(table.schema)
+    assert meta["model_id"] == str(path)
+    assert meta["weights_fingerprint"] == f"sha256:{G._sha256(path)}+expert_bias:zero"

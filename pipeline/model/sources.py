@@ -543,7 +543,8 @@ def _resolve_hub(
         raise ModelSourceError(
             f"hub repo {repo_id!r} was not found (or is private and no valid HF_TOKEN is set)"
         ) from err
-    except (errors.HfHubHTTPError, *_hub_network_errors()) as err:
+    except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, *_hub_network_errors()) as err:
+        # LocalEntryNotFoundError: a file download that could not reach the Hub.
         cause = f"{type(err).__name__}: {err}"
         return _hub_from_cache(repo_id, revision, cache_dir, endpoint, cause, filename)
     return folder, commit
