@@ -114,6 +114,7 @@ def document_rows(good: pa.Table, spec: OutputSpec) -> pa.Table:
                "tokens": good[S.NUM_TOKENS]}
     columns |= {c: good[c] for c in spec.keep_columns}
     columns |= {embedding_column(d): good[S.doc_embedding(d)] for d in spec.dims}
+    columns |= {name: good[internal] for name, internal in spec.extra_columns}
     return pa.table(columns).replace_schema_metadata(S.encode_metadata(
         spec.metadata | {"documents": "token-weighted mean of the chunks' pooled vectors, then "
                                       "cut and L2-normalised per width"}))

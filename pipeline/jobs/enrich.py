@@ -42,7 +42,8 @@ from ..config import RunConfig, embedding_column
 from ..errors import RunFailed, root_cause
 from ..io import schema as S
 from ..io.errors import InputError
-from ..io.storage import (InputFile, check_disjoint, glob_base, is_local, list_inputs,
+from ..io.storage import (DOCUMENTS_DIR, OUTPUT_PART_GLOB, InputFile, check_disjoint,
+                          glob_base, is_local, is_side_file, list_inputs,
                           is_iceberg, open_filesystem, open_for_publish, own_files, publish_json, relative,
                           storage_errors, to_uri)
 from .run import JobSpec, run
@@ -50,6 +51,7 @@ from .run import JobSpec, run
 log = logging.getLogger("pipeline.enrich")
 
 STAGING = "_staging"
+CHUNKS = "_chunks"  # --long-text chunk: the chunk table beside the enriched table
 ROW_COLUMN = "_row"  # the staging files' row number of each vector in its source file
 SLICE_MARK = "#row-groups["
 HIVE_SEGMENT = re.compile(r"^[^=/]+=[^/]*$")  # a hive-style partition folder: key=value
@@ -67,7 +69,10 @@ def staging_spec(files: list[InputFile] | None = None) -> JobSpec:
 
 
 def staging_config(config: RunConfig, output: str) -> RunConfig:
-    return dataclasses.replace(config, output=output, keep_columns=(), on_duplicate="keep-all")
+    """The staging run's config; with ``--long-text chunk`` it writes document vectors (the
+    ones appended) beside the chunk rows (moved to ``_chunks/`` at the end)."""
+    return dataclasses.replace(config, output=output, keep_columns=(), on_duplicate="keep-all",
+                               doc_vectors=config.long_text == "chunk")
 
 
 def run_enrich(config: RunConfig) -> dict[str, Any]:
@@ -111,6 +116,8 @@ def enrich_parquet(config: RunConfig) -> dict[str, Any]:
             fs.rm([f"{path.rstrip('/')}/{name}" for name in stale])
         log.info("deleted %d enriched file(s) of an earlier run whose source is gone", len(stale))
     result["rejects_files"] = _move_rejects(config, f"{out}/{STAGING}", f"{out}/_rejects")
+    if config.long_text == "chunk":
+        result["chunks_files"] = _move_chunks(config, f"{out}/{STAGING}", f"{out}/{CHUNKS}")
     _write_json(config, f"{out}/_summary.json", result)
     _remove_staging(config, f"{out}/{STAGING}")
     return result
@@ -170,6 +177,8 @@ def enrich_iceberg(config: RunConfig) -> dict[str, Any]:
     result |= {"iceberg": {"table": config.input, "source_snapshot_id": snapshot,
                            "snapshot_id": snapshot_id}}
     result["rejects_files"] = _move_rejects(config, staging, f"{staging}-rejects")
+    if config.long_text == "chunk":
+        result["chunks_files"] = _move_chunks(config, staging, f"{staging}-chunks")
     _write_json(config, f"{staging}-summary.json", result)
     _remove_staging(config, staging)
     return result
@@ -189,10 +198,15 @@ def merge_all(config: RunConfig, staging: str, targets: dict[str, str],
     fs, path = open_filesystem(staging, config.storage_options)
     state = units.load_state(fs, path, own_files(fs, path))
     parts: dict[str, list[str]] = {uri: [] for uri in targets}
+    # The vectors appended: the rows' own, or with --long-text chunk the documents'.
+    if config.long_text == "chunk":
+        wanted = lambda f: f.startswith(DOCUMENTS_DIR + "/")  # noqa: E731
+    else:
+        wanted = lambda f: not is_side_file(f)  # noqa: E731
     for unit in state.units.values():
         source = unit["uri"].split(SLICE_MARK, 1)[0]
         parts.setdefault(source, []).extend(
-            f"{staging.rstrip('/')}/{f}" for f in unit["files"] if not f.startswith("_rejects/"))
+            f"{staging.rstrip('/')}/{f}" for f in unit["files"] if wanted(f))
     unknown = sorted(set(parts) - set(targets))
     if unknown:
         raise RunFailed(f"the staging output {staging} holds units of files not in the input: "
@@ -336,6 +350,7 @@ def _earlier_files(config: RunConfig, out: str) -> list[str]:
 
 
 def _summary(result: dict[str, Any], merged: list[dict[str, Any]]) -> dict[str, Any]:
+    result = {k: v for k, v in result.items() if k != "documents_files"}  # appended, deleted
     return result | {
         "rows_out": sum(m["rows"] for m in merged),
         "rows_with_embeddings": sum(m["rows_with_embeddings"] for m in merged),
@@ -357,6 +372,27 @@ def _move_rejects(config: RunConfig, staging: str, dest: str) -> list[str]:
         if fs.exists(target):
             fs.rm(target, recursive=True)
         found = fs.find(f"{path.rstrip('/')}/_rejects") if fs.exists(f"{path.rstrip('/')}/_rejects") else []
+        moved = []
+        for p in sorted(found):
+            name = posixpath.basename(p)
+            if is_local(fs):
+                fs.makedirs(target, exist_ok=True)
+            fs.mv(p, f"{target}/{name}")
+            moved.append(f"{dest.rstrip('/')}/{name}")
+    return moved
+
+
+def _move_chunks(config: RunConfig, staging: str, dest: str) -> list[str]:
+    """Move the staging chunk table (one row per chunk: id, ``_row``, spans, vectors) to
+    ``dest``, replacing what an earlier run left there; returns the new URIs."""
+    fs, path = open_filesystem(staging, config.storage_options)
+    _, target = open_filesystem(dest, config.storage_options)
+    base = path.rstrip("/")
+    with storage_errors(dest, "move the chunk table to"):
+        if fs.exists(target):
+            fs.rm(target, recursive=True)
+        found = [p for p in fs.ls(base, detail=False)
+                 if fnmatch.fnmatch(posixpath.basename(p), OUTPUT_PART_GLOB)]
         moved = []
         for p in sorted(found):
             name = posixpath.basename(p)

@@ -113,6 +113,9 @@ def run_nightly(config: RunConfig) -> dict[str, Any]:
     """One nightly run: a new (or the unfinished) snapshot, then ``_LATEST``, then pruning."""
     if config.on_duplicate == "keep-all":
         raise ValueError("nightly keys rows by id, so --on-duplicate keep-all cannot be used")
+    if config.doc_vectors:
+        raise ValueError("nightly does not write document vectors (--doc-vectors) yet: "
+                         "snapshots hold one row per chunk; use `run` for document vectors")
     if HASH_COLUMN in config.keep_columns:
         raise ValueError(f"--keep-columns names {HASH_COLUMN!r}, the snapshot's own column; "
                          "rename that column")

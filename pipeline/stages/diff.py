@@ -56,6 +56,14 @@ class Diff:
     schema: pa.Schema | None = None
     # Why every row is embedded again (None: unchanged rows reuse the previous vectors).
     reembed_reason: str | None = None
+    # --long-text chunk: snapshots hold one row per chunk; a document's chunk vectors travel
+    # as one list per width, and an unchanged document keeps all of them.
+    chunked: bool = False
+
+    def prev_type(self, width: int) -> pa.DataType:
+        """The type of a previous vector column (a list of chunk vectors when chunked)."""
+        one = S.embedding_type(width, self.output_dtype)
+        return pa.list_(one) if self.chunked else one
 
 
 def diff_schema(read, diff: Diff) -> pa.Schema:
@@ -70,7 +78,7 @@ def diff_schema(read, diff: Diff) -> pa.Schema:
         fields.append((c, kind if isinstance(kind, pa.DataType) else pa.string()))
     fields += [(S.HASH, pa.string()), (S.BUCKET, pa.int64()), (S.PREV_HASH, pa.string())]
     if diff.reuse:
-        fields += [(S.prev_embedding(d), S.embedding_type(d, diff.output_dtype)) for d in diff.dims]
+        fields += [(S.prev_embedding(d), diff.prev_type(d)) for d in diff.dims]
     fields.append((S.SEEN, pa.bool_()))
     return pa.schema(fields)
 
@@ -160,13 +168,19 @@ def hash_rows(table: pa.Table, task: str, buckets: int, schema: pa.Schema | None
 
 
 def read_previous(uri: str, diff: Diff, storage_options: dict[str, Any]) -> Iterator[pa.Table]:
-    """The previous snapshot's rows of one part file: id, hash, (vectors), bucket."""
+    """The previous snapshot's rows of one part file: id, hash, (vectors), bucket; chunked,
+    one row per document (its chunks' vectors as lists)."""
     fs, path = open_filesystem(uri, storage_options)
     columns = [diff.id_column, HASH_COLUMN]
     if diff.reuse:
         columns += [embedding_column(d) for d in diff.dims]
+    if diff.chunked:
+        columns += ["chunk", "chunks"]
     with storage_errors(uri, "read the previous snapshot's"), fs.open(path, "rb") as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=columns):
+        batches = pq.ParquetFile(f).iter_batches(batch_size=65536, columns=columns)
+        if diff.chunked:
+            batches = documents_of(batches, diff, uri)
+        for batch in batches:
             ids = batch.column(diff.id_column)
             if diff.id_type is not None and ids.type != diff.id_type:
                 try:
@@ -181,12 +195,48 @@ def read_previous(uri: str, diff: Diff, storage_options: dict[str, Any]) -> Iter
             yield conform(pa.table(out), diff.schema)
 
 
+def documents_of(batches: Iterator[pa.RecordBatch], diff: Diff, uri: str) -> Iterator[pa.Table]:
+    """Chunk rows (a document's chunks follow each other, 0 first, in one file) grouped into
+    one row per document: the id, the hash and each width's chunk vectors as a list. A
+    document cut by a batch boundary is completed from the next batch."""
+    carry = None
+    for batch in batches:
+        table = pa.Table.from_batches([batch])
+        if carry is not None:
+            table = pa.concat_tables([carry, table])
+        starts = np.flatnonzero(table["chunk"].to_numpy() == 0)
+        if not len(starts) or starts[0] != 0:
+            raise ValueError(f"{uri}: the previous snapshot's chunk rows do not start with a "
+                             "document's chunk 0; the snapshot is damaged")
+        carry = table.slice(int(starts[-1]))
+        done = table.slice(0, int(starts[-1]))
+        if done.num_rows:
+            yield _grouped(done, starts[:-1], diff, uri)
+    if carry is not None and carry.num_rows:
+        yield _grouped(carry, np.array([0]), diff, uri)
+
+
+def _grouped(table: pa.Table, starts: np.ndarray, diff: Diff, uri: str) -> pa.Table:
+    offsets = np.append(starts, table.num_rows).astype(np.int32)
+    counts = np.diff(offsets)
+    if (table["chunks"].take(pa.array(starts)).to_numpy() != counts).any():
+        raise ValueError(f"{uri}: a document of the previous snapshot lacks some of its "
+                         "chunks; the snapshot is damaged")
+    out = {diff.id_column: table[diff.id_column].take(pa.array(starts)),
+           HASH_COLUMN: table[HASH_COLUMN].take(pa.array(starts))}
+    for d in diff.dims if diff.reuse else ():
+        values = table[embedding_column(d)].combine_chunks()
+        out[embedding_column(d)] = pa.ListArray.from_arrays(pa.array(offsets), values)
+    return pa.table(out)
+
+
 def read_seen(uri: str, diff: Diff, source: str, storage_options: dict[str, Any]) -> Iterator[pa.Table]:
     """The ids of one part file this snapshot committed before a resume, marked as seen."""
     fs, path = open_filesystem(uri, storage_options)
     with storage_errors(uri, "read the resumed snapshot's"), fs.open(path, "rb") as f:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=[diff.id_column]):
-            ids = batch.column(diff.id_column)
+            ids = pc.unique(batch.column(diff.id_column)) if diff.chunked \
+                else batch.column(diff.id_column)  # an id per chunk
             n = len(ids)
             yield conform(pa.table({S.ID: ids, S.SEEN: pa.array([True] * n),
                                     S.SOURCE: pa.array([source] * n, pa.string()),
@@ -238,7 +288,7 @@ def diff_bucket(table: pa.Table, diff: Diff) -> Iterator[pa.Table]:
         taken = pc.if_else(reuse, match, pa.scalar(None, match.type))
         for d in diff.dims:
             column = previous[S.prev_embedding(d)].combine_chunks() if previous.num_rows \
-                else pa.nulls(0, S.embedding_type(d, diff.output_dtype))
+                else pa.nulls(0, diff.prev_type(d))
             out = out.append_column(S.prev_embedding(d), pc.take(column, taken))
     yield out
 
@@ -310,5 +360,6 @@ def plan_diff(*, identity: dict[str, Any], read, previous_identity: dict[str, An
                 id_column=identity["id_column"], id_type=read.id_type,
                 dims=tuple(identity["dims"]), reuse=reuse,
                 output_dtype=identity["output_dtype"], seen_files=tuple(seen_files),
-                reembed_reason=reason)
+                reembed_reason=reason,
+                chunked=(identity.get("long_text") or {}).get("mode") == "chunk")
     return dataclasses.replace(diff, schema=diff_schema(read, diff))

@@ -8,6 +8,7 @@ passes through every stage untouched until the writer sends it to ``_rejects/``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable
 
@@ -78,6 +79,10 @@ class TokenizeStage:
                 rejects[i], excerpts[i] = self._over_limit(texts[i]), S.excerpt(texts[i])
         else:
             window = self.long_text.window
+            for i in range(table.num_rows):
+                if reused[i] and rejects[i] is None:
+                    # Unchanged (nightly): chunked again for its spans, never encoded.
+                    chunks[i] = self._chunks_again(texts[i])
             for k, i in enumerate(good):
                 if not tokens.truncated[k] and tokens.lengths[k] <= window:
                     chunks[i] = one_chunk(sequences[k], len(texts[i]))
@@ -107,6 +112,13 @@ class TokenizeStage:
             kept = {i: c for i, c in chunks.items() if rejects[i] is None}
             out = append_chunk_columns(out, kept, texts, self.long_text.chunk_text)
         return out
+
+    def _chunks_again(self, text: str) -> Chunks:
+        cut = self.chunker.chunk(text)
+        if isinstance(cut, str):
+            raise ValueError(f"a document the previous snapshot embedded cannot be chunked "
+                             f"now ({cut}); the chunking settings must have changed")
+        return dataclasses.replace(cut, ids=np.zeros(0, np.int32))
 
     def _over_limit(self, text: str) -> str:
         count, exact = self.chunker.count_tokens(text)
@@ -225,11 +237,9 @@ class EncodeStage:
         out = table.drop_columns([S.TOKENS, *prev])
         n = table.num_rows
         if chunked:
-            counts_N = np.zeros(n, np.int64)
-            counts_N[good_M] = np.bincount(doc_S, minlength=len(good_M))
             for d in self.dims:
-                out = out.append_column(embedding_column(d),
-                                        self._chunk_column(vectors_SW[d], good_M, counts_N, d))
+                out = out.append_column(embedding_column(d), self._chunk_column(
+                    table, vectors_SW[d], good_M, doc_S, reused, d))
             if pooled:
                 weights_S = pc.list_flatten(table[S.CHUNK_WEIGHTS].combine_chunks().take(take_M))
                 docs_MW = doc_vectors(vectors_SW[POOLED], doc_S, len(good_M),
@@ -251,15 +261,43 @@ class EncodeStage:
             .append_column(S.ENCODE_START, pa.array(np.full(n, start))) \
             .append_column(S.ENCODE_END, pa.array(np.full(n, start + elapsed)))
 
-    def _chunk_column(self, vectors_SW: np.ndarray, rows: np.ndarray, counts_N: np.ndarray,
-                      width: int) -> pa.Array:
-        """A list<fixed-size-list> column: each row's chunk vectors (null for other rows)."""
+    def _chunk_column(self, table: pa.Table, vectors_SW: np.ndarray, good_M: np.ndarray,
+                      doc_S: np.ndarray, reused: np.ndarray, width: int) -> pa.Array:
+        """A list<fixed-size-list> column: each row's chunk vectors, encoded now (``good_M``,
+        chunk ``s`` of row ``good_M[doc_S[s]]``) or the previous snapshot's (``reused``);
+        null for the other rows."""
+        n = table.num_rows
+        counts_N = np.zeros(n, np.int64)
+        counts_N[good_M] = np.bincount(doc_S, minlength=len(good_M))
+        parts: dict[int, np.ndarray] = {}
+        firsts = np.concatenate(([0], np.cumsum(counts_N[good_M])))
+        for m, row in enumerate(good_M):
+            parts[int(row)] = vectors_SW[firsts[m]:firsts[m + 1]]
+        if len(reused):
+            previous = table[S.prev_embedding(width)].combine_chunks().take(pa.array(reused))
+            if previous.null_count:
+                raise ValueError(f"{previous.null_count} document(s) marked for reuse have no "
+                                 f"earlier chunk vectors of width {width}")
+            now = table[S.CHUNK_LENGTHS].combine_chunks().take(pa.array(reused))
+            had = pc.list_value_length(previous).to_numpy()
+            if (had != pc.list_value_length(now).to_numpy()).any():
+                raise ValueError("a reused document's chunks differ from its earlier ones; "
+                                 "the chunking settings must have changed")
+            flat = pc.list_flatten(pc.list_flatten(previous)).to_numpy(zero_copy_only=False)
+            flat = flat.reshape(-1, width)
+            starts = np.concatenate(([0], np.cumsum(had)))
+            for r, row in enumerate(reused):
+                parts[int(row)] = flat[starts[r]:starts[r + 1]]
+                counts_N[row] = had[r]
+        rows = sorted(parts)
         dtype = np.float16 if self.output_dtype == "float16" else np.float32
+        stacked = np.concatenate([parts[r] for r in rows]) if rows \
+            else np.zeros((0, width), np.float32)
         values = pa.FixedSizeListArray.from_arrays(
-            pa.array(vectors_SW.astype(dtype, copy=False).reshape(-1)), width) \
+            pa.array(stacked.astype(dtype, copy=False).reshape(-1)), width) \
             .cast(embedding_type(width, self.output_dtype))
         offsets = np.concatenate(([0], np.cumsum(counts_N))).astype(np.int32)
-        mask = np.ones(len(counts_N), bool)
+        mask = np.ones(n, bool)
         mask[rows] = False
         return pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(mask))
 
