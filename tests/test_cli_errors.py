@@ -147,3 +147,22 @@ def test_pipeline_files_without_a_manifest(capsys, local_corpus, tiny_model_dir)
     code, err = run_cli(capsys, "--input", str(local_corpus / "in"), "--output", str(out),
                         "--model", str(tiny_model_dir), "--dims", "64")
     assert code == 2 and "without a resumable manifest" in err and "--overwrite" in err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--chunk-overlap", "256"), "less than half"),
+    (("--chunk-tokens", "12"), "leaves"),
+    (("--chunk-tokens", "600"), "at most the model's 512"),
+])
+def test_chunk_windows_that_cannot_work(capsys, local_corpus, tiny_model_dir, extra, message):
+    code, err = run_cli(capsys, "--input", str(local_corpus / "in"), "--output",
+                        str(local_corpus / "o"), "--model", str(tiny_model_dir),
+                        "--dims", "64", "--long-text", "chunk", *extra)
+    assert code == 2 and message in err
+
+
+def test_chunk_options_without_chunk_mode(capsys, local_corpus, tiny_model_dir):
+    code, err = run_cli(capsys, "--input", str(local_corpus / "in"), "--output",
+                        str(local_corpus / "o"), "--model", str(tiny_model_dir),
+                        "--doc-vectors")
+    assert code == 2 and "apply to long_text 'chunk' only" in err
