@@ -78,3 +78,15 @@ def test_bench_nightly_edits_the_corpus_as_asked():
     assert sum(1 for i in range(100) if i not in by_id) <= 5  # deleted (not among the changed)
     assert sum(1 for i in range(100) if i in by_id and by_id[i] != texts[i]) == 10
     assert [i for i in ids if i >= 100] == list(range(100, 105))
+
+
+def test_bench_chunking_smoke(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "chunking.json"
+    bench_main(["chunking", "--model-dir", str(tiny_model_dir), "--docs", "4", "--chars", "3000",
+                "--big-mb", "0.05", "--json", str(out)])
+    import json
+
+    result = json.loads(out.read_text())
+    assert set(result["tokens_per_s"]) == {"plain", "truncate", "chunk"}
+    assert result["chunks"] >= 4 and result["big_document"]["chars"] == 50_000
+    assert result["document_tokens"] > 4 * 1000

@@ -1,16 +1,18 @@
-"""``python -m pipeline.bench {encoder,pipeline,nightly,ep} [options]``: one benchmark a run."""
+"""``python -m pipeline.bench {encoder,pipeline,nightly,ep,chunking} [options]``: one benchmark
+a run."""
 
 from __future__ import annotations
 
 import argparse
 
-from . import encoder, ep, nightly, pipeline
+from . import chunking, encoder, ep, nightly, pipeline
 
 BENCHMARKS = {
     "encoder": (encoder, "encoder alone: packed path vs. straightforward baseline"),
     "pipeline": (pipeline, "the Ray Data job vs. the encoder alone (needs ray)"),
     "nightly": (nightly, "incremental nightly runs vs. a full run (needs ray)"),
     "ep": (ep, "expert parallelism vs. whole-model replicas (no Ray)"),
+    "chunking": (chunking, "--long-text chunk vs. plain tokenization, one core (no Ray)"),
 }
 
 
