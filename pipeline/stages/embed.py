@@ -68,7 +68,8 @@ class TokenizeStage:
             else [False] * table.num_rows
         good = S.reject_unembeddable(ids_null, texts, rejects, excerpts, skip=reused)
         tokens = self.tokenizer.encode([add_prefix(texts[i], self.prefix) for i in good])
-        sequences = [tokens.sequence(k) for k in range(len(good))]
+        offsets_K = tokens.offsets
+        sequences = [tokens.ids[offsets_K[k]:offsets_K[k + 1]] for k in range(len(good))]
         truncated = np.zeros(table.num_rows, bool)
         chunks: dict[int, Chunks] = {}
         if self.long_text.mode == "truncate":
