@@ -51,8 +51,14 @@ class NomicMoEEncoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.placement = placement
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        # Given uninitialised weights: nn.Embedding's own random init, run on the meta device
+        # that load_encoder builds on, goes through torch._refs and imports torch._dynamo
+        # (over a second at every worker start, for values the checkpoint replaces).
+        self.word_embeddings = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.token_type_embeddings = nn.Embedding(
+            cfg.type_vocab_size, cfg.hidden_size,
+            _weight=torch.empty(cfg.type_vocab_size, cfg.hidden_size))
         self.emb_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(
             Block(cfg, cfg.is_moe_layer(i), moe_backend, placement) for i in range(cfg.num_layers)
