@@ -56,6 +56,8 @@ class Diff:
     schema: pa.Schema | None = None
     # Why every row is embedded again (None: unchanged rows reuse the previous vectors).
     reembed_reason: str | None = None
+    # Bytes compared: today's units still to do and the previous snapshot's part files.
+    bytes: int = 0
     # --long-text chunk: snapshots hold one row per chunk; a document's chunk vectors travel
     # as one list per width, and an unchanged document keeps all of them.
     chunked: bool = False
@@ -360,6 +362,6 @@ def plan_diff(*, identity: dict[str, Any], read, previous_identity: dict[str, An
                 id_column=identity["id_column"], id_type=read.id_type,
                 dims=tuple(identity["dims"]), reuse=reuse,
                 output_dtype=identity["output_dtype"], seen_files=tuple(seen_files),
-                reembed_reason=reason,
+                reembed_reason=reason, bytes=int(total),
                 chunked=(identity.get("long_text") or {}).get("mode") == "chunk")
     return dataclasses.replace(diff, schema=diff_schema(read, diff))
