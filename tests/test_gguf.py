@@ -148,7 +148,8 @@ def charsmap(mapping: dict[str, str]) -> bytes:
 
     units[0] = 0
     place(trie, 0, 0)
-    array = struct.pack(f"<{max(units) + 1}I", *(units.get(i, 0) for i in range(max(units) + 1)))
+    size = max(bases) | 0xFF  # every base ^ byte a reader may probe is inside (llama.cpp checks)
+    array = struct.pack(f"<{size + 1}I", *(units.get(i, 0) for i in range(size + 1)))
     return struct.pack("<I", len(array)) + array + blob
 
 
@@ -406,6 +407,17 @@ def test_bfloat16_compute_holds_no_fp32_copy(tiny, tmp_path, cache):
     dtypes = {n: p.dtype for n, p in model.encoder.named_parameters()}
     assert {d for n, d in dtypes.items() if "router" not in n} == {torch.bfloat16}
     assert {d for n, d in dtypes.items() if "router" in n} == {torch.float32}  # model-spec 6
+
+
+def test_token_types_squeezed_to_1d_as_llama_quantize_writes_it(tiny, tmp_path, cache):
+    cfg, state, tok = tiny
+    spec = llama_cpp_spec(state, cfg, tok)
+    data, qtype = spec.tensors["token_types.weight"]
+    spec.tensors["token_types.weight"] = (data.reshape(-1), qtype)  # ggml drops [D, 1]'s 1
+    resolved = resolve(spec.write(tmp_path / "tiny.gguf"), cache)
+    got = load_file(str(resolved.local_dir / "model.safetensors"))
+    assert torch.equal(got["embeddings.token_type_embeddings.weight"],
+                       state["embeddings.token_type_embeddings.weight"])
 
 
 # --- the expert bias -----------------------------------------------------------------------------
@@ -727,3 +739,96 @@ def test_run_with_a_gguf_model(tiny, tmp_path, monkeypatch):
     meta = read_metadata(table.schema)
     assert meta["model_id"] == str(path)
     assert meta["weights_fingerprint"] == f"sha256:{G._sha256(path)}+expert_bias:zero"
+
+
+# --- measurements (not a test): python3 -m tests.test_gguf --out DIR ------------------------------
+
+# llama.cpp's file types (llama_ftype), quantized by llama.cpp itself from the F32 file.
+LLAMA_FTYPES = {"Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q5_K_S": 16, "Q5_1": 9, "Q5_0": 8,
+                "Q4_K_M": 15, "Q4_K_S": 14, "Q4_1": 3, "Q4_0": 2, "Q3_K_L": 13, "Q3_K_M": 12,
+                "Q3_K_S": 11, "Q2_K": 10}
+
+
+def measure(out: Path, size: str, n_texts: int, threads: int, only: list[str]) -> None:
+    """Per file type, on random weights: our encoder on the GGUF (bias zero, and with the
+    sidecar) against the hub model, llama.cpp against ours on the same file, tokens/s of both."""
+    import ctypes
+    import time
+
+    import llama_cpp  # built from source by `pip install llama-cpp-python` (minutes)
+
+    from pipeline.bench.workload import length_mix, texts_of_lengths
+    from pipeline.model.builder import build_model_dir
+
+    torch.set_num_threads(threads)
+    warnings.simplefilter("ignore", G.GGUFExpertBiasWarning)
+    model_dir = out / f"model-{size}"
+    if not (model_dir / "config.json").is_file():
+        build_model_dir(model_dir, size)
+    cfg, tok = load_config(model_dir), (model_dir / "tokenizer.json").read_text()
+    hub = Embedder.from_pretrained(model_dir, device="cpu", dtype="float32")
+    texts = texts_of_lengths(length_mix(n_texts), hub.tokenizer)
+    D, tokens = cfg.hidden_size, int(hub.tokenize(texts).lengths.sum())
+    ref = hub.encode(texts, dims=(D,))[D]
+    sidecar = G.write_expert_bias(model_dir, out / "expert-bias.safetensors")
+    state = load_file(str(model_dir / "model.safetensors"))
+    files = {}
+    for qtype in (Q.F32, Q.F16, Q.BF16):
+        files[qtype.name] = out / f"{size}.{qtype.name}.gguf"
+        if not files[qtype.name].is_file():
+            llama_cpp_spec(state, cfg, tok, qtype).write(files[qtype.name])
+    del state
+    for name, ftype in LLAMA_FTYPES.items():
+        files[name] = out / f"{size}.{name}.gguf"
+        if not files[name].is_file():
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.nthread = ftype, threads
+            assert llama_cpp.llama_model_quantize(str(files["F32"]).encode(), str(
+                files[name]).encode(), ctypes.byref(params)) == 0, name
+    print(f"{size}: {n_texts} texts, {tokens} tokens, {threads} threads; cosines are minima")
+    print("file | MiB | types | convert s | ours zero vs hub | ours+sidecar vs hub | llama.cpp "
+          "vs ours zero | ours tok/s | llama.cpp tok/s")
+    for name, path in files.items():
+        if only and name not in only:
+            continue
+        start = time.perf_counter()
+        zero = resolve_model(path, cache_dir=out / "cache")
+        convert_s = time.perf_counter() - start
+        fixed = resolve_model(path, cache_dir=out / "cache", gguf_expert_bias=str(sidecar))
+        ours = Embedder.from_pretrained(zero.local_dir, device="cpu", dtype="float32")
+        start = time.perf_counter()
+        e_zero = ours.encode(texts, dims=(D,))[D]
+        ours_rate = tokens / (time.perf_counter() - start)
+        del ours
+        e_fixed = Embedder.from_pretrained(fixed.local_dir, device="cpu", dtype="float32").encode(
+            texts, dims=(D,))[D]
+        llm = llama_cpp.Llama(str(path), embedding=True, n_ctx=2048, n_batch=2048,
+                              n_ubatch=2048, n_threads=threads, n_threads_batch=threads,
+                              pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, verbose=False)
+        prefixed = ["search_document: " + t for t in texts]
+        same = sum(llm.tokenize(t.encode()) == ours_ids.tolist() for t, ours_ids in zip(
+            prefixed, (hub.tokenize([t]).sequence(0) for t in texts)))
+        start = time.perf_counter()
+        e_llama = np.array(llm.embed(prefixed, normalize=True))
+        llama_rate = tokens / (time.perf_counter() - start)
+        del llm
+        types = ", ".join(f"{n} {t}" for t, n in zero.describe()["gguf"]["quant_types"].items())
+        print(f"{name} | {path.stat().st_size >> 20} | {types} | {convert_s:.1f} | "
+              f"{(e_zero * ref).sum(1).min():.6f} | {(e_fixed * ref).sum(1).min():.6f} | "
+              f"{(e_llama * e_zero).sum(1).min():.6f} | {ours_rate:.0f} | {llama_rate:.0f}"
+              f"{'' if same == len(texts) else f' | tokens differ on {len(texts) - same} texts'}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=measure.__doc__)
+    parser.add_argument("--out", type=Path, required=True, help="working directory (GBs)")
+    parser.add_argument("--size", default="real", choices=["tiny", "real"])
+    parser.add_argument("--texts", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default="", help="file types to measure, comma-separated")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    measure(args.out, args.size, args.texts, args.threads, [t for t in args.only.split(",") if t])

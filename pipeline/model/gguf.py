@@ -1,27 +1,19 @@
 """GGUF files of nomic-embed-text-v2-moe (llama.cpp's format), made into hub-layout model dirs.
 
-llama.cpp publishes this model as GGUF files (F32, F16, BF16, Q8_0, Q4_0, Q4_1 and K-quants).
-:func:`convert_gguf` reads one with gguf-py's reader and writes the directory every other part
-of the pipeline reads (``config.json``, ``model.safetensors``, ``tokenizer.json``), so that the
-encoder, the pre-flight, the Ray workers and the weights fingerprint need nothing new. On the way:
+:func:`convert_gguf` reads a GGUF with gguf-py and writes the directory the rest of the
+pipeline reads (``config.json``, ``model.safetensors``, ``tokenizer.json``), so the encoder, the
+pre-flight, Ray workers and the weights fingerprint need nothing new. Each tensor is dequantized
+by its own type (a K-quant file mixes several), mapped through :func:`gguf_key_map` (the
+counterpart of the safetensors key map; the one relayout is ``ffn_down_exps``, which llama.cpp's
+converter stored transposed) and checked: names, shapes, types, finite values. The config comes
+from the ``nomic-bert-moe.*`` metadata through the same ``config_from_hub`` as a config.json;
+the tokenizer is rebuilt from ``tokenizer.ggml.*`` as XLM-R's SentencePiece Unigram.
 
-- each tensor is dequantized by its own type, never by the file's name (a K-quant file holds
-  ``token_embd`` in Q6_K and other tensors in other types), and stored in the smallest float
-  type that holds the dequantized values exactly (F16/BF16 as they are, the rest as F32);
-- names and layouts go through :func:`gguf_key_map`, the counterpart of the safetensors key map:
-  every tensor present, none unexpected, every shape equal, finite values; the one relayout is
-  ``ffn_down_exps`` ``[E, D, F] -> [E*F, D]`` (llama.cpp's converter transposed the hub's ``w2``);
-- the config comes from the ``nomic-bert-moe.*`` metadata through the same
-  :func:`~pipeline.model.config.config_from_hub` as a ``config.json`` (the same refusals), and
-  keys llama.cpp may add are checked against what this encoder computes;
-- the tokenizer is rebuilt from ``tokenizer.ggml.*`` as a ``tokenizers`` Unigram with XLM-R's
-  normalizer (the SentencePiece ``precompiled_charsmap``, extra spaces collapsed) and Metaspace.
-
-What a GGUF of this model lacks: llama.cpp's converter drops the MoE output bias
-``encoder.layers.{i}.mlp.experts.bias`` (one ``[D]`` vector per MoE layer) and llama.cpp's graph
-has no place for it. ``expert_bias=None`` (the pipeline's ``zero``) computes what llama.cpp
-computes; the hub checkpoint's vectors in a small sidecar (:func:`write_expert_bias`) restore the
-hub model's function up to quantization. docs/gguf.md has the measurements.
+GGUF files lack the MoE expert output bias (llama.cpp's converter drops
+``encoder.layers.{i}.mlp.experts.bias``; its graph has no place for it). Without it this
+computes what llama.cpp computes; a sidecar of the hub checkpoint's vectors
+(:func:`write_expert_bias`) restores the hub model's function up to quantization. docs/gguf.md
+has the details and the measurements.
 
     python -m pipeline.model.gguf expert-bias --model DIR --out expert-bias.safetensors
     python -m pipeline.model.gguf convert model.Q8_0.gguf --out DIR [--expert-bias FILE]
@@ -30,6 +22,7 @@ hub model's function up to quantization. docs/gguf.md has the measurements.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -135,9 +128,6 @@ class Metadata:
     def __init__(self, reader: GGUFReader) -> None:
         self.fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.fields
-
     def get(self, key: str, kind: str, default: Any = _REQUIRED) -> Any:
         """The value of ``key`` as ``kind``: int, float, bool, str, ints, floats, strs or bytes."""
         field = self.fields.get(key)
@@ -219,8 +209,8 @@ def config_from_gguf(meta: Metadata, shapes: dict[str, tuple[int, ...]]) -> Enco
     if unknown:
         raise GGUFError(f"metadata keys {unknown} are not known to this encoder; refusing to "
                         "guess whether they change the model's function")
-    for table in ("token_embd.weight", "token_types.weight"):
-        if len(shapes.get(table, ())) != 2:
+    for table, ndims in (("token_embd.weight", (2,)), ("token_types.weight", (1, 2))):
+        if len(shapes.get(table, ())) not in ndims:  # 1: [1, D] as ggml writes it, [D]
             raise GGUFError(f"tensor {table!r} is missing or not 2-D "
                             f"(shape {list(shapes.get(table, ()))})")
     hub = {theirs: meta.positive(prefix + key) for key, theirs in _HUB_FIELDS.items()}
@@ -232,7 +222,7 @@ def config_from_gguf(meta: Metadata, shapes: dict[str, tuple[int, ...]]) -> Enco
             raise GGUFError(f"metadata key {prefix + key!r} is {value}, expected a positive number")
     hub |= {"layer_norm_epsilon": eps, "rotary_emb_base": base, "max_trained_positions": ctx,
             "n_positions": ctx, "vocab_size": shapes["token_embd.weight"][0],
-            "type_vocab_size": shapes["token_types.weight"][0],
+            "type_vocab_size": (1, *shapes["token_types.weight"])[-2],
             "pad_token_id": meta.get("tokenizer.ggml.padding_token_id", "int", 1)}
     try:
         cfg = config_from_hub(hub)
@@ -319,6 +309,14 @@ def gguf_key_map(cfg: EncoderConfig) -> list[tuple[str, str | None, tuple[int, .
     return rows
 
 
+def _ggml(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A numpy-order shape as ggml counts dimensions: outer axes of size 1 dropped (llama.cpp's
+    quantizer writes ``token_types`` ``[D, 1]`` as ``[D]``)."""
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape
+
+
 def check_tensors(reader: GGUFReader, cfg: EncoderConfig) -> dict[str, Any]:
     """Every tensor the key map needs present with its shape and a supported type, none other;
     returns the reader's tensors by name."""
@@ -336,7 +334,7 @@ def check_tensors(reader: GGUFReader, cfg: EncoderConfig) -> dict[str, Any]:
     for name, shape in wanted.items():
         t = tensors[name]
         got = tuple(int(d) for d in reversed(t.shape.tolist()))
-        if got != shape:
+        if _ggml(got) != _ggml(shape):
             raise GGUFError(f"tensor {name!r} has shape {list(reversed(got))}, expected "
                             f"{list(reversed(shape))} (GGUF order, innermost first)")
         if t.tensor_type not in SUPPORTED_TYPES:
@@ -375,15 +373,28 @@ def _tensor_chunks(tensor: Any, relayout: Relayout) -> Iterator[bytes]:
 # --- the expert bias ---------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class ExpertBias:
+    """A sidecar of the hub model's MoE output biases (safetensors bytes) and where it came from."""
+
+    data: bytes = dataclasses.field(repr=False)
+    source: str
+
+    @property
+    def label(self) -> str:
+        return "sha256:" + hashlib.sha256(self.data).hexdigest()
+
+
 def expert_bias_keys(cfg: EncoderConfig) -> list[str]:
     """The hub keys of the expert output biases GGUF files lack, one per MoE layer."""
     return [hub for hub, name, _, _ in gguf_key_map(cfg) if name is None]
 
 
-def read_expert_bias(data: bytes, cfg: EncoderConfig, source: str) -> dict[str, np.ndarray]:
-    """A sidecar's vectors (safetensors bytes), checked: exactly the MoE layers' ``[D]`` biases."""
+def read_expert_bias(bias: ExpertBias, cfg: EncoderConfig) -> dict[str, np.ndarray]:
+    """A sidecar's vectors, checked: exactly the MoE layers' finite ``[D]`` biases."""
+    source = bias.source
     try:
-        tensors = load_safetensors_bytes(data)
+        tensors = load_safetensors_bytes(bias.data)
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
         raise GGUFError(f"expert-bias file {source} is not a safetensors file: {err}") from err
     wanted = expert_bias_keys(cfg)
@@ -424,6 +435,25 @@ def tokenizer_from_gguf(meta: Metadata, rows: int) -> Tokenizer:
     ``rows`` is the embedding table's; the trailing UNUSED ``[PADi]`` entries the converter pads
     the token list with up to it are not pieces of the hub tokenizer and are left out.
     """
+    tokens, scores, types, ids = _vocabulary(meta, rows)
+    tok = Tokenizer(models.Unigram(list(zip(tokens, scores)), unk_id=ids["unknown"],
+                                   byte_fallback=False))
+    tok.normalizer = normalizers.Sequence(_normalizers(meta))
+    prepend = "always" if meta.get("tokenizer.ggml.add_space_prefix", "bool", True) else "never"
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=prepend)
+    # Control and unknown tokens are special (never split, never normalized), as in XLM-R's
+    # tokenizer.json; user-defined ones are plain added tokens.
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, kind in zip(tokens, types) if kind in (CONTROL, UNKNOWN)])
+    tok.add_tokens([AddedToken(t, normalized=False)
+                    for t, kind in zip(tokens, types) if kind == USER_DEFINED])
+    tok.post_processor = _template(meta, tokens, ids["bos"], ids["eos"])
+    return tok
+
+
+def _vocabulary(meta: Metadata, rows: int) -> tuple[list[str], list[float], list[int], dict]:
+    """Tokens, scores and types without the trailing padding, and the special ids; checked."""
     model = meta.get("tokenizer.ggml.model", "str")
     if model != "t5":
         raise GGUFError(f"metadata key 'tokenizer.ggml.model' is {model!r}; XLM-R's "
@@ -451,20 +481,7 @@ def tokenizer_from_gguf(meta: Metadata, rows: int) -> Tokenizer:
     if types[ids["unknown"]] != UNKNOWN:
         raise GGUFError(f"metadata key 'tokenizer.ggml.unknown_token_id' is {ids['unknown']}, "
                         f"a token of type {types[ids['unknown']]}, not UNKNOWN (2)")
-    tok = Tokenizer(models.Unigram(list(zip(tokens[:n], scores[:n])), unk_id=ids["unknown"],
-                                   byte_fallback=False))
-    tok.normalizer = normalizers.Sequence(_normalizers(meta))
-    prepend = "always" if meta.get("tokenizer.ggml.add_space_prefix", "bool", True) else "never"
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend)
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=prepend)
-    # Control and unknown tokens are special (never split, never normalized), as in XLM-R's
-    # tokenizer.json; user-defined ones are plain added tokens.
-    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                            for i in range(n) if types[i] in (CONTROL, UNKNOWN)])
-    tok.add_tokens([AddedToken(tokens[i], normalized=False)
-                    for i in range(n) if types[i] == USER_DEFINED])
-    tok.post_processor = _template(meta, tokens, ids["bos"], ids["eos"])
-    return tok
+    return tokens[:n], scores[:n], types[:n], ids
 
 
 def _normalizers(meta: Metadata) -> list:
@@ -516,14 +533,13 @@ def zero_bias_warning(source: str) -> str:
 
 
 def convert_gguf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
-                 expert_bias: bytes | None = None, expert_bias_label: str = "zero",
-                 sha256: str | None = None) -> dict[str, Any]:
+                 expert_bias: ExpertBias | None = None, sha256: str | None = None
+                 ) -> dict[str, Any]:
     """Write the hub-layout directory of the GGUF at ``path`` into ``out_dir``; returns its
     manifest (also written as ``_gguf.json``).
 
-    ``expert_bias`` is a sidecar's bytes (see :func:`write_expert_bias`), ``None`` for zero;
-    ``expert_bias_label`` names it in the fingerprint ("zero" or "sha256:<hex>"). ``sha256``
-    is the GGUF's, when the caller knows it already.
+    ``expert_bias`` is a sidecar (see :func:`write_expert_bias`), None for zero, as llama.cpp.
+    ``sha256`` is the GGUF's, when the caller knows it already.
     """
     reader = read_gguf(path)
     meta = Metadata(reader)
@@ -531,15 +547,33 @@ def convert_gguf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
     cfg = config_from_gguf(meta, shapes)
     tensors = check_tensors(reader, cfg)
     tok = tokenizer_from_gguf(meta, cfg.vocab_size)
-    bias = (read_expert_bias(expert_bias, cfg, expert_bias_label) if expert_bias is not None
+    bias = (read_expert_bias(expert_bias, cfg) if expert_bias is not None
             else {k: np.zeros(cfg.hidden_size, np.float32) for k in expert_bias_keys(cfg)})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(out / "model.safetensors", _entries(cfg, tensors, bias),
+                       {"format": "pt", "source": "gguf"})
+    (out / "config.json").write_text(
+        json.dumps(hub_config_dict(cfg, name=f"gguf:{Path(path).name}"), indent=2) + "\n")
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(meta, tok), indent=2))
     sha256 = sha256 or _sha256(Path(path))
-    fingerprint = f"sha256:{sha256}+expert_bias:{expert_bias_label}"
-    counts: dict[str, int] = {}
-    for t in tensors.values():
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    label = "zero" if expert_bias is None else expert_bias.label
+    types = [t.tensor_type.name for t in tensors.values()]
+    manifest = {
+        "converter_version": CONVERTER_VERSION,
+        "gguf": {"file": Path(path).name, "sha256": sha256, "size": os.path.getsize(path),
+                 "name": meta.get("general.name", "str", None)},
+        "quant_types": {t: types.count(t) for t in sorted(set(types))},
+        "tensor_types": {n: t.tensor_type.name for n, t in tensors.items()},
+        "expert_bias": label, "weights_fingerprint": f"sha256:{sha256}+expert_bias:{label}",
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _entries(cfg: EncoderConfig, tensors: dict[str, Any], bias: dict[str, np.ndarray]) -> list:
+    """``(hub key, dtype, hub shape, item size, chunks)`` for every tensor of the hub layout."""
     entries = []
     for (hub, name, _, relayout), (_, _, hub_shape, _) in zip(gguf_key_map(cfg), key_map(cfg)):
         if name is None:
@@ -549,22 +583,7 @@ def convert_gguf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
         dtype, np_type = _STORED.get(t.tensor_type, ("F32", np.float32))
         entries.append((hub, dtype, hub_shape, np.dtype(np_type).itemsize,
                         lambda t=t, r=relayout: _tensor_chunks(t, r)))
-    _write_safetensors(out / "model.safetensors", entries,
-                       {"format": "pt", "source": "gguf", "gguf_sha256": sha256})
-    (out / "config.json").write_text(
-        json.dumps(hub_config_dict(cfg, name=f"gguf:{Path(path).name}"), indent=2) + "\n")
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(meta, tok), indent=2))
-    manifest = {
-        "converter_version": CONVERTER_VERSION,
-        "gguf": {"file": Path(path).name, "sha256": sha256, "size": os.path.getsize(path),
-                 "name": meta.get("general.name", "str", None)},
-        "quant_types": dict(sorted(counts.items())),
-        "tensor_types": {n: t.tensor_type.name for n, t in tensors.items()},
-        "expert_bias": expert_bias_label, "weights_fingerprint": fingerprint,
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    return entries
 
 
 def gguf_manifest(model_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -627,17 +646,18 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         parser.error(f"--out {out} is not empty")
+    bias = None
     if args.expert_bias == "zero":
         print("warning: " + zero_bias_warning(args.gguf), file=sys.stderr)
-        data, label = None, "zero"
     else:
-        data = Path(args.expert_bias).read_bytes()
-        label = "sha256:" + hashlib.sha256(data).hexdigest()
-    manifest = convert_gguf(args.gguf, out, expert_bias=data, expert_bias_label=label)
+        bias = ExpertBias(Path(args.expert_bias).read_bytes(), args.expert_bias)
+    try:
+        manifest = convert_gguf(args.gguf, out, expert_bias=bias)
+    except GGUFError as err:
+        parser.exit(2, f"{args.gguf}: {err}\n")
     print(f"wrote {out} ({', '.join(f'{n} {t}' for t, n in manifest['quant_types'].items())} "
           f"tensors; weights {manifest['weights_fingerprint']})")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

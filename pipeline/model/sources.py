@@ -35,8 +35,8 @@ from huggingface_hub.file_download import repo_folder_name
 
 from .checkpoint import PICKLE_SUFFIXES, weight_files
 from .config import DEFAULT_MODEL
-from .gguf import (CONVERTER_VERSION, GGUFError, GGUFExpertBiasWarning, convert_gguf,
-                   gguf_manifest, zero_bias_warning)
+from .gguf import (CONVERTER_VERSION, ExpertBias, GGUFError, GGUFExpertBiasWarning,
+                   convert_gguf, gguf_manifest, zero_bias_warning)
 
 
 # The files a model directory needs; anything else under a remote prefix is left behind.
@@ -452,8 +452,8 @@ def _resolve_gguf(source: str | os.PathLike[str], kind: SourceKind, revision: st
         repo_id, filename = _HUB_GGUF.fullmatch(model_id).groups()
         path, commit = _resolve_hub(repo_id, revision, cache_dir, filename)
         sha = _sha256_file(path)
-    bias, label = _read_expert_bias(expert_bias, storage_options)
-    tag = "zero" if bias is None else f"bias{label.removeprefix('sha256:')[:12]}"
+    bias = _read_expert_bias(expert_bias, storage_options)
+    tag = "zero" if bias is None else f"bias{bias.label.removeprefix('sha256:')[:12]}"
     leaf = re.sub(r"[^A-Za-z0-9._-]", "_", path.stem)[:40]
     target = root / "gguf" / f"{leaf}-{sha[:16]}-{tag}-v{CONVERTER_VERSION}"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -461,7 +461,7 @@ def _resolve_gguf(source: str | os.PathLike[str], kind: SourceKind, revision: st
         if gguf_manifest(target) is None:
             tmp = _sibling_tmp(target, ".partial")
             try:
-                convert_gguf(path, tmp, expert_bias=bias, expert_bias_label=label, sha256=sha)
+                convert_gguf(path, tmp, expert_bias=bias, sha256=sha)
                 _replace_dir(tmp, target)
             except GGUFError as err:
                 raise GGUFError(f"{model_id}: {err}") from None
@@ -470,14 +470,15 @@ def _resolve_gguf(source: str | os.PathLike[str], kind: SourceKind, revision: st
     manifest = gguf_manifest(target)
     if bias is None:
         warnings.warn(zero_bias_warning(model_id), GGUFExpertBiasWarning, stacklevel=3)
-    info = {"sha256": sha, "quant_types": manifest["quant_types"], "expert_bias": label}
+    info = {"sha256": sha, "quant_types": manifest["quant_types"],
+            "expert_bias": manifest["expert_bias"]}
     return ResolvedModel(target, model_id, commit, kind, info)
 
 
-def _read_expert_bias(source: str, storage_options: dict[str, Any]) -> tuple[bytes | None, str]:
-    """``(sidecar bytes, "sha256:<hex>")``, or ``(None, "zero")``; the sidecar may be remote."""
+def _read_expert_bias(source: str, storage_options: dict[str, Any]) -> ExpertBias | None:
+    """The sidecar (a path or URI), or None for ``"zero"``."""
     if source == "zero":
-        return None, "zero"
+        return None
     if "://" not in source or source.startswith("file://"):
         path = _local_path(source)
         if not path.is_file():
@@ -487,7 +488,7 @@ def _read_expert_bias(source: str, storage_options: dict[str, Any]) -> tuple[byt
         fs, path = _open_fs(source, storage_options)
         with _remote_errors(source, "read"), fs.open(path, "rb") as f:
             data = f.read()
-    return data, "sha256:" + hashlib.sha256(data).hexdigest()
+    return ExpertBias(data, source)
 
 
 def _fetch_fsspec_file(uri: str, root: Path, storage_options: dict[str, Any]) -> tuple[Path, str]:
