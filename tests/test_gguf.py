@@ -471,6 +471,20 @@ def test_sidecar_is_checked_key_by_key(parity_fixture_dir, tiny, tmp_path, cache
         resolve_model(parity_fixture_dir, gguf_expert_bias=str(tmp_path / "short.safetensors"))
 
 
+def test_a_converted_dir_takes_the_sidecar_it_was_converted_with(parity_fixture_dir, tiny,
+                                                                 tmp_path, cache):
+    # What a local GGUF's workers get from the driver: the converted directory, and the option.
+    cfg = load_config(parity_fixture_dir)
+    state = load_file(str(parity_fixture_dir / "model.safetensors"))
+    path = write_gguf(tmp_path / "parity.f32.gguf", state, cfg, tiny[2])
+    sidecar = str(G.write_expert_bias(parity_fixture_dir, tmp_path / "bias.safetensors"))
+    converted = resolve(path, cache, gguf_expert_bias=sidecar).local_dir
+    assert resolve_model(converted, gguf_expert_bias=sidecar).local_dir == converted
+    zero = resolve(path, cache).local_dir
+    with pytest.raises(ModelSourceError, match="was converted with expert bias zero, not"):
+        resolve_model(zero, gguf_expert_bias=sidecar)
+
+
 # --- the tokenizer ---------------------------------------------------------------------------------
 
 

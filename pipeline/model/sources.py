@@ -125,8 +125,7 @@ def resolve_model(
         return _resolve_gguf(source, kind, revision, cache_dir, storage_options or {},
                              os.fspath(gguf_expert_bias))
     if os.fspath(gguf_expert_bias) != "zero":
-        raise ModelSourceError(f"the GGUF expert bias applies to .gguf model files only; "
-                               f"{str(source)!r} is not one")
+        _check_converted_bias(source, kind, os.fspath(gguf_expert_bias), storage_options or {})
     if kind == "local":
         path = _resolve_local(source)
         return ResolvedModel(path, str(path), None, "local")
@@ -473,6 +472,20 @@ def _resolve_gguf(source: str | os.PathLike[str], kind: SourceKind, revision: st
     info = {"sha256": sha, "quant_types": manifest["quant_types"],
             "expert_bias": manifest["expert_bias"]}
     return ResolvedModel(target, model_id, commit, kind, info)
+
+
+def _check_converted_bias(source: str | os.PathLike[str], kind: SourceKind, expert_bias: str,
+                          storage_options: dict[str, Any]) -> None:
+    """A sidecar applies to GGUF files, and to a directory converted from one with it (what
+    the driver hands a local GGUF's workers); anything else is a mistake worth an error."""
+    manifest = gguf_manifest(_local_path(source)) if kind == "local" else None
+    if manifest is None:
+        raise ModelSourceError(f"the GGUF expert bias applies to .gguf model files only; "
+                               f"{str(source)!r} is not one")
+    label = _read_expert_bias(expert_bias, storage_options).label
+    if manifest["expert_bias"] != label:
+        raise ModelSourceError(f"{str(source)!r} was converted with expert bias "
+                               f"{manifest['expert_bias']}, not {expert_bias!r} ({label})")
 
 
 def _read_expert_bias(source: str, storage_options: dict[str, Any]) -> ExpertBias | None:
