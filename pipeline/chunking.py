@@ -151,9 +151,11 @@ class Chunker:
             return Chunks(np.asarray(ids, np.int32), np.array([n], np.int32),
                           np.array([0], np.int64), np.array([len(text)], np.int64),
                           np.array([n], np.int32))
-        return self._chunk_long(text)
+        return self.chunk_long(text)
 
-    def _chunk_long(self, text: str) -> Chunks | str:
+    def chunk_long(self, text: str) -> Chunks | str:
+        """:meth:`chunk` of a text known not to fit one window (no whole-text tokenization
+        first)."""
         all_ids: list[np.ndarray] = []
         lengths, starts, ends, weights = [], [], [], []
         truncated = overlap = 0

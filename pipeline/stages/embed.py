@@ -88,7 +88,7 @@ class TokenizeStage:
                 if not tokens.truncated[k] and tokens.lengths[k] <= window:
                     chunks[i] = one_chunk(sequences[k], len(texts[i]))
                     continue
-                cut = self.chunker.chunk(texts[i])
+                cut = self.chunker.chunk_long(texts[i])  # over the window: known here
                 if isinstance(cut, str):
                     rejects[i], excerpts[i] = cut, S.excerpt(texts[i])
                 else:
