@@ -437,25 +437,13 @@ def _resolve_gguf(source: str | os.PathLike[str], kind: SourceKind, revision: st
                   expert_bias: str) -> ResolvedModel:
     """The GGUF file made local, then converted once into a hub-layout directory of the model
     cache, keyed by the file's sha256, the expert bias and the converter's version."""
-    root, commit = _cache_root(cache_dir), None
-    if kind == "local":
-        path = _local_path(source).resolve()
-        if not path.is_file():
-            raise ModelSourceError(f"GGUF file {str(path)!r} does not exist")
-        model_id, sha = str(path), _sha256_file(path)
-    elif kind == "fsspec":
-        model_id = _normalise_uri(str(source))
-        path, sha = _fetch_fsspec_file(model_id, root, storage_options)
-    else:
-        model_id = str(source)
-        repo_id, filename = _HUB_GGUF.fullmatch(model_id).groups()
-        path, commit = _resolve_hub(repo_id, revision, cache_dir, filename)
-        sha = _sha256_file(path)
+    path, model_id, commit, sha = _gguf_file(source, kind, revision, cache_dir, storage_options)
     bias = _read_expert_bias(expert_bias, storage_options)
     tag = "zero" if bias is None else f"bias{bias.label.removeprefix('sha256:')[:12]}"
     leaf = re.sub(r"[^A-Za-z0-9._-]", "_", path.stem)[:40]
-    target = root / "gguf" / f"{leaf}-{sha[:16]}-{tag}-v{CONVERTER_VERSION}"
+    target = _cache_root(cache_dir) / "gguf" / f"{leaf}-{sha[:16]}-{tag}-v{CONVERTER_VERSION}"
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Several workers on one node resolve the same file at start-up; one converts.
     with _file_lock(target.with_name(target.name + ".lock")):
         if gguf_manifest(target) is None:
             tmp = _sibling_tmp(target, ".partial")
@@ -472,6 +460,24 @@ def _resolve_gguf(source: str | os.PathLike[str], kind: SourceKind, revision: st
     info = {"sha256": sha, "quant_types": manifest["quant_types"],
             "expert_bias": manifest["expert_bias"]}
     return ResolvedModel(target, model_id, commit, kind, info)
+
+
+def _gguf_file(source: str | os.PathLike[str], kind: SourceKind, revision: str | None,
+               cache_dir: str | os.PathLike[str] | None, storage_options: dict[str, Any]
+               ) -> tuple[Path, str, str | None, str]:
+    """``(local copy, model id, hub commit, sha256)`` of a GGUF source."""
+    if kind == "local":
+        path = _local_path(source).resolve()
+        if not path.is_file():
+            raise ModelSourceError(f"GGUF file {str(path)!r} does not exist")
+        return path, str(path), None, _sha256_file(path)
+    if kind == "fsspec":
+        uri = _normalise_uri(str(source))
+        path, sha = _fetch_fsspec_file(uri, _cache_root(cache_dir), storage_options)
+        return path, uri, None, sha
+    repo_id, filename = _HUB_GGUF.fullmatch(str(source)).groups()
+    path, commit = _resolve_hub(repo_id, revision, cache_dir, filename)
+    return path, str(source), commit, _sha256_file(path)
 
 
 def _check_converted_bias(source: str | os.PathLike[str], kind: SourceKind, expert_bias: str,
