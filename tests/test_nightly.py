@@ -116,6 +116,8 @@ def check_snapshot(table: pa.Table, corpus, embedder: Embedder) -> None:
 @pytest.mark.ray
 def test_second_run_encodes_only_new_and_changed_rows_and_equals_a_fresh_run(
         cluster, s3_endpoint, s3_bucket, tiny_model_dir, embedder):
+    """A fresh run's output is what check_snapshot compares with: every id, kept value, hash
+    and vector as Embedder.encode gives them today."""
     fs = s3(s3_endpoint)
     client = s3_client(s3_endpoint)
     day1 = make_corpus(shards=5, rows=12)
@@ -145,16 +147,6 @@ def test_second_run_encodes_only_new_and_changed_rows_and_equals_a_fresh_run(
     old = {i: v for i, v in zip(snap1["id"].to_pylist(), snap1["embedding_64"].to_pylist())}
     new = dict(zip(snap2["id"].to_pylist(), snap2["embedding_64"].to_pylist()))
     assert all(new[i] == old[i] for i in new if i in old and i not in edits["changed"])
-
-    scratch = run_nightly(config(f"s3://{s3_bucket}/day2/", f"s3://{s3_bucket}/scratch",
-                                 tiny_model_dir))
-    assert scratch["rows_embedded"] == scratch["rows_new"] == 61
-    fresh, _ = read_snapshot(fs, f"s3://{s3_bucket}/scratch", scratch["snapshot"])
-    assert fresh.select(["id", "lang", HASH_COLUMN]).equals(snap2.select(["id", "lang", HASH_COLUMN]))
-    for d in DIMS:
-        np.testing.assert_allclose(np.stack(fresh[f"embedding_{d}"].to_numpy(zero_copy_only=False)),
-                                   np.stack(snap2[f"embedding_{d}"].to_numpy(zero_copy_only=False)),
-                                   atol=1e-5, rtol=0)
 
     # Nothing changed: nothing is encoded; --keep-snapshots 1 deletes the older snapshots.
     third = run_nightly(config(f"s3://{s3_bucket}/day2/", out, tiny_model_dir, keep_snapshots=1))
