@@ -34,11 +34,18 @@ from tokenizers import Tokenizer
 from .tokenize import TextTokenizer, add_prefix
 
 LONG_TEXT = ("truncate", "chunk", "reject")
+# The output columns of --long-text chunk beside the id, kept and embedding columns.
+CHUNK_COLUMNS = ("chunk", "chunks", "char_start", "char_end", "tokens", "chunk_text")
 DEFAULT_OVERLAP = 64
 DEFAULT_MAX_CHUNKS = 1000
 # A window ends at a sentence end found in its last SENTENCE_ZONE of tokens.
 SENTENCE_ZONE = 0.4
-SENTENCE_ENDS = frozenset(".!?。！？।؟…‼⁇⁈⁉।॥።፧။።჻")
+# Marks that end a sentence where whitespace (or the text's end) follows them ("3.14",
+# "www.example.com" and "a?b=1" do not end one)...
+SPACED_ENDS = frozenset(".!?…‼⁇⁈⁉؟")
+# ...and marks that end one wherever they are (scripts written without spaces).
+UNSPACED_ENDS = frozenset("。！？।॥።፧။჻｡")
+SENTENCE_ENDS = SPACED_ENDS | UNSPACED_ENDS
 LINE_BREAKS = frozenset("\n\r\u2028\u2029\x0b\x0c\x85")
 # Documents are tokenized for planning in segments of about this many characters, each cut
 # at whitespace where there is some in its last SEGMENT_SLACK characters.
@@ -69,6 +76,10 @@ class LongText:
         if self.mode == "reject":
             return {"mode": "reject"}
         return dataclasses.asdict(self)
+
+
+# The reject reason's kind (before its ":") for a document over --max-chunks.
+OVER_MAX_CHUNKS = "document over --max-chunks"
 
 
 class ChunkingError(ValueError):
@@ -103,16 +114,16 @@ def check_chunking(window: int, overlap: int, overhead: int, limit: int) -> None
     """Refuse windows that cannot work: above the model's limit, no room for text after the
     prefix, or an overlap of half the window or more (every chunk would repeat the last)."""
     if not 1 <= window <= limit:
-        raise ChunkingError(f"chunk_tokens must be from 1 to the model's {limit} tokens, "
+        raise ChunkingError(f"--chunk-tokens must be from 1 to the model's {limit} tokens, "
                             f"got {window}")
     room = window - overhead
     if room < 8:
         raise ChunkingError(
-            f"chunk_tokens {window} leaves {room} token(s) for text after the task prefix and "
+            f"--chunk-tokens {window} leaves {room} token(s) for text after the task prefix and "
             f"<s>/</s> ({overhead} tokens); use at least {overhead + 8}")
     if overlap < 0 or 2 * overlap >= room:
         raise ChunkingError(
-            f"chunk_overlap {overlap} must be at least 0 and less than half of the {room} text "
+            f"--chunk-overlap {overlap} must be at least 0 and less than half of the {room} text "
             f"tokens a {window}-token window holds after the prefix (at most {(room - 1) // 2})")
 
 
@@ -164,14 +175,16 @@ class Chunker:
         while True:
             tokens.fill(s + self.room + 1)
             e = self._window_end(text, tokens, s)
+            if e <= s:  # the first character alone is longer than the window: that character
+                e = tokens.boundary_after(s + 1)
             while True:
                 a, b = self._span(text, tokens, s, e, covered_char)
                 ids = self.model_input(text[a:b]) if b > a else []
                 excess = len(ids) - self.window
                 if excess <= 0:
                     break
-                shorter = tokens.boundary_before(e - excess, s + 1)
-                if shorter is None:  # one character is longer than the window
+                shorter = self._window_end(text, tokens, s, upto=e - excess)
+                if shorter <= s:  # one character is longer than the window
                     ids = ids[: self.window - 1] + ids[-1:]
                     truncated += 1
                     break
@@ -184,8 +197,8 @@ class Chunker:
                 weights.append(max(0, e - max(s, covered_tok)))
                 overlap += max(0, covered_tok - s)
                 if len(lengths) > self.max_chunks:
-                    return (f"document needs more than {self.max_chunks} chunks "
-                            f"(--max-chunks); {len(text)} characters")
+                    return (f"{OVER_MAX_CHUNKS}: needs more than {self.max_chunks:,} chunks "
+                            f"({len(text):,} characters)")
                 covered_char = b
             covered_tok = max(covered_tok, e)
             if e >= tokens.total and tokens.done:
@@ -197,17 +210,20 @@ class Chunker:
                       np.array(starts, np.int64), np.array(ends, np.int64),
                       np.array(weights, np.int32), overlap, truncated)
 
-    def _window_end(self, text: str, tokens: "_TokenStream", s: int) -> int:
-        """The exclusive end token of the window starting at ``s``: all the rest when it fits,
-        else after the last sentence end in the window's last 40%, else the last boundary."""
-        last = min(s + self.room, tokens.total)
-        if last >= tokens.total and tokens.done:
+    def _window_end(self, text: str, tokens: "_TokenStream", s: int,
+                    upto: int | None = None) -> int:
+        """The exclusive end token of the window starting at ``s`` (and ending by ``upto``):
+        all the rest when it fits, else after the last sentence end in the window's last 40%,
+        else at the last boundary (``s`` when there is none)."""
+        last = min(s + self.room, tokens.total) if upto is None else upto
+        if upto is None and last >= tokens.total and tokens.done:
             return tokens.total
         zone = max(s + math.ceil((1 - SENTENCE_ZONE) * self.room), s + 1)
-        ends = tokens.sentence_ends(zone, last)
-        if len(ends):
-            return int(ends[-1])
-        return tokens.boundary_before(last, s + 1) or last
+        if last >= zone:
+            ends = tokens.sentence_ends(zone, last)
+            if len(ends):
+                return int(ends[-1])
+        return tokens.boundary_before(last, s + 1) or s
 
     @staticmethod
     def _span(text: str, tokens: "_TokenStream", s: int, e: int, covered: int) -> tuple[int, int]:
@@ -283,6 +299,16 @@ class _TokenStream:
                 return i
         return None
 
+    def boundary_after(self, e: int) -> int:
+        """The smallest boundary ``>= e`` (tokenizing on as needed; the text's end at most)."""
+        while True:
+            for i in range(e, self.total):
+                if self.is_boundary(i):
+                    return i
+            if self.done:
+                return self.total
+            self.fill(self.total + 1)
+
     def sentence_ends(self, lo: int, hi: int) -> np.ndarray:
         """Ends ``e`` in ``[lo, hi]`` (``hi < total``) after a sentence end, at a boundary."""
         e = np.arange(lo, hi + 1) - self.base
@@ -290,7 +316,9 @@ class _TokenStream:
         return e[ok] + self.base
 
 
-_SENTENCE_CODES = np.array(sorted(map(ord, SENTENCE_ENDS)), np.uint32)
+_SPACED_CODES = np.array(sorted(map(ord, SPACED_ENDS)), np.uint32)
+_UNSPACED_CODES = np.array(sorted(map(ord, UNSPACED_ENDS)), np.uint32)
+_SPACE_CODES = np.array([c for c in range(0x3000 + 1) if chr(c).isspace()], np.uint32)
 _BREAK_CODES = np.array(sorted(map(ord, LINE_BREAKS)), np.uint32)
 
 
@@ -310,7 +338,10 @@ def _segments(tokenizer: Tokenizer, text: str) -> Iterator[tuple[np.ndarray, ...
         st, en = spans[:, 0], spans[:, 1]
         codes = np.frombuffer(segment.encode("utf-32-le"), np.uint32)
         breaks = np.concatenate(([0], np.cumsum(np.isin(codes, _BREAK_CODES))))
-        marks = np.isin(codes, _SENTENCE_CODES)
+        # A spaced mark ends a sentence before whitespace or at the text's end.
+        after_space = np.append(np.isin(codes[1:], _SPACE_CODES),
+                                end >= len(text) or text[end].isspace())
+        marks = np.isin(codes, _UNSPACED_CODES) | (np.isin(codes, _SPACED_CODES) & after_space)
         following = np.append(st[1:], len(segment))
         sent = marks[np.maximum(en - 1, 0)] | (breaks[np.maximum(following, st)] > breaks[st])
         yield st + pos, en + pos, sent

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .chunking import DEFAULT_MAX_CHUNKS, DEFAULT_OVERLAP, LONG_TEXT, LongText
+from .chunking import CHUNK_COLUMNS, DEFAULT_MAX_CHUNKS, DEFAULT_OVERLAP, LONG_TEXT, LongText
 from .model.config import DEFAULT_MODEL, MAX_SEQ_LEN
 from .tokenize import TASK_PREFIXES
 
@@ -161,19 +161,25 @@ class RunConfig:
 
     def _check_long_text(self) -> None:
         if self.chunk_tokens > MAX_SEQ_LEN:
-            raise ValueError(f"chunk_tokens must be at most the model's {MAX_SEQ_LEN}, got "
+            raise ValueError(f"--chunk-tokens must be at most the model's {MAX_SEQ_LEN}, got "
                              f"{self.chunk_tokens}")
         overlap = self.chunk_overlap
         if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
-            raise ValueError(f"chunk_overlap must be a whole number >= 0, got {overlap!r}")
+            raise ValueError(f"--chunk-overlap must be a whole number >= 0, got {overlap!r}")
         if self.long_text != "chunk":
             chunk_options = [name for name, default in (
                 ("chunk_tokens", MAX_SEQ_LEN), ("chunk_overlap", DEFAULT_OVERLAP),
                 ("max_chunks", DEFAULT_MAX_CHUNKS), ("keep_chunk_text", False),
                 ("doc_vectors", False)) if getattr(self, name) != default]
             if chunk_options:
-                raise ValueError(f"{', '.join(chunk_options)} apply to long_text 'chunk' only "
-                                 f"(long_text is {self.long_text!r})")
+                flags = ", ".join("--" + name.replace("_", "-") for name in chunk_options)
+                raise ValueError(f"{flags} apply to --long-text chunk only (--long-text is "
+                                 f"{self.long_text})")
+        else:
+            clash = sorted({self.id_column, *self.keep_columns} & set(CHUNK_COLUMNS))
+            if clash:
+                raise ValueError(f"columns {clash} clash with the chunk columns --long-text chunk "
+                                 f"writes ({', '.join(CHUNK_COLUMNS)}); rename them")
 
     @property
     def long_text_spec(self) -> LongText:

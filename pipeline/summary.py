@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from .chunking import OVER_MAX_CHUNKS
 from .io.storage import DOCUMENTS_DIR, REJECTS_DIR, is_side_file
 from .units import Totals
 
@@ -117,10 +118,11 @@ def _chunk_fields(config: dict[str, Any], every: dict[str, Any], base: str) -> d
     ``rows_embedded`` counts documents, ``chunks`` the output's rows)."""
     if config.get("long_text") != "chunk":
         return {}
-    docs = every["rows_embedded"]
+    docs = every["rows_embedded"] + every["rows_reused"]  # nightly: reused documents too
     return {"chunks": every["chunks"], "chunks_per_doc_max": every["chunks_max"],
             "chunks_per_doc_mean": round(every["chunks"] / docs, 4) if docs else 0.0,
             "docs_chunked": every["docs_chunked"], "overlap_tokens": every["overlap_tokens"],
+            "docs_over_max_chunks": every["reject_reasons"].get(OVER_MAX_CHUNKS, 0),
             "documents_files": [f"{base}/{f}" for f in every["files"]
                                 if f.startswith(DOCUMENTS_DIR + "/")]}
 
@@ -149,10 +151,13 @@ def report(result: dict[str, Any], config, command: str = "run",
     lines = [f"rows: {result['rows_in']:,} in, {embedded:,} embedded{reused}, "
              f"{result['rows_rejected']:,} rejected ({result['reject_fraction']:.1%})"]
     if "chunks" in result:
-        lines.append(f"chunks: {result['chunks']:,} ({result['docs_chunked']:,} document(s) "
-                     f"over {config.chunk_tokens} tokens cut in several, at most "
-                     f"{result['chunks_per_doc_max']:,} for one; {result['overlap_tokens']:,} "
-                     "overlap tokens)")
+        documents = f"; document vectors: {where}/_documents/" \
+            if result.get("documents_files") else ""
+        lines.append(f"chunks: {result['chunks']:,} rows ({result['docs_chunked']:,} document(s) "
+                     f"over {config.chunk_tokens} tokens cut in several; "
+                     f"{result['chunks_per_doc_mean']:,.2f} per document, at most "
+                     f"{result['chunks_per_doc_max']:,}; {result['overlap_tokens']:,} overlap "
+                     f"tokens){documents}")
     reasons = sorted(result.get("reject_reasons", {}).items(), key=lambda kv: -kv[1])
     for reason, n in reasons[:3]:
         lines.append(f"  rejected {n:,}: {reason}")

@@ -163,7 +163,7 @@ def test_a_character_longer_than_the_window_is_cut_and_counted(tokenizer):
 def test_more_than_max_chunks_is_a_reason_found_early(tokenizer):
     chunker = Chunker(tokenizer, PREFIX, 64, 8, max_chunks=5)
     reason = chunker.chunk("word " * 4_000_000)  # 20 MB; stops after the 6th chunk
-    assert isinstance(reason, str) and "more than 5 chunks" in reason
+    assert reason == "document over --max-chunks: needs more than 5 chunks (20,000,000 characters)"
 
 
 def test_refused_windows(tokenizer):
@@ -297,7 +297,7 @@ def test_reject_mode_names_the_token_count(tokenizer_json, chunk_encoder):
     reasons = tokenized[S.REJECT].to_pylist()
     count = len(Chunker(TextTokenizer.from_json(tokenizer_json), PREFIX, 512, 64)
                 .model_input(text))
-    assert reasons[0] == (f"text over the model's 512-token limit: {count} tokens with the "
+    assert reasons[0] == (f"text over the model's 512-token limit: {count:,} tokens with the "
                           "task prefix (--long-text reject)") and reasons[1] is None
     assert tokenized[S.TRUNCATED].to_pylist() == [False, False]
 
@@ -308,5 +308,19 @@ def test_more_than_max_chunks_goes_to_rejects_with_the_reason(tokenizer_json, ch
     encoded = embedded_chunks(tokenizer_json, chunk_encoder, texts, long_text)
     embedded, rejects, stats = split_rows(encoded, chunk_spec(long_text))
     assert rejects["row"].to_pylist() == [0, 2]
-    assert all("more than 3 chunks" in r for r in rejects["reason"].to_pylist())
+    assert all(r.startswith("document over --max-chunks: needs more than 3 chunks")
+               for r in rejects["reason"].to_pylist())
     assert embedded["id"].to_pylist() == [1] and stats["rows"] == 3
+
+
+def test_sentence_ends_survive_a_shortened_window_and_a_dot_needs_a_space_after_it(tokenizer):
+    # A window that re-tokenizes one token too long goes back to the previous sentence end.
+    text = ("吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。カタカナとひらがなを"
+            "混ぜる！") * 50
+    chunks = Chunker(tokenizer, PREFIX, 128, 16, max_chunks=10_000).chunk(text)
+    assert all(text[e - 1] in "。！" for e in chunks.ends[:-1])
+    # "3.14", "www.example.com" and "a?b=1" end no sentence; "here. " does.
+    text = "Pi is 3.14 and www.example.com/a?b=1 is here. " * 40
+    chunks = Chunker(tokenizer, PREFIX, 64, 8, max_chunks=10_000).chunk(text)
+    ends = [e for e in chunks.ends[:-1] if text[e - 1] in ".?"]
+    assert len(ends) > 10 and all(text[e - 5:e] == "here." for e in ends)

@@ -408,13 +408,16 @@ def test_long_text(model_info, tiny_model_dir):
     assert TokenizeStage(**plan(model_info).tokenize.kwargs).chunker is None
     with pytest.raises(SystemExit):
         parse("--long-text", "split")
+    for clash in (("--keep-columns", "tokens"), ("--id-column", "chunk")):
+        with pytest.raises(ValueError, match="clash with the chunk columns"):
+            parse("--long-text", "chunk", *clash)
 
 
 def test_chunk_tokens(model_info):
     p = plan(model_info, "--long-text", "chunk", "--chunk-tokens", "128", "--chunk-overlap", "16")
     assert TokenizeStage(**p.tokenize.kwargs).chunker.window == 128
     assert p.output.long_text.window == 128 and p.output.metadata["chunks"]["window"] == 128
-    with pytest.raises(ValueError, match="apply to long_text 'chunk' only"):
+    with pytest.raises(ValueError, match="apply to --long-text chunk only"):
         parse("--chunk-tokens", "128")
     with pytest.raises(ValueError, match="at most the model's 512"):
         parse("--long-text", "chunk", "--chunk-tokens", "513")
@@ -428,7 +431,7 @@ def test_chunk_overlap(model_info, tiny_model_dir):
     # Half the window or more, or a window with no room after the prefix: refused by the
     # pre-flight, which knows the tokenizer's prefix length (before Ray starts).
     for extra in (("--chunk-overlap", "256"), ("--chunk-tokens", "12")):
-        with pytest.raises(ValueError, match="chunk_"):
+        with pytest.raises(ValueError, match="--chunk-"):
             load_model_info(parse("--model", str(tiny_model_dir), "--dims", "64,32",
                                   "--long-text", "chunk", *extra))
 

@@ -678,3 +678,37 @@ def test_plan_diff_at_least_one_bucket_without_cpus_or_bytes():
     diff = plan(None, todo_bytes=0, cpus=0.0)
     assert diff.buckets == 1
     assert N.bucket_of(pa.array(["a", "b"]), diff.buckets).to_pylist() == [0, 0]
+
+
+def _snapshot_file(path: Path, table: pa.Table) -> tuple[str, int]:
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, path)
+    return str(path), path.stat().st_size
+
+
+@pytest.mark.parametrize("before,now", [(None, "chunk"), ("chunk", None), ("chunk", "chunk")])
+def test_read_previous_follows_the_previous_snapshot_s_chunking(tmp_path, before, now):
+    """A snapshot of one row per document or per chunk is read as one row per document,
+    whatever today's --long-text (switching mode re-embeds every row, without failing)."""
+    chunking = {"mode": "chunk", "window": 128, "overlap": 16, "max_chunks": 1000,
+                "chunk_text": False, "doc_vectors": False}
+    old = identity(long_text=chunking if before else None)
+    new = identity(long_text=chunking if now else None)
+    if before:  # id 1 in 3 chunks, id 2 in 1
+        table = pa.table({"id": [1, 1, 1, 2], "chunk": [0, 1, 2, 0], "chunks": [3, 3, 3, 1],
+                          N.HASH_COLUMN: ["a", "a", "a", "b"]})
+    else:
+        table = pa.table({"id": [1, 2], N.HASH_COLUMN: ["a", "b"]})
+    for w in DIMS:
+        one = pa.FixedSizeListArray.from_arrays(
+            pa.array(np.ones(table.num_rows * w, np.float32)), w)
+        table = table.append_column(f"embedding_{w}", one)
+    uri, size = _snapshot_file(tmp_path / "part-a.parquet", table)
+    d = N.plan_diff(identity=new, read=read_spec(), previous_identity=old,
+                    previous_files=((uri, size),), todo_bytes=0, seen_files=(), cpus=1)
+    assert d.reuse == (before == now) and d.chunked == bool(now)
+    rows = pa.concat_tables(N.read_previous(uri, d, {}))
+    assert rows[S.ID].to_pylist() == [1, 2] and rows[S.PREV_HASH].to_pylist() == ["a", "b"]
+    if d.reuse:  # each document's chunk vectors, as a list
+        assert [len(v) for v in rows[S.prev_embedding(DIMS[0])].to_pylist()] == [3, 1]

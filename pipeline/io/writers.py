@@ -50,9 +50,6 @@ class OutputSpec:
         return max(1024, TARGET_FILE_BYTES // self.bytes_per_row)
 
 
-CHUNK_COLUMNS = ("chunk", "chunks", "char_start", "char_end", "tokens")
-
-
 def split_rows(table: pa.Table, spec: OutputSpec) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
     """``(embedded, rejects, stats)`` of a table of encoder rows.
 
@@ -220,9 +217,12 @@ def write_outputs(fs, output_path: str, table: pa.Table, spec: OutputSpec) -> li
         embedded, rejects, stats = split_rows(part, spec)
         unit = unit_key(source)
         files, size = [], 0  # names relative to the output, whatever spelling it is given
-        if embedded.num_rows:
+        # One file per unit, or several when chunks made its rows many (a write batch
+        # counts documents).
+        step = spec.rows_per_file()
+        for start in range(0, embedded.num_rows, step):
             name = part_name(unit)
-            size += write_parquet(fs, f"{base}/{name}", embedded)
+            size += write_parquet(fs, f"{base}/{name}", embedded.slice(start, step))
             files.append(name)
         if rejects.num_rows:
             name = f"{REJECTS_DIR}/{part_name(unit)}"

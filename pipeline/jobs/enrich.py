@@ -350,8 +350,11 @@ def _earlier_files(config: RunConfig, out: str) -> list[str]:
 
 
 def _summary(result: dict[str, Any], merged: list[dict[str, Any]]) -> dict[str, Any]:
-    result = {k: v for k, v in result.items() if k != "documents_files"}  # appended, deleted
+    # The staging run's files are gone once merged (or moved to _chunks/): the output's
+    # files are the enriched ones.
+    result = {k: v for k, v in result.items() if k != "documents_files"}
     return result | {
+        "output_files": [m["target"] for m in merged],
         "rows_out": sum(m["rows"] for m in merged),
         "rows_with_embeddings": sum(m["rows_with_embeddings"] for m in merged),
         "enriched_files": [m["target"] for m in merged],
@@ -389,10 +392,17 @@ def _move_chunks(config: RunConfig, staging: str, dest: str) -> list[str]:
     _, target = open_filesystem(dest, config.storage_options)
     base = path.rstrip("/")
     with storage_errors(dest, "move the chunk table to"):
-        if fs.exists(target):
-            fs.rm(target, recursive=True)
         found = [p for p in fs.ls(base, detail=False)
                  if fnmatch.fnmatch(posixpath.basename(p), OUTPUT_PART_GLOB)]
+        # Files are named part-<unit key>-<id>.parquet: an earlier run's chunks of the units
+        # enriched now are replaced; those of sources this input does not cover stay.
+        redone = {posixpath.basename(p).split("-")[1] for p in found}
+        if fs.exists(target):
+            old = [p for p in fs.ls(target, detail=False)
+                   if posixpath.basename(p).split("-")[1:2] and
+                   posixpath.basename(p).split("-")[1] in redone]
+            if old:
+                fs.rm(old)
         moved = []
         for p in sorted(found):
             name = posixpath.basename(p)

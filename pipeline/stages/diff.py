@@ -61,6 +61,7 @@ class Diff:
     # --long-text chunk: snapshots hold one row per chunk; a document's chunk vectors travel
     # as one list per width, and an unchanged document keeps all of them.
     chunked: bool = False
+    previous_chunked: bool = False  # the previous snapshot's rows are chunks (its settings)
 
     def prev_type(self, width: int) -> pa.DataType:
         """The type of a previous vector column (a list of chunk vectors when chunked)."""
@@ -176,11 +177,11 @@ def read_previous(uri: str, diff: Diff, storage_options: dict[str, Any]) -> Iter
     columns = [diff.id_column, HASH_COLUMN]
     if diff.reuse:
         columns += [embedding_column(d) for d in diff.dims]
-    if diff.chunked:
+    if diff.previous_chunked:
         columns += ["chunk", "chunks"]
     with storage_errors(uri, "read the previous snapshot's"), fs.open(path, "rb") as f:
         batches = pq.ParquetFile(f).iter_batches(batch_size=65536, columns=columns)
-        if diff.chunked:
+        if diff.previous_chunked:
             batches = documents_of(batches, diff, uri)
         for batch in batches:
             ids = batch.column(diff.id_column)
@@ -330,6 +331,11 @@ def _reject_seen_ids(today: pa.Table, seen: pa.Table, rejects: list, excerpts: l
             excerpts[i] = S.excerpt(str(ids[i].as_py()))
 
 
+def _chunked(identity: dict[str, Any] | None) -> bool:
+    """Whether a run of this identity writes one row per chunk (``--long-text chunk``)."""
+    return ((identity or {}).get("long_text") or {}).get("mode") == "chunk"
+
+
 def plan_diff(*, identity: dict[str, Any], read, previous_identity: dict[str, Any] | None,
               previous_files: tuple[tuple[str, int], ...], todo_bytes: int,
               seen_files: tuple[tuple[str, str], ...], cpus: float) -> Diff:
@@ -363,5 +369,5 @@ def plan_diff(*, identity: dict[str, Any], read, previous_identity: dict[str, An
                 dims=tuple(identity["dims"]), reuse=reuse,
                 output_dtype=identity["output_dtype"], seen_files=tuple(seen_files),
                 reembed_reason=reason, bytes=int(total),
-                chunked=(identity.get("long_text") or {}).get("mode") == "chunk")
+                chunked=_chunked(identity), previous_chunked=_chunked(previous_identity))
     return dataclasses.replace(diff, schema=diff_schema(read, diff))

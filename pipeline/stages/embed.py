@@ -123,7 +123,7 @@ class TokenizeStage:
 
     def _over_limit(self, text: str) -> str:
         count, exact = self.chunker.count_tokens(text)
-        counted = f"{count} tokens" if exact else f"more than {count} tokens"
+        counted = f"{count:,} tokens" if exact else f"more than {count:,} tokens"
         return (f"text over the model's {self.tokenizer.max_length}-token limit: {counted} "
                 "with the task prefix (--long-text reject)")
 
