@@ -51,6 +51,10 @@ class RunConfig:
                         metavar="SOURCE")
     revision: str | None = _field(None, "hub revision (branch, tag or commit) to pin",
                                   metavar="REV")
+    gguf_expert_bias: str = _field("zero", "GGUF models: the MoE expert output bias GGUF files "
+                                   "lack: zero (what llama.cpp computes) or a sidecar file from "
+                                   "`python -m pipeline.model.gguf expert-bias` (docs/gguf.md)",
+                                   metavar="zero|FILE")
     task: str = _field("document", "task prefix applied to every text",
                        choices=tuple(TASK_PREFIXES))
     dims: tuple[int, ...] = _field((768, 512, 256), "Matryoshka widths, comma separated",

@@ -47,10 +47,12 @@ class ModelInfo:
     hidden_size: int
     tokenizer_json: str = dataclasses.field(repr=False)
     num_experts: int = 8
+    gguf: dict[str, Any] | None = None  # a GGUF source: its sha256, tensor types, expert bias
 
     def describe(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "revision": self.revision,
-                "weights_fingerprint": self.fingerprint, "hidden_size": self.hidden_size}
+                "weights_fingerprint": self.fingerprint, "hidden_size": self.hidden_size,
+                } | ({"gguf": self.gguf} if self.gguf else {})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +180,7 @@ def plan_run(config: RunConfig, cluster: Cluster, model: ModelInfo, files: list[
     encode = StagePlan(
         kwargs={
             "model": model.source, "revision": model.revision, "device": device,
+            "gguf_expert_bias": config.gguf_expert_bias,
             "dtype": config.dtype, "dims": config.dims, "output_dtype": config.output_dtype,
             "max_tokens_per_batch": config.max_tokens_per_batch,
             "threads": config.encoder_threads, "replicas": replicas,

@@ -124,7 +124,8 @@ def load_model_info(config: RunConfig) -> ModelInfo:
     from .model.sources import resolve_model, weights_fingerprint
 
     resolved = resolve_model(config.model, revision=config.revision,
-                             storage_options=config.storage_options)
+                             storage_options=config.storage_options,
+                             gguf_expert_bias=config.gguf_expert_bias)
     model_config = load_config(resolved.local_dir)
     check_dims(config.dims, model_config.hidden_size)
     check_split(model_config.num_experts, config.expert_parallel)
@@ -141,5 +142,5 @@ def load_model_info(config: RunConfig) -> ModelInfo:
         source=source, model_id=resolved.model_id, revision=resolved.revision,
         fingerprint=weights_fingerprint(resolved.local_dir),
         hidden_size=model_config.hidden_size, tokenizer_json=tokenizer_json,
-        num_experts=model_config.num_experts,
+        num_experts=model_config.num_experts, gguf=resolved.gguf,
     )

@@ -451,6 +451,12 @@ def test_doc_vectors(model_info):
     assert p.output.long_text.doc_vectors and encode_stage(p).doc_vectors
 
 
+def test_gguf_expert_bias(model_info):
+    p = plan(model_info, "--gguf-expert-bias", "/data/bias.safetensors")
+    assert p.encode.kwargs["gguf_expert_bias"] == "/data/bias.safetensors"
+    assert plan(model_info).encode.kwargs["gguf_expert_bias"] == "zero"
+
+
 def test_every_option_has_a_test_here():
     tested = {name.removeprefix("test_") for name in globals() if name.startswith("test_")}
     tested |= {"input", "format"}  # test_input_and_format

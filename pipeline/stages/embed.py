@@ -182,10 +182,10 @@ class EncodeStage:
                  threads: int | None = None, replicas: int = 1,
                  storage_options: dict[str, Any] | None = None,
                  fingerprint: str | None = None, engine: Callable[..., Any] | None = None,
-                 doc_vectors: bool = False) -> None:
+                 doc_vectors: bool = False, gguf_expert_bias: str = "zero") -> None:
         load = dict(model=model, revision=revision, device=device, dtype=dtype,
                     max_tokens_per_batch=max_tokens_per_batch, storage_options=storage_options,
-                    fingerprint=fingerprint)
+                    fingerprint=fingerprint, gguf_expert_bias=gguf_expert_bias)
         if engine is not None:
             # Given by the graph: e.g. an expert-parallel group whose ranks do the work
             # (pipeline/cluster/expert_groups.py); this actor only coordinates.
