@@ -234,8 +234,6 @@ class Chunker:
             a = covered
         if e >= tokens.total and tokens.done:
             b = len(text)
-        if s == 0:
-            a = 0
         while a < b and text[a].isspace():
             a += 1
         while b > a and text[b - 1].isspace():

@@ -375,13 +375,18 @@ def _move_rejects(config: RunConfig, staging: str, dest: str) -> list[str]:
         if fs.exists(target):
             fs.rm(target, recursive=True)
         found = fs.find(f"{path.rstrip('/')}/_rejects") if fs.exists(f"{path.rstrip('/')}/_rejects") else []
-        moved = []
-        for p in sorted(found):
-            name = posixpath.basename(p)
-            if is_local(fs):
-                fs.makedirs(target, exist_ok=True)
-            fs.mv(p, f"{target}/{name}")
-            moved.append(f"{dest.rstrip('/')}/{name}")
+        return _move_into(fs, found, target, dest)
+
+
+def _move_into(fs, found: list[str], target: str, dest: str) -> list[str]:
+    """Move the files ``found`` into the folder ``target`` (``dest`` as a URI); their URIs."""
+    moved = []
+    for p in sorted(found):
+        name = posixpath.basename(p)
+        if is_local(fs):
+            fs.makedirs(target, exist_ok=True)
+        fs.mv(p, f"{target}/{name}")
+        moved.append(f"{dest.rstrip('/')}/{name}")
     return moved
 
 
@@ -399,18 +404,10 @@ def _move_chunks(config: RunConfig, staging: str, dest: str) -> list[str]:
         redone = {posixpath.basename(p).split("-")[1] for p in found}
         if fs.exists(target):
             old = [p for p in fs.ls(target, detail=False)
-                   if posixpath.basename(p).split("-")[1:2] and
-                   posixpath.basename(p).split("-")[1] in redone]
+                   if set(posixpath.basename(p).split("-")[1:2]) & redone]
             if old:
                 fs.rm(old)
-        moved = []
-        for p in sorted(found):
-            name = posixpath.basename(p)
-            if is_local(fs):
-                fs.makedirs(target, exist_ok=True)
-            fs.mv(p, f"{target}/{name}")
-            moved.append(f"{dest.rstrip('/')}/{name}")
-    return moved
+        return _move_into(fs, found, target, dest)
 
 
 def _remove_staging(config: RunConfig, staging: str) -> None:

@@ -68,10 +68,9 @@ class TokenizeStage:
             else [False] * table.num_rows
         good = S.reject_unembeddable(ids_null, texts, rejects, excerpts, skip=reused)
         tokens = self.tokenizer.encode([add_prefix(texts[i], self.prefix) for i in good])
-        offsets_K = tokens.offsets
-        sequences = [tokens.ids[offsets_K[k]:offsets_K[k + 1]] for k in range(len(good))]
         truncated = np.zeros(table.num_rows, bool)
         chunks: dict[int, Chunks] = {}
+        cut_ids: dict[int, np.ndarray] = {}  # the rows whose ids are not ``tokens``' (chunked)
         if self.long_text.mode == "truncate":
             truncated[good] = tokens.truncated
         elif self.long_text.mode == "reject":
@@ -86,21 +85,27 @@ class TokenizeStage:
                     chunks[i] = self._chunks_again(texts[i])
             for k, i in enumerate(good):
                 if not tokens.truncated[k] and tokens.lengths[k] <= window:
-                    chunks[i] = one_chunk(sequences[k], len(texts[i]))
+                    chunks[i] = one_chunk(int(tokens.lengths[k]), len(texts[i]))
                     continue
                 cut = self.chunker.chunk_long(texts[i])  # over the window: known here
                 if isinstance(cut, str):
                     rejects[i], excerpts[i] = cut, S.excerpt(texts[i])
                 else:
-                    chunks[i] = cut
+                    chunks[i], cut_ids[i] = cut, cut.ids
                     truncated[i] = cut.truncated > 0
-        ids_N = [np.zeros(0, np.int32)] * table.num_rows
-        for k, i in enumerate(good):
-            if rejects[i] is None:
-                ids_N[i] = chunks[i].ids if i in chunks else sequences[k]
-        lengths = np.fromiter((len(x) for x in ids_N), np.int32, table.num_rows)
+        lengths = np.zeros(table.num_rows, np.int32)
+        if not cut_ids and all(rejects[i] is None for i in good):
+            # Each row's ids are as tokenized (the common case): no per-row copy.
+            lengths[good], flat = tokens.lengths, tokens.ids
+        else:
+            offsets_K = tokens.offsets
+            ids_N = [np.zeros(0, np.int32)] * table.num_rows
+            for k, i in enumerate(good):
+                if rejects[i] is None:
+                    ids_N[i] = cut_ids.get(i, tokens.ids[offsets_K[k]:offsets_K[k + 1]])
+            lengths = np.fromiter((len(x) for x in ids_N), np.int32, table.num_rows)
+            flat = np.concatenate(ids_N) if table.num_rows else np.zeros(0, np.int32)
         offsets = np.concatenate(([0], np.cumsum(lengths, dtype=np.int64))).astype(np.int32)
-        flat = np.concatenate(ids_N) if table.num_rows else np.zeros(0, np.int32)
         out = table.drop_columns([S.TEXT, S.REJECT, S.EXCERPT])
         elapsed = (time.perf_counter() - t0) / max(table.num_rows, 1)
         out = out.append_column(S.REJECT, pa.array(rejects, pa.string())) \
@@ -128,11 +133,10 @@ class TokenizeStage:
                 "with the task prefix (--long-text reject)")
 
 
-def one_chunk(ids: np.ndarray, chars: int) -> Chunks:
-    """A document that fits: one chunk, the whole text."""
-    n = len(ids)
-    return Chunks(ids, np.array([n], np.int32), np.array([0], np.int64),
-                  np.array([chars], np.int64), np.array([n], np.int32))
+def one_chunk(tokens: int, chars: int) -> Chunks:
+    """A document that fits: one chunk, the whole text (its ids are the row's own)."""
+    return Chunks(np.zeros(0, np.int32), np.array([tokens], np.int32), np.array([0], np.int64),
+                  np.array([chars], np.int64), np.array([tokens], np.int32))
 
 
 def append_chunk_columns(table: pa.Table, chunks: dict[int, Chunks], texts: list,
