@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 
 from pipeline.bench import encoder as bench, workload
@@ -90,3 +92,69 @@ def test_bench_chunking_smoke(tmp_path, tiny_model_dir, capsys):
     assert set(result["tokens_per_s"]) == {"plain", "truncate", "chunk"}
     assert result["chunks"] >= 4 and result["big_document"]["chars"] == 50_000
     assert result["document_tokens"] > 4 * 1000
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer(tmp_path_factory):
+    """The real-size benchmark tokenizer of the synthetic lexicon (no wordfreq needed), built
+    into a cache of this module's own."""
+    from pipeline.model.builder import cached_real_size_tokenizer
+
+    cache = tmp_path_factory.mktemp("tokenizer-cache")
+    return cache, cached_real_size_tokenizer("synthetic", cache_dir=cache)
+
+
+def test_real_size_tokenizer_is_xlmr_shaped(real_tokenizer):
+    from tokenizers import Tokenizer
+
+    from pipeline.model.builder import cached_real_size_tokenizer
+    from pipeline.tokenize import TextTokenizer
+
+    cache, text = real_tokenizer
+    spec = json.loads(text)
+    assert spec["model"]["type"] == "Unigram" and len(spec["model"]["vocab"]) >= 250_000
+    assert [p for p, _ in spec["model"]["vocab"][:4]] == ["<s>", "<pad>", "</s>", "<unk>"]
+    assert [n["type"] for n in spec["normalizer"]["normalizers"]] == ["NFKC", "Replace"]
+    assert spec["pre_tokenizer"]["type"] == "Metaspace"
+    assert spec["post_processor"]["single"][0]["SpecialToken"]["id"] == "<s>"
+    tok = TextTokenizer.from_json(text)  # checks the special ids itself
+    assert tok.vocab_size == 250_002
+    assert Tokenizer.from_str(text).token_to_id("<mask>") == 250_001
+    ids = tok.encode(["Ｈｅｌｌｏ   world", "敏捷"]).ids.tolist()
+    assert ids[0] == 0 and ids.count(2) == 2 and 3 not in ids[:ids.index(2)]
+    # built once: the second call reads the cached file
+    assert len(list(cache.iterdir())) == 1
+    assert cached_real_size_tokenizer("synthetic", cache_dir=cache) == text
+
+
+def test_multilingual_texts_follow_the_mix(real_tokenizer):
+    from pipeline.model import lexicon
+    from pipeline.tokenize import TextTokenizer
+
+    tok = TextTokenizer.from_json(real_tokenizer[1]).untruncated()
+    texts = workload.multilingual_texts(300, tok, seed=0, source="synthetic")
+    langs = lexicon.languages("synthetic")
+    assert len({lang.script for lang in langs}) >= 20
+    encodings = tok.encode_batch(["search_document: " + t for t in texts])
+    lengths = np.array([len(e.ids) for e in encodings])
+    assert 90 <= np.median(lengths) <= 135 and lengths.max() > 512
+    assert sum(3 in e.ids for e in encodings) == 0  # no <unk>
+    han = [t for t in texts if any("\u4e00" <= c <= "\u62ff" for c in t[:3])]
+    assert han and all(" " not in t for t in han)  # CJK is written without spaces
+    again = [workload.multilingual_texts(20, tok, seed=5, source="synthetic") for _ in range(2)]
+    assert again[0] == again[1] and again[0] != texts[:20]  # deterministic per seed
+
+
+def test_bench_tokenizer_smoke(real_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("NOMIC_PIPELINE_CACHE", str(real_tokenizer[0]))
+    monkeypatch.setenv("RAYON_NUM_THREADS", "1")  # restored after the test
+    out = tmp_path / "tok.json"
+    bench_main(["tokenizer", "--texts", "60", "--batch", "16", "--lexicon", "synthetic",
+                "--repeats", "1", "--json", str(out)])
+    result = json.loads(out.read_text())
+    paths = result["paths"]
+    assert set(paths) == {"raw", "raw_truncating", "text_tokenizer", "stage"}
+    assert paths["stage"]["tokens"] == paths["raw_truncating"]["tokens"] <= paths["raw"]["tokens"]
+    assert result["vocab_size"] == 250_002 and result["scripts"] >= 20
+    assert result["stage_vs_raw"] == pytest.approx(
+        paths["stage"]["tokens_per_s"] / paths["raw"]["tokens_per_s"], rel=1e-2)

@@ -1,11 +1,11 @@
-"""``python -m pipeline.bench {encoder,pipeline,nightly,ep,chunking} [options]``: one benchmark
+"""``python -m pipeline.bench {encoder,pipeline,nightly,ep,chunking,tokenizer,gpu} [options]``: one benchmark
 a run."""
 
 from __future__ import annotations
 
 import argparse
 
-from . import chunking, encoder, ep, nightly, pipeline
+from . import chunking, encoder, ep, nightly, pipeline, tokenizer
 
 BENCHMARKS = {
     "encoder": (encoder, "encoder alone: packed path vs. straightforward baseline"),
@@ -13,6 +13,8 @@ BENCHMARKS = {
     "nightly": (nightly, "incremental nightly runs vs. a full run (needs ray)"),
     "ep": (ep, "expert parallelism vs. whole-model replicas (no Ray)"),
     "chunking": (chunking, "--long-text chunk vs. plain tokenization, one core (no Ray)"),
+    "tokenizer": (tokenizer, "the tokenizer stage vs. raw encode_batch, real-size tokenizer, "
+                             "one thread (no Ray)"),
 }
 
 

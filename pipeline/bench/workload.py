@@ -1,5 +1,6 @@
 """What the benchmarks run on, in one place: length mixes, synthetic token ids, texts of
-given token lengths, corpora written as Parquet shards, and the machine's description."""
+given token lengths, realistic multilingual texts and the real-size tokenizer they are
+measured with, corpora written as Parquet shards, and the machine's description."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tokenizers import Tokenizer
 
 from ..config import parse_int_list
+from ..model import lexicon
 from ..tokenize import TASK_PREFIXES, TextTokenizer
 
 
 def length_mix(n: int, seed: int = 0, median: float = 110.0, max_len: int = 512) -> np.ndarray:
-    """Passage lengths in tokens (incl. ``<s>``/``</s>``): log-normal, median ~110, tail to 512."""
+    """Passage lengths in tokens (incl. ``<s>``/``</s>``): log-normal, median ~110, tail to
+    ``max_len``."""
     rng = np.random.default_rng(seed)
     lengths = np.exp(rng.normal(np.log(median), 0.75, n)).round().astype(np.int64)
     return np.clip(lengths, 8, max_len)
@@ -54,6 +58,60 @@ def texts_of_lengths(lengths: np.ndarray, tokenizer: TextTokenizer, seed: int = 
             lo, hi = (mid + 1, hi) if tokens(mid) < target else (lo, mid)
         texts.append(" ".join(stream[:lo]))
     return texts
+
+
+# The texts' length mix: log-normal around a median of ~110 tokens like length_mix, with the
+# tail let past the model's 512 (about 2% of texts, truncated by the pipeline) up to this.
+TEXT_MAX_TOKENS = 4096
+
+
+def real_tokenizer_json(source: str = "auto") -> str:
+    """The real-size benchmark tokenizer (250,002 pieces; built once, then cached), as
+    ``tokenizer.json`` text. ``source``: the lexicon, see :mod:`pipeline.model.lexicon`."""
+    from ..model.builder import cached_real_size_tokenizer  # lazy: torch; see texts_of_lengths
+
+    return cached_real_size_tokenizer(source)
+
+
+def multilingual_texts(n: int, tokenizer: Tokenizer, seed: int = 0, source: str = "auto",
+                       max_tokens: int = TEXT_MAX_TOKENS) -> list[str]:
+    """``n`` documents of made-up sentences, each in one language of the lexicon (uniformly
+    drawn among its languages, 27 scripts, 7 of them written without spaces), words drawn by
+    their frequency; lengths in tokens of ``tokenizer`` (untruncated, e.g.
+    ``TextTokenizer.untruncated()``) follow a log-normal mix (median ~110,
+    about 2% over the model's 512, up to ``max_tokens``); a text's length is aimed through its
+    language's characters per token, so it lands within ~7% of its target (median).
+    """
+    langs = lexicon.languages(source)
+    rng = np.random.default_rng(seed)
+    targets = length_mix(n, seed, max_len=max_tokens)
+    which = rng.integers(len(langs), size=n)
+    # Characters per token of each language in this tokenizer, measured on one sample text.
+    samples = [_sentences(lang, rng, 4000) for lang in langs]
+    counts = [len(e.ids) for e in tokenizer.encode_batch(samples, add_special_tokens=False)]
+    chars_per_token = [len(t) / c for t, c in zip(samples, counts)]
+    return [_sentences(langs[k], rng, int(t * chars_per_token[k]))
+            for k, t in zip(which.tolist(), targets.tolist())]
+
+
+def _sentences(lang: lexicon.Language, rng: np.random.Generator, chars: int) -> str:
+    """Sentences of ``lang`` until ``chars`` characters: 4-24 words each, the first one
+    capitalised, a comma now and then, a number in one sentence of five."""
+    space = " " if lang.spaced else ""
+    out, size = [], 0
+    while size < max(chars, 1):
+        words = lang.draw(rng, int(rng.integers(4, 25)))
+        words[0] = words[0][:1].upper() + words[0][1:]
+        if rng.random() < 0.2:
+            words.insert(int(rng.integers(len(words))), str(int(rng.integers(1, 10_000))))
+        if len(words) > 8 and rng.random() < 0.5:
+            words[len(words) // 2] += "," if lang.spaced else "，" if lang.code in ("zh", "ja") \
+                else ""
+        sentence = space.join(words) + lang.stop
+        out.append(sentence)
+        size += len(sentence) + 1
+    text = " ".join(out) if lang.spaced or lang.stop == " " else "".join(out)
+    return text[:max(chars, 1)].strip() or words[0]
 
 
 def write_corpus(texts: list[str], out: Path, shards: int) -> None:
