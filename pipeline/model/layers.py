@@ -17,6 +17,12 @@ from .config import EncoderConfig
 from .packed import PackedBatch
 
 
+# Device types whose forward pass takes the CUDA kernels in half precision (flash varlen
+# attention, grouped expert matmuls). tests/test_gpu_path.py adds "meta" to run exactly that
+# path, with shapes and dtypes but no data, on a machine without a GPU.
+CUDA_KERNEL_DEVICES = {"cuda"}
+
+
 @functools.cache
 def _varlen_attn():
     """torch >= 2.10's flash-attention varlen kernel on CUDA (no padding at all), or None.
@@ -80,7 +86,7 @@ class GridSegment:
 
 def uses_varlen(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether attention runs as flash varlen (no padding) for this device and dtype."""
-    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    return (device.type in CUDA_KERNEL_DEVICES and dtype in (torch.float16, torch.bfloat16)
             and _varlen_attn() is not None)
 
 

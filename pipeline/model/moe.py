@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EncoderConfig
+from .layers import CUDA_KERNEL_DEVICES
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -44,9 +45,12 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> str:
         if backend == "grouped" and _grouped_mm is None:
             raise ValueError("MoE backend 'grouped' needs torch with F.grouped_mm/_grouped_mm")
         return backend
-    # The fused kernel is a CUDA bf16 kernel (SM >= 80). Elsewhere torch's grouped_mm is a
-    # per-group loop itself, so our own loop over the same sorted slots is as fast.
-    if _grouped_mm is not None and x.device.type == "cuda" and x.dtype == torch.bfloat16:
+    # The fused kernel is a CUDA bf16 kernel (SM >= 80; it refuses fp16). Elsewhere torch's
+    # grouped_mm is a per-group loop itself, so our own loop over the same sorted slots is as
+    # fast. The loop reads the expert counts on the host: on CUDA in fp16 that is a device
+    # sync per expert matmul (bf16 has none).
+    if (_grouped_mm is not None and x.device.type in CUDA_KERNEL_DEVICES
+            and x.dtype == torch.bfloat16):
         return "grouped"
     return "loop"
 
@@ -60,11 +64,27 @@ def expert_matmul(
         return _grouped_mm(x_SI, w_EIO, offs=offsets_E)
     out_SO = x_SI.new_empty(x_SI.shape[0], w_EIO.shape[-1])
     start = 0
-    for e, count in enumerate(counts_E.tolist()):
+    for e, count in enumerate(host_counts(counts_E)):
         if count:  # an expert with no tokens costs nothing
             torch.mm(x_SI[start : start + count], w_EIO[e], out=out_SO[start : start + count])
         start += count
     return out_SO
+
+
+def host_counts(counts_E: torch.Tensor) -> list[int]:
+    """The loop backend's rows per expert, read on the host (a device sync off the CPU)."""
+    return counts_E.tolist()
+
+
+def expert_slots(flat_ids_S: torch.Tensor, num_experts: int):
+    """Slots sorted by expert: ``order_S`` (stable), ``counts_E`` and the int32 end offsets
+    ``offsets_E`` of each expert's run, all on the device without a host sync (``bincount``
+    would size its output by the largest id, which CUDA reads back to the host)."""
+    order_S = torch.argsort(flat_ids_S, stable=True)
+    experts_E = torch.arange(num_experts, device=flat_ids_S.device, dtype=flat_ids_S.dtype)
+    ends_E = torch.searchsorted(flat_ids_S[order_S], experts_E, right=True)
+    counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
+    return order_S, counts_E, ends_E.to(torch.int32)
 
 
 def grouped_experts(
@@ -75,11 +95,8 @@ def grouped_experts(
     T, K = routing.topk_ids_TK.shape
     E = w1_EFD.shape[0]
     backend = _resolve_backend(backend, x_TD)
-    flat_ids_S = routing.topk_ids_TK.reshape(-1)
-    order_S = torch.argsort(flat_ids_S, stable=True)
+    order_S, counts_E, offsets_E = expert_slots(routing.topk_ids_TK.reshape(-1), E)
     token_S = order_S // K
-    counts_E = torch.bincount(flat_ids_S, minlength=E)
-    offsets_E = counts_E.cumsum(0).to(torch.int32)
     x_SD = x_TD[token_S]
     h_SF = F.gelu(expert_matmul(x_SD, w1_EFD.transpose(1, 2), counts_E, offsets_E, backend))
     y_SD = expert_matmul(h_SF, w2_EFD, counts_E, offsets_E, backend)
