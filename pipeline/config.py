@@ -26,10 +26,9 @@ JOB_OPTIONS = {
     "nightly": ("keep_snapshots",),
     "enrich": ("iceberg_catalog", "iceberg_catalog_uri", "iceberg_warehouse"),
 }
-# Options a job does not take (enrich keeps every column and matches rows by position).
-# (enrich's chunk mode always appends document vectors; nightly does not write them yet.)
-JOB_EXCLUDES = {"enrich": ("keep_columns", "on_duplicate", "doc_vectors"),
-                "nightly": ("doc_vectors",)}
+# Options a job does not take (enrich keeps every column and matches rows by position; its
+# chunk mode always appends document vectors).
+JOB_EXCLUDES = {"enrich": ("keep_columns", "on_duplicate", "doc_vectors")}
 # Internal column names start with this; user columns may not.
 RESERVED_PREFIX = "__"
 

@@ -1,6 +1,6 @@
 """The nightly job's snapshot folders under its output: ``_LATEST``, listing, the previous
-snapshot's identity and part files, naming, resuming an unfinished one, pruning. Driver side,
-no Ray (the job is ``pipeline/jobs/nightly.py``)."""
+snapshot's identity, part and document files, naming, resuming an unfinished one, pruning.
+Driver side, no Ray (the job is ``pipeline/jobs/nightly.py``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any
 
 from . import units
 from .io.errors import OutputError
-from .io.storage import MANIFEST_DIR, SUMMARY_NAME, is_side_file, open_for_publish, storage_errors, to_uri
+from .io.storage import (DOCUMENTS_DIR, MANIFEST_DIR, SUMMARY_NAME, is_side_file,
+                         open_for_publish, storage_errors, to_uri)
 
 LATEST = "_LATEST"
 SNAPSHOT_RE = re.compile(r"^snapshot-\d{8}T\d{6}Z(-\d+)?$")
@@ -20,12 +21,14 @@ SNAPSHOT_RE = re.compile(r"^snapshot-\d{8}T\d{6}Z(-\d+)?$")
 
 @dataclasses.dataclass
 class Previous:
-    """The snapshot ``_LATEST`` names: its identity, row count and part files."""
+    """The snapshot ``_LATEST`` names: its identity, row count, part files and document files
+    (``_documents/``, made with ``--doc-vectors``), each file as (URI, bytes)."""
 
     name: str
     identity: dict[str, Any]
     rows: int
     files: list[tuple[str, int]]
+    documents: list[tuple[str, int]] = dataclasses.field(default_factory=list)
 
 
 def read_latest(fs, root: str) -> str | None:
@@ -57,7 +60,7 @@ def list_snapshots(fs, root: str) -> dict[str, bool]:
 
 def load_previous(fs, root: str, name: str, root_uri: str) -> Previous:
     """The complete snapshot ``name``: identity from its manifest, rows from its summary,
-    part files from its unit manifests (with their sizes)."""
+    part and document files from its unit manifests (with their sizes)."""
     base = f"{root}/{name}"
     uri = f"{root_uri}/{name}"
     with storage_errors(uri, "read the previous snapshot"):
@@ -66,14 +69,16 @@ def load_previous(fs, root: str, name: str, root_uri: str) -> Previous:
                               f"restore {uri} or delete {LATEST} to start afresh")
         summary = json.loads(fs.cat_file(f"{base}/{SUMMARY_NAME}"))
         state = units.load_state(fs, base, sorted(fs.find(f"{base}/{MANIFEST_DIR}")))
-        names = sorted(f for u in state.units.values() for f in u["files"]
-                       if not is_side_file(f))
-        sizes = fs.info  # one HEAD per part file (files are ~128 MiB; few per snapshot)
-        files = [(f"{uri}/{n}", int(sizes(f"{base}/{n}")["size"])) for n in names]
+        names = sorted(f for u in state.units.values() for f in u["files"])
+
+        def sized(n: str) -> tuple[str, int]:  # one HEAD per file (few per snapshot)
+            return f"{uri}/{n}", int(fs.info(f"{base}/{n}")["size"])
+        files = [sized(n) for n in names if not is_side_file(n)]
+        documents = [sized(n) for n in names if n.startswith(DOCUMENTS_DIR + "/")]
     if state.identity is None:
         raise OutputError(f"{uri} has no {MANIFEST_DIR}/{units.RUN_FILE}: not a snapshot of "
                           "this job")
-    return Previous(name, state.identity, int(summary.get("rows_out", 0)), files)
+    return Previous(name, state.identity, int(summary.get("rows_out", 0)), files, documents)
 
 
 def new_snapshot_name(existing, now: datetime.datetime | None = None) -> str:

@@ -447,8 +447,22 @@ def test_keep_chunk_text(model_info):
 
 
 def test_doc_vectors(model_info):
+    from pipeline.stages.diff import plan_diff
+    from pipeline.units import run_identity
+
     p = plan(model_info, "--long-text", "chunk", "--doc-vectors")
     assert p.output.long_text.doc_vectors and encode_stage(p).doc_vectors
+    # nightly takes it: its diff reads the previous snapshot's document vectors for reuse.
+    config = parse("--model", model_info.source, "--dims", "64,32", "--long-text", "chunk",
+                   "--doc-vectors", job="nightly")
+    identity = run_identity(config, "float32", model_info)
+    documents = (("s3://b/out/snapshot-1/_documents/part-a.parquet", 10),)
+    diff = plan_diff(identity=identity, read=p.read, previous_identity=identity,
+                     previous_files=(), previous_documents=documents, todo_bytes=0,
+                     seen_files=(), cpus=1)
+    assert diff.reuse_documents and diff.previous_documents == documents
+    with pytest.raises(SystemExit):  # enrich always appends them: not an option there
+        parse("--long-text", "chunk", "--doc-vectors", job="enrich")
 
 
 def test_gguf_expert_bias(model_info):

@@ -1,6 +1,7 @@
 """``pipeline/snapshots.py``: the nightly job's snapshot folders on a local filesystem, no
 Ray: names that sort in the order runs started, ``_LATEST`` (read, published atomically),
-listing complete and unfinished snapshots, the unfinished one a run resumes, pruning."""
+listing complete and unfinished snapshots, the previous snapshot's part and document files,
+the unfinished one a run resumes, pruning."""
 
 from __future__ import annotations
 
@@ -194,3 +195,31 @@ def test_prune_with_many_to_keep_deletes_only_unfinished(local):
     complete(root, snap(2))
     assert Snap.prune(fs, path, snap(2), keep=10) == [snap(1)]
     assert Snap.list_snapshots(fs, path) == {snap(0): True, snap(2): True}
+
+
+def test_load_previous_lists_the_part_and_document_files_its_units_committed(local):
+    fs, root, path = local
+    name = snap(0)
+    run_file(root, name, None)
+    put(root, f"{name}/_summary.json", json.dumps({"rows_out": 5}).encode())
+    unit_files = {"a": ["part-a-1.parquet", "_rejects/part-a-2.parquet",
+                        "_documents/part-a-3.parquet"],
+                  "b": ["part-b-1.parquet", "part-b-2.parquet", "_documents/part-b-3.parquet"]}
+    for unit, files in unit_files.items():
+        put(root, f"{name}/_manifest/unit-{unit}.json",
+            json.dumps({"unit": unit, "uri": f"in/{unit}.jsonl", "files": files}).encode())
+        for k, f in enumerate(files):
+            put(root, f"{name}/{f}", b"x" * (10 + k))
+    put(root, f"{name}/_documents/part-stray.parquet")  # no manifest names it: not read
+    previous = Snap.load_previous(fs, path, name, "s3://o")
+    assert previous.rows == 5 and previous.identity["nightly"] == {"base": None}
+    assert previous.files == [(f"s3://o/{name}/part-a-1.parquet", 10),
+                              (f"s3://o/{name}/part-b-1.parquet", 10),
+                              (f"s3://o/{name}/part-b-2.parquet", 11)]
+    assert previous.documents == [(f"s3://o/{name}/_documents/part-a-3.parquet", 12),
+                                  (f"s3://o/{name}/_documents/part-b-3.parquet", 12)]
+    # A snapshot made without --doc-vectors has none.
+    complete(root, snap(10))
+    put(root, f"{snap(10)}/_manifest/unit-a.json",
+        json.dumps({"unit": "a", "uri": "in/a.jsonl", "files": ["part-a.parquet"]}).encode())
+    assert Snap.load_previous(fs, path, snap(10), "s3://o").documents == []

@@ -1,7 +1,8 @@
 """``pipeline/stages/diff.py``, the nightly diff, no Ray: content hashes, id buckets, the
 rows' hashes and rejects, the diff of one bucket against the previous snapshot (checked
-against a row-by-row reference), the one schema of every side of the shuffle, id kinds, and
-``plan_diff`` (whether the previous vectors are reused, and how many buckets)."""
+against a row-by-row reference), the one schema of every side of the shuffle, id kinds,
+``plan_diff`` (whether the previous vectors are reused, and how many buckets), and the
+previous snapshot's document vectors (``--doc-vectors``: read, matched, attached)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pyarrow.compute as pc
 import pytest
 
 from pipeline.io import schema as S
+from pipeline.io.errors import OutputError
 from pipeline.stages import diff as N
 from pipeline.stages.embed import TokenizeStage
 from pipeline.tokenize import TASK_PREFIXES, add_prefix, task_prefix, text_problem
@@ -712,3 +714,150 @@ def test_read_previous_follows_the_previous_snapshot_s_chunking(tmp_path, before
     assert rows[S.ID].to_pylist() == [1, 2] and rows[S.PREV_HASH].to_pylist() == ["a", "b"]
     if d.reuse:  # each document's chunk vectors, as a list
         assert [len(v) for v in rows[S.prev_embedding(DIMS[0])].to_pylist()] == [3, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# --doc-vectors: the previous snapshot's document vectors, for the documents it reuses
+
+CHUNKING = {"mode": "chunk", "window": 128, "overlap": 16, "max_chunks": 1000,
+            "chunk_text": False, "doc_vectors": True}
+DOC_FILES = (("s3://o/snapshot-1/_documents/part-a.parquet", 300),)
+
+
+def chunking(**changes) -> dict:
+    return CHUNKING | changes
+
+
+def doc_plan(previous_chunking: dict | None, today_chunking: dict, **kwargs) -> N.Diff:
+    """A chunked night's diff (the previous snapshot's part files and ``DOC_FILES``)."""
+    previous = identity(long_text=previous_chunking) if previous_chunking else None
+    return N.plan_diff(identity=identity(long_text=today_chunking), read=read_spec(),
+                       previous_identity=previous,
+                       previous_files=(("s3://o/snapshot-1/part-a.parquet", 4000),),
+                       previous_documents=DOC_FILES, todo_bytes=1000, seen_files=(), cpus=4,
+                       **kwargs)
+
+
+def test_plan_diff_reuses_document_vectors_of_a_snapshot_that_has_them():
+    d = doc_plan(chunking(), chunking())
+    assert d.reuse and d.reuse_documents and d.previous_documents == DOC_FILES
+    assert d.bytes == 1000 + 4000 + 300  # document files count towards the buckets
+    assert [f.name for f in d.schema if f.name.startswith("__prev_doc_")] == [
+        N.prev_doc_embedding(w) for w in DIMS]
+    assert d.schema.field(N.prev_doc_embedding(64)).type == S.embedding_type(64, "float32")
+
+
+def test_plan_diff_a_previous_snapshot_without_document_vectors_is_embedded_again():
+    # Its chunks' stored vectors are cut and normalised: their pooled mean is lost, so the
+    # unchanged documents are encoded again rather than left without a document vector.
+    d = doc_plan(chunking(doc_vectors=False), chunking())
+    assert not d.reuse and not d.reuse_documents and d.previous_documents == ()
+    assert d.reembed_reason == ("the previous snapshot has no document vectors (made without "
+                                "--doc-vectors)")
+    assert len(d.previous_files) == 1  # still compared: the counts
+    assert not [f.name for f in d.schema if f.name.startswith("__prev_")
+                and f.name != S.PREV_HASH]
+
+
+@pytest.mark.parametrize("before,now", [
+    (chunking(), chunking(doc_vectors=False)),  # document vectors no longer wanted
+    (chunking(doc_vectors=False), chunking(doc_vectors=False, chunk_text=True)),
+    (chunking(chunk_text=True), chunking()),
+], ids=["docs-dropped", "chunk-text-added", "chunk-text-dropped"])
+def test_plan_diff_output_only_chunking_options_keep_the_chunk_vectors(before, now):
+    d = doc_plan(before, now)
+    assert d.reuse and d.reembed_reason is None
+    assert d.reuse_documents == now["doc_vectors"]
+    assert d.previous_documents == (DOC_FILES if now["doc_vectors"] else ())
+
+
+def test_plan_diff_other_chunking_options_still_reembed():
+    d = doc_plan(chunking(window=256), chunking())
+    assert not d.reuse and d.reembed_reason == "settings changed: long_text"
+    assert d.previous_documents == ()
+
+
+def doc_rows(ids, hashes, seeds, dtype="float32") -> pa.Table:
+    """The previous snapshot's document rows as ``read_previous_documents`` yields them."""
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    out = {S.ID: pa.array(ids, pa.int64()), S.PREV_HASH: pa.array(hashes, pa.string())}
+    for w in DIMS:
+        out[N.prev_doc_embedding(w)] = pa.array([vector(s, w, np_dtype) for s in seeds],
+                                                S.embedding_type(w, dtype))
+    out[S.BUCKET] = N.bucket_of(out[S.ID], 1)
+    return pa.table(out)
+
+
+def chunk_rows(ids, hashes, chunks) -> pa.Table:
+    """The previous snapshot's chunked rows as ``read_previous`` yields them (one per document,
+    its chunk vectors as a list)."""
+    out = {S.ID: pa.array(ids, pa.int64()), S.PREV_HASH: pa.array(hashes, pa.string())}
+    for w in DIMS:
+        out[S.prev_embedding(w)] = pa.array(
+            [[vector(100 * i + k, w) for k in range(n)] for i, n in zip(ids, chunks)],
+            pa.list_(S.embedding_type(w, "float32")))
+    out[S.BUCKET] = N.bucket_of(out[S.ID], 1)
+    return pa.table(out)
+
+
+def test_diff_attaches_the_previous_document_vector_to_each_reused_document():
+    d = doc_plan(chunking(), chunking())
+    today = N.hash_rows(reader_rows([1, 2, 3, 4, 5], ["same", "edited", "new", "same too",
+                                                      "no doc row"]), "document", 1, d.schema)
+    prev = N.conform(chunk_rows([1, 2, 4, 5, 9], [h("same"), h("before"), h("same too"),
+                                                  h("no doc row"), h("gone")],
+                                [3, 2, 1, 2, 1]), d.schema)
+    # Document rows in another order; 4's document row is of another text (a damaged
+    # snapshot could hold that): neither 4 nor 5 is reused without its own document vector.
+    docs = N.conform(doc_rows([9, 4, 2, 1], [h("gone"), h("other"), h("before"), h("same")],
+                              [9, 4, 2, 1]), d.schema)
+    out = run_diff(pa.concat_tables([docs, today, prev]), d)
+    assert by_id(out, S.CHANGE) == {1: "unchanged", 2: "changed", 3: "new", 4: "unchanged",
+                                    5: "unchanged"}
+    assert by_id(out, S.REUSE) == {1: True, 2: False, 3: False, 4: False, 5: False}
+    for w in DIMS:
+        docs_of = by_id(out, N.prev_doc_embedding(w))
+        assert docs_of == {1: vector(1, w), 2: None, 3: None, 4: None, 5: None}
+        chunks_of = by_id(out, S.prev_embedding(w))
+        assert chunks_of[1] == [vector(100 + k, w) for k in range(3)]
+        assert chunks_of[4] is None and chunks_of[5] is None  # encoded again, whole
+    assert out.num_rows == 5 and out.schema.get_field_index(N.prev_doc_embedding(64)) >= 0
+
+
+def test_diff_of_a_bucket_without_document_rows_reuses_no_document():
+    d = doc_plan(chunking(), chunking())
+    today = N.hash_rows(reader_rows([1], ["same"]), "document", 1, d.schema)
+    prev = N.conform(chunk_rows([1], [h("same")], [2]), d.schema)
+    out = run_diff(pa.concat_tables([today, prev]), d)
+    assert by_id(out, S.CHANGE) == {1: "unchanged"} and by_id(out, S.REUSE) == {1: False}
+    assert out[N.prev_doc_embedding(64)].type == S.embedding_type(64, "float32")
+
+
+def test_read_previous_documents_is_on_the_shuffle_s_schema(tmp_path):
+    d = doc_plan(chunking(), chunking())
+    table = pa.table({"id": pa.array([7, 8], pa.int32()), "chunks": pa.array([3, 1], pa.int32()),
+                      "tokens": pa.array([300, 20], pa.int32()), "lang": ["en", "fr"]})
+    for w in DIMS:
+        table = table.append_column(f"embedding_{w}", pa.array(
+            [vector(7, w), vector(8, w)], S.embedding_type(w, "float32")))
+    table = table.append_column(N.HASH_COLUMN, pa.array([h("seven"), h("eight")]))
+    uri, _ = _snapshot_file(tmp_path / "part-d.parquet", table)
+    rows = pa.concat_tables(N.read_previous_documents(uri, d, {}))
+    assert rows.schema == d.schema
+    assert rows[S.ID].to_pylist() == [7, 8] and rows[S.ID].type == pa.int64()  # today's type
+    assert rows[S.PREV_HASH].to_pylist() == [h("seven"), h("eight")]
+    assert rows[N.prev_doc_embedding(32)].to_pylist() == [vector(7, 32), vector(8, 32)]
+    assert rows[S.BUCKET].to_pylist() == N.bucket_of(pa.array([7, 8]), d.buckets).to_pylist()
+    assert rows[S.UNIT].null_count == 2 and rows[N.prev_doc_embedding(64)].null_count == 0
+
+
+def test_read_previous_documents_refuses_a_document_without_its_vector(tmp_path):
+    d = doc_plan(chunking(), chunking())
+    table = pa.table({"id": [7], N.HASH_COLUMN: [h("seven")],
+                      "embedding_64": pa.nulls(1, S.embedding_type(64, "float32")),
+                      "embedding_32": pa.array([vector(7, 32)], S.embedding_type(32, "float32"))})
+    uri, _ = _snapshot_file(tmp_path / "part-d.parquet", table)
+    # An OutputError: not taken for a storage failure ("is the endpoint reachable?").
+    with pytest.raises(OutputError, match="has no embedding_64 or content_hash; the snapshot "
+                                          "is damaged"):
+        list(N.read_previous_documents(uri, d, {}))

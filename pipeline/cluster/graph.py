@@ -27,7 +27,8 @@ from ..io.readers import ReadSpec, open_decompressed, read_jsonl, read_parquet
 from ..io.storage import InputFile, open_filesystem, storage_errors
 from ..io.writers import OutputSpec, write_outputs
 from ..plan import RunPlan
-from ..stages.diff import Diff, diff_bucket, hash_rows, read_previous, read_seen
+from ..stages.diff import (Diff, diff_bucket, hash_rows, read_previous, read_previous_documents,
+                           read_seen)
 from ..stages.embed import EncodeStage, TokenizeStage
 from .expert_groups import RankGroup
 
@@ -130,9 +131,9 @@ def build_nightly_dataset(plan: RunPlan, diff: Diff) -> Dataset:
     """Read -> content hash -> diff against the previous snapshot (rows of one id meet in one
     call of a hash shuffle) -> tokenize -> encode -> write; see ``pipeline/stages/diff.py``.
 
-    ``diff`` holds the previous snapshot's files, whether its embeddings are reused, the
-    bucket count and the one schema of the shuffle. A small night (under
-    :data:`SMALL_SHUFFLE_BYTES` to compare) is grouped by Ray Data's task-based sort shuffle,
+    ``diff`` holds the previous snapshot's part files (and document files), whether its
+    embeddings are reused, the bucket count and the one schema of the shuffle. A small night
+    (under :data:`SMALL_SHUFFLE_BYTES` to compare) is grouped by Ray Data's task-based sort shuffle,
     which starts no aggregator actors (a night of a few thousand rows took 3.1-3.4 s instead
     of 7.0-7.2 s here); a large one by Ray's default (hash-based) shuffle.
     """
@@ -148,6 +149,11 @@ def build_nightly_dataset(plan: RunPlan, diff: Diff) -> Dataset:
             diff.previous_files, functools.partial(read_previous, diff=diff,
                                                    storage_options=plan.storage_options)))
         ds = ds.union(previous)
+    if diff.previous_documents:  # --doc-vectors: the reused documents' vectors
+        documents = ray.data.read_datasource(FunctionDatasource(
+            diff.previous_documents, functools.partial(
+                read_previous_documents, diff=diff, storage_options=plan.storage_options)))
+        ds = ds.union(documents)
     if diff.seen_files:
         sources = dict(diff.seen_files)
         seen = ray.data.read_datasource(FunctionDatasource(

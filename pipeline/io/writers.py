@@ -105,10 +105,14 @@ def chunk_rows(good: pa.Table, spec: OutputSpec) -> pa.Table:
 
 def document_rows(good: pa.Table, spec: OutputSpec) -> pa.Table:
     """One row per chunked document (``--doc-vectors``): the id, ``chunks``, ``tokens`` (its
-    chunks' model input tokens), the kept columns and the document's vectors."""
+    chunks' model input tokens, counted from the chunks: a nightly document whose vectors are
+    reused was not tokenized for the encoder), the kept columns and the document's vectors."""
+    lengths = good[S.CHUNK_LENGTHS].combine_chunks()
+    tokens = np.bincount(pc.list_parent_indices(lengths).to_numpy(),
+                         pc.list_flatten(lengths).to_numpy(), minlength=good.num_rows)
     columns = {spec.id_column: good[S.ID],
-               "chunks": pc.list_value_length(good[S.CHUNK_LENGTHS]).cast(pa.int32()),
-               "tokens": good[S.NUM_TOKENS]}
+               "chunks": pc.list_value_length(lengths).cast(pa.int32()),
+               "tokens": pa.array(tokens.astype(np.int32))}
     columns |= {c: good[c] for c in spec.keep_columns}
     columns |= {embedding_column(d): good[S.doc_embedding(d)] for d in spec.dims}
     columns |= {name: good[internal] for name, internal in spec.extra_columns}

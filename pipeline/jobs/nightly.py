@@ -16,7 +16,10 @@ the previous snapshot's vectors as they are (it is neither tokenized nor encoded
 the previous snapshot that are gone today are *deleted* (not carried over). The previous
 snapshot's settings (model fingerprint, tokenizer, task, widths, dtypes, columns; see
 :data:`pipeline.units.IDENTITY_FIELDS`) must equal today's for its vectors to be reused;
-otherwise every row is encoded again (the counts still compare the two snapshots).
+otherwise every row is encoded again (the counts still compare the two snapshots). With
+``--long-text chunk`` a row is a document: an unchanged one keeps all its chunk vectors, and
+with ``--doc-vectors`` its document vector too (from the previous snapshot's ``_documents/``;
+a previous snapshot made without them is embedded again).
 
 The job is the ``run`` job (``pipeline/jobs/run.py``) with a spec: the diff of
 ``pipeline/stages/diff.py`` before the tokenizers, a ``content_hash`` column, the change
@@ -77,6 +80,7 @@ def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str
         identity=identity, read=plan.read,
         previous_identity=previous.identity if previous else None,
         previous_files=tuple(previous.files) if previous else (),
+        previous_documents=tuple(previous.documents) if previous else (),
         todo_bytes=sum(f.size for f in plan.files), seen_files=seen, cpus=work.cpus)
     if previous is not None and not diff.reuse:
         log.warning("the previous snapshot %s: %s; every row is embedded again",
@@ -113,9 +117,6 @@ def run_nightly(config: RunConfig) -> dict[str, Any]:
     """One nightly run: a new (or the unfinished) snapshot, then ``_LATEST``, then pruning."""
     if config.on_duplicate == "keep-all":
         raise ValueError("nightly keys rows by id, so --on-duplicate keep-all cannot be used")
-    if config.doc_vectors:
-        raise ValueError("nightly does not write document vectors (--doc-vectors) yet: "
-                         "snapshots hold one row per chunk; use `run` for document vectors")
     if HASH_COLUMN in config.keep_columns:
         raise ValueError(f"--keep-columns names {HASH_COLUMN!r}, the snapshot's own column; "
                          "rename that column")

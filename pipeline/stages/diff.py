@@ -2,9 +2,10 @@
 
 Today's rows get a content hash (:func:`hash_rows`: the SHA-256, first 128 bits, of the text
 with its task prefix, the text the encoder sees) and an id bucket; the previous snapshot's
-rows (:func:`read_previous`: id, hash, vectors) and, on a resume, the ids this snapshot
-already committed (:func:`read_seen`) get the same buckets. The cluster's graph groups all of
-them by bucket (Ray Data's hash shuffle), so each id's rows meet in one call of
+rows (:func:`read_previous`: id, hash, vectors), with ``--doc-vectors`` its document vectors
+(:func:`read_previous_documents`: id, hash, one vector per width) and, on a resume, the ids
+this snapshot already committed (:func:`read_seen`) get the same buckets. The cluster's graph
+groups all of them by bucket (Ray Data's hash shuffle), so each id's rows meet in one call of
 :func:`diff_bucket`, which marks today's rows new, changed or unchanged in Arrow, attaches
 the previous vectors to unchanged rows when they are reused, and rejects an id that occurs in
 more than one of today's files (a snapshot keys rows by id). :func:`plan_diff` decides, on the
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 from .. import units
 from ..config import embedding_column
 from ..io import schema as S
+from ..io.errors import OutputError
 from ..io.storage import open_filesystem, storage_errors
 from ..tokenize import add_prefix, task_prefix
 
@@ -35,6 +37,15 @@ HASH_HEX_CHARS = 32  # 128 bits of SHA-256
 # two per CPU: each bucket is one diff call's table.
 BUCKET_BYTES = 256 << 20
 MAX_BUCKETS = 4096
+# Chunking options that add output but change no vector: a night that switches them still
+# reuses the previous chunk vectors (document vectors need the previous snapshot's own).
+OUTPUT_ONLY_CHUNKING = ("chunk_text", "doc_vectors")
+
+
+def prev_doc_embedding(width: int) -> str:
+    """The previous snapshot's document vector of one width (``--doc-vectors``), carried to
+    the encoder for a reused document."""
+    return f"__prev_doc_{width}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +73,20 @@ class Diff:
     # as one list per width, and an unchanged document keeps all of them.
     chunked: bool = False
     previous_chunked: bool = False  # the previous snapshot's rows are chunks (its settings)
+    # --doc-vectors: today's snapshot writes one vector per document; a reused document takes
+    # the previous snapshot's (its _documents/ files, read when the vectors are reused).
+    doc_vectors: bool = False
+    previous_documents: tuple[tuple[str, int], ...] = ()  # (URI, bytes)
 
     def prev_type(self, width: int) -> pa.DataType:
         """The type of a previous vector column (a list of chunk vectors when chunked)."""
         one = S.embedding_type(width, self.output_dtype)
         return pa.list_(one) if self.chunked else one
+
+    @property
+    def reuse_documents(self) -> bool:
+        """Whether reused documents take their document vectors from the previous snapshot."""
+        return self.reuse and self.chunked and self.doc_vectors
 
 
 def diff_schema(read, diff: Diff) -> pa.Schema:
@@ -82,6 +102,9 @@ def diff_schema(read, diff: Diff) -> pa.Schema:
     fields += [(S.HASH, pa.string()), (S.BUCKET, pa.int64()), (S.PREV_HASH, pa.string())]
     if diff.reuse:
         fields += [(S.prev_embedding(d), diff.prev_type(d)) for d in diff.dims]
+    if diff.reuse_documents:
+        fields += [(prev_doc_embedding(d), S.embedding_type(d, diff.output_dtype))
+                   for d in diff.dims]
     fields.append((S.SEEN, pa.bool_()))
     return pa.schema(fields)
 
@@ -184,18 +207,44 @@ def read_previous(uri: str, diff: Diff, storage_options: dict[str, Any]) -> Iter
         if diff.previous_chunked:
             batches = documents_of(batches, diff, uri)
         for batch in batches:
-            ids = batch.column(diff.id_column)
-            if diff.id_type is not None and ids.type != diff.id_type:
-                try:
-                    ids = pc.cast(ids, diff.id_type)
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-                    raise ValueError(f"{uri}: the previous snapshot's ids ({ids.type}) do not "
-                                     f"convert to today's id type {diff.id_type}: {err}") from err
+            ids = _as_today_ids(batch.column(diff.id_column), diff, uri)
             out = {S.ID: ids, S.PREV_HASH: batch.column(HASH_COLUMN)}
             if diff.reuse:
                 out |= {S.prev_embedding(d): batch.column(embedding_column(d)) for d in diff.dims}
             out[S.BUCKET] = bucket_of(ids, diff.buckets)
             yield conform(pa.table(out), diff.schema)
+
+
+def read_previous_documents(uri: str, diff: Diff,
+                            storage_options: dict[str, Any]) -> Iterator[pa.Table]:
+    """The previous snapshot's document vectors of one ``_documents/`` file: id, hash (in the
+    previous hash's column), one vector per width (a document row is told from the
+    previous snapshot's chunk rows by these), bucket."""
+    fs, path = open_filesystem(uri, storage_options)
+    vectors = {prev_doc_embedding(d): embedding_column(d) for d in diff.dims}
+    with storage_errors(uri, "read the previous snapshot's"), fs.open(path, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(
+                batch_size=65536, columns=[diff.id_column, HASH_COLUMN, *vectors.values()]):
+            ids = _as_today_ids(batch.column(diff.id_column), diff, uri)
+            out = {S.ID: ids, S.PREV_HASH: batch.column(HASH_COLUMN)}
+            for name, column in vectors.items():
+                out[name] = batch.column(column)
+                if out[name].null_count or out[S.PREV_HASH].null_count:
+                    raise OutputError(f"{uri}: a document of the previous snapshot has no "
+                                     f"{column} or {HASH_COLUMN}; the snapshot is damaged")
+            out[S.BUCKET] = bucket_of(ids, diff.buckets)
+            yield conform(pa.table(out), diff.schema)
+
+
+def _as_today_ids(ids: pa.Array, diff: Diff, uri: str) -> pa.Array:
+    """The previous snapshot's ids cast to today's id type."""
+    if diff.id_type is None or ids.type == diff.id_type:
+        return ids
+    try:
+        return pc.cast(ids, diff.id_type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise OutputError(f"{uri}: the previous snapshot's ids ({ids.type}) do not convert to "
+                         f"today's id type {diff.id_type}: {err}") from err
 
 
 def documents_of(batches: Iterator[pa.RecordBatch], diff: Diff, uri: str) -> Iterator[pa.Table]:
@@ -209,7 +258,7 @@ def documents_of(batches: Iterator[pa.RecordBatch], diff: Diff, uri: str) -> Ite
             table = pa.concat_tables([carry, table])
         starts = np.flatnonzero(table["chunk"].to_numpy() == 0)
         if not len(starts) or starts[0] != 0:
-            raise ValueError(f"{uri}: the previous snapshot's chunk rows do not start with a "
+            raise OutputError(f"{uri}: the previous snapshot's chunk rows do not start with a "
                              "document's chunk 0; the snapshot is damaged")
         carry = table.slice(int(starts[-1]))
         done = table.slice(0, int(starts[-1]))
@@ -223,7 +272,7 @@ def _grouped(table: pa.Table, starts: np.ndarray, diff: Diff, uri: str) -> pa.Ta
     offsets = np.append(starts, table.num_rows).astype(np.int32)
     counts = np.diff(offsets)
     if (table["chunks"].take(pa.array(starts)).to_numpy() != counts).any():
-        raise ValueError(f"{uri}: a document of the previous snapshot lacks some of its "
+        raise OutputError(f"{uri}: a document of the previous snapshot lacks some of its "
                          "chunks; the snapshot is damaged")
     out = {diff.id_column: table[diff.id_column].take(pa.array(starts)),
            HASH_COLUMN: table[HASH_COLUMN].take(pa.array(starts))}
@@ -249,8 +298,10 @@ def read_seen(uri: str, diff: Diff, source: str, storage_options: dict[str, Any]
 def diff_bucket(table: pa.Table, diff: Diff) -> Iterator[pa.Table]:
     """Today's rows of one bucket, each marked new, changed or unchanged against the previous
     snapshot's rows in the same table (those are dropped), with the previous vectors attached
-    to unchanged rows when they are reused. A later row of an id that occurs in more than one
-    file is rejected. Rejected rows pass through unmarked."""
+    to unchanged rows when they are reused. With ``--doc-vectors`` an unchanged document is
+    reused only with its previous document vector (same hash), which is attached too;
+    without one it is encoded again. A later row of an id that occurs in more than one file
+    is rejected. Rejected rows pass through unmarked."""
     if S.UNIT not in table.column_names:
         return  # only the previous snapshot's rows reached this bucket: deleted ids
     today_mask = pc.is_valid(table[S.UNIT])
@@ -262,6 +313,7 @@ def diff_bucket(table: pa.Table, diff: Diff) -> Iterator[pa.Table]:
     seen_mask = pc.is_valid(others[S.SEEN]) if S.SEEN in others.column_names \
         else pa.array([False] * others.num_rows, pa.bool_())
     previous, seen = others.filter(pc.invert(seen_mask)), others.filter(seen_mask)
+    previous, documents = _split_documents(previous, diff)
     rejects = today[S.REJECT].to_pylist()
     excerpts = today[S.EXCERPT].to_pylist()
     _reject_repeated_ids(today, rejects, excerpts)
@@ -271,17 +323,17 @@ def diff_bucket(table: pa.Table, diff: Diff) -> Iterator[pa.Table]:
 
     prev_cols = [c for c in today.column_names
                  if c in (S.PREV_HASH, S.SEEN) or c.startswith("__prev_")]
-    ids = plain(today[S.ID].combine_chunks())
-    if previous.num_rows:
-        match = pc.index_in(ids, value_set=plain(previous[S.ID].combine_chunks()))
-        prev_hash = pc.take(previous[S.PREV_HASH].combine_chunks(), match)
-    else:
-        match = pa.nulls(today.num_rows, pa.int32())
-        prev_hash = pa.nulls(today.num_rows, pa.string())
-    same = pc.fill_null(pc.equal(prev_hash, today[S.HASH].combine_chunks()), False)
+    ids, hashes = plain(today[S.ID].combine_chunks()), today[S.HASH].combine_chunks()
+    match = _matches(ids, previous)
+    same = pc.fill_null(pc.equal(_take(previous, S.PREV_HASH, match, pa.string()), hashes),
+                        False)
     change = pc.if_else(pc.is_null(match), "new", pc.if_else(same, "unchanged", "changed"))
     change = pc.if_else(rejected, pa.scalar(None, pa.string()), change)
     reuse = pc.and_(pc.equal(pc.fill_null(change, ""), "unchanged"), pa.scalar(diff.reuse))
+    if diff.reuse_documents:
+        doc_match = _matches(ids, documents)
+        doc_hash = _take(documents, S.PREV_HASH, doc_match, pa.string())
+        reuse = pc.and_(reuse, pc.fill_null(pc.equal(doc_hash, hashes), False))
 
     out = today.drop_columns(prev_cols + [S.REJECT, S.EXCERPT, S.BUCKET])
     out = out.append_column(S.REJECT, pa.array(rejects, pa.string())) \
@@ -290,10 +342,40 @@ def diff_bucket(table: pa.Table, diff: Diff) -> Iterator[pa.Table]:
     if diff.reuse:
         taken = pc.if_else(reuse, match, pa.scalar(None, match.type))
         for d in diff.dims:
-            column = previous[S.prev_embedding(d)].combine_chunks() if previous.num_rows \
-                else pa.nulls(0, diff.prev_type(d))
-            out = out.append_column(S.prev_embedding(d), pc.take(column, taken))
+            out = out.append_column(S.prev_embedding(d), _take(
+                previous, S.prev_embedding(d), taken, diff.prev_type(d)))
+    if diff.reuse_documents:
+        taken = pc.if_else(reuse, doc_match, pa.scalar(None, doc_match.type))
+        for d in diff.dims:
+            out = out.append_column(prev_doc_embedding(d), _take(
+                documents, prev_doc_embedding(d), taken, S.embedding_type(d, diff.output_dtype)))
     yield out
+
+
+def _split_documents(previous: pa.Table, diff: Diff) -> tuple[pa.Table, pa.Table | None]:
+    """The previous snapshot's rows of a bucket: (chunk or row hashes, document vectors).
+    A document row is the one with a document vector (:func:`read_previous_documents`)."""
+    if not diff.reuse_documents:
+        return previous, None
+    column = prev_doc_embedding(diff.dims[0])
+    if column not in previous.column_names:  # (tables not made by conform(): tests)
+        return previous, previous.slice(0, 0)
+    is_doc = pc.is_valid(previous[column])
+    return previous.filter(pc.invert(is_doc)), previous.filter(is_doc)
+
+
+def _matches(ids: pa.Array, rows: pa.Table) -> pa.Array:
+    """The index in ``rows`` of each id (null where it has none)."""
+    if not rows.num_rows:
+        return pa.nulls(len(ids), pa.int32())
+    return pc.index_in(ids, value_set=plain(rows[S.ID].combine_chunks()))
+
+
+def _take(rows: pa.Table, column: str, index: pa.Array, kind: pa.DataType) -> pa.Array:
+    """``rows[column]`` at ``index`` (null where the index is; ``kind``: the type when
+    ``rows`` is empty)."""
+    values = rows[column].combine_chunks() if rows.num_rows else pa.nulls(0, kind)
+    return pc.take(values, index)
 
 
 def _reject_repeated_ids(today: pa.Table, rejects: list, excerpts: list) -> None:
@@ -333,41 +415,66 @@ def _reject_seen_ids(today: pa.Table, seen: pa.Table, rejects: list, excerpts: l
 
 def _chunked(identity: dict[str, Any] | None) -> bool:
     """Whether a run of this identity writes one row per chunk (``--long-text chunk``)."""
-    return ((identity or {}).get("long_text") or {}).get("mode") == "chunk"
+    return _chunking(identity).get("mode") == "chunk"
+
+
+def _chunking(identity: dict[str, Any] | None) -> dict[str, Any]:
+    return (identity or {}).get("long_text") or {}
+
+
+def _setting(identity: dict[str, Any], field: str) -> Any:
+    """A setting of the vectors: the identity's field (chunking without its output-only
+    options, :data:`OUTPUT_ONLY_CHUNKING`)."""
+    value = identity.get(field)
+    if field == "long_text" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in OUTPUT_ONLY_CHUNKING}
+    return value
 
 
 def plan_diff(*, identity: dict[str, Any], read, previous_identity: dict[str, Any] | None,
               previous_files: tuple[tuple[str, int], ...], todo_bytes: int,
-              seen_files: tuple[tuple[str, str], ...], cpus: float) -> Diff:
+              seen_files: tuple[tuple[str, str], ...], cpus: float,
+              previous_documents: tuple[tuple[str, int], ...] = ()) -> Diff:
     """How today's rows meet the previous snapshot's: a pure function of what the driver knows.
 
     ``identity`` is today's run identity (``pipeline.units``: task, id column, widths, output
     dtype and the other settings), ``read`` the run's ReadSpec
     (today's id type and kept columns), ``previous_*`` the snapshot ``_LATEST`` names (None
-    before the first night), ``todo_bytes`` the bytes of today's units still to do,
-    ``seen_files`` the part files (and their sources) this snapshot committed before a resume.
-    The previous vectors are reused only when its settings equal today's; ids of another kind
-    are other ids, so nothing is compared and every row is new.
+    before the first night; ``previous_documents`` its ``_documents/`` files), ``todo_bytes``
+    the bytes of today's units still to do, ``seen_files`` the part files (and their sources)
+    this snapshot committed before a resume.
+    The previous vectors are reused only when its settings equal today's (``--keep-chunk-text``
+    and ``--doc-vectors`` aside: they change no vector); ids of another kind are other ids, so
+    nothing is compared and every row is new. With ``--doc-vectors`` a reused document needs
+    its previous document vector: a previous snapshot made without them is embedded again
+    (its chunks' stored vectors are cut and normalised, so their pooled mean cannot be
+    recovered from them).
     """
     reuse, reason, files = False, "first snapshot", ()
+    doc_vectors = bool(_chunking(identity).get("doc_vectors"))
     if previous_identity is not None:
         files = tuple(previous_files)
         differs = [f for f in units.IDENTITY_FIELDS
-                   if previous_identity.get(f) != identity.get(f)]
+                   if _setting(previous_identity, f) != _setting(identity, f)]
         reuse = not differs
         reason = None if reuse else "settings changed: " + ", ".join(differs)
+        if reuse and doc_vectors and not _chunking(previous_identity).get("doc_vectors"):
+            reuse = False
+            reason = "the previous snapshot has no document vectors (made without --doc-vectors)"
         prev_type = units.decode_types(previous_identity["types"])[0] \
             if previous_identity.get("types") else None
         if prev_type is not None and read.id_type is not None \
                 and id_kind(prev_type) != id_kind(read.id_type):
             reuse, files = False, ()
             reason = f"id type changed: {prev_type} -> {read.id_type}"
-    total = todo_bytes + sum(size for _, size in files)
+    documents = tuple(previous_documents) if reuse and doc_vectors else ()
+    total = todo_bytes + sum(size for _, size in files + documents)
     buckets = min(MAX_BUCKETS, max(1, 2 * int(cpus), -(-total // BUCKET_BYTES)))
     diff = Diff(task=identity["task"], buckets=int(buckets), previous_files=files,
                 id_column=identity["id_column"], id_type=read.id_type,
                 dims=tuple(identity["dims"]), reuse=reuse,
                 output_dtype=identity["output_dtype"], seen_files=tuple(seen_files),
                 reembed_reason=reason, bytes=int(total),
-                chunked=_chunked(identity), previous_chunked=_chunked(previous_identity))
+                chunked=_chunked(identity), previous_chunked=_chunked(previous_identity),
+                doc_vectors=doc_vectors, previous_documents=documents)
     return dataclasses.replace(diff, schema=diff_schema(read, diff))

@@ -22,6 +22,7 @@ from ..io import schema as S
 from ..io.schema import embedding_type
 from ..model.cpu import default_threads, set_threads
 from ..tokenize import TextTokenizer, TokenizedBatch, add_prefix, task_prefix
+from .diff import prev_doc_embedding
 
 NORM_EPS = 1e-12  # as the encoder's own normalisation (pipeline/model/pooling.py)
 
@@ -176,7 +177,8 @@ class EncodeStage:
     The window is one Ray Data batch (``window_rows`` rows): sorting happens inside it, never
     across the dataset. Adds one ``embedding_<width>`` column per width (null for rejected
     rows), and drops the token ids. Rows the nightly job marked for reuse (``__reuse``) are
-    not encoded: their previous snapshot's vectors (``__prev_<width>``) are taken as they are.
+    not encoded: their previous snapshot's vectors (``__prev_<width>``) are taken as they are,
+    and with document vectors their previous document vectors (``__prev_doc_<width>``) too.
     """
 
     NEEDS = (S.TOKENS, S.NUM_TOKENS, S.REJECT)
@@ -238,7 +240,8 @@ class EncodeStage:
         batch_max_N = np.zeros(table.num_rows, np.int64)
         np.add.at(grid_N, good_M[doc_S], grid_S)
         np.add.at(batch_max_N, good_M[doc_S], batch_max_S)
-        prev = [S.prev_embedding(d) for d in self.dims if S.prev_embedding(d) in table.column_names]
+        prev = [c for d in self.dims for c in (S.prev_embedding(d), prev_doc_embedding(d))
+                if c in table.column_names]
         out = table.drop_columns([S.TOKENS, *prev])
         n = table.num_rows
         if chunked:
@@ -249,9 +252,13 @@ class EncodeStage:
                 weights_S = pc.list_flatten(table[S.CHUNK_WEIGHTS].combine_chunks().take(take_M))
                 docs_MW = doc_vectors(vectors_SW[POOLED], doc_S, len(good_M),
                                       weights_S.to_numpy().astype(np.float64), self.dims)
+                rows = np.concatenate([good_M, reused])
                 for d in self.dims:
-                    out = out.append_column(S.doc_embedding(d),
-                                            self._column(docs_MW[d], good_M, n, d))
+                    values = docs_MW[d]
+                    if len(reused):  # as stored: the very vectors of the previous snapshot
+                        values = np.concatenate([values.astype(self._dtype), reused_vectors(
+                            table, reused, d, prev_doc_embedding(d), "document vector")])
+                    out = out.append_column(S.doc_embedding(d), self._column(values, rows, n, d))
         else:
             rows = np.concatenate([good_M, reused])
             for d in self.dims:
@@ -295,21 +302,23 @@ class EncodeStage:
                 parts[int(row)] = flat[starts[r]:starts[r + 1]]
                 counts_N[row] = had[r]
         rows = sorted(parts)
-        dtype = np.float16 if self.output_dtype == "float16" else np.float32
         stacked = np.concatenate([parts[r] for r in rows]) if rows \
             else np.zeros((0, width), np.float32)
         values = pa.FixedSizeListArray.from_arrays(
-            pa.array(stacked.astype(dtype, copy=False).reshape(-1)), width) \
+            pa.array(stacked.astype(self._dtype, copy=False).reshape(-1)), width) \
             .cast(embedding_type(width, self.output_dtype))
         offsets = np.concatenate(([0], np.cumsum(counts_N))).astype(np.int32)
         mask = np.ones(n, bool)
         mask[rows] = False
         return pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(mask))
 
+    @property
+    def _dtype(self) -> type:
+        return np.float16 if self.output_dtype == "float16" else np.float32
+
     def _column(self, vectors_MW: np.ndarray, rows: np.ndarray, n: int, width: int) -> pa.Array:
         """A fixed-size-list column with ``rows`` filled (one vector each) and the others null."""
-        dtype = np.float16 if self.output_dtype == "float16" else np.float32
-        full = np.zeros((n, width), dtype)
+        full = np.zeros((n, width), self._dtype)
         full[rows] = vectors_MW
         mask = np.ones(n, bool)
         mask[rows] = False
@@ -335,11 +344,17 @@ def doc_vectors(pooled_SD: np.ndarray, doc_S: np.ndarray, docs: int, weights_S: 
     return out
 
 
-def reused_vectors(table: pa.Table, rows: np.ndarray, width: int) -> np.ndarray:
-    """The previous snapshot's vectors of ``rows`` (``[len(rows), width]``)."""
-    column = table[S.prev_embedding(width)].take(pa.array(rows))
-    if column.null_count:
-        raise ValueError(f"{column.null_count} row(s) marked for reuse have no earlier "
-                         f"embedding of width {width}")
-    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+def reused_vectors(table: pa.Table, rows: np.ndarray, width: int, column: str | None = None,
+                   what: str = "embedding") -> np.ndarray:
+    """The previous snapshot's vectors of ``rows`` (``[len(rows), width]``) from ``column``
+    (default: the previous embedding of that width)."""
+    name = column or S.prev_embedding(width)
+    if name not in table.column_names:
+        raise ValueError(f"{len(rows)} row(s) marked for reuse have no earlier {what} of "
+                         f"width {width} (no {name} column)")
+    taken = table[name].take(pa.array(rows))
+    if taken.null_count:
+        raise ValueError(f"{taken.null_count} row(s) marked for reuse have no earlier "
+                         f"{what} of width {width}")
+    flat = pc.list_flatten(taken).to_numpy(zero_copy_only=False)
     return flat.reshape(len(rows), width)
