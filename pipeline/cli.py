@@ -1,8 +1,9 @@
-"""The command line: ``python -m pipeline {run,nightly,enrich,demo}``.
+"""The command line: ``python -m pipeline {run,nightly,enrich,serve,demo}``.
 
 Options are generated from :class:`~pipeline.config.RunConfig`'s fields (option names are the
 field names with dashes, ``keep_columns`` -> ``--keep-columns``; help, choices and defaults come
-from the dataclass, so nothing is declared twice). A job's result is reported as a few lines
+from the dataclass, so nothing is declared twice); ``serve``'s from
+:class:`~pipeline.serve.config.ServeConfig`'s the same way. A job's result is reported as a few lines
 (``--json``: the summary as JSON); exit codes: 0 done, 1 rows do not reconcile, 2 a setup
 mistake found before any work (:class:`~pipeline.errors.UserError` and the model's own
 errors), 3 the run started and failed (:class:`~pipeline.errors.RunFailed`; rerun to resume).
@@ -14,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 import typing
@@ -23,6 +25,7 @@ from pathlib import Path
 from . import summary
 from .config import JOB_EXCLUDES, JOB_OPTIONS, RunConfig, parse_int_list, parse_name_list
 from .errors import RunFailed, UserError
+from .serve.config import API_KEY_ENV, ServeConfig
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -54,6 +57,31 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return _run_and_report(config, args.command, args.json)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the query service until SIGINT/SIGTERM; exit 2 on a setup mistake (found before
+    Ray starts), 3 when the service fails to start."""
+    names = {f.name for f in dataclasses.fields(ServeConfig)}
+    try:
+        config = ServeConfig(**{k: v for k, v in vars(args).items() if k in names})
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Lazy: the service imports Ray Serve and torch, which --help and option errors should
+    # not wait for.
+    from .serve.server import serve_until_stopped
+
+    try:
+        serve_until_stopped(config, config.api_key or os.environ.get(API_KEY_ENV))
+    except RunFailed as err:
+        print(f"error: {str(err)[:4000]}", file=sys.stderr)
+        return 3
+    except user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _job(command: str):
@@ -110,7 +138,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"demo": demo, "run": run, "nightly": run, "enrich": run}[args.command](args)
+    return {"demo": demo, "run": run, "nightly": run, "enrich": run,
+            "serve": serve}[args.command](args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "Iceberg tables)")
     add_run_arguments(p, job="enrich")
     _report_option(p)
+    p = sub.add_parser("serve", help="an OpenAI-compatible /v1/embeddings service on Ray Serve "
+                       "with the batch jobs' encoder (docs/serve.md)")
+    add_field_arguments(p, ServeConfig)
     p = sub.add_parser("demo", help="embed the bundled sample corpus with an offline tiny "
                        "model on a local Ray")
     p.add_argument("--model-dir", default="models/nomic-moe-tiny",
@@ -166,11 +198,21 @@ def add_run_arguments(parser: argparse.ArgumentParser, fields: typing.Iterable[s
                       job: str = "run"):
     """Add one option per :class:`RunConfig` field (or per name in ``fields``) that ``job``
     takes: every shared option, and the job's own (:data:`JOB_OPTIONS`)."""
-    hints = typing.get_type_hints(RunConfig)
     others = {name for j, names in JOB_OPTIONS.items() if j != job for name in names}
     others |= set(JOB_EXCLUDES.get(job, ()))
-    for f in dataclasses.fields(RunConfig):
-        if (fields is not None and f.name not in fields) or f.name in others:
+    names = [f.name for f in dataclasses.fields(RunConfig)
+             if (fields is None or f.name in fields) and f.name not in others]
+    add_field_arguments(parser, RunConfig, names)
+
+
+def add_field_arguments(parser: argparse.ArgumentParser, cls: type,
+                        names: typing.Iterable[str] | None = None) -> None:
+    """One option per field of the config dataclass ``cls`` (or per name in ``names``): its
+    help, metavar and choices from the field's metadata, its default shown."""
+    hints = typing.get_type_hints(cls)
+    names = None if names is None else set(names)
+    for f in dataclasses.fields(cls):
+        if names is not None and f.name not in names:
             continue
         meta = dict(f.metadata)
         kwargs: dict = {"dest": f.name, "help": meta.pop("help")}

@@ -1,5 +1,6 @@
 """The layout's rules, read from the code with ``ast``: imports inside ``pipeline/`` form no
-cycle, only ``pipeline/cluster`` imports ray, no private Ray module is imported outside the one
+cycle, only ``pipeline/cluster`` imports ray (and, for Ray Serve, the three modules of
+``pipeline/serve`` that are Serve code), no private Ray module is imported outside the one
 place that explains it, and imports inside functions are only of torch, ray or pyiceberg
 (or of pipeline modules that import them), each with its reason on the line or the one above.
 """
@@ -13,6 +14,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "pipeline"
 RAY_PACKAGE = "pipeline.cluster"
+# The query service runs on Ray Serve, and a Serve deployment, a Ray metric or a Serve process
+# cannot be written without importing ray: these modules of pipeline/serve may. The rest of the
+# package (the request contract, tokenizing, the queue limit, the model identity) stays
+# Ray-free, so it is tested in process, and the service reaches no other part through Ray.
+SERVE_RAY_MODULES = {"pipeline.serve.app", "pipeline.serve.metrics", "pipeline.serve.server"}
 PRIVATE_RAY_ALLOWED = {"pipeline.cluster.expert_groups"}  # _actor_dead: see its docstring
 # Imports that may be made inside a function: these (and modules that import them).
 HEAVY = ("torch", "ray", "pyiceberg")
@@ -105,9 +111,23 @@ def test_the_cycle_check_finds_a_cycle():
 def test_only_the_cluster_package_imports_ray():
     offenders = [f"{name}:{line}" for name, path in modules().items()
                  if not (name == RAY_PACKAGE or name.startswith(RAY_PACKAGE + "."))
+                 and name not in SERVE_RAY_MODULES
                  for target, line, in_function in imports(name, path)
                  if (target == "ray" or target.startswith("ray.")) and not in_function]
     assert not offenders, f"ray imported outside {RAY_PACKAGE}: {offenders}"
+
+
+def test_the_service_imports_no_job_or_cluster_code_and_its_pure_parts_no_ray():
+    graph = pipeline_graph()
+    serve = {name for name in graph if name.startswith("pipeline.serve")}
+    assert serve >= SERVE_RAY_MODULES
+    reached = [f"{name} -> {target}" for name in serve for target in graph[name]
+               if target.startswith(("pipeline.jobs", "pipeline.cluster", "pipeline.stages"))]
+    assert not reached, f"the service imports batch-job code: {reached}"
+    pure = serve - SERVE_RAY_MODULES
+    through = [f"{name} -> {target}" for name in pure for target in graph[name]
+               if target in SERVE_RAY_MODULES]
+    assert not through, f"a Ray-free module of pipeline/serve imports a Ray one: {through}"
 
 
 def test_no_private_ray_api_outside_its_one_place():
@@ -151,6 +171,6 @@ def test_imports_inside_functions_are_heavy_and_explained():
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("package", ["stages", "jobs", "cluster", "io", "bench"])
+@pytest.mark.parametrize("package", ["stages", "jobs", "cluster", "io", "bench", "serve"])
 def test_packages_of_the_layout_exist(package):
     assert (ROOT / package / "__init__.py").is_file()
