@@ -2,8 +2,10 @@
 it holds no secret.
 
 Every manifest parses; every RayJob entrypoint (also the one the nightly CronJob creates) is
-parsed by the real command line, so renaming a job script or an option fails here; secrets
-come from a Secret or the service account, never inline; the image's Ray is the project's pin.
+parsed by the real command line, so renaming a job script or an option fails here; the
+RayService's Serve config validates against Ray Serve's own schema and its application's
+import path and arguments build a real ``ServeConfig``; secrets come from a Secret or the
+service account, never inline; the image's Ray is the project's pin.
 Every manifest also validates offline: Kubernetes kinds with kubernetes-validate (the
 Kubernetes OpenAPI schemas it ships, strict: unknown fields refused), KubeRay kinds with
 ``infra/schemas/kuberay-v1.json`` (their spec fields, from KubeRay's ray.io/v1 Go types) and
@@ -24,6 +26,7 @@ import yaml
 
 from pipeline.cli import build_parser
 from pipeline.cli import config_from_args
+from pipeline.serve.config import config_from_strings
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = sorted((REPO / "infra" / "k8s").glob("*.yaml"))
@@ -51,9 +54,11 @@ def pinned_ray() -> str:
 
 
 def test_every_manifest_parses_with_kind_and_name():
-    assert {p.name for p in MANIFESTS} >= {"rayjob-embed.yaml", "raycluster.yaml", "nightly.yaml"}
+    assert {p.name for p in MANIFESTS} >= {"rayjob-embed.yaml", "raycluster.yaml", "nightly.yaml",
+                                           "rayservice.yaml"}
     kinds = [d["kind"] for d in documents()]
     assert kinds.count("RayJob") == 2 and "RayCluster" in kinds and "CronJob" in kinds
+    assert kinds.count("RayService") == 1
     for doc in documents():
         assert doc["apiVersion"] and (doc["metadata"].get("name") or doc["metadata"].get("generateName"))
 
@@ -92,11 +97,17 @@ def test_no_inline_secrets(doc):
         assert not re.search(r"AKIA[0-9A-Z]{12,}|aws_secret_access_key\s*=", text), text
 
 
+def cluster_spec(doc: dict) -> dict | None:
+    """The Ray cluster a KubeRay kind starts (None for other kinds)."""
+    return {"RayJob": lambda: doc["spec"]["rayClusterSpec"], "RayCluster": lambda: doc["spec"],
+            "RayService": lambda: doc["spec"]["rayClusterConfig"]}.get(doc["kind"],
+                                                                         lambda: None)()
+
+
 def test_ray_clusters_use_the_pinned_ray_and_the_credentials_secret():
     pin = pinned_ray()
     for doc in documents():
-        spec = doc["spec"].get("rayClusterSpec") if doc["kind"] == "RayJob" else \
-            doc["spec"] if doc["kind"] == "RayCluster" else None
+        spec = cluster_spec(doc)
         if spec is None:
             continue
         assert str(spec["rayVersion"]) == pin
@@ -132,7 +143,7 @@ def kuberay_validator(kind: str) -> jsonschema.Draft7Validator:
 
 
 def pod_templates(doc: dict) -> list[dict]:
-    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    spec = cluster_spec(doc)
     groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
     return [g["template"] for g in groups]
 
@@ -166,7 +177,31 @@ def test_the_validators_refuse_what_they_should():
             {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
              "template": {**template, "spec": {**template["spec"], "containers": [container]}}},
             KUBERNETES, strict=True)
+    service = next(d for d in documents() if d["kind"] == "RayService")
+    with pytest.raises(jsonschema.ValidationError):  # a misspelt RayService field
+        kuberay_validator("RayService").validate(
+            {**service, "spec": {**service["spec"], "serveConfig": "x"}})
     cron = next(d for d in documents() if d["kind"] == "CronJob")
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate({**cron, "spec": {**cron["spec"], "schedule": 2}},
                                      KUBERNETES, strict=True)
+
+
+def test_the_rayservice_serves_our_application_with_real_options():
+    from ray.serve.schema import ServeDeploySchema
+
+    service = next(d for d in documents() if d["kind"] == "RayService")
+    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    (app,) = serve_config.applications
+    module, _, name = app.import_path.partition(":")
+    assert (module, name) == ("pipeline.serve.app", "app_builder")
+    import importlib
+
+    assert callable(getattr(importlib.import_module(module), name))
+    config = config_from_strings(app.args)  # ValueError on an option the service lacks
+    assert config.device == "cuda" and config.expect_output.endswith("/_LATEST")
+    gpu = [g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+           if g["groupName"] == "gpu-encode"]
+    assert config.replicas == gpu[0]["replicas"]  # one encoder replica per GPU worker
+    with pytest.raises(ValueError, match="unknown serve option"):
+        config_from_strings({**app.args, "dimension": "256"})

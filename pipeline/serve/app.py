@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import hmac
+import json
 import logging
 import os
 import time
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException
@@ -55,6 +56,8 @@ READY_TIMEOUT_S = 5.0
 # How often a stopping replica checks that its requests are done (Serve's default, 2 s, is
 # long next to a request's milliseconds, and doubles the time a stop takes).
 DRAIN_CHECK_S = 0.25
+# Requests with this many texts or more are tokenized and rendered off the event loop.
+OFF_LOOP_INPUTS = 64
 # @serve.batch's size before reconfigure() sets the deployment's own (it must be set here).
 _INITIAL_BATCH_TOKENS = 4096
 
@@ -98,6 +101,19 @@ def request_log_line(status: int, seconds: float, facts: dict[str, Any]) -> str:
     return f"embeddings status={status} ms={seconds * 1000:.1f} {shown}".rstrip()
 
 
+async def _off_loop(inputs: int, fn, *args):
+    """``fn(*args)`` on a thread when the request is large (tokenizing or rendering 2,048 texts
+    takes tens of milliseconds, which would stall every other request of the replica)."""
+    if inputs < OFF_LOOP_INPUTS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
+def _render(vectors, encoding: str, model_id: str, tokens: int) -> bytes:
+    return json.dumps(embedding_response(vectors, encoding, model_id, tokens),
+                      separators=(",", ":")).encode()
+
+
 def _queue_full(message: str, retry_after: int) -> ApiError:
     return ApiError(429, message, type="rate_limit_error", code="queue_full",
                     headers={"Retry-After": str(retry_after)})
@@ -130,7 +146,7 @@ class Ingress:
         self.tokenizer.truncate = self.limits.truncate
 
     @api.post("/v1/embeddings")
-    async def embeddings(self, request: Request) -> JSONResponse:
+    async def embeddings(self, request: Request) -> Response:
         started, facts, status = time.perf_counter(), {}, 500
         try:
             response = await self._embeddings(request, facts)
@@ -148,7 +164,7 @@ class Ingress:
             self.metrics.answered(status, "/v1/embeddings", seconds)
             log.info(request_log_line(status, seconds, facts))
 
-    async def _embeddings(self, request: Request, facts: dict[str, Any]) -> JSONResponse:
+    async def _embeddings(self, request: Request, facts: dict[str, Any]) -> Response:
         self._check_key(request)
         body = parse_json(await self._read_body(request))
         req = parse_request(body, self.served.widths, self.limits.max_inputs)
@@ -158,12 +174,14 @@ class Ingress:
             raise ApiError(404, f"model {req.model!r} is not served here; this service serves "
                            f"{self.served.id} (GET /v1/models)", param="model",
                            code="model_not_found")
-        batch = self.tokenizer.tokenize(req.texts, req.task)
+        batch = await _off_loop(len(req.texts), self.tokenizer.tokenize, req.texts, req.task)
         tokens = facts["tokens"] = int(batch.lengths.sum())
         vectors = await self._encode(split_pieces(batch, req.width, self.batch_tokens), tokens)
         self.metrics.embedded(len(req.texts), tokens)
-        return JSONResponse(embedding_response(vectors, req.encoding, self.served.id, tokens),
-                            headers={FINGERPRINT_HEADER: self.served.fingerprint})
+        body = await _off_loop(len(req.texts), _render, vectors, req.encoding, self.served.id,
+                               tokens)
+        return Response(body, media_type="application/json",
+                        headers={FINGERPRINT_HEADER: self.served.fingerprint})
 
     async def _encode(self, pieces: list[Piece], tokens: int) -> np.ndarray:
         """The pieces' vectors, in order, within the queue limit."""
@@ -323,10 +341,12 @@ def build_app(config: ServeConfig, served: ServedModel, gpus: float,
               api_key: str | None = None, expected: dict[str, Any] | None = None,
               expected_output: str | None = None):
     """The application: ingress and encoders, sized for a cluster with ``gpus`` GPUs."""
-    device = resolve_device_type(config.device, gpus)
+    # An explicit cuda is taken as it is: the GPU nodes of an autoscaled group may not be up
+    # yet when the application is built; its replicas wait for them.
+    device = config.device if config.device != "auto" else resolve_device_type("auto", gpus)
     batch_tokens = config.max_batch_tokens or default_max_tokens(
         device, resolve_dtype_name(config.dtype, device))
-    replicas = config.replicas or (int(gpus) if device == "cuda" else 1)
+    replicas = config.replicas or (max(1, int(gpus)) if device == "cuda" else 1)
     threads = None
     if device == "cuda":
         actor = {"num_gpus": 1, "num_cpus": 1}
