@@ -28,7 +28,7 @@ from pipeline.config import RunConfig
 from pipeline.io.errors import OutputError
 from pipeline.model.builder import sample_texts
 from pipeline.jobs.nightly import run_nightly
-from pipeline.snapshots import LATEST
+from pipeline.snapshots import LATEST, new_snapshot_name
 from pipeline.stages.diff import HASH_COLUMN, content_hash
 from pipeline.tokenize import add_prefix
 from tests.faultproxy import fault_proxy  # noqa: F401
@@ -316,7 +316,7 @@ def test_a_resumed_snapshot_keeps_its_committed_units_and_never_repeats_their_id
     first = run_nightly(config(str(src), str(out), tiny_model_dir))
 
     # An unfinished snapshot on the first: y's unit not committed, x's kept.
-    unfinished = first["snapshot"][:-3] + "59Z"
+    unfinished = new_snapshot_name({first["snapshot"]})  # later than the first, always
     shutil.copytree(out / first["snapshot"], out / unfinished)
     (out / unfinished / "_summary.json").unlink()
     run_file = out / unfinished / "_manifest" / "_run.json"
