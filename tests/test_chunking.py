@@ -13,6 +13,7 @@ import random
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from pipeline.chunking import Chunker, ChunkingError, LongText, SEGMENT_CHARS
 from pipeline.io import schema as S
@@ -207,10 +208,13 @@ def test_truncation_of_a_huge_text_equals_truncating_it_whole(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def chunk_encoder(tiny_model_dir) -> EncodeStage:
-    return EncodeStage(str(tiny_model_dir), revision=None, device="cpu", dtype="float32",
-                       dims=DIMS, output_dtype="float32", max_tokens_per_batch=2048,
-                       doc_vectors=True)
+def chunk_encoder(tiny_model_dir):
+    # One thread: two OpenMP threads on a busy 2-core machine took 10-30x longer here.
+    before = torch.get_num_threads()
+    yield EncodeStage(str(tiny_model_dir), revision=None, device="cpu", dtype="float32",
+                      dims=DIMS, output_dtype="float32", max_tokens_per_batch=2048,
+                      doc_vectors=True, threads=1)
+    torch.set_num_threads(before)  # the process's other tests keep theirs
 
 
 def reader_table(ids, texts) -> pa.Table:
