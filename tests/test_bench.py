@@ -3,10 +3,10 @@
 import json
 
 import numpy as np
-
 import pytest
+import torch
 
-from pipeline.bench import encoder as bench, workload
+from pipeline.bench import encoder as bench, gpu as gpu_bench, workload
 from pipeline.bench.__main__ import main as bench_main
 from pipeline.model.builder import REAL_CONFIG
 
@@ -105,8 +105,6 @@ def real_tokenizer(tmp_path_factory):
 
 
 def test_real_size_tokenizer_is_xlmr_shaped(real_tokenizer):
-    from tokenizers import Tokenizer
-
     from pipeline.model.builder import cached_real_size_tokenizer
     from pipeline.tokenize import TextTokenizer
 
@@ -119,7 +117,7 @@ def test_real_size_tokenizer_is_xlmr_shaped(real_tokenizer):
     assert spec["post_processor"]["single"][0]["SpecialToken"]["id"] == "<s>"
     tok = TextTokenizer.from_json(text)  # checks the special ids itself
     assert tok.vocab_size == 250_002
-    assert Tokenizer.from_str(text).token_to_id("<mask>") == 250_001
+    assert tok.untruncated().token_to_id("<mask>") == 250_001
     ids = tok.encode(["Ｈｅｌｌｏ   world", "敏捷"]).ids.tolist()
     assert ids[0] == 0 and ids.count(2) == 2 and 3 not in ids[:ids.index(2)]
     # built once: the second call reads the cached file
@@ -158,3 +156,48 @@ def test_bench_tokenizer_smoke(real_tokenizer, tmp_path, monkeypatch):
     assert result["vocab_size"] == 250_002 and result["scripts"] >= 20
     assert result["stage_vs_raw"] == pytest.approx(
         paths["stage"]["tokens_per_s"] / paths["raw"]["tokens_per_s"], rel=1e-2)
+
+
+def test_bench_gpu_runs_every_section_on_the_cpu(real_tokenizer, tmp_path, monkeypatch):
+    """The GPU command's code paths, tiny and on the CPU (CUDA-only parts reported skipped)."""
+    monkeypatch.setenv("NOMIC_PIPELINE_CACHE", str(real_tokenizer[0]))
+    out = tmp_path / "gpu.json"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is ~100x faster on a busy machine
+    try:
+        bench_main(["gpu", "--device", "cpu", "--size", "tiny", "--dtype", "float32",
+                    "--texts", "8", "--budgets", "512", "--repeats", "1", "--stage-texts", "6",
+                    "--lexicon", "synthetic", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(out.read_text())
+    s = result["sections"]
+    assert result["failed"] == [] and list(s) == list(gpu_bench.SECTIONS)
+    assert s["parity"]["ok"] and s["parity"]["max_abs_vs_cpu"] == 0.0  # the CPU against itself
+    assert "skipped" in s["sync_free"] and "skipped" in s["attention"]["varlen"]
+    assert 0.99 < s["bf16_cosine"]["cosine_min"] <= 1.0
+    assert s["budgets"]["512"]["tokens"] == result["tokens"]
+    assert {"grouped", "loop"} <= set(s["moe_backends"])
+    assert s["attention"]["padded"]["padding"] >= s["attention"]["grid_runs"]["padding"]
+    assert s["baseline"]["packed_vs_baseline"] > 0
+    assert s["stage"]["rows_out"] == s["stage"]["texts"] == 6 and s["stage"]["tokens"] > 6
+
+
+def test_bench_gpu_reports_a_failing_section(monkeypatch, tmp_path):
+    monkeypatch.setattr(gpu_bench, "parity", lambda ctx: 1 / 0)
+    with pytest.raises(SystemExit, match="parity"):
+        bench_main(["gpu", "--device", "cpu", "--size", "tiny", "--texts", "4",
+                    "--sections", "parity", "--json", str(tmp_path / "g.json")])
+    section = json.loads((tmp_path / "g.json").read_text())["sections"]["parity"]
+    assert section["error"].startswith("ZeroDivisionError")
+
+
+def test_lexicon_without_wordfreq(monkeypatch):
+    """wordfreq is a benchmark-only dependency: without it 'auto' takes the synthetic words
+    and asking for it by name says how to get it."""
+    from pipeline.model import lexicon
+
+    monkeypatch.setattr(lexicon, "wordfreq", None)
+    assert lexicon.resolve_source("auto") == "synthetic"
+    with pytest.raises(ValueError, match="pip install wordfreq"):
+        lexicon.resolve_source("wordfreq")

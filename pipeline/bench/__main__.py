@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import chunking, encoder, ep, nightly, pipeline, tokenizer
+from . import chunking, encoder, ep, gpu, nightly, pipeline, tokenizer
 
 BENCHMARKS = {
     "encoder": (encoder, "encoder alone: packed path vs. straightforward baseline"),
@@ -15,6 +15,7 @@ BENCHMARKS = {
     "chunking": (chunking, "--long-text chunk vs. plain tokenization, one core (no Ray)"),
     "tokenizer": (tokenizer, "the tokenizer stage vs. raw encode_batch, real-size tokenizer, "
                              "one thread (no Ray)"),
+    "gpu": (gpu, "everything a lent GPU should measure, one JSON (no Ray, no network)"),
 }
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..batching import segment_runs
+from ..batching import MAX_SEGMENT_PADDING, segment_runs
 from .config import EncoderConfig
 from .packed import PackedBatch
 
@@ -99,14 +99,17 @@ class AttentionPlan:
     segments: tuple[GridSegment, ...]
 
     @classmethod
-    def build(cls, batch: PackedBatch, dtype: torch.dtype) -> "AttentionPlan":
+    def build(cls, batch: PackedBatch, dtype: torch.dtype, varlen: bool | None = None,
+              max_padding: float = MAX_SEGMENT_PADDING) -> "AttentionPlan":
+        """``varlen`` (default: :func:`uses_varlen`) or grids of consecutive sequences, each
+        padding at most ``max_padding`` of its slots (1.0: one padded grid for the batch)."""
         device = batch.input_ids_T.device
-        if uses_varlen(device, dtype):
+        if uses_varlen(device, dtype) if varlen is None else varlen:
             return cls(batch, True, ())
         lengths = batch.lengths_B.tolist()
         cu = batch.cu_seqlens_B1.tolist()
         segments = []
-        for a, b in segment_runs(lengths):
+        for a, b in segment_runs(lengths, max_padding):
             n, longest = b - a, max(lengths[a:b])
             pad_index = key_mask = None
             if n * longest != cu[b] - cu[a]:

@@ -23,6 +23,11 @@ import unicodedata
 
 import numpy as np
 
+try:  # a benchmark-only dependency: without it the synthetic lexicon stands in
+    import wordfreq
+except ImportError:
+    wordfreq = None
+
 SOURCES = ("auto", "wordfreq", "synthetic")
 WORDS_PER_LANGUAGE = 20_000
 SYNTHETIC_WORDS = 10_000  # enough for a language's share of the vocabulary; made in ~1 s
@@ -154,8 +159,6 @@ def synthetic_language(script: Script, n: int = SYNTHETIC_WORDS, seed: int = 0) 
 
 def wordfreq_language(code: str, script: str, n: int = WORDS_PER_LANGUAGE) -> Language:
     """wordfreq's ``n`` most frequent words of ``code`` (NFKC, no spaces or digits)."""
-    import wordfreq  # lazy: benchmark-only dependency, see the module docstring
-
     words, freqs = [], []
     for word, freq in wordfreq.get_frequency_dict(code, wordlist="small").items():
         word = unicodedata.normalize("NFKC", word)
@@ -171,11 +174,7 @@ def wordfreq_language(code: str, script: str, n: int = WORDS_PER_LANGUAGE) -> La
 
 
 def has_wordfreq() -> bool:
-    try:
-        import wordfreq  # noqa: F401  lazy: benchmark-only dependency, only probed
-    except ImportError:
-        return False
-    return True
+    return wordfreq is not None
 
 
 def resolve_source(source: str) -> str:
