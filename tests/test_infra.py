@@ -205,3 +205,8 @@ def test_the_rayservice_serves_our_application_with_real_options():
     assert config.replicas == gpu[0]["replicas"]  # one encoder replica per GPU worker
     with pytest.raises(ValueError, match="unknown serve option"):
         config_from_strings({**app.args, "dimension": "256"})
+    from pipeline.serve.app import Limits
+
+    for deployment in app.deployments:  # an override of the ingress's limits is complete
+        assert deployment.name == "Ingress"
+        Limits(**deployment.user_config)
