@@ -53,7 +53,8 @@ def test_bench_texts_follow_the_length_mix(tiny_model_dir):
 @pytest.mark.ray
 def test_bench_pipeline_smoke(tmp_path, tiny_model_dir):
     out = tmp_path / "pipe.json"
-    bench_main(["pipeline", "--size", "tiny", "--model-dir", str(tiny_model_dir), "--texts", "30",
+    bench_main(["pipeline", "--size", "tiny", "--tokenizer", "small",
+                "--model-dir", str(tiny_model_dir), "--texts", "30",
                 "--shards", "3", "--json", str(out)])
     result = json.loads(out.read_text())
     alone, piped = result["encoder_alone"], result["pipeline"]
@@ -62,6 +63,16 @@ def test_bench_pipeline_smoke(tmp_path, tiny_model_dir):
     assert result["steady_vs_alone"] == pytest.approx(
         piped["tokens_per_s_steady"] / alone["tokens_per_s"], rel=1e-2, abs=1e-3)
 
+
+
+def test_bench_model_dir_must_hold_the_tokenizer_asked_for(tiny_model_dir):
+    class Args:
+        size, tokenizer, lexicon, model_dir = "tiny", "real", "synthetic", str(tiny_model_dir)
+
+    with pytest.raises(ValueError, match="--tokenizer small"):
+        workload.bench_model_dir(Args)
+    Args.tokenizer = "small"
+    assert workload.bench_model_dir(Args) == tiny_model_dir
 
 
 def test_bench_nightly_edits_the_corpus_as_asked():

@@ -12,7 +12,8 @@ Long multilingual documents (the bundled sample's 34 languages, shuffled into do
 
 Rates are in document tokens per second (each document's untruncated token count, whatever
 a mode keeps of it). Also timed: one document of ``--big-mb`` MB chunked whole.
-The tokenizer is the random-weight model's (``models/bench-tiny``, built once).
+The tokenizer is the real-size benchmark one (250,002 pieces, ``workload.real_tokenizer_json``),
+or that of ``--model-dir``.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import pyarrow as pa
 
 from ..chunking import LongText
 from ..io import schema as S
-from ..model.builder import build_model_dir, sample_texts
+from ..model import lexicon
+from ..model.builder import sample_texts
 from ..stages.embed import TokenizeStage
 from ..tokenize import TextTokenizer
-from .workload import emit, machine
+from .workload import emit, machine, real_tokenizer_json
 
 
 def add_arguments(parser) -> None:
@@ -38,7 +40,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--big-mb", type=float, default=10.0)
     parser.add_argument("--chunk-tokens", type=int, default=512)
     parser.add_argument("--chunk-overlap", type=int, default=64)
-    parser.add_argument("--model-dir", default="models/bench-tiny")
+    parser.add_argument("--model-dir", default=None,
+                        help="a model folder whose tokenizer to use (default: the real-size one)")
+    parser.add_argument("--lexicon", choices=lexicon.SOURCES, default="auto",
+                        help="words of the real-size tokenizer (auto: wordfreq if installed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the result to this file")
 
@@ -69,10 +74,8 @@ def timed(fn) -> float:
 
 def main(args) -> None:
     os.environ["RAYON_NUM_THREADS"] = "1"  # one core (before the tokenizers' pool starts)
-    model_dir = Path(args.model_dir)
-    if not (model_dir / "tokenizer.json").is_file():
-        build_model_dir(model_dir, "tiny")
-    tokenizer_json = (model_dir / "tokenizer.json").read_text()
+    tokenizer_json = (Path(args.model_dir) / "tokenizer.json").read_text() if args.model_dir \
+        else real_tokenizer_json(args.lexicon)
     raw = TextTokenizer.from_json(tokenizer_json).untruncated()
     docs = documents(args.docs, args.chars, args.seed)
     tokens = sum(len(e.ids) for e in raw.encode_batch(docs, add_special_tokens=False))
@@ -90,6 +93,7 @@ def main(args) -> None:
     big_s = timed(lambda: stages["chunk"](rows([big])))
     emit({
         "benchmark": "chunking", "machine": machine(), "threads": 1,
+        "tokenizer": args.model_dir or f"real-size ({lexicon.resolve_source(args.lexicon)})",
         "docs": args.docs, "chars_per_doc": args.chars, "document_tokens": tokens,
         "chunks": chunks, "window": args.chunk_tokens, "overlap": args.chunk_overlap,
         "tokens_per_s": {k: round(tokens / s) for k, s in seconds.items()},

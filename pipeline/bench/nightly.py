@@ -20,10 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import RunConfig
-from ..model.builder import build_model_dir
-from ..tokenize import TextTokenizer
-from .workload import (add_job_arguments, emit, job_dims, length_mix, machine,
-                       texts_of_lengths, write_corpus)
+from .workload import (add_job_arguments, bench_model_dir, bench_texts, emit, job_dims, machine,
+                       write_corpus)
 
 
 def nightly_run(corpus: Path, out: Path, model_dir: Path, args) -> dict:
@@ -67,11 +65,8 @@ def edit_corpus(texts: list[str], args, rng) -> tuple[list[int], list[str]]:
 def bench_nightly(args) -> dict:
     from ..cluster.session import ray_session  # lazy: ray (see above)
 
-    model_dir = Path(args.model_dir or f"models/bench-{args.size}")
-    if not (model_dir / "config.json").is_file():
-        build_model_dir(model_dir, args.size, seed=0)
-    tokenizer = TextTokenizer.from_dir(model_dir)
-    texts = texts_of_lengths(length_mix(args.texts, args.seed), tokenizer, args.seed)
+    model_dir = bench_model_dir(args)
+    texts = bench_texts(args, model_dir)
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         day1, day2 = Path(tmp) / "day1", Path(tmp) / "day2"
@@ -91,8 +86,8 @@ def bench_nightly(args) -> dict:
             full = full_run(day2, Path(tmp) / "full", model_dir, args)
     return {
         "benchmark": "nightly", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-        "model": args.size, "texts": args.texts, "device": args.device, "dtype": args.dtype,
-        "edits": {"change": args.change, "delete": args.delete, "add": args.add},
+        "model": args.size, "tokenizer": args.tokenizer, "texts": args.texts,
+        "device": args.device, "dtype": args.dtype, "edits": {"change": args.change, "delete": args.delete, "add": args.add},
         "night1_full": night1, "night2_incremental": night2, "night3_unchanged": night3,
         "plain_run_on_night2_corpus": full,
         "night2_vs_plain_run_wall": round(night2["wall_s"] / full["wall_s"], 3),

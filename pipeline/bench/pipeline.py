@@ -1,6 +1,7 @@
 """``python -m pipeline.bench pipeline``: the Ray Data job against the encoder alone.
 
-Same machine, same texts (the encoder benchmark's length mix, as real text), same model
+Same machine, same texts (the encoder benchmark's length mix, as multilingual text for the
+real-size tokenizer, the default; ``--tokenizer small`` for the test one), same model
 (random weights of the chosen size, written once to ``--model-dir``), same device, dtype and
 token budget. Reports:
 
@@ -19,10 +20,8 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..embedder import Embedder
-from ..model.builder import build_model_dir
-from ..tokenize import TextTokenizer
-from .workload import (add_job_arguments, emit, job_dims, length_mix, machine,
-                       texts_of_lengths, write_corpus)
+from .workload import (add_job_arguments, bench_model_dir, bench_texts, emit, job_dims, machine,
+                       write_corpus)
 
 
 def encoder_alone(model_dir: Path, texts: list[str], device: str, dtype: str,
@@ -56,12 +55,8 @@ def pipeline_run(model_dir: Path, corpus: Path, out: Path, args) -> dict:
 
 
 def bench_pipeline(args) -> dict:
-    model_dir = Path(args.model_dir or f"models/bench-{args.size}")
-    if not (model_dir / "config.json").is_file():
-        print(f"building a random-weight {args.size} model in {model_dir} ...", flush=True)
-        build_model_dir(model_dir, args.size, seed=0)
-    tokenizer = TextTokenizer.from_dir(model_dir)
-    texts = texts_of_lengths(length_mix(args.texts, args.seed), tokenizer, args.seed)
+    model_dir = bench_model_dir(args)
+    texts = bench_texts(args, model_dir)
     alone = encoder_alone(model_dir, texts, args.device, args.dtype, args.max_tokens, args.dims)
     gc.collect()
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,8 +64,8 @@ def bench_pipeline(args) -> dict:
         piped = pipeline_run(model_dir, Path(tmp) / "corpus", Path(tmp) / "out", args)
     return {
         "benchmark": "pipeline", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-        "model": args.size, "texts": args.texts, "device": args.device, "dtype": args.dtype,
-        "encoder_alone": alone, "pipeline": piped,
+        "model": args.size, "tokenizer": args.tokenizer, "texts": args.texts,
+        "device": args.device, "dtype": args.dtype, "encoder_alone": alone, "pipeline": piped,
         "steady_vs_alone": round(piped["tokens_per_s_steady"] / alone["tokens_per_s"], 3),
         "end_to_end_vs_alone": round(piped["tokens_per_s"] / alone["tokens_per_s"], 3),
     }

@@ -137,10 +137,18 @@ def machine() -> str:
 
 
 def add_job_arguments(parser) -> None:
-    """The options of the benchmarks that run a job (``pipeline``, ``nightly``): model size and
-    folder, corpus, device, dtype, widths, where to write the result."""
+    """The options of the benchmarks that run a job (``pipeline``, ``nightly``): model size,
+    tokenizer and folder, corpus, device, dtype, widths, where to write the result."""
     parser.add_argument("--size", choices=("tiny", "real"), default="real")
-    parser.add_argument("--model-dir", default=None, help="default models/bench-<size>")
+    parser.add_argument("--tokenizer", choices=("real", "small"), default="real",
+                        help="real: 250,002 pieces and multilingual texts (27 scripts); small: "
+                             "the 1,000-piece test tokenizer and the bundled sample's words")
+    parser.add_argument("--lexicon", choices=lexicon.SOURCES, default="auto",
+                        help="words of the real-size tokenizer and texts (auto: wordfreq if "
+                             "installed, else synthetic words)")
+    parser.add_argument("--model-dir", default=None,
+                        help="default models/bench-<size> (real tokenizer) or "
+                             "models/bench-<size>-small-tokenizer")
     parser.add_argument("--texts", type=int, default=600)
     parser.add_argument("--shards", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
@@ -148,6 +156,36 @@ def add_job_arguments(parser) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--dims", default=None, help="widths (default 768,512,256; 64,32 tiny)")
     parser.add_argument("--json", help="also write the result to this file")
+
+
+def bench_model_dir(args) -> Path:
+    """``--model-dir``, or the default one of ``--size`` and ``--tokenizer``, built once (and
+    built again when its tokenizer is not the kind asked for)."""
+    from ..model.builder import REAL_TOKENIZER_VOCAB, build_model_dir  # lazy: torch (see above)
+
+    suffix = "" if args.tokenizer == "real" else "-small-tokenizer"
+    model_dir = Path(args.model_dir or f"models/bench-{args.size}{suffix}")
+    built = (model_dir / "config.json").is_file() and (model_dir / "tokenizer.json").is_file()
+    if built:
+        real = TextTokenizer.from_dir(model_dir).vocab_size >= REAL_TOKENIZER_VOCAB
+        if real == (args.tokenizer == "real"):
+            return model_dir
+        if args.model_dir:
+            raise ValueError(f"--model-dir {model_dir} has a {'real' if real else 'small'}-size "
+                             f"tokenizer; pass --tokenizer {'real' if real else 'small'}")
+    print(f"building a random-weight {args.size} model ({args.tokenizer} tokenizer) in "
+          f"{model_dir} ...", flush=True)
+    return build_model_dir(model_dir, args.size, seed=0, tokenizer=args.tokenizer,
+                           lexicon_source=args.lexicon)
+
+
+def bench_texts(args, model_dir: Path) -> list[str]:
+    """``--texts`` texts of the benchmark mix for the model's tokenizer: multilingual texts for
+    the real-size tokenizer, the bundled sample's words for the small one."""
+    tokenizer = TextTokenizer.from_dir(model_dir)
+    if args.tokenizer == "real":
+        return multilingual_texts(args.texts, tokenizer.untruncated(), args.seed, args.lexicon)
+    return texts_of_lengths(length_mix(args.texts, args.seed), tokenizer, args.seed)
 
 
 def job_dims(args) -> tuple[int, ...]:
