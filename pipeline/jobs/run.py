@@ -100,6 +100,7 @@ class Executed:
     tracker: units.Tracker
     wall_s: float
     facts: dict[str, Any]
+    first_record_s: float | None = None  # from the graph's start to the first write record
 
 
 def run(config: RunConfig, spec: JobSpec = RUN) -> dict[str, Any]:
@@ -110,12 +111,19 @@ def run(config: RunConfig, spec: JobSpec = RUN) -> dict[str, Any]:
     pre-flight's errors before any work; a failure once the run has started raises
     :class:`~pipeline.errors.RunFailed`.
     """
+    t0 = time.perf_counter()
     setup = resume_state(config, spec)
+    preflight_s = time.perf_counter() - t0
     group = new_group_name()
     with ray_session(config, ep_group=group if config.expert_parallel > 1 else None) as cluster:
+        t1 = time.perf_counter()
         planned = plan(config, setup, cluster, spec, group)
+        plan_s = time.perf_counter() - t1
         executed = execute(config, setup, planned, spec, cluster)
-    return finish(config, setup, planned, executed, spec)
+    first = executed.first_record_s
+    driver = {"preflight_s": round(preflight_s, 3), "plan_s": round(plan_s, 3),
+              "first_write_s": None if first is None else round(first, 3)}
+    return finish(config, setup, planned, executed, spec, driver)
 
 
 def resume_state(config: RunConfig, spec: JobSpec) -> Setup:
@@ -181,21 +189,23 @@ def execute(config: RunConfig, setup: Setup, planned: Planned, spec: JobSpec,
     tracker = units.Tracker(planned.plan.files, commit=lambda u: publish_json(
         fs, units.manifest_path(out_path, u["unit"]), u))
     configure_progress(config.progress)
-    t0, facts = time.perf_counter(), {}
+    t0, facts, first_record_s = time.perf_counter(), {}, None
     if planned.plan.files:
         limit_resources(planned.plan)  # before the dataset is made: it copies the context
         ds, facts = spec.graph(Work(planned.plan, planned.identity, cluster.cpus, planned.keep))
         records = write_records(ds)
         try:
-            consume(records, tracker, config)
+            first = consume(records, tracker, config)
         finally:
             records.close()  # stop Ray Data's iterator now, while Ray is still up
-    return Executed(tracker, time.perf_counter() - t0, facts)
+        first_record_s = None if first is None else first - t0
+    return Executed(tracker, time.perf_counter() - t0, facts, first_record_s)
 
 
 def finish(config: RunConfig, setup: Setup, planned: Planned, executed: Executed,
-           spec: JobSpec) -> dict[str, Any]:
-    """Account for every unit, delete what is not output, write and check the summary."""
+           spec: JobSpec, driver: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Account for every unit, delete what is not output, write and check the summary
+    (``driver``: the driver's phase times, for the summary's ``driver_s``)."""
     tracker = executed.tracker
     unseen = {}
     for key in tracker.unseen():
@@ -217,6 +227,8 @@ def finish(config: RunConfig, setup: Setup, planned: Planned, executed: Executed
         units_total=len(setup.inputs.files),
     )
     result = spec.summarize(result, committed, executed.facts)
+    if driver is not None:
+        result["driver_s"] = driver
     write_summary(config, result)
     if result["rows_in"] and result["reject_fraction"] > config.max_reject_fraction:
         raise RunFailed(
@@ -228,13 +240,14 @@ def finish(config: RunConfig, setup: Setup, planned: Planned, executed: Executed
 
 
 def consume(records: Iterable[dict[str, Any]], tracker: units.Tracker,
-            config: RunConfig) -> None:
+            config: RunConfig) -> float | None:
     """Take the write records as they come, committing units; stop on ``--on-bad-rows fail``
-    or too many rejects early on."""
+    or too many rejects early on. Returns when the first record came (``perf_counter``)."""
     rows = rejected = 0
-    last_log = time.monotonic()
+    last_log, first = time.monotonic(), None
     try:
         for record in records:
+            first = first or time.perf_counter()
             if config.on_bad_rows == "fail" and record["rows_rejected"]:
                 row, reason = record["first_reject"]
                 raise RunFailed(f"row {row} of {record['source']} was rejected "
@@ -257,6 +270,7 @@ def consume(records: Iterable[dict[str, Any]], tracker: units.Tracker,
     except Exception as err:  # noqa: BLE001 - reported whole, with its type
         cause = root_cause(err)
         raise RunFailed(f"the run failed: {type(cause).__name__}: {cause}") from err
+    return first
 
 
 def write_summary(config: RunConfig, result: dict[str, Any]) -> str:

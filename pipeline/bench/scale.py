@@ -1,0 +1,242 @@
+"""``python -m pipeline.bench scale``: the job at lake scale, simulated on the local disk.
+
+Writes ``--files`` small shards (Parquet or JSONL) holding ``--rows`` short rows in all, then
+runs the real ``run`` job over them with the tiny random-weight model (the encoder is not what
+is measured: the driver and the per-file cost are), on one local Ray started once:
+
+- the run: its wall per input file (``per_file_ms``), the driver's peak RSS, its CPU per
+  committed unit, the seconds from start to the first write record (listing, pre-flight,
+  planning, type settling, actors' start, the first rows through the stages: an upper bound
+  of the first row read), the size of ``_summary.json`` and of ``_manifest/``;
+- a resume of that run killed at 50% (half the unit manifests removed, their part files left
+  as strays, as a kill leaves them): the seconds to plan it (pre-flight, the manifests read,
+  kept units, strays deleted; no Ray), then the resumed run, and whether every id is in the
+  output exactly once;
+- ``nightly``: the first night, an unchanged night, a night with 1% of the files changed.
+
+``driver_peak_rss_bytes`` is the benchmark process's peak (``ru_maxrss``): the driver, plus
+what writing the shards took (small: one shard at a time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import units
+from ..config import RunConfig, parse_int_list, resolve_dtype_name
+from ..io.storage import MANIFEST_DIR, SUMMARY_NAME
+from ..model.builder import build_model_dir
+from .workload import emit, machine
+
+WORDS = ("lake", "shard", "river", "stone", "paper", "glass", "north", "amber", "quiet",
+         "metal", "cloud", "field", "light", "orbit", "delta", "cedar")
+
+
+def row_text(i: int, night: int = 0) -> str:
+    """A short row (about ten tokens); ``night`` > 0 gives the row a changed text."""
+    words = " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(6))
+    return f"row {i} {words}" + (f" revised {night}" if night else "")
+
+
+def write_shard(root: Path, k: int, ids: range, fmt: str, night: int = 0) -> None:
+    texts = [row_text(i, night) for i in ids]
+    if fmt == "parquet":
+        pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "text": texts}),
+                       root / f"shard-{k:06d}.parquet")
+    else:
+        lines = (json.dumps({"id": i, "text": t}) for i, t in zip(ids, texts))
+        (root / f"shard-{k:06d}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def shard_rows(files: int, rows: int) -> list[range]:
+    """Each shard's ids: ``rows`` ids dealt over ``files`` shards, consecutive."""
+    base, extra = divmod(rows, files)
+    out, start = [], 0
+    for k in range(files):
+        n = base + (k < extra)
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+def write_corpus(root: Path, files: int, rows: int, fmt: str) -> list[range]:
+    root.mkdir(parents=True, exist_ok=True)
+    shards = shard_rows(files, rows)
+    for k, ids in enumerate(shards):
+        write_shard(root, k, ids, fmt)
+    return shards
+
+
+def _usage() -> tuple[float, int]:
+    """(the process's CPU seconds, its peak RSS in bytes)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime, r.ru_maxrss * 1024
+
+
+def dir_bytes(path: Path) -> tuple[int, int]:
+    """(files, bytes) under ``path``."""
+    found = [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
+    return len(found), sum(p.stat().st_size for p in found)
+
+
+def output_ids(out: Path) -> tuple[int, int]:
+    """(rows, distinct ids) of an output's part files."""
+    parts = sorted(out.glob("part-*.parquet"))
+    if not parts:
+        return 0, 0
+    ids = pa.concat_arrays([pq.read_table(p, columns=["id"])["id"].combine_chunks()
+                            for p in parts])
+    return len(ids), len(pa.compute.unique(ids))
+
+
+def measured_run(config: RunConfig, files: int) -> dict:
+    from ..jobs.run import run  # lazy: ray (the other benchmarks run without it)
+
+    cpu0, _ = _usage()
+    t0 = time.perf_counter()
+    summary = run(config)
+    wall = time.perf_counter() - t0
+    cpu1, rss = _usage()
+    out = Path(config.output)
+    committed = summary["units"]["committed_now"]
+    manifests = dir_bytes(out / MANIFEST_DIR)
+    return {
+        "wall_s": round(wall, 2), "per_file_ms": round(1000 * wall / files, 2),
+        "rows_in": summary["rows_in"], "rows_embedded": summary["rows_embedded"],
+        "reconciled": summary["reconciled"], "units": summary["units"],
+        "driver_s": summary.get("driver_s"),
+        "driver_cpu_s": round(cpu1 - cpu0, 2),
+        "driver_cpu_ms_per_unit": round(1000 * (cpu1 - cpu0) / committed, 3) if committed else None,
+        "driver_peak_rss_bytes_so_far": rss,
+        "summary_bytes": (out / SUMMARY_NAME).stat().st_size,
+        "manifest_files": manifests[0], "manifest_bytes": manifests[1],
+        "part_files": len(list(out.glob("part-*.parquet"))),
+    }
+
+
+def kill_at_half(out: Path) -> int:
+    """Leave ``out`` as a run killed at 50% leaves it: the later half of the unit manifests
+    (by commit time) and the summary gone, their part files left as strays."""
+    manifests = sorted((out / MANIFEST_DIR).glob("unit-*.json"),
+                       key=lambda p: json.loads(p.read_text())["committed_at"])
+    for p in manifests[len(manifests) // 2:]:
+        p.unlink()
+    (out / SUMMARY_NAME).unlink()
+    return len(manifests) - len(manifests) // 2
+
+
+def resume_plan_seconds(config: RunConfig) -> float:
+    """Plan a resume as ``run`` does before and after Ray starts (pre-flight, the output's
+    manifests, the kept units, strays deleted), without running it."""
+    from ..jobs import run as job  # lazy: ray (see above)
+
+    t0 = time.perf_counter()
+    setup = job.resume_state(config, job.RUN)
+    identity = units.run_identity(config, resolve_dtype_name(config.dtype, config.device),
+                                  setup.model, setup.inputs)
+    job.kept_units(config, setup, identity)
+    return time.perf_counter() - t0
+
+
+def nightly_night(config: RunConfig) -> dict:
+    from ..jobs.nightly import run_nightly  # lazy: ray (see above)
+
+    t0 = time.perf_counter()
+    summary = run_nightly(config)
+    wall = time.perf_counter() - t0
+    keep = ("rows_in", "rows_new", "rows_changed", "rows_unchanged", "rows_reused",
+            "rows_embedded", "reconciled")
+    return {k: summary[k] for k in keep} | {"wall_s": round(wall, 2),
+                                            "driver_s": summary.get("driver_s")}
+
+
+def bench_scale(args) -> dict:
+    from ..cluster.session import ray_session  # lazy: ray (see above)
+
+    model_dir = Path(args.model_dir or "models/bench-scale-tiny")
+    if not (model_dir / "config.json").is_file():
+        build_model_dir(model_dir, "tiny", seed=0)
+    tmp = Path(tempfile.mkdtemp(prefix="scale-", dir=args.work_dir))
+    try:
+        corpus, out = tmp / "corpus", tmp / "out"
+        t0 = time.perf_counter()
+        shards = write_corpus(corpus, args.files, args.rows, args.format)
+        write_s = time.perf_counter() - t0
+        config = RunConfig(input=str(corpus), output=str(out), model=str(model_dir),
+                           dims=args.dims, device="cpu", progress="off", overwrite=True)
+        result = {"benchmark": "scale", "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                               time.gmtime()),
+                  "machine": machine(), "load_average": os.getloadavg(),
+                  "files": args.files, "rows": args.rows, "format": args.format,
+                  "corpus_write_s": round(write_s, 1)}
+        with ray_session(config):  # one local Ray for every run (actors start afresh)
+            first = measured_run(config, args.files)
+            result["run"] = first
+            if args.resume:
+                resume = dataclasses.replace(config, overwrite=False)
+                result["killed_units"] = kill_at_half(out)
+                result["resume_plan_s"] = round(resume_plan_seconds(resume), 2)
+                result["resumed_run"] = measured_run(resume, args.files)
+                rows, distinct = output_ids(out)
+                result["resumed_ids_exact"] = rows == distinct == args.rows
+            if args.nightly:
+                nights = dataclasses.replace(config, output=str(tmp / "nightly"),
+                                             overwrite=False)
+                result["nightly"] = {"first": nightly_night(nights),
+                                     "unchanged": nightly_night(nights)}
+                step = max(1, round(100 / args.changed_percent))
+                for k in range(0, args.files, step):  # 1% of the files, every row changed
+                    write_shard(corpus, k, shards[k], args.format, night=3)
+                result["nightly"]["changed_1pct"] = nightly_night(nights)
+        _, rss = _usage()
+        unchanged = result.get("nightly", {}).get("unchanged")
+        return result | {
+            "driver_peak_rss_bytes": rss,
+            "summary_bytes": first["summary_bytes"],
+            "manifest_bytes": first["manifest_bytes"],
+            "first_row_s": (first["driver_s"] or {}).get("first_write_s"),
+            "resume_plan_s": result.get("resume_plan_s"),
+            "per_file_ms": first["per_file_ms"],
+            "unchanged_night_rows_per_s_per_core": round(
+                unchanged["rows_in"] / unchanged["wall_s"] / (os.cpu_count() or 1), 1)
+            if unchanged else None,
+        }
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--files", type=int, default=100_000, help="input shards")
+    parser.add_argument("--rows", type=int, default=10_000_000, help="rows in all")
+    parser.add_argument("--format", choices=("parquet", "jsonl"), default="parquet")
+    parser.add_argument("--model-dir", default=None,
+                        help="a model folder (default models/bench-scale-tiny, built once)")
+    parser.add_argument("--dims", default="64,32", help="output widths (the tiny model's)")
+    parser.add_argument("--no-resume", dest="resume", action="store_false",
+                        help="skip the resume of a run killed at 50%%")
+    parser.add_argument("--no-nightly", dest="nightly", action="store_false",
+                        help="skip the three nights")
+    parser.add_argument("--changed-percent", type=float, default=1.0,
+                        help="files changed before the last night")
+    parser.add_argument("--work-dir", default=None, help="where the corpus and outputs go "
+                                                         "(default: the system's temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the corpus and outputs")
+    parser.add_argument("--json", help="also write the result to this file")
+
+
+def main(args) -> None:
+    args.dims = parse_int_list(args.dims, "--dims") if isinstance(args.dims, str) else args.dims
+    if args.files < 1 or args.rows < args.files:
+        raise SystemExit("--files must be >= 1 and --rows >= --files")
+    emit(bench_scale(args), args.json)
