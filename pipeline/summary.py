@@ -12,8 +12,15 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from .chunking import OVER_MAX_CHUNKS
-from .io.storage import DOCUMENTS_DIR, REJECTS_DIR, is_side_file
+from .io.storage import DOCUMENTS_DIR, MANIFEST_DIR, REJECTS_DIR, is_side_file
 from .units import Totals
+
+# The output's full file lists, written at the end of every run (``_summary.json`` stays
+# small whatever the input: it holds the lists too only while they are short).
+FILES_NAME = f"{MANIFEST_DIR}/files.json"
+FILE_LISTS = ("output_files", "rejects_files", "documents_files")
+INLINE_FILES_MAX = 1000
+INLINE_FILES_BYTES = 256 << 10
 
 
 def totals(units: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -68,6 +75,7 @@ def build(*, committed: dict[str, dict[str, Any]], resumed: Iterable[str],
         problems.append(f"rows_in {rows_in} != rows_embedded + rows_rejected")
     window = now["encode_last_end"] - now["encode_first_start"]
     base = str(config["output"]).rstrip("/")  # manifests name files relative to the output
+    lists = file_lists(every["files"], base, config)
     return {
         "rows_in": rows_in,
         "rows_embedded": rows_embedded,
@@ -102,10 +110,10 @@ def build(*, committed: dict[str, dict[str, Any]], resumed: Iterable[str],
         "encoder_tokens_per_busy_s": round(now["tokens"] / now["encode_s"], 1)
         if now["encode_s"] > 0 else 0.0,
         "input_files": input_files,
-        "output_files": [f"{base}/{f}" for f in every["files"] if not is_side_file(f)],
-        "rejects_files": [f"{base}/{f}" for f in every["files"]
-                          if f.startswith(REJECTS_DIR + "/")],
-        **_chunk_fields(config, every, base),
+        "files": {k.removesuffix("_files"): len(v) for k, v in lists.items()}
+        | {"list": f"{base}/{FILES_NAME}"},
+        **(lists if inline(lists) else {}),
+        **_chunk_fields(config, every),
         "output_bytes": every["bytes"],
         "model": model,
         "widths": list(config["dims"]),
@@ -113,7 +121,26 @@ def build(*, committed: dict[str, dict[str, Any]], resumed: Iterable[str],
     }
 
 
-def _chunk_fields(config: dict[str, Any], every: dict[str, Any], base: str) -> dict[str, Any]:
+def file_lists(files: Iterable[str], base: str, config: dict[str, Any]) -> dict[str, list[str]]:
+    """The output's files by kind, full names under ``base`` (the output as configured):
+    the document written to :data:`FILES_NAME` (``documents_files`` with ``--long-text
+    chunk`` only)."""
+    files = sorted(files)
+    lists = {"output_files": [f"{base}/{f}" for f in files if not is_side_file(f)],
+             "rejects_files": [f"{base}/{f}" for f in files if f.startswith(REJECTS_DIR + "/")]}
+    if config.get("long_text") == "chunk":
+        lists["documents_files"] = [f"{base}/{f}" for f in files
+                                    if f.startswith(DOCUMENTS_DIR + "/")]
+    return lists
+
+
+def inline(lists: dict[str, list[str]]) -> bool:
+    """Whether the file lists are short enough to be repeated in ``_summary.json``."""
+    names = [f for v in lists.values() for f in v]
+    return len(names) <= INLINE_FILES_MAX and sum(len(f) + 4 for f in names) <= INLINE_FILES_BYTES
+
+
+def _chunk_fields(config: dict[str, Any], every: dict[str, Any]) -> dict[str, Any]:
     """With ``--long-text chunk``: the chunks of the embedded documents (rows stay documents:
     ``rows_embedded`` counts documents, ``chunks`` the output's rows)."""
     if config.get("long_text") != "chunk":
@@ -122,9 +149,7 @@ def _chunk_fields(config: dict[str, Any], every: dict[str, Any], base: str) -> d
     return {"chunks": every["chunks"], "chunks_per_doc_max": every["chunks_max"],
             "chunks_per_doc_mean": round(every["chunks"] / docs, 4) if docs else 0.0,
             "docs_chunked": every["docs_chunked"], "overlap_tokens": every["overlap_tokens"],
-            "docs_over_max_chunks": every["reject_reasons"].get(OVER_MAX_CHUNKS, 0),
-            "documents_files": [f"{base}/{f}" for f in every["files"]
-                                if f.startswith(DOCUMENTS_DIR + "/")]}
+            "docs_over_max_chunks": every["reject_reasons"].get(OVER_MAX_CHUNKS, 0)}
 
 
 def model_fields(plan) -> dict[str, Any]:
@@ -152,7 +177,7 @@ def report(result: dict[str, Any], config, command: str = "run",
              f"{result['rows_rejected']:,} rejected ({result['reject_fraction']:.1%})"]
     if "chunks" in result:
         documents = f"; document vectors: {where}/_documents/" \
-            if result.get("documents_files") else ""
+            if result.get("files", {}).get("documents") else ""
         lines.append(f"chunks: {result['chunks']:,} rows ({result['docs_chunked']:,} document(s) "
                      f"over {config.chunk_tokens} tokens cut in several; "
                      f"{result['chunks_per_doc_mean']:,.2f} per document, at most "

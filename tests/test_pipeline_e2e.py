@@ -110,6 +110,12 @@ def test_parquet_shards_on_s3(local_ray, s3_endpoint, s3_bucket, tiny_model_dir,
     # write unless a unit has fewer: not one file per 64-row block.
     assert 3 <= len(summary["output_files"]) <= 4
     assert summary["units"] == {"total": 4, "committed": 4, "resumed": 0, "committed_now": 4}
+    # The full lists, for outputs whose summary cannot hold them, name the same files.
+    base = out.rstrip("/")
+    listed = json.loads(s3(s3_endpoint).cat(base.removeprefix("s3://") + "/_manifest/files.json"))
+    assert summary["files"] == {"output": len(summary["output_files"]), "rejects": 0,
+                                "list": f"{base}/_manifest/files.json"}
+    assert listed == {"output_files": summary["output_files"], "rejects_files": []}
 
 
 def test_gzip_jsonl_with_bad_rows(local_ray, s3_endpoint, s3_bucket, tiny_model_dir, embedder):

@@ -141,6 +141,34 @@ def test_build_names_files_under_the_configured_output(output, prefix):
     assert doc["rejects_files"] == [f"{prefix}/_rejects/part-a2.parquet"]
 
 
+def test_build_counts_files_and_names_the_full_list():
+    doc = build([A, B, EMPTY])
+    assert doc["files"] == {"output": 2, "rejects": 1, "list": f"{OUT}/_manifest/files.json"}
+    lists = summary.file_lists(A["files"] + B["files"], OUT, {"long_text": "chunk"})
+    assert lists == {"output_files": [f"{OUT}/part-a1.parquet", f"{OUT}/part-b1.parquet"],
+                     "rejects_files": [f"{OUT}/_rejects/part-a2.parquet"],
+                     "documents_files": []}
+
+
+def test_summary_stays_small_whatever_the_input():
+    # 20,000 units of two files each (long names): the lists leave the summary, counts stay.
+    many = [unit(f"s3://lake/year=2026/month=12/day=06/shard-{k:06d}.parquet", [0, 1, 2],
+                 files=[f"part-{k:016x}-{k:012x}.parquet",
+                        f"_rejects/part-{k:016x}-{k:012x}.parquet"]) for k in range(20_000)]
+    few = build(many[:500])
+    assert len(few["output_files"]) == 500 and len(few["rejects_files"]) == 500
+    doc = build(many)
+    assert "output_files" not in doc and "rejects_files" not in doc
+    assert doc["files"] == {"output": 20_000, "rejects": 20_000,
+                            "list": f"{OUT}/_manifest/files.json"}
+    assert len(json.dumps(doc, indent=1)) < 20_000  # bounded: no per-file field is left
+    # Just over the inline limits, by count and by bytes of names: out too.
+    assert "output_files" not in build(many[:summary.INLINE_FILES_MAX // 2 + 1])
+    long_names = [u | {"files": [f"{'d/' * 200}part-{k}.parquet"]} for k, u in
+                  enumerate(many[:summary.INLINE_FILES_BYTES // 400 + 1])]
+    assert "output_files" not in build(long_names)
+
+
 def test_build_unseen_non_empty_file():
     doc = build([A, B], unseen={"c.parquet": 3, "empty.jsonl": 0})
     assert doc["reconciled"] is False and doc["rows_in"] == 11

@@ -352,7 +352,8 @@ def _earlier_files(config: RunConfig, out: str) -> list[str]:
 def _summary(result: dict[str, Any], merged: list[dict[str, Any]]) -> dict[str, Any]:
     # The staging run's files are gone once merged (or moved to _chunks/): the output's
     # files are the enriched ones.
-    result = {k: v for k, v in result.items() if k != "documents_files"}
+    # (the staging run's file counts and lists went with it).
+    result = {k: v for k, v in result.items() if k not in ("documents_files", "files")}
     return result | {
         "output_files": [m["target"] for m in merged],
         "rows_out": sum(m["rows"] for m in merged),

@@ -219,6 +219,10 @@ def finish(config: RunConfig, setup: Setup, planned: Planned, executed: Executed
     done = units.OutputState(out_path, planned.identity, committed, own_files(fs, out_path),
                              is_local(fs))
     remove_files(config.output, units.stray_files(fs, done, committed), config.storage_options)
+    # The full file lists first: the summary (written last) names them.
+    base = str(config.output).rstrip("/")
+    publish_json(fs, f"{out_path.rstrip('/')}/{summary.FILES_NAME}", summary.file_lists(
+        (f for u in committed.values() for f in u["files"]), base, config.to_dict()))
     result = summary.build(
         committed=committed, resumed=planned.keep, open_units=list(tracker.open.values()),
         unseen_rows=unseen, wall_s=executed.wall_s, config=config.to_dict(),
