@@ -30,8 +30,9 @@ from typing import Any, Callable, Iterable, Mapping
 import pyarrow as pa
 
 from .io.readers import JSON_TEXT
-from .io.storage import (MANIFEST_DIR, SUMMARY_NAME, InputFile, OutputError, is_local,
-                         publish_json, relative, storage_errors, to_uri, unit_key)
+from .io.storage import (CHECKSUM_MOD, MANIFEST_DIR, SUMMARY_NAME, InputFile, OutputError,
+                         group_version, is_local, publish_json, relative, storage_errors, to_uri,
+                         unit_key)
 
 log = logging.getLogger("pipeline.units")
 
@@ -93,6 +94,67 @@ def load_state(fs, path: str, files: list[str]) -> OutputState:
         units[manifest["unit"]] = manifest
     state.identity, state.units = identity, units
     return state
+
+
+# Small files are grouped into units of several once the input has many: the per-unit costs
+# (a manifest, part files, a write record, the driver's bookkeeping) are then paid per group,
+# not per tiny file. A listing of n small files gets n // GROUPED_UNITS files a unit (so at
+# least GROUPED_UNITS units, read in parallel), at most GROUP_FILES files and GROUP_BYTES
+# (or --unit-bytes) a unit; an input of fewer than 2 * GROUPED_UNITS files keeps one unit
+# per file (the finest resume).
+GROUPED_UNITS = 64
+GROUP_FILES = 256
+GROUP_BYTES = 64 << 20
+
+
+def group_units(files: list[InputFile], unit_bytes: int,
+                committed: Mapping[str, Mapping[str, Any]] = {}) -> list[InputFile]:
+    """The run's units from the listed ``files`` (sorted; large Parquet files already split
+    into row-group slices): runs of consecutive small files become one unit each, of
+    ``len(files) // GROUPED_UNITS`` files, at most :data:`GROUP_FILES` files and
+    ``min(unit_bytes, GROUP_BYTES)`` bytes.
+
+    ``committed`` (an earlier run's manifests at the output) wins over the grouping: a unit
+    it holds is planned again with the same files when they are all still listed (a file
+    changed since is then found by :func:`resumable_units` and the unit embedded again),
+    and a file committed alone stays alone. So a resume plans the units it keeps whatever was
+    added to the input since, and the rest is grouped afresh (its earlier files are strays).
+    """
+    by_uri = {f.uri: f for f in files if f.row_groups is None}
+    claimed, out = set(), []
+    for manifest in committed.values():
+        members = manifest.get("members") or []
+        if members and all(u in by_uri for u in members) and not claimed & set(members):
+            out.append(_group([by_uri[u] for u in members]))
+            claimed.update(members)
+    limit = min(unit_bytes, GROUP_BYTES)
+    per_unit = min(GROUP_FILES, max(1, len(files) // GROUPED_UNITS))
+    run: list[InputFile] = []
+    size = 0
+    for f in files:
+        if f.uri in claimed and f.row_groups is None:
+            continue
+        alone = f.row_groups is not None or f.size >= limit or unit_key(f.unit) in committed
+        if run and (alone or len(run) >= per_unit or size + f.size > limit):
+            out.append(_group(run))
+            run, size = [], 0
+        if alone:
+            out.append(f)
+        else:
+            run.append(f)
+            size += f.size
+    if run:
+        out.append(_group(run))
+    return out
+
+
+def _group(files: list[InputFile]) -> InputFile:
+    """One unit of ``files`` (a single file stays itself)."""
+    if len(files) == 1:
+        return files[0]
+    first = files[0]
+    return InputFile(first.uri, sum(f.size for f in files), first.format, None,
+                     version=group_version(files), members=tuple(files))
 
 
 def resumable_units(state: OutputState, identity: dict[str, Any],
@@ -276,9 +338,10 @@ def merge(into: dict[str, Any] | None, record: dict[str, Any]) -> dict[str, Any]
 
 
 def complete(unit: dict[str, Any]) -> bool:
-    """All of the file's rows are out: their count and the sum of their numbers match."""
+    """All of the file's rows are out: their count and the sum of their numbers match (for
+    a unit of several files: the checksum of their files and numbers, summed per write)."""
     return unit["file_rows"] >= 0 and unit["rows"] == unit["file_rows"] \
-        and unit["row_sum"] == unit["file_rowsum"]
+        and unit["row_sum"] % CHECKSUM_MOD == unit["file_rowsum"] % CHECKSUM_MOD
 
 
 class Tracker:
@@ -315,9 +378,10 @@ class Tracker:
         return self._finish(key)
 
     def _finish(self, key: str) -> dict[str, Any]:
-        unit = self.open.pop(key)
-        unit |= {"size": self.files[key].size, "version": self.files[key].version,
-                 "committed_at": time.time()}
+        unit, f = self.open.pop(key), self.files[key]
+        unit |= {"size": f.size, "version": f.version, "committed_at": time.time()}
+        if f.members:  # what a resume needs to plan the same unit again
+            unit["members"] = [m.uri for m in f.members]
         self._commit(unit)
         self.committed[key] = unit
         return unit

@@ -240,10 +240,14 @@ def rejects_by_row(out: Path) -> dict[tuple[str, int], str]:
 
 
 def test_adversarial_jsonl_corpus_reconciles_with_the_right_reasons(cluster, tmp_path,
-                                                                     tiny_model_dir):
+                                                                     tiny_model_dir, monkeypatch):
     import gzip
 
     from pipeline.cli import main
+
+    # The files as one unit (as small files of a large input are grouped): each file's rows
+    # keep their own names, numbers and duplicate rule; the unit commits once all are out.
+    monkeypatch.setattr("pipeline.units.GROUPED_UNITS", 1)
 
     src = tmp_path / "in"
     src.mkdir()
@@ -313,11 +317,18 @@ def test_adversarial_jsonl_corpus_reconciles_with_the_right_reasons(cluster, tmp
     assert summary["rows_embedded"] + summary["rows_rejected"] == summary["rows_in"]
     assert summary["reconciled"] and summary["texts_truncated"] == 1
     assert summary["reject_reasons"]["text is empty or whitespace only"] == 3
-    assert summary["units"]["committed"] == 4  # the zero-byte shard included
+    assert summary["units"] == {"total": 1, "committed": 1, "resumed": 0, "committed_now": 1}
+    assert summary["input_files"] == 4  # the zero-byte shard included
+    (manifest,) = (out / "_manifest").glob("unit-*.json")
+    assert [Path(u).name for u in json.loads(manifest.read_text())["members"]] == \
+        ["a.jsonl", "b.jsonl", "c.jsonl", "d.jsonl.gz"]
 
 
-def test_adversarial_parquet_shards_with_different_schemas(cluster, tmp_path, tiny_model_dir):
+def test_adversarial_parquet_shards_with_different_schemas(cluster, tmp_path, tiny_model_dir,
+                                                           monkeypatch):
     from pipeline.cli import main
+
+    monkeypatch.setattr("pipeline.units.GROUPED_UNITS", 3)  # units of 2 files (7 // 3)
 
     src = tmp_path / "in"
     src.mkdir()
@@ -352,7 +363,9 @@ def test_adversarial_parquet_shards_with_different_schemas(cluster, tmp_path, ti
     assert len(rejects) == 5
     assert summary["rows_in"] == 2 + 2 + 2 + 2 + 1 + 0 + 3 == 12
     assert summary["rows_embedded"] == 7 and summary["rows_rejected"] == 5
-    assert summary["reconciled"] and summary["units"]["committed"] == 7
+    assert summary["reconciled"] and summary["units"]["committed"] == 4
+    assert summary["input_files"] == 7
+    assert summary["files"]["output"] == len(list(out.glob("part-*.parquet"))) >= 3
 
 
 def test_a_large_parquet_file_is_split_into_units_that_resume_apart(cluster, tmp_path,

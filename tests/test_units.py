@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -771,3 +772,120 @@ def test_load_state_on_s3(s3_bucket):  # noqa: F811 - pytest fixture
     fs.rm_file(f"{path}/{part[B]}")  # a committed unit's part gone from the store
     st = load_state(fs, path, prepare_output(uri))
     assert incomplete_units(st, resumable_units(st, IDENT, INPUTS, uri)) == [unit_key(B)]
+
+
+# ---------------------------------------------------------------------------------------------
+# units of several small files
+
+
+def listing(n: int, size: int = 10, prefix: str = "s3://in/f") -> list[InputFile]:
+    return [InputFile(f"{prefix}{k:04d}.jsonl", size, "jsonl", None, version=f"v{k}")
+            for k in range(n)]
+
+
+def name(f: InputFile) -> str:
+    return f.uri.rsplit("/", 1)[1]
+
+
+def test_group_units_groups_runs_of_small_files(monkeypatch):
+    import pipeline.units as U
+
+    monkeypatch.setattr(U, "GROUPED_UNITS", 1)  # as many files a unit as the caps allow
+    monkeypatch.setattr(U, "GROUP_FILES", 4)
+    files = listing(10)
+    big = InputFile("s3://in/f0005b.parquet", 1000, "parquet", None)
+    sliced = [InputFile("s3://in/f0007b.parquet", 500, "parquet", None, row_groups=(0, 2)),
+              InputFile("s3://in/f0007b.parquet", 500, "parquet", None, row_groups=(2, 4))]
+    listed = sorted(files + [big] + sliced, key=lambda f: f.uri)
+    got = U.group_units(listed, unit_bytes=1000)
+    # Runs of at most 4 files (and < 1000 bytes); a large file and slices stay alone.
+    assert [[name(m) for m in u.files] for u in got] == [
+        ["f0000.jsonl", "f0001.jsonl", "f0002.jsonl", "f0003.jsonl"],
+        ["f0004.jsonl", "f0005.jsonl"], ["f0005b.parquet"],
+        ["f0006.jsonl", "f0007.jsonl"], ["f0007b.parquet"], ["f0007b.parquet"],
+        ["f0008.jsonl", "f0009.jsonl"]]
+    first = got[0]
+    assert first.uri == files[0].uri and first.size == 40 and first.unit.endswith("#files[4]")
+    assert first.version.startswith("files:") and first.members == tuple(files[:4])
+    assert U.group_units(listed, unit_bytes=1000) == got  # the same listing, the same units
+    # Bytes bound a group too (--unit-bytes 25: two files of 10).
+    assert [len(u.files) for u in U.group_units(files[:5], unit_bytes=25)] == [2, 2, 1]
+    assert U.group_units(files[:1], unit_bytes=1000) == files[:1]  # one file: itself
+    # Few files: one unit each; many: len // GROUPED_UNITS files a unit.
+    monkeypatch.setattr(U, "GROUPED_UNITS", 3)
+    assert U.group_units(files[:5], unit_bytes=1000) == files[:5]
+    assert [len(u.files) for u in U.group_units(files, unit_bytes=1000)] == [3, 3, 3, 1]
+
+
+def test_group_units_plans_committed_units_again(monkeypatch):
+    import pipeline.units as U
+
+    monkeypatch.setattr(U, "GROUPED_UNITS", 2)
+    files = listing(6)
+    first = U.group_units(files, 1000)  # [0 1 2] [3 4 5]
+    committed = Commits()
+    tracker = Tracker(first, committed)
+    tracker.finish_empty(unit_key(first[1].unit), 0)
+    (manifest_1,) = committed
+    assert manifest_1["members"] == [f.uri for f in files[3:]]
+    assert manifest_1["version"] == first[1].version
+    # A file added since (between 3 and 4) and one committed alone by an earlier version:
+    # the committed unit is planned as it was, the rest grouped afresh.
+    added = InputFile("s3://in/f0003a.jsonl", 10, "jsonl", None)
+    alone = manifest(files[0].uri)
+    now = sorted(files + [added], key=lambda f: f.uri)
+    state_units = {manifest_1["unit"]: manifest_1, alone["unit"]: alone}
+    got = U.group_units(now, 1000, state_units)
+    assert got[0] == first[1]
+    assert [[name(m) for m in u.files] for u in got[1:]] == [
+        ["f0000.jsonl"], ["f0001.jsonl", "f0002.jsonl", "f0003a.jsonl"]]
+    keep = resumable_units(state(manifests=[manifest_1]), IDENT, got, "s3://o/")
+    assert list(keep) == [manifest_1["unit"]]
+    # A member changed: the same unit, embedded again; a member gone: refused as before.
+    changed = [InputFile(f.uri, f.size, f.format, None, version="new") if f.uri == files[4].uri
+               else f for f in now]
+    assert resumable_units(state(manifests=[manifest_1]), IDENT,
+                           U.group_units(changed, 1000, state_units), "s3://o/") == {}
+    gone = [f for f in now if f.uri != files[4].uri]
+    with pytest.raises(OutputError, match=r"not in the input now \(e\.g\. s3://in/f0003\.jsonl"
+                                          r"#files\[3\]\)"):
+        resumable_units(state(manifests=[manifest_1]), IDENT,
+                        U.group_units(gone, 1000, state_units), "s3://o/")
+
+
+def test_a_unit_of_several_files_commits_once_every_row_is_out(tmp_path, monkeypatch):
+    from pipeline.io.readers import read_unit
+    from pipeline.units import group_units
+
+    monkeypatch.setattr("pipeline.units.GROUPED_UNITS", 1)
+    for k, n in enumerate([3, 0, 5, 2]):  # an empty file among them
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / f"f{k}.jsonl").write_text(
+            "".join(json.dumps({"id": 10 * k + i, "text": f"t{i}"}) + "\n" for i in range(n)))
+    from pipeline.io.storage import list_inputs
+
+    (unit,) = group_units(list_inputs(str(tmp_path / "in")), 1 << 20)
+    spec = ReadSpec("id", "text", id_type=pa.int64(), block_rows=4)
+    blocks = list(read_unit(unit, spec))
+    # Gathered across files into blocks of >= 4 rows; the totals on the last block only.
+    assert [b.num_rows for b in blocks] == [7, 3]  # f2 reads as 4 + 1
+    assert blocks[0][S.FILE_ROWS].null_count == 7 and blocks[1][S.FILE_ROWS][0].as_py() == 10
+    assert set(pa.concat_tables(blocks)[S.UNIT].to_pylist()) == {unit.unit}
+    fs, out = open_filesystem(str(tmp_path / "out"))
+    records = [r for b in blocks for r in write_outputs(fs, out, fake_encode(b), SPEC)]
+    commits = Commits()
+    tracker = Tracker([unit], commits)
+    assert tracker.add(records[1]) is None and tracker.add(records[0]) == commits[0]
+    assert commits[0]["rows"] == 10 and len(commits[0]["members"]) == 4
+    # Rows 0-1 of f0 written twice and rows 0-1 of f2 lost: same count, same row numbers;
+    # the per-file checksum still tells.
+    swapped = pa.concat_tables(blocks)
+    f0, f2 = (str(tmp_path / "in" / n) for n in ("f0.jsonl", "f2.jsonl"))
+    lost = pc.and_(pc.equal(swapped[S.SOURCE], f2), pc.less(swapped[S.ROW], 3))
+    twice = swapped.filter(pc.and_(pc.equal(swapped[S.SOURCE], f0), pc.less(swapped[S.ROW], 3)))
+    bad = pa.concat_tables([swapped.filter(pc.invert(lost)), twice])
+    assert bad.num_rows == 10 and pc.sum(bad[S.ROW]) == pc.sum(swapped[S.ROW])
+    tracker = Tracker([unit], Commits())
+    for r in write_outputs(fs, out, fake_encode(bad), SPEC):
+        assert tracker.add(r) is None
+    assert list(tracker.open) == [unit_key(unit.unit)]

@@ -23,8 +23,8 @@ from ray.data.block import Block, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from ..io import schema as S
-from ..io.readers import ReadSpec, open_decompressed, read_jsonl, read_parquet
-from ..io.storage import InputFile, open_filesystem, storage_errors
+from ..io.readers import ReadSpec, read_unit
+from ..io.storage import InputFile, open_filesystem
 from ..io.writers import OutputSpec, write_outputs
 from ..plan import RunPlan
 from ..stages.diff import (Diff, diff_bucket, hash_rows, read_previous, read_previous_documents,
@@ -55,7 +55,7 @@ class ShardDatasource(Datasource):
                        data_context=None) -> list[ReadTask]:
         return [ReadTask(functools.partial(read_files, group, self._format, self._spec,
                                            self._storage_options),
-                         _metadata([(f.uri, f.size) for f in group]))
+                         _metadata([(m.uri, m.size) for f in group for m in f.files]))
                 for group in deal(self._files, parallelism, lambda f: f.size)]
 
 
@@ -74,20 +74,9 @@ def _metadata(files: list[tuple[str, int]]) -> BlockMetadata:
 
 def read_files(files: list[InputFile], fmt: str, spec: ReadSpec,
                storage_options: dict[str, Any]) -> Iterator[Block]:
-    """Blocks of the given shards, one file after another (a zero-byte file holds no rows)."""
+    """Blocks of the given units, one after another (``fmt``: every file's, as listed)."""
     for file in files:
-        if not file.size:
-            continue
-        fs, path = open_filesystem(file.uri, storage_options)
-        with storage_errors(file.uri, "read"):
-            raw = fs.open(path, "rb")
-        with raw:
-            if fmt == "parquet":
-                blocks = read_parquet(raw, file.uri, spec, file.row_groups)
-            else:
-                blocks = read_jsonl(open_decompressed(raw, file.compression), file.uri, spec)
-            for block in blocks:
-                yield block.append_column(S.UNIT, pa.array([file.unit] * block.num_rows))
+        yield from read_unit(file, spec, storage_options)
 
 
 # Nights comparing fewer bytes than this (today's units to do and the previous snapshot's

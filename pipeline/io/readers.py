@@ -16,11 +16,13 @@ import os
 from typing import Any, BinaryIO, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import schema as S
 from .errors import StorageError
-from .storage import InputFile, open_filesystem, storage_errors
+from .storage import (CHECKSUM_MOD, InputFile, file_rows_checksum, open_filesystem,
+                      storage_errors)
 
 READ_CHUNK_BYTES = 4 << 20
 COMPRESSED_READ_BYTES = 64 << 10
@@ -472,8 +474,82 @@ def _with_origin(columns: dict, source: str, rows: pa.Array, rejects, excerpts,
     return pa.table(columns)
 
 
+def read_file(file: InputFile, spec: ReadSpec,
+              storage_options: dict[str, Any] | None = None) -> Iterator[pa.Table]:
+    """Tables of one shard (or row-group slice) in the pipeline's row layout; a zero-byte
+    file holds no rows."""
+    if not file.size:
+        return
+    fs, path = open_filesystem(file.uri, storage_options)
+    with storage_errors(file.uri, "read"):
+        raw = fs.open(path, "rb")
+    with raw:
+        if file.format == "parquet":
+            yield from read_parquet(raw, file.uri, spec, file.row_groups)
+        else:
+            yield from read_jsonl(open_decompressed(raw, file.compression), file.uri, spec)
+
+
+def read_unit(unit: InputFile, spec: ReadSpec,
+              storage_options: dict[str, Any] | None = None) -> Iterator[pa.Table]:
+    """Tables of one unit of work, each with the unit's name in ``__unit``.
+
+    A unit of several small files (:attr:`InputFile.members`) is read file after file, its
+    rows gathered into tables of about ``spec.block_rows`` (not one small table per file),
+    with the rows' own files and row numbers; its last table carries the unit's row count
+    in ``__file_rows`` and the checksum of its rows (:func:`file_rows_checksum`, summed over
+    its files) in ``__file_rowsum``, null before it, so that the driver commits the unit once
+    all of its files' rows came out, each once.
+    """
+    tables = read_file(unit, spec, storage_options) if not unit.members \
+        else _read_members(unit, spec, storage_options)
+    for table in tables:
+        yield table.append_column(S.UNIT, pa.array([unit.unit] * table.num_rows, pa.string()))
+
+
+def _read_members(unit: InputFile, spec: ReadSpec,
+                  storage_options: dict[str, Any] | None) -> Iterator[pa.Table]:
+    gathered, rows, pending = [], 0, None
+    total = checksum = 0
+    for member in unit.members:
+        file_rows = file_rowsum = 0
+        for table in read_file(member, spec, storage_options):
+            file_rows = max(file_rows, pc.max(table[S.FILE_ROWS]).as_py() or 0)
+            file_rowsum = max(file_rowsum, pc.max(table[S.FILE_ROWSUM]).as_py() or 0)
+            gathered.append(_without_totals(table))
+            rows += table.num_rows
+            if rows >= spec.block_rows:
+                if pending is not None:
+                    yield pending
+                pending, gathered, rows = pa.concat_tables(gathered), [], 0
+        total += file_rows
+        checksum = (checksum + file_rows_checksum(member.uri, file_rows, file_rowsum)) \
+            % CHECKSUM_MOD
+    if gathered:
+        if pending is not None:
+            yield pending
+        pending = pa.concat_tables(gathered)
+    if pending is not None:
+        n = pending.num_rows
+        yield pending.set_column(pending.schema.get_field_index(S.FILE_ROWS), S.FILE_ROWS,
+                                 pa.array([total] * n, pa.int64())) \
+            .set_column(pending.schema.get_field_index(S.FILE_ROWSUM), S.FILE_ROWSUM,
+                        pa.array([checksum] * n, pa.int64()))
+
+
+def _without_totals(table: pa.Table) -> pa.Table:
+    n = table.num_rows
+    for column in (S.FILE_ROWS, S.FILE_ROWSUM):
+        table = table.set_column(table.schema.get_field_index(column), column,
+                                 pa.nulls(n, pa.int64()))
+    return table
+
+
 def count_rows(file: InputFile, storage_options: dict[str, Any] | None = None) -> int:
-    """Rows of a shard: its Parquet footer's count, or its non-blank JSONL lines."""
+    """Rows of a shard: its Parquet footer's count, or its non-blank JSONL lines (a unit of
+    several files: theirs, summed)."""
+    if file.members:
+        return sum(count_rows(m, storage_options) for m in file.members)
     fs, path = open_filesystem(file.uri, storage_options)
     with storage_errors(file.uri, "read"), fs.open(path, "rb") as f:
         if file.format == "parquet" and file.row_groups:

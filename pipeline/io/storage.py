@@ -16,7 +16,7 @@ import os
 import posixpath
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -54,14 +54,51 @@ class InputFile:
     # What the store says identifies this content (S3 ETag, GCS generation, local mtime):
     # a resume embeds again a unit whose file changed, even if its size did not.
     version: str | None = None
+    # A unit of several small files (``pipeline/units.group_units``): they, in order; then
+    # ``uri`` is the first one's, ``size`` their sum and ``version`` a digest of theirs.
+    members: tuple["InputFile", ...] = ()
 
     @property
     def unit(self) -> str:
-        """The unit of work this is: the file's URI, with the row-group slice if it is one."""
+        """The unit of work this is: the file's URI, with the row-group slice if it is one,
+        or the first file's URI and the count for a unit of several files."""
+        if self.members:
+            return f"{self.uri}{GROUP_MARK}{len(self.members)}]"
         if self.row_groups is None:
             return self.uri
         start, stop = self.row_groups
         return f"{self.uri}#row-groups[{start}:{stop}]"
+
+    @property
+    def files(self) -> tuple["InputFile", ...]:
+        """The input files this unit reads: its members, or itself."""
+        return self.members or (self,)
+
+
+GROUP_MARK = "#files["  # in the name of a unit of several files
+
+
+def is_group(unit: str) -> bool:
+    """Whether a unit's name (:attr:`InputFile.unit`) is that of a unit of several files."""
+    return GROUP_MARK in unit
+
+
+# The row check of a unit of several files: row numbers restart in each file, so their plain
+# sum cannot tell a row of one file written twice from the same row of another lost. Each
+# file's rows count with a weight of its own (from its URI), modulo a Mersenne prime.
+CHECKSUM_MOD = (1 << 61) - 1
+
+
+def file_rows_checksum(uri: str, rows: int, row_sum: int) -> int:
+    """The checksum of ``rows`` rows of ``uri`` whose row numbers add up to ``row_sum``."""
+    weight = int(hashlib.sha256(uri.encode("utf-8")).hexdigest()[:8], 16) | 1
+    return weight * (row_sum + rows) % CHECKSUM_MOD
+
+
+def group_version(members: Iterable[InputFile]) -> str:
+    """A unit of several files' version: a digest of its files' URIs, sizes and versions."""
+    text = "\n".join(f"{m.uri}\t{m.size}\t{m.version}" for m in members)
+    return "files:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
 def unit_key(uri: str) -> str:

@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 from ..chunking import LongText
 from ..config import embedding_column
 from . import schema as S
-from .storage import DOCUMENTS_DIR, REJECTS_DIR, open_for_publish, storage_errors, to_uri, unit_key
+from .storage import (CHECKSUM_MOD, DOCUMENTS_DIR, REJECTS_DIR, file_rows_checksum, is_group,
+                      open_for_publish, storage_errors, to_uri, unit_key)
 
 ROW_GROUP_ROWS = 8192
 # Output files of about this many bytes of embeddings (no swarm of tiny files, none too big
@@ -195,6 +196,15 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
+def rows_checksum(table: pa.Table) -> int:
+    """The checksum of a unit of several files' rows in ``table`` (each row known by its
+    file and row number), as the reader computes it for the whole unit."""
+    sums = table.group_by(S.SOURCE).aggregate([(S.ROW, "sum"), (S.ROW, "count")])
+    return sum(file_rows_checksum(uri, n, s) for uri, s, n in zip(
+        sums[S.SOURCE].to_pylist(), sums[f"{S.ROW}_sum"].to_pylist(),
+        sums[f"{S.ROW}_count"].to_pylist())) % CHECKSUM_MOD
+
+
 def part_name(unit: str) -> str:
     """A fresh name for a file of one unit's rows (``part-*.parquet`` is the output's glob)."""
     return f"part-{unit}-{uuid.uuid4().hex[:12]}.parquet"
@@ -219,6 +229,8 @@ def write_outputs(fs, output_path: str, table: pa.Table, spec: OutputSpec) -> li
     for source in pc.unique(units).to_pylist():
         part = table.filter(pc.equal(units, source))
         embedded, rejects, stats = split_rows(part, spec)
+        if is_group(source):  # several files' rows: their checksum, not the plain sum
+            stats["row_sum"] = rows_checksum(part)
         unit = unit_key(source)
         files, size = [], 0  # names relative to the output, whatever spelling it is given
         # One file per unit, or several when chunks made its rows many (a write batch

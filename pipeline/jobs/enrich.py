@@ -64,7 +64,7 @@ def staging_spec(files: list[InputFile] | None = None) -> JobSpec:
         identity={"enrich": True},
         output=lambda spec: dataclasses.replace(spec, keep_columns=(),
                                                 extra_columns=((ROW_COLUMN, S.ROW),)),
-        input_files=None if files is None else tuple(files),
+        input_files=None if files is None else tuple(files), group_files=False,
     )
 
 

@@ -67,6 +67,9 @@ class JobSpec:
     summarize: Callable[[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]],
                         dict[str, Any]] = lambda result, committed, facts: result
     input_files: tuple[InputFile, ...] | None = None  # listed by the job (Iceberg), else None
+    # Small files grouped into units of several (units.group_units); off where each input
+    # file must be a unit of its own (the enrichment writes one output file per input file).
+    group_files: bool = True
 
 
 RUN = JobSpec()
@@ -134,8 +137,13 @@ def resume_state(config: RunConfig, spec: JobSpec) -> Setup:
     model = load_model_info(config)
     fs, out_path = open_filesystem(config.output, config.storage_options)
     state = units.load_state(fs, out_path, previous)
-    log.info("inputs: %d %s file(s); model %s (%s)", len(inputs.files),
-             inputs.files[0].format if inputs.files else "?", model.model_id, model.fingerprint)
+    if spec.group_files:
+        inputs = dataclasses.replace(inputs, files=units.group_units(
+            inputs.files, config.unit_bytes, {} if config.overwrite else state.units))
+    log.info("inputs: %d %s file(s) in %d unit(s); model %s (%s)",
+             sum(len(f.files) for f in inputs.files),
+             inputs.files[0].format if inputs.files else "?", len(inputs.files),
+             model.model_id, model.fingerprint)
     if not config.overwrite:
         units.resumable_units(state, units.run_identity(config, None, model, inputs),
                               inputs.files, config.output, unknown=("dtype",))
@@ -227,7 +235,7 @@ def finish(config: RunConfig, setup: Setup, planned: Planned, executed: Executed
         committed=committed, resumed=planned.keep, open_units=list(tracker.open.values()),
         unseen_rows=unseen, wall_s=executed.wall_s, config=config.to_dict(),
         model=setup.model.describe() | summary.model_fields(planned.plan),
-        input_files=len({f.uri for f in setup.inputs.files}),
+        input_files=len({m.uri for f in setup.inputs.files for m in f.files}),
         units_total=len(setup.inputs.files),
     )
     result = spec.summarize(result, committed, executed.facts)
