@@ -591,3 +591,30 @@ def test_count_rows_empty_files(tmp_path):
     assert count_rows(input_file(write_bytes(tmp_path / "e.jsonl.gz", b"", "gzip"))) == 0
     zero = pa.table({"id": pa.array([], pa.int64()), "text": pa.array([], pa.string())})
     assert count_rows(input_file(write_parquet_file(tmp_path / "z.parquet", zero))) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# units of several small files: one filesystem a unit, nothing opened for zero-byte files
+
+
+def test_a_unit_of_several_files_opens_its_filesystem_once(tmp_path, monkeypatch):
+    import pipeline.io.readers as R
+    from pipeline.io.storage import InputFile, group_version
+
+    members = []
+    for k in range(3):
+        path = write_bytes(tmp_path / f"f{k}.jsonl", jsonl({"id": k, "text": f"t{k}"}))
+        members.append(input_file(path))
+    members.append(InputFile(str(tmp_path / "empty.jsonl"), 0, "jsonl", None))
+    unit = InputFile(members[0].uri, 30, "jsonl", None, version=group_version(members),
+                     members=tuple(members))
+    opened = []
+    real = R.open_filesystem
+    monkeypatch.setattr(R, "open_filesystem", lambda uri, *a, **k: opened.append(uri)
+                        or real(uri, *a, **k))
+    (table,) = R.read_unit(unit, ReadSpec("id", "text", id_type=pa.int64()))
+    assert table[S.ID].to_pylist() == [0, 1, 2] and opened == [unit.uri]
+    assert table[S.SOURCE].to_pylist() == [m.uri for m in members[:3]]
+    # Counting rows (a unit that produced none) opens no zero-byte file.
+    opened.clear()
+    assert R.count_rows(unit) == 3 and opened == [m.uri for m in members[:3]]

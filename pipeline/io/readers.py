@@ -474,13 +474,16 @@ def _with_origin(columns: dict, source: str, rows: pa.Array, rejects, excerpts,
     return pa.table(columns)
 
 
-def read_file(file: InputFile, spec: ReadSpec,
-              storage_options: dict[str, Any] | None = None) -> Iterator[pa.Table]:
+def read_file(file: InputFile, spec: ReadSpec, storage_options: dict[str, Any] | None = None,
+              fs=None) -> Iterator[pa.Table]:
     """Tables of one shard (or row-group slice) in the pipeline's row layout; a zero-byte
-    file holds no rows."""
+    file holds no rows. ``fs``: the file's filesystem, when the caller has it open."""
     if not file.size:
         return
-    fs, path = open_filesystem(file.uri, storage_options)
+    if fs is None:
+        fs, path = open_filesystem(file.uri, storage_options)
+    else:
+        path = fs._strip_protocol(file.uri)
     with storage_errors(file.uri, "read"):
         raw = fs.open(path, "rb")
     with raw:
@@ -511,9 +514,11 @@ def _read_members(unit: InputFile, spec: ReadSpec,
                   storage_options: dict[str, Any] | None) -> Iterator[pa.Table]:
     gathered, rows, pending = [], 0, None
     total = checksum = 0
+    # One filesystem for the unit's files (an S3 one is a client of its own: not one a file).
+    fs, _ = open_filesystem(unit.uri, storage_options)
     for member in unit.members:
         file_rows = file_rowsum = 0
-        for table in read_file(member, spec, storage_options):
+        for table in read_file(member, spec, storage_options, fs):
             file_rows = max(file_rows, pc.max(table[S.FILE_ROWS]).as_py() or 0)
             file_rowsum = max(file_rowsum, pc.max(table[S.FILE_ROWSUM]).as_py() or 0)
             gathered.append(_without_totals(table))
@@ -550,6 +555,8 @@ def count_rows(file: InputFile, storage_options: dict[str, Any] | None = None) -
     several files: theirs, summed)."""
     if file.members:
         return sum(count_rows(m, storage_options) for m in file.members)
+    if not file.size:
+        return 0  # a zero-byte file: nothing to open
     fs, path = open_filesystem(file.uri, storage_options)
     with storage_errors(file.uri, "read"), fs.open(path, "rb") as f:
         if file.format == "parquet" and file.row_groups:

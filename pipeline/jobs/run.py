@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Mapping
 
 from .. import summary, units
@@ -38,6 +39,7 @@ log = logging.getLogger("pipeline")
 # The reject fraction is judged early only once this many rows came out; always at the end.
 EARLY_REJECT_CHECK_ROWS = 10_000
 PROGRESS_LOG_S = 30.0
+COUNT_THREADS = 16  # row counts of units that produced no row, read at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,11 +218,13 @@ def finish(config: RunConfig, setup: Setup, planned: Planned, executed: Executed
     (``driver``: the driver's phase times, for the summary's ``driver_s``)."""
     tracker = executed.tracker
     unseen = {}
-    for key in tracker.unseen():
-        f = tracker.files[key]
-        rows = count_rows(f, config.storage_options)
-        if tracker.finish_empty(key, rows) is None:
-            unseen[f.unit] = rows
+    keys = tracker.unseen()
+    # Many empty inputs must not cost one request after another (a footer or file read each).
+    with ThreadPoolExecutor(max_workers=COUNT_THREADS) as pool:
+        counts = pool.map(lambda k: count_rows(tracker.files[k], config.storage_options), keys)
+        for key, rows in zip(keys, counts):
+            if tracker.finish_empty(key, rows) is None:
+                unseen[tracker.files[key].unit] = rows
     committed = planned.keep | tracker.committed
     # Files of units left open, and of write attempts Ray retried, are not output.
     fs, out_path = setup.fs, setup.out_path
