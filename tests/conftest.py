@@ -43,16 +43,38 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_model_dir(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0)
 
 
+# The item pytest runs after the one being torn down (see pytest_runtest_teardown below), and
+# the modules with a test that uses the `cluster` fixture (found at collection).
+_NEXT: dict[str, pytest.Item | None] = {"item": None}
+_CLUSTER_MODULES: set[Path] = set()
+
+
+def _uses_cluster(item: pytest.Item | None) -> bool:
+    return item is not None and "cluster" in getattr(item, "fixturenames", ())
+
+
 @pytest.fixture(scope="module")
 def cluster(s3_endpoint) -> str:
-    """A local Ray cluster for one test module, started after the fake AWS credentials (its
-    workers inherit them); yields its address for drivers started as subprocesses."""
+    """A local Ray cluster, started after the fake AWS credentials (its workers inherit them);
+    yields its address for drivers started as subprocesses. One cluster serves consecutive
+    modules that use this fixture (collection puts them together): it is shut down after a
+    module's last test unless the next module uses it too, so every other module starts
+    with no Ray, as before (a cluster's start and first workers cost seconds on 2 cores)."""
     import ray
 
-    # address="local": a Ray of its own, even where another one runs on the machine.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():
+        # address="local": a Ray of its own, even where another one runs on the machine.
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    following = _NEXT["item"]
+    if following is None or following.path not in _CLUSTER_MODULES:
+        ray.shutdown()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    _NEXT["item"] = nextitem
+    yield
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +107,13 @@ SLOWEST_FIRST = ("test_nightly.py", "test_resume_faults.py", "test_ray_job.py",
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: SLOWEST_FIRST.index(item.path.name)
-               if item.path.name in SLOWEST_FIRST else len(SLOWEST_FIRST))
+    # The modules that share the `cluster` fixture's Ray first, then the others by the order
+    # above (a stable sort: each module's own order is kept).
+    shared = _CLUSTER_MODULES
+    shared |= {item.path for item in items if _uses_cluster(item)}
+    items.sort(key=lambda item: (item.path not in shared, SLOWEST_FIRST.index(item.path.name)
+                                 if item.path.name in SLOWEST_FIRST else len(SLOWEST_FIRST),
+                                 str(item.path) if item.path in shared else ""))
     unmarked = [item.nodeid for item in items if item.get_closest_marker("ray") is None
                 and set(RAY_FIXTURES) & set(getattr(item, "fixturenames", ()))]
     if unmarked:
