@@ -25,6 +25,7 @@ A document that fits is one chunk: the whole text, char_start 0, char_end ``len(
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Iterator
 
@@ -190,7 +191,7 @@ class Chunker:
                     break
                 e = shorter
             if b > a:
-                all_ids.append(np.asarray(ids, np.int32))
+                all_ids.append(np.fromiter(ids, np.int32, len(ids)))
                 lengths.append(len(ids))
                 starts.append(a)
                 ends.append(b)
@@ -332,7 +333,10 @@ def _segments(tokenizer: Tokenizer, text: str) -> Iterator[tuple[np.ndarray, ...
                 end = cut
         segment = text[pos:end]
         enc = tokenizer.encode(segment, add_special_tokens=False)
-        spans = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
+        # fromiter: ~10x faster than np.asarray on the list of (start, end) tuples.
+        offsets = enc.offsets
+        spans = np.fromiter(itertools.chain.from_iterable(offsets), np.int64,
+                            2 * len(offsets)).reshape(-1, 2)
         st, en = spans[:, 0], spans[:, 1]
         codes = np.frombuffer(segment.encode("utf-32-le"), np.uint32)
         breaks = np.concatenate(([0], np.cumsum(np.isin(codes, _BREAK_CODES))))
