@@ -5,9 +5,13 @@ runs the real ``run`` job over them with the tiny random-weight model (the encod
 is measured: the driver and the per-file cost are), on one local Ray started once:
 
 - the run: its wall per input file (``per_file_ms``), the driver's peak RSS, its CPU per
-  committed unit, the seconds from start to the first write record (listing, pre-flight,
-  planning, type settling, actors' start, the first rows through the stages: an upper bound
-  of the first row read), the size of ``_summary.json`` and of ``_manifest/``;
+  committed unit, the seconds from start until the graph can read (``first_row_s``: listing,
+  pre-flight, planning, type settling, the output's manifests; then Ray schedules the
+  reads) and until the first write record, the size of ``_summary.json`` and of
+  ``_manifest/``;
+- a baseline: the same rows in ``--baseline-files`` files, whose wall is the run's fixed
+  cost (Ray actors' start, model loading, encoding): ``per_file_ms_marginal`` is what each
+  further file costs, ``(wall - baseline wall) / (files - baseline files)``;
 - a resume of that run killed at 50% (half the unit manifests removed, their part files left
   as strays, as a kill leaves them): the seconds to plan it (pre-flight, the manifests read,
   kept units, strays deleted; no Ray), then the resumed run, and whether every id is in the
@@ -180,6 +184,12 @@ def bench_scale(args) -> dict:
                   "files": args.files, "rows": args.rows, "format": args.format,
                   "corpus_write_s": round(write_s, 1)}
         with ray_session(config):  # one local Ray for every run (actors start afresh)
+            if args.baseline_files:
+                few = tmp / "baseline"
+                write_corpus(few, args.baseline_files, args.rows, args.format)
+                result["baseline"] = measured_run(dataclasses.replace(
+                    config, input=str(few), output=str(tmp / "baseline-out")),
+                    args.baseline_files)
             first = measured_run(config, args.files)
             result["run"] = first
             if args.resume:
@@ -200,13 +210,19 @@ def bench_scale(args) -> dict:
                 result["nightly"]["changed_1pct"] = nightly_night(nights)
         _, rss = _usage()
         unchanged = result.get("nightly", {}).get("unchanged")
+        base = result.get("baseline")
+        driver = first["driver_s"] or {}
         return result | {
             "driver_peak_rss_bytes": rss,
             "summary_bytes": first["summary_bytes"],
             "manifest_bytes": first["manifest_bytes"],
-            "first_row_s": (first["driver_s"] or {}).get("first_write_s"),
+            "first_row_s": round(driver.get("preflight_s", 0) + driver.get("plan_s", 0), 3),
+            "first_write_s": driver.get("first_write_s"),
             "resume_plan_s": result.get("resume_plan_s"),
             "per_file_ms": first["per_file_ms"],
+            "per_file_ms_marginal": round(1000 * (first["wall_s"] - base["wall_s"])
+                                          / (args.files - args.baseline_files), 2)
+            if base and args.files > args.baseline_files else None,
             "unchanged_night_rows_per_s_per_core": round(
                 unchanged["rows_in"] / unchanged["wall_s"] / (os.cpu_count() or 1), 1)
             if unchanged else None,
@@ -223,6 +239,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model-dir", default=None,
                         help="a model folder (default models/bench-scale-tiny, built once)")
     parser.add_argument("--dims", default="64,32", help="output widths (the tiny model's)")
+    parser.add_argument("--baseline-files", type=int, default=8,
+                        help="first run the same rows in this many files (0: no baseline)")
     parser.add_argument("--no-resume", dest="resume", action="store_false",
                         help="skip the resume of a run killed at 50%%")
     parser.add_argument("--no-nightly", dest="nightly", action="store_false",
