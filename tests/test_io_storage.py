@@ -12,6 +12,7 @@ from pipeline.io.errors import InputError, OutputError
 from pipeline.io.storage import (check_disjoint, detect_format, list_inputs, prepare_output,
                                  remove_files)
 from tests.helpers import files_under, sample_parquet, write_bytes
+from tests.s3server import s3_bucket, s3_endpoint  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,3 +211,37 @@ def test_check_disjoint_relative_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(OutputError):
         check_disjoint("data", str(tmp_path / "data" / "out"))
+
+
+def test_listing_follows_every_page_of_a_prefix_or_glob(s3_endpoint, s3_bucket, monkeypatch):
+    """A store lists keys a page at a time (1,000 on S3): a listing of a prefix or a glob over
+    more keys than a page must follow every page (3 keys a page here)."""
+    from fsspec.asyn import sync
+
+    import pipeline.io.storage as storage
+    from tests.s3server import s3_client
+
+    client = s3_client(s3_endpoint)
+    for k in range(8):
+        client.put_object(Bucket=s3_bucket, Key=f"in/part-{k}.jsonl", Body=b'{"id": 1}\n')
+    client.put_object(Bucket=s3_bucket, Key="in/_SUCCESS", Body=b"")
+    real, pages = storage.open_filesystem, []
+
+    def small_pages(uri, *args, **kwargs):
+        fs, path = real(uri, *args, **kwargs)
+        s3 = sync(fs.loop, fs.set_session)
+
+        def page(params, **_):
+            params["MaxKeys"] = 3
+            pages.append(params.get("Prefix"))
+
+        s3.meta.events.register("before-parameter-build.s3.ListObjectsV2", page)
+        return fs, path
+
+    monkeypatch.setattr(storage, "open_filesystem", small_pages)
+    options = {"endpoint_url": s3_endpoint}
+    for uri in (f"s3://{s3_bucket}/in/", f"s3://{s3_bucket}/in/part-*.jsonl"):
+        pages.clear()
+        files = storage.list_inputs(uri, options)
+        assert [f.uri.rsplit("/", 1)[1] for f in files] == [f"part-{k}.jsonl" for k in range(8)]
+        assert len(pages) >= 3  # 9 keys at 3 a page
