@@ -1,11 +1,11 @@
-"""``python -m pipeline.bench {encoder,pipeline,nightly,ep,chunking,tokenizer,gpu} [options]``: one benchmark
-a run."""
+"""``python -m pipeline.bench {encoder,pipeline,nightly,ep,chunking,tokenizer,gpu,serve}
+[options]``: one benchmark a run."""
 
 from __future__ import annotations
 
 import argparse
 
-from . import chunking, encoder, ep, gpu, nightly, pipeline, tokenizer
+from . import chunking, encoder, ep, gpu, nightly, pipeline, serve, tokenizer
 
 BENCHMARKS = {
     "encoder": (encoder, "encoder alone: packed path vs. straightforward baseline"),
@@ -16,6 +16,7 @@ BENCHMARKS = {
     "tokenizer": (tokenizer, "the tokenizer stage vs. raw encode_batch, real-size tokenizer, "
                              "one thread (no Ray)"),
     "gpu": (gpu, "everything a lent GPU should measure, one JSON (no Ray, no network)"),
+    "serve": (serve, "the OpenAI /v1/embeddings service under 1, 8 and 64 concurrent clients (needs ray[serve])"),
 }
 
 
