@@ -47,7 +47,7 @@ from ..plan import WINDOW_ROWS
 from ..stages.embed import EncodeStage, TokenizeStage
 from .encoder import _peak_memory_gib, _reset_peak_memory, _sync, measure, run_baseline, run_packed
 from .tokenizer import rows
-from .workload import length_mix, machine, multilingual_texts, synthetic_ids
+from .workload import lexicon_source, length_mix, machine, multilingual_texts, synthetic_ids
 
 PARITY_FIXTURE = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "nomic-moe-tiny"
 PARITY_TOL = 1e-4  # fp32 on a GPU: other kernels and summation orders than the CPU's
@@ -231,7 +231,7 @@ def baseline(ctx) -> dict:
 
 def stage(ctx) -> dict:
     args, dims = ctx.args, (768, 512, 256) if ctx.args.size == "real" else (64, 32)
-    source = lexicon.resolve_source(args.lexicon)
+    source = lexicon_source(args.lexicon)
     budget = ctx.budgets[0]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model_dir(Path(tmp) / "model", args.size, tokenizer="real",

@@ -28,7 +28,7 @@ import pyarrow as pa
 from ..io import schema as S
 from ..stages.embed import TokenizeStage
 from ..tokenize import TASK_PREFIXES, TextTokenizer
-from .workload import emit, machine, multilingual_texts, real_tokenizer_json
+from .workload import emit, lexicon_source, machine, multilingual_texts, real_tokenizer_json
 from ..model import lexicon
 
 
@@ -62,7 +62,7 @@ def best_seconds(fn, repeats: int) -> float:
 
 
 def bench_tokenizer(args) -> dict:
-    source = lexicon.resolve_source(args.lexicon)
+    source = lexicon_source(args.lexicon)
     tokenizer_json = (open(args.tokenizer_json).read() if args.tokenizer_json
                       else real_tokenizer_json(source))
     tokenizer = TextTokenizer.from_json(tokenizer_json)

@@ -4,9 +4,11 @@ measured with, corpora written as Parquet shards, and the machine's description.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -65,12 +67,23 @@ def texts_of_lengths(lengths: np.ndarray, tokenizer: TextTokenizer, seed: int = 
 TEXT_MAX_TOKENS = 4096
 
 
+@functools.cache
+def lexicon_source(source: str) -> str:
+    """``source`` resolved (:func:`pipeline.model.lexicon.resolve_source`), saying so once
+    when ``auto`` falls back to synthetic words."""
+    resolved = lexicon.resolve_source(source)
+    if source == "auto" and resolved == "synthetic":
+        print("wordfreq is not installed: the real-size tokenizer and the texts use synthetic "
+              "words (pip install wordfreq for real ones)", file=sys.stderr, flush=True)
+    return resolved
+
+
 def real_tokenizer_json(source: str = "auto") -> str:
     """The real-size benchmark tokenizer (250,002 pieces; built once, then cached), as
     ``tokenizer.json`` text. ``source``: the lexicon, see :mod:`pipeline.model.lexicon`."""
     from ..model.builder import cached_real_size_tokenizer  # lazy: torch; see texts_of_lengths
 
-    return cached_real_size_tokenizer(source)
+    return cached_real_size_tokenizer(lexicon_source(source))
 
 
 def multilingual_texts(n: int, tokenizer: Tokenizer, seed: int = 0, source: str = "auto",
@@ -176,7 +189,7 @@ def bench_model_dir(args) -> Path:
     print(f"building a random-weight {args.size} model ({args.tokenizer} tokenizer) in "
           f"{model_dir} ...", flush=True)
     return build_model_dir(model_dir, args.size, seed=0, tokenizer=args.tokenizer,
-                           lexicon_source=args.lexicon)
+                           lexicon_source=lexicon_source(args.lexicon))
 
 
 def bench_texts(args, model_dir: Path) -> list[str]:
@@ -184,7 +197,8 @@ def bench_texts(args, model_dir: Path) -> list[str]:
     the real-size tokenizer, the bundled sample's words for the small one."""
     tokenizer = TextTokenizer.from_dir(model_dir)
     if args.tokenizer == "real":
-        return multilingual_texts(args.texts, tokenizer.untruncated(), args.seed, args.lexicon)
+        return multilingual_texts(args.texts, tokenizer.untruncated(), args.seed,
+                                  lexicon_source(args.lexicon))
     return texts_of_lengths(length_mix(args.texts, args.seed), tokenizer, args.seed)
 
 
