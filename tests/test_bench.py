@@ -128,7 +128,8 @@ def test_real_size_tokenizer_is_xlmr_shaped(real_tokenizer):
     assert spec["post_processor"]["single"][0]["SpecialToken"]["id"] == "<s>"
     tok = TextTokenizer.from_json(text)  # checks the special ids itself
     assert tok.vocab_size == 250_002
-    assert spec["added_tokens"][-1]["content"] == "<mask>" and spec["added_tokens"][-1]["id"] == 250_001
+    mask = spec["added_tokens"][-1]
+    assert mask["content"] == "<mask>" and mask["id"] == 250_001
     ids = tok.encode(["Ｈｅｌｌｏ   world", "敏捷"]).ids.tolist()
     assert ids[0] == 0 and ids.count(2) == 2 and 3 not in ids[:ids.index(2)]
     # built once: the second call reads the cached file

@@ -200,7 +200,8 @@ def test_cuda_selects_the_cuda_kernels():
     has_varlen = layers._varlen_attn() is not None
     assert layers.uses_varlen(cuda, torch.bfloat16) == layers.uses_varlen(cuda, torch.float16) \
         == has_varlen
-    assert not layers.uses_varlen(cuda, torch.float32) and not layers.uses_varlen(cpu, torch.bfloat16)
+    assert not layers.uses_varlen(cuda, torch.float32)
+    assert not layers.uses_varlen(cpu, torch.bfloat16)
 
     def backend(device, dtype):
         return moe._resolve_backend("auto", SimpleNamespace(device=device, dtype=dtype))

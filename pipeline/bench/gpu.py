@@ -38,6 +38,7 @@ from safetensors.torch import load_file
 from ..batching import plan_batches
 from ..config import parse_int_list
 from ..embedder import resolve_device, resolve_dtype
+from ..io import schema as S
 from ..model import PackedBatch, lexicon, load_encoder, matryoshka, mean_pool
 from ..model.builder import SIZES, build_model_dir, random_encoder
 from ..model.checkpoint import encoder_from_state
@@ -77,7 +78,8 @@ def add_arguments(parser) -> None:
 
 def cast_encoder(model, dtype: torch.dtype):
     """A copy of ``model`` with activations in ``dtype`` (routers stay fp32)."""
-    state = {k: v if k.endswith("router_ED") else v.to(dtype) for k, v in model.state_dict().items()}
+    state = {k: v if k.endswith("router_ED") else v.to(dtype)
+             for k, v in model.state_dict().items()}
     return encoder_from_state(model.config, state)
 
 
@@ -212,7 +214,8 @@ def attention(ctx) -> dict:
     for name, plan in plans.items():
         seconds = timed(lambda: packed_attention(qkv, plan), ctx.device, ctx.args.repeats)
         grid = sum(s.num_seqs * s.max_len for s in plan.segments) or batch.num_tokens
-        out[name] = {"ms": round(seconds * 1e3, 3), "tokens_per_s": round(batch.num_tokens / seconds),
+        out[name] = {"ms": round(seconds * 1e3, 3),
+                     "tokens_per_s": round(batch.num_tokens / seconds),
                      "padding": round(1 - batch.num_tokens / grid, 4)}
     return out
 
@@ -256,15 +259,14 @@ def stage(ctx) -> dict:
         _sync(ctx.device)
         encode_s = time.perf_counter() - start
         embedder = encode.embedder
-        batches = [embedder.tokenizer.encode(["search_document: " + x for x in
-                                              texts[i:i + window]]) for i in range(0, len(texts), window)]
+        batches = [embedder.tokenizer.encode(["search_document: " + x for x in t])
+                   for t in (texts[i:i + window] for i in range(0, len(texts), window))]
         start = time.perf_counter()
         for b in batches:
             embedder.embed_tokenized(b, dims)
         _sync(ctx.device)
         alone_s = time.perf_counter() - start
-    tokens = int(sum(int(t["__num_tokens"].to_numpy().sum()) if "__num_tokens" in t.column_names
-                     else 0 for t in tokenized))
+    tokens = int(sum(int(t[S.NUM_TOKENS].to_numpy().sum()) for t in tokenized))
     rows_out = sum(t.num_rows for t in encoded)
     return {"texts": len(texts), "rows_out": rows_out, "tokens": tokens, "window_rows": window,
             "max_tokens_per_batch": budget, "lexicon": source,

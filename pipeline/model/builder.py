@@ -141,7 +141,8 @@ def xlmr_shaped(scored: list[tuple[str, float]]) -> Tokenizer:
 # Pieces are counted in this many of each language's most frequent words, up to this length.
 PIECE_WORDS, PIECE_CHARS = 4000, 8
 # Always in the vocabulary (as in XLM-R): printable ASCII, common punctuation.
-BASE_CHARS = "".join(chr(c) for c in range(33, 127)) + "“”‘’«»—–…·、，。：；！？（）"
+BASE_CHARS = ("".join(chr(c) for c in range(33, 127))
+              + "“”‘’«»—–…·、，。：；！？（）")
 
 
 def real_size_tokenizer(source: str = "auto", vocab_size: int = REAL_TOKENIZER_VOCAB) -> Tokenizer:
