@@ -26,10 +26,10 @@ import numpy as np
 import pyarrow as pa
 
 from ..io import schema as S
+from ..model import lexicon
 from ..stages.embed import TokenizeStage
 from ..tokenize import TASK_PREFIXES, TextTokenizer
 from .workload import emit, lexicon_source, machine, multilingual_texts, real_tokenizer_json
-from ..model import lexicon
 
 
 def add_arguments(parser) -> None:
@@ -74,7 +74,7 @@ def bench_tokenizer(args) -> dict:
     tables = [rows(texts[i:i + args.batch]) for i in range(0, len(texts), args.batch)]
     raw_tokens = sum(len(e.ids) for e in raw.encode_batch(prefixed))
     out = [stage(t) for t in tables]
-    stage_tokens = int(sum(pa.compute.sum(t[S.NUM_TOKENS]).as_py() for t in out))
+    stage_tokens = int(sum(int(t[S.NUM_TOKENS].to_numpy().sum()) for t in out))
     batches = [prefixed[i:i + args.batch] for i in range(0, len(texts), args.batch)]
     paths = {
         "raw": (raw_tokens, lambda: [raw.encode_batch(b) for b in batches]),
