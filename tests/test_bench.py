@@ -250,7 +250,8 @@ def test_cpu_sampler_counts_child_processes():
         "tokenize", "actor_start", "read", "write", "ray_other", "ray_system"]
     with CpuSampler(rescan=0.05) as cpu:
         child = subprocess.run([sys.executable, "-S", "-c", "import time\nt = time.process_time()\n"
-                                "while time.process_time() - t < 0.4: pass"], check=True)
+                                "while time.process_time() - t < 0.4: pass\n"
+                                "time.sleep(0.3)  # alive while sampled once more"], check=True)
     assert child.returncode == 0
     assert 0.3 < cpu.outside.get("ray_system", 0.0) + cpu.streaming.get("ray_system", 0.0) < 1.0
 
