@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -19,8 +20,9 @@ from .config import POOLED, resolve_device_type, resolve_dtype_name
 from .batching import attention_padding, attention_slots, default_max_tokens, plan_batches
 from .model.layers import uses_varlen
 from .model.cpu import retain_freed_memory
+from .model.staging import DeviceStaging, encode_packed
 from .model.sources import DEFAULT_MODEL, ModelSourceError, resolve_model, weights_fingerprint
-from .model import NomicMoEEncoder, PackedBatch, check_dims, load_encoder, matryoshka, mean_pool
+from .model import NomicMoEEncoder, PackedBatch, check_dims, load_encoder
 from .tokenize import TextTokenizer, TokenizedBatch, TokenizerError, add_prefix, task_prefix
 from .tokenize import text_problem
 
@@ -65,6 +67,8 @@ class EncodeStats:
 class Embedder:
     """A loaded encoder and tokenizer, and the batching between them."""
 
+    output_dtypes = ("float32", "float16")  # of the width vectors (``embed_tokenized``)
+
     def __init__(
         self, encoder: NomicMoEEncoder, tokenizer: TextTokenizer, *, model_id: str | None = None,
         revision: str | None = None, max_tokens_per_batch: int | None = None,
@@ -86,6 +90,8 @@ class Embedder:
         self.model_id, self.revision = model_id, revision
         self.max_tokens_per_batch = max_tokens_per_batch
         self.last_stats: EncodeStats | None = None
+        self.staging = DeviceStaging(encoder.device)
+        self._device_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -161,7 +167,7 @@ class Embedder:
     @torch.inference_mode()
     def embed_tokenized(
         self, batch: TokenizedBatch, dims: Sequence[int], groups: list[np.ndarray] | None = None,
-        steps: int | None = None, pooled: bool = False,
+        steps: int | None = None, pooled: bool = False, dtype: str = "float32",
     ) -> dict[int, np.ndarray]:
         """Embed already tokenised sequences in token-budgeted packed batches, input order kept.
 
@@ -169,28 +175,38 @@ class Embedder:
         ``steps`` (expert parallelism: the most groups any rank of the group has this call)
         pads the call with idle forward steps, so that every rank makes the same collectives.
         ``pooled`` adds, under the key :data:`POOLED`, the mean-pooled vectors before any cut
-        or normalisation (``[N, hidden]`` float32; document vectors average them).
+        or normalisation (``[N, hidden]`` float32; document vectors average them). ``dtype``
+        (one of :attr:`output_dtypes`) is that of the width vectors, cast on the device.
+
+        Thread-safe: the host-side packing runs unlocked, the device phase one call at a time,
+        so that one thread's packing overlaps another's device work.
         """
         dims = check_dims(dims, self.hidden_size)
+        if dtype not in self.output_dtypes:
+            raise ValueError(f"output dtype {dtype!r}; choose one of {self.output_dtypes}")
         n = len(batch.lengths)
-        out = {d: np.empty((n, d), dtype=np.float32) for d in dims}
-        if pooled:
-            out[POOLED] = np.empty((n, self.hidden_size), dtype=np.float32)
         if groups is None:
             groups = self.plan(batch.lengths)
         offsets = batch.offsets
+        packed_G = []
         for group in groups:
             ids = np.concatenate([batch.ids[offsets[i] : offsets[i + 1]] for i in group])
-            packed = PackedBatch.from_lengths_and_ids(ids, batch.lengths[group])
-            packed = packed.to(self.encoder.device)
-            hidden_TD = self.encoder.forward_packed(packed)
-            pooled_BD = mean_pool(hidden_TD, packed)
-            for d, vectors in matryoshka(pooled_BD, dims).items():
-                out[d][group] = vectors.cpu().numpy()
-            if pooled:
-                out[POOLED][group] = pooled_BD.cpu().numpy()
-        for _ in range(len(groups), steps or 0):
-            self.encoder.forward_idle()
+            packed_G.append(self.staging.pin(
+                PackedBatch.from_lengths_and_ids(ids, batch.lengths[group])))
+        order_R = np.concatenate(groups) if groups else np.zeros(0, np.int64)
+        with self._device_lock:
+            host_RW, host_RD = encode_packed(self.encoder, self.staging, packed_G, dims,
+                                             DTYPES[dtype], pooled, steps or 0)
+            self.staging.wait()
+        vectors_RW = host_RW.numpy()
+        out, col = {}, 0
+        for d in dims:
+            out[d] = np.empty((n, d), dtype=vectors_RW.dtype)
+            out[d][order_R] = vectors_RW[:, col : col + d]
+            col += d
+        if pooled:
+            out[POOLED] = np.empty((n, self.hidden_size), dtype=np.float32)
+            out[POOLED][order_R] = host_RD.numpy()
         self.last_stats = EncodeStats(
             texts=n, tokens=int(batch.lengths.sum()), texts_truncated=int(batch.truncated.sum()),
             batches=len(groups), attention_padding=attention_padding(batch.lengths, groups),

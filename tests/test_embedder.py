@@ -166,3 +166,66 @@ def test_tokenizer_build_is_deterministic(tmp_path, tiny_model_dir):
     again = build_model_dir(tmp_path / "again", "tiny", seed=0)
     assert (again / "tokenizer.json").read_bytes() == (tiny_model_dir / "tokenizer.json").read_bytes()
     assert (again / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
+
+
+class RecordingStaging:
+    """The CPU's staging, recording the device phase's steps in order."""
+
+    def __init__(self, staging, encoder, steps: list) -> None:
+        self.staging, self.steps = staging, steps
+        forward = encoder.forward_packed
+
+        def recorded_forward(batch, **kw):
+            steps.append(("forward", batch.num_tokens))
+            return forward(batch, **kw)
+
+        encoder.forward_packed = recorded_forward
+
+    def pin(self, packed):
+        self.steps.append(("pin", packed.num_tokens))
+        return self.staging.pin(packed)
+
+    def upload(self, packed):
+        self.steps.append(("upload", packed.num_tokens))
+        return self.staging.upload(packed)
+
+    def ready(self, upload):
+        return self.staging.ready(upload)
+
+    def host_buffer(self, rows, cols, dtype):
+        return self.staging.host_buffer(rows, cols, dtype)
+
+    def download(self, host, device):
+        self.steps.append(("download", tuple(device.shape), device.dtype))
+        self.staging.download(host, device)
+
+    def wait(self):
+        self.steps.append(("wait",))
+
+
+def test_device_phase_uploads_ahead_and_syncs_once(tiny_model_dir):
+    """Batch g+1's ids are sent before g's forward is queued; per batch one copy back of its
+    width vectors in the output dtype (and the pooled ones when asked); one host wait."""
+    texts = sample_texts()[:24]
+    small = Embedder.from_pretrained(tiny_model_dir, device="cpu", max_tokens_per_batch=512)
+    small.max_tokens_per_batch = 128  # several batches of a few texts (below the 512 limit)
+    batch = small.tokenize(texts)
+    groups = small.plan(batch.lengths)
+    plain = small.embed_tokenized(batch, DIMS, groups)
+    steps = []
+    small.staging = RecordingStaging(small.staging, small.encoder, steps)
+    out = small.embed_tokenized(batch, DIMS, groups, pooled=True, dtype="float16")
+    sizes = [int(batch.lengths[g].sum()) for g in groups]
+    G = len(groups)
+    assert G >= 3
+    want = [("pin", t) for t in sizes] + [("upload", sizes[0])]
+    for g in range(G):
+        want += [("upload", sizes[g + 1])] if g + 1 < G else []
+        want += [("forward", sizes[g]), ("download", (len(groups[g]), sum(DIMS)), torch.float16),
+                 ("download", (len(groups[g]), 64), torch.float32)]
+    assert steps == want + [("wait",)]
+    for d in DIMS:
+        assert out[d].dtype == np.float16
+        np.testing.assert_array_equal(out[d], plain[d].astype(np.float16))
+    with pytest.raises(ValueError, match="output dtype 'bfloat16'"):
+        small.embed_tokenized(batch, DIMS, dtype="bfloat16")

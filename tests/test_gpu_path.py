@@ -12,6 +12,7 @@ CUDA, which stalls the pipeline's overlap of copies and compute).
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -21,6 +22,7 @@ from pipeline.model import PackedBatch, layers, matryoshka, mean_pool, moe
 from pipeline.model.builder import REAL_CONFIG
 from pipeline.model.checkpoint import encoder_from_state
 from pipeline.model.encoder import NomicMoEEncoder
+from pipeline.model.staging import DeviceStaging
 
 aten = torch.ops.aten
 # Ops whose result depends on device data in a way the host must see (a sync on CUDA).
@@ -37,9 +39,11 @@ class HostSync(AssertionError):
 class StepCheck(TorchDispatchMode):
     """Every aten op's outputs: on ``device``, in ``allowed`` dtypes; no host read."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, device: torch.device, dtype: torch.dtype, host_work: bool = False) -> None:
         super().__init__()
         self.device = device
+        # With host_work, ops on host data alone may make host tensors (packing ids on the CPU)
+        self.host_work = host_work
         # uint64: flash attention's RNG state (seed, offset), returned beside its output
         self.allowed = {dtype, torch.float32, torch.int64, torch.int32, torch.bool, torch.uint64}
         self.ops: list[str] = []
@@ -48,6 +52,9 @@ class StepCheck(TorchDispatchMode):
         if func.overloadpacket in HOST_READS:
             raise HostSync(f"{func} reads device data on the host (a device sync on CUDA)")
         out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if self.host_work and all(t.device.type == "cpu" for t in inputs):
+            return out
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 if t.device != self.device:
@@ -208,3 +215,73 @@ def test_cuda_selects_the_cuda_kernels():
 
     assert backend(cuda, torch.bfloat16) == ("grouped" if moe._grouped_mm else "loop")
     assert backend(cuda, torch.float16) == backend(cpu, torch.bfloat16) == "loop"
+
+
+class MetaStaging(DeviceStaging):
+    """The meta device's staging (plain ``.to``), with the copies back recorded instead of
+    made: a meta tensor has no data to copy, and a host buffer would be a CPU op."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("meta"))
+        self.downloads = []
+
+    def host_buffer(self, rows, cols, dtype):
+        return torch.from_numpy(np.zeros((rows, cols), {torch.float16: np.float16}.get(
+            dtype, np.float32)))
+
+    def download(self, host_RC, device_RC):
+        assert host_RC.shape == device_RC.shape and host_RC.dtype == device_RC.dtype
+        self.downloads.append((tuple(device_RC.shape), device_RC.dtype, device_RC.device.type))
+
+
+def test_the_encode_stage_on_the_cuda_path_syncs_nothing(cuda_path, tokenizer_json):
+    """EncodeStage over the real-size bf16 encoder, its Embedder on the meta device taking the
+    CUDA kernels: a window of rows goes through the stage; between the ids' upload and the
+    vectors' copies back nothing reads device data, and only the width vectors come back, one
+    copy per packed batch, cast to float16 on the device."""
+    from pipeline.embedder import Embedder
+    from pipeline.io import schema as S
+    from pipeline.stages.embed import EncodeStage
+    from pipeline.tokenize import TextTokenizer
+
+    embedder = Embedder(meta_encoder(torch.bfloat16), TextTokenizer.from_json(tokenizer_json),
+                        max_tokens_per_batch=1024)
+    embedder.staging = staging = MetaStaging()
+    stage = EncodeStage("unused", revision=None, device="meta", dtype="bfloat16",
+                        dims=(768, 256), output_dtype="float16", max_tokens_per_batch=None,
+                        engine=lambda load: embedder)
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(4, 1000, n).astype(np.int32) for n in LENGTHS]
+    table = pa.table({S.TOKENS: pa.array(ids, pa.list_(pa.int32())),
+                      S.NUM_TOKENS: pa.array(LENGTHS, pa.int32()),
+                      S.REJECT: pa.nulls(len(LENGTHS), pa.string())})
+    check = StepCheck(torch.device("meta"), torch.bfloat16, host_work=True)
+    check.allowed.add(torch.float16)
+    try:
+        with check:
+            out = stage(table)
+    except (RuntimeError, NotImplementedError) as err:  # as in run_checked
+        if "meta" not in str(err):
+            raise
+        raise HostSync(f"the encode path read device data on the host: {err}") from err
+    groups = embedder.plan(np.array(LENGTHS))
+    assert len(groups) > 1 and count(check.ops, "varlen_attn") == len(groups) * 12
+    assert staging.downloads == [((len(g), 768 + 256), torch.float16, "meta") for g in groups]
+    assert out["embedding_768"].type == pa.list_(pa.float16(), 768)
+    assert out.num_rows == len(LENGTHS)
+
+
+def test_a_host_read_in_the_encode_path_fails(cuda_path, tokenizer_json, monkeypatch):
+    """The stage test above fails on a planted host read after the forward (e.g. the old
+    per-width ``.cpu()`` copies, or a norm read back to check it)."""
+    from pipeline.model import staging as staging_module
+
+    real = staging_module.matryoshka
+
+    def checked(pooled_BD, dims):
+        assert float(pooled_BD.norm()) >= 0  # a host read of device data
+        return real(pooled_BD, dims)
+
+    monkeypatch.setattr(staging_module, "matryoshka", checked)
+    with pytest.raises(HostSync):
+        test_the_encode_stage_on_the_cuda_path_syncs_nothing(None, tokenizer_json)

@@ -7,7 +7,8 @@ others still run; the command exits 1 when any failed):
 * ``parity``: the parity fixture (``tests/fixtures/nomic-moe-tiny``, the hub code's outputs) in
   fp32 on the device against the CPU and against the hub's values;
 * ``sync_free``: one bf16 forward pass, pooling and widths under
-  ``torch.cuda.set_sync_debug_mode("error")`` (any host sync raises);
+  ``torch.cuda.set_sync_debug_mode("error")`` (any host sync raises), then the encode stage's
+  device phase (pinned uploads on a side stream, float16 widths back non-blocking) likewise;
 * ``bf16_cosine``: bf16 against fp32 pooled vectors on the real-size random model;
 * ``budgets``: the packed encoder's tokens/s, MFU and peak memory at each token budget;
 * ``moe_backends``: grouped expert matmuls against the per-expert loop (one MoE layer, and the
@@ -44,6 +45,7 @@ from ..model.builder import SIZES, build_model_dir, random_encoder
 from ..model.checkpoint import encoder_from_state
 from ..model.layers import AttentionPlan, packed_attention, uses_varlen
 from ..model.moe import MoEFFN
+from ..model.staging import DeviceStaging, encode_packed
 from ..plan import WINDOW_ROWS
 from ..stages.embed import EncodeStage, TokenizeStage
 from .encoder import _peak_memory_gib, _reset_peak_memory, _sync, measure, run_baseline, run_packed
@@ -148,7 +150,29 @@ def sync_free(ctx) -> dict:
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
-    return {"ok": True, "tokens": batch.num_tokens, "widths": sorted(vectors)}
+    # The encode stage's device phase (pipeline/model/staging.py): pinned ids uploaded on the
+    # side stream a batch ahead, float16 widths copied back non-blocking into pinned memory.
+    staging = DeviceStaging(ctx.device)
+    groups = plan_batches(ctx.lengths, 16384)[-3:]
+    packed_G = [staging.pin(PackedBatch.from_sequences([ctx.seqs[i] for i in g]))
+                for g in groups]
+    encode_packed(model, staging, packed_G, (768, 256), torch.float16)  # warm-up
+    staging.wait()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        start = time.perf_counter()
+        host_RW, _ = encode_packed(model, staging, packed_G, (768, 256), torch.float16)
+        queued_s = time.perf_counter() - start
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    staging.wait()
+    total_s = time.perf_counter() - start
+    norms = np.linalg.norm(host_RW[:, :768].float().numpy(), axis=1)
+    return {"ok": True, "tokens": batch.num_tokens, "widths": sorted(vectors),
+            "staged_batches": len(groups), "staged_rows": int(host_RW.shape[0]),
+            "staged_pinned": bool(host_RW.is_pinned()),
+            "staged_norm_max_error": round(float(np.abs(norms - 1).max()), 4),
+            "staged_host_queue_s": round(queued_s, 4), "staged_total_s": round(total_s, 4)}
 
 
 def bf16_cosine(ctx) -> dict:

@@ -45,6 +45,14 @@ class PackedBatch:
     def lengths_B(self) -> torch.Tensor:
         return (self.cu_seqlens_B1[1:] - self.cu_seqlens_B1[:-1]).long()
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.input_ids_T, self.cu_seqlens_B1, self.position_ids_T, self.seq_ids_T
+
+    def pin_memory(self) -> "PackedBatch":
+        """A copy in page-locked host memory (the source of a non-blocking copy to CUDA)."""
+        pinned = [t.pin_memory() for t in self.tensors()]
+        return PackedBatch(*pinned, self.max_seqlen)
+
     def to(self, device: torch.device | str) -> "PackedBatch":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return PackedBatch(

@@ -204,6 +204,9 @@ class EncodeStage:
 
             self.embedder = load_worker_embedder(**load)
         self.dims, self.output_dtype, self.doc_vectors = dims, output_dtype, doc_vectors
+        # float16 vectors are cast on the device, halving what comes back, where the engine can.
+        self._engine_casts = output_dtype != "float32" and output_dtype in getattr(
+            self.embedder, "output_dtypes", ())
 
     def __call__(self, table: pa.Table) -> pa.Table:
         require_columns(table, self.NEEDS, "encode")
@@ -230,8 +233,10 @@ class EncodeStage:
         batch = TokenizedBatch(flat_T, lengths_S, np.zeros(len(lengths_S), bool))
         groups_G = self.embedder.plan(lengths_S)
         pooled = chunked and self.doc_vectors
-        vectors_SW = self.embedder.embed_tokenized(batch, self.dims, groups_G,
-                                                   **({"pooled": True} if pooled else {}))
+        # Only what an engine takes: an expert-parallel group has no pooled or dtype options.
+        options = ({"pooled": True} if pooled else {}) | (
+            {"dtype": self.output_dtype} if self._engine_casts else {})
+        vectors_SW = self.embedder.embed_tokenized(batch, self.dims, groups_G, **options)
         grid_S = self.embedder.attention_slots(lengths_S, groups_G)
         batch_max_S = np.zeros(len(lengths_S), np.int64)
         for g in groups_G:
