@@ -39,6 +39,15 @@ class PaddingStats:
         return 1.0 - self.real_tokens / self.grid_tokens if self.grid_tokens else 0.0
 
 
+def gather_sequences(ids_T: np.ndarray, offsets_N1: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """The ids of sequences ``group`` one after another (sequence ``i`` is
+    ``ids_T[offsets_N1[i]:offsets_N1[i + 1]]``): one fancy index, no per-sequence slice."""
+    starts = offsets_N1[group]
+    lengths = offsets_N1[np.asarray(group) + 1] - starts
+    before = np.cumsum(lengths) - lengths  # where each sequence starts in the result
+    return ids_T[np.arange(int(lengths.sum())) + np.repeat(starts - before, lengths)]
+
+
 def plan_batches(lengths, max_tokens: int, max_seqs: int | None = None):
     """Group sequence indices so that each group's ``len(group) * max_len <= max_tokens``.
 

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from .config import POOLED, resolve_device_type, resolve_dtype_name
-from .batching import attention_padding, attention_slots, default_max_tokens, plan_batches
+from .batching import attention_padding, attention_slots, default_max_tokens, gather_sequences
+from .batching import plan_batches
 from .model.layers import uses_varlen
 from .model.cpu import retain_freed_memory
 from .model.staging import DeviceStaging, encode_packed
@@ -190,7 +191,7 @@ class Embedder:
         offsets = batch.offsets
         packed_G = []
         for group in groups:
-            ids = np.concatenate([batch.ids[offsets[i] : offsets[i + 1]] for i in group])
+            ids = gather_sequences(batch.ids, offsets, group)
             packed_G.append(self.staging.pin(
                 PackedBatch.from_lengths_and_ids(ids, batch.lengths[group])))
         order_R = np.concatenate(groups) if groups else np.zeros(0, np.int64)

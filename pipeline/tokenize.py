@@ -14,6 +14,7 @@ whole text (one word of more than ~8,000 characters is cut inside).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -145,12 +146,11 @@ class TextTokenizer:
             while len(text) > limit and not encodings[i].overflowing:
                 limit *= 2
                 encodings[i] = self._tok.encode(cut_text(text, limit), add_special_tokens=True)
-        lengths = np.fromiter((len(e.ids) for e in encodings), np.int32, len(encodings))
+        # ``Encoding.ids`` builds a new Python list at each read: read once, flattened once.
+        ids_E = [e.ids for e in encodings]
+        lengths = np.fromiter(map(len, ids_E), np.int32, len(ids_E))
         truncated = np.fromiter((bool(e.overflowing) for e in encodings), bool, len(encodings))
-        ids = (
-            np.concatenate([np.asarray(e.ids, dtype=np.int32) for e in encodings])
-            if encodings else np.zeros(0, np.int32)
-        )
+        ids = np.fromiter(itertools.chain.from_iterable(ids_E), np.int32, int(lengths.sum()))
         return TokenizedBatch(ids, lengths, truncated)
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.batching import fixed_size_batches, padding_stats, plan_batches
+from pipeline.batching import fixed_size_batches, gather_sequences, padding_stats, plan_batches
 
 
 def as_lists(groups):
@@ -57,3 +57,14 @@ def test_segment_runs_keep_attention_grids_nearly_full():
         runs = segment_runs(lengths[g].tolist())
         assert runs[0][0] == 0 and runs[-1][1] == len(g)
         assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+
+
+def test_gather_sequences_equals_concatenated_slices():
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(0, 9, 40)
+    offsets = np.concatenate(([0], np.cumsum(lengths)))
+    ids = rng.integers(0, 1000, int(offsets[-1])).astype(np.int32)
+    for group in (rng.permutation(40)[:17], np.arange(40), np.array([5]), np.zeros(0, np.int64)):
+        want = np.concatenate([ids[offsets[i]:offsets[i + 1]] for i in group] + [ids[:0]])
+        got = gather_sequences(ids, offsets, group)
+        assert got.dtype == ids.dtype and np.array_equal(got, want)

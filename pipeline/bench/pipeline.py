@@ -22,7 +22,9 @@ and after the streaming (Ray's start, the pre-flight, the end of the run).
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -82,6 +84,21 @@ def bench_pipeline(args) -> dict:
     }
 
 
+@contextlib.contextmanager
+def environ(values: dict[str, str]):
+    """``values`` set in this process's environment for the block, then restored."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 H100_TOKENS_PER_S = 1.5e6  # the encoder's target rate on one H100 (bf16)
 GPU_WINDOW_ROWS = WINDOW_ROWS["cuda"]
 
@@ -95,7 +112,11 @@ def rate_run(model_dir: Path, corpus: Path, out: Path, rate: int, args) -> dict:
                        window_rows=args.window_rows or GPU_WINDOW_ROWS,
                        max_tokens_per_batch=args.max_tokens,
                        tokenizer_actors=args.tokenizer_actors)
-    with CpuSampler() as cpu:
+    # The tokenizer's Rust thread pool per actor: Ray's workers inherit the driver's
+    # environment when it starts the local Ray, as the run does.
+    threads = {"RAYON_NUM_THREADS": str(args.tokenizer_threads)} if args.tokenizer_threads \
+        else {}
+    with environ(threads), CpuSampler() as cpu:
         summary = run(config, rate_spec(rate))
     tokens = summary["tokens"]
 
@@ -135,6 +156,7 @@ def bench_rates(args) -> dict:
         "benchmark": "pipeline-rate", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
         "model": args.size, "tokenizer": args.tokenizer, "texts": args.texts,
         "shards": args.shards, "window_rows": args.window_rows or GPU_WINDOW_ROWS,
+        "tokenizer_actors": args.tokenizer_actors, "tokenizer_threads": args.tokenizer_threads,
         "runs": runs,
         # At top level: those of the last (highest, as given) rate.
         "cpu_core_s_per_million_tokens": last["cpu_core_s_per_million_tokens"],
@@ -153,6 +175,9 @@ def add_arguments(parser) -> None:
                              f"{GPU_WINDOW_ROWS}, a GPU's)")
     parser.add_argument("--tokenizer-actors", type=int, default=None,
                         help="with --encoder-rate: tokenizer actors (default: the run's)")
+    parser.add_argument("--tokenizer-threads", type=int, default=None,
+                        help="with --encoder-rate: RAYON_NUM_THREADS of the Ray workers, the "
+                             "tokenizer's threads per actor (default: its own, one per core)")
 
 
 def main(args) -> None:

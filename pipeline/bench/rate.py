@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..batching import DEFAULT_MAX_TOKENS_GPU, plan_batches
+from ..batching import DEFAULT_MAX_TOKENS_GPU, gather_sequences, plan_batches
 from ..config import POOLED
 from ..model.config import load_config
 from ..model.packed import PackedBatch
@@ -59,7 +59,7 @@ class RateEncoder:
             out[POOLED] = np.empty((n, self.hidden_size), dtype=np.float32)
         offsets = batch.offsets
         for group in self.plan(batch.lengths) if groups is None else groups:
-            ids = np.concatenate([batch.ids[offsets[i]:offsets[i + 1]] for i in group])
+            ids = gather_sequences(batch.ids, offsets, group)
             packed = PackedBatch.from_lengths_and_ids(ids, batch.lengths[group])
             seconds = packed.num_tokens / self.rate
             time.sleep(seconds)  # the GPU's work: the GIL is released, no CPU is used

@@ -219,17 +219,23 @@ class EncodeStage:
             good_M = good_M[~reuse_flags_N[good_M]]
         # Sequences: one per row, or one per chunk of a chunked document (its chunks' ids
         # follow each other in the row's tokens); doc_S: the row (index into good_M) of each.
-        tokens = table[S.TOKENS].combine_chunks()
         take_M = pa.array(good_M)
+        # The common window encodes every row: no copy of its ids (or chunk lists) by a take.
+        every_row = len(good_M) == table.num_rows
+
+        def rows_of(column: str) -> pa.Array:
+            whole = table[column].combine_chunks()
+            return whole if every_row else whole.take(take_M)
+
         chunked = S.CHUNK_LENGTHS in table.column_names
         if chunked:
-            per_doc = table[S.CHUNK_LENGTHS].combine_chunks().take(take_M)
+            per_doc = rows_of(S.CHUNK_LENGTHS)
             lengths_S = pc.list_flatten(per_doc).to_numpy().astype(np.int32, copy=False)
             doc_S = pc.list_parent_indices(per_doc).to_numpy()
         else:
             lengths_S = table[S.NUM_TOKENS].to_numpy()[good_M].astype(np.int32, copy=False)
             doc_S = np.arange(len(good_M))
-        flat_T = pc.list_flatten(tokens.take(take_M)).to_numpy().astype(np.int32, copy=False)
+        flat_T = pc.list_flatten(rows_of(S.TOKENS)).to_numpy().astype(np.int32, copy=False)
         batch = TokenizedBatch(flat_T, lengths_S, np.zeros(len(lengths_S), bool))
         groups_G = self.embedder.plan(lengths_S)
         pooled = chunked and self.doc_vectors
@@ -254,7 +260,7 @@ class EncodeStage:
                 out = out.append_column(embedding_column(d), self._chunk_column(
                     table, vectors_SW[d], good_M, doc_S, reused, d))
             if pooled:
-                weights_S = pc.list_flatten(table[S.CHUNK_WEIGHTS].combine_chunks().take(take_M))
+                weights_S = pc.list_flatten(rows_of(S.CHUNK_WEIGHTS))
                 docs_MW = doc_vectors(vectors_SW[POOLED], doc_S, len(good_M),
                                       weights_S.to_numpy().astype(np.float64), self.dims)
                 rows = np.concatenate([good_M, reused])
@@ -323,12 +329,16 @@ class EncodeStage:
 
     def _column(self, vectors_MW: np.ndarray, rows: np.ndarray, n: int, width: int) -> pa.Array:
         """A fixed-size-list column with ``rows`` filled (one vector each) and the others null."""
-        full = np.zeros((n, width), self._dtype)
-        full[rows] = vectors_MW
-        mask = np.ones(n, bool)
-        mask[rows] = False
+        if len(rows) == n and (rows == np.arange(n)).all():  # every row, in order: no copy
+            full, mask = np.ascontiguousarray(vectors_MW, self._dtype), None
+        else:
+            full = np.zeros((n, width), self._dtype)
+            full[rows] = vectors_MW
+            mask = np.ones(n, bool)
+            mask[rows] = False
+            mask = pa.array(mask)
         values = pa.array(full.reshape(-1))
-        return pa.FixedSizeListArray.from_arrays(values, width, mask=pa.array(mask)) \
+        return pa.FixedSizeListArray.from_arrays(values, width, mask=mask) \
             .cast(embedding_type(width, self.output_dtype))
 
 
