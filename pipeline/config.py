@@ -176,7 +176,8 @@ class RunConfig:
                 ("doc_vectors", False)) if getattr(self, name) != default]
             if chunk_options:
                 flags = ", ".join("--" + name.replace("_", "-") for name in chunk_options)
-                raise ValueError(f"{flags} apply to --long-text chunk only (--long-text is "
+                verb = "applies" if len(chunk_options) == 1 else "apply"
+                raise ValueError(f"{flags} {verb} to --long-text chunk only (--long-text is "
                                  f"{self.long_text})")
         else:
             clash = sorted({self.id_column, *self.keep_columns} & set(CHUNK_COLUMNS))

@@ -165,4 +165,4 @@ def test_chunk_options_without_chunk_mode(capsys, local_corpus, tiny_model_dir):
     code, err = run_cli(capsys, "--input", str(local_corpus / "in"), "--output",
                         str(local_corpus / "o"), "--model", str(tiny_model_dir),
                         "--doc-vectors")
-    assert code == 2 and "--doc-vectors apply to --long-text chunk only" in err
+    assert code == 2 and "--doc-vectors applies to --long-text chunk only" in err

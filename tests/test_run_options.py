@@ -417,8 +417,10 @@ def test_chunk_tokens(model_info):
     p = plan(model_info, "--long-text", "chunk", "--chunk-tokens", "128", "--chunk-overlap", "16")
     assert TokenizeStage(**p.tokenize.kwargs).chunker.window == 128
     assert p.output.long_text.window == 128 and p.output.metadata["chunks"]["window"] == 128
-    with pytest.raises(ValueError, match="apply to --long-text chunk only"):
+    with pytest.raises(ValueError, match="--chunk-tokens applies to --long-text chunk only"):
         parse("--chunk-tokens", "128")
+    with pytest.raises(ValueError, match="--chunk-tokens, --doc-vectors apply to --long-text"):
+        parse("--chunk-tokens", "128", "--doc-vectors")
     with pytest.raises(ValueError, match="at most the model's 512"):
         parse("--long-text", "chunk", "--chunk-tokens", "513")
 
