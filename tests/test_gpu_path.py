@@ -285,3 +285,78 @@ def test_a_host_read_in_the_encode_path_fails(cuda_path, tokenizer_json, monkeyp
     monkeypatch.setattr(staging_module, "matryoshka", checked)
     with pytest.raises(HostSync):
         test_the_encode_stage_on_the_cuda_path_syncs_nothing(None, tokenizer_json)
+
+
+def test_staging_on_cuda_pins_copies_aside_and_waits_once(monkeypatch):
+    """DeviceStaging's CUDA branch, its calls recorded on a CPU-only torch (``torch.cuda``'s
+    streams and events stubbed, pinning recorded, the meta device as the target): ids pinned
+    first, copied non-blocking inside the side stream, the compute stream (not the host) waits
+    on the copy's event and records the tensors' use; vectors come back non-blocking into
+    pinned buffers; the host synchronises once, in ``wait``. Whether the copies overlap the
+    kernels only a GPU shows (``python -m pipeline.bench gpu``, section sync_free)."""
+    calls = []
+
+    class Stream:
+        def __init__(self, name="side"):
+            self.name = name
+
+        def wait_event(self, event):
+            calls.append(("wait_event", self.name, event.stream))
+
+        def synchronize(self):
+            calls.append(("synchronize", self.name))
+
+    class Event:
+        def record(self, stream):
+            self.stream = stream.name
+            calls.append(("record", stream.name))
+
+    class Within:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            calls.append(("enter", self.stream.name))
+
+        def __exit__(self, *exc):
+            calls.append(("exit", self.stream.name))
+
+    compute = Stream("compute")
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream())
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "stream", Within)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: compute)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: calls.append("pin") or t.clone())
+    monkeypatch.setattr(torch.Tensor, "record_stream",
+                        lambda t, s: calls.append(("record_stream", s.name)))
+    real_to, real_copy, real_empty = torch.Tensor.to, torch.Tensor.copy_, torch.empty
+
+    def to(t, device, non_blocking=False):
+        calls.append(("to", str(device), non_blocking))
+        return real_to(t, device, non_blocking=non_blocking)
+
+    def copy_(t, src, non_blocking=False):
+        calls.append(("copy_back", non_blocking))
+        return real_copy(t, src)
+
+    def empty(*shape, pin_memory=False, **kw):
+        calls.append(("host_buffer", pin_memory))
+        return real_empty(*shape, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+    monkeypatch.setattr(torch, "empty", empty)
+    staging = DeviceStaging(torch.device("meta"), overlap=True)
+    packed = staging.pin(PackedBatch.from_lengths_and_ids(np.arange(7), np.array([3, 4])))
+    assert calls == ["pin"] * 4
+    calls.clear()
+    batch = staging.ready(staging.upload(packed))
+    assert batch.input_ids_T.device.type == "meta"
+    assert calls == [("enter", "side"), *[("to", "meta", True)] * 4, ("record", "side"),
+                     ("exit", "side"), ("wait_event", "compute", "side"),
+                     *[("record_stream", "compute")] * 4]
+    calls.clear()
+    host = staging.host_buffer(2, 3, torch.float16)
+    staging.download(host, torch.ones(2, 3, dtype=torch.float16))
+    staging.wait()
+    assert calls == [("host_buffer", True), ("copy_back", True), ("synchronize", "compute")]

@@ -35,9 +35,11 @@ class Upload:
 class DeviceStaging:
     """How packed batches reach ``device`` and pooled vectors come back to the host."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, overlap: bool | None = None) -> None:
+        """``overlap`` (default: on CUDA) pins, copies on a side stream and does not block;
+        tests set it on another device type with ``torch.cuda``'s stream calls stubbed."""
         self.device = device
-        self.overlap = device.type == "cuda"
+        self.overlap = device.type == "cuda" if overlap is None else overlap
         self._copy_stream = torch.cuda.Stream(device) if self.overlap else None
 
     def pin(self, packed: PackedBatch) -> PackedBatch:
