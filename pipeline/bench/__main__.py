@@ -1,11 +1,11 @@
-"""``python -m pipeline.bench {encoder,pipeline,nightly,ep,chunking,tokenizer,gpu,serve}
-[options]``: one benchmark a run."""
+"""``python -m pipeline.bench {encoder,pipeline,nightly,ep,chunking,tokenizer,gpu,serve,
+scale} [options]``: one benchmark a run."""
 
 from __future__ import annotations
 
 import argparse
 
-from . import chunking, encoder, ep, gpu, nightly, pipeline, serve, tokenizer
+from . import chunking, encoder, ep, gpu, nightly, pipeline, scale, serve, tokenizer
 
 BENCHMARKS = {
     "encoder": (encoder, "encoder alone: packed path vs. straightforward baseline"),
@@ -17,6 +17,8 @@ BENCHMARKS = {
                              "one thread (no Ray)"),
     "gpu": (gpu, "everything a lent GPU should measure, one JSON (no Ray, no network)"),
     "serve": (serve, "the OpenAI /v1/embeddings service under 1, 8 and 64 concurrent clients (needs ray[serve])"),
+    "scale": (scale, "many small files: driver RSS and CPU, per-file wall, summary and manifest "
+                     "sizes, a resume of a run killed at 50%%, three nights (needs ray)"),
 }
 
 
