@@ -145,7 +145,7 @@ def _chunk_fields(config: dict[str, Any], every: dict[str, Any]) -> dict[str, An
     ``rows_embedded`` counts documents, ``chunks`` the output's rows)."""
     if config.get("long_text") != "chunk":
         return {}
-    docs = every["rows_embedded"] + every["rows_reused"]  # nightly: reused documents too
+    docs = every["rows_embedded"]  # every document written (nightly: reused ones too)
     return {"chunks": every["chunks"], "chunks_per_doc_max": every["chunks_max"],
             "chunks_per_doc_mean": round(every["chunks"] / docs, 4) if docs else 0.0,
             "docs_chunked": every["docs_chunked"], "overlap_tokens": every["overlap_tokens"],
@@ -170,10 +170,13 @@ def report(result: dict[str, Any], config, command: str = "run",
     summary is in ``_summary.json``."""
     out = str(config.output).rstrip("/")
     where = f"{out}/{result['snapshot']}" if result.get("snapshot") else out
-    reused = f" ({result['rows_reused']:,} of them with earlier vectors)" \
-        if result.get("rows_reused") else ""
-    embedded = result["rows_embedded"] + result.get("rows_reused", 0)
-    lines = [f"rows: {result['rows_in']:,} in, {embedded:,} embedded{reused}, "
+    if result.get("rows_reused"):  # nightly: rows_embedded counts the rows encoded now
+        done = (f"{result['rows_embedded'] + result['rows_reused']:,} with vectors "
+                f"({result['rows_embedded']:,} encoded, {result['rows_reused']:,} with earlier "
+                "vectors)")
+    else:
+        done = f"{result['rows_embedded']:,} embedded"
+    lines = [f"rows: {result['rows_in']:,} in, {done}, "
              f"{result['rows_rejected']:,} rejected ({result['reject_fraction']:.1%})"]
     if "chunks" in result:
         documents = f"; document vectors: {where}/_documents/" \
@@ -220,7 +223,7 @@ def _work_lines(result: dict[str, Any], elapsed_s: float | None) -> list[str]:
     return [f"this run: {units['committed'] - units['resumed']} of {units['total']} unit(s) "
             f"committed{kept}{took}; {result['tokens_per_s']:,.0f} tokens/s end to end, "
             f"{result['tokens_per_s_steady']:,.0f} once the encoders were up; "
-            f"{result['tokens']:,} tokens in the output"]
+            f"{result['tokens']:,} tokens encoded"]
 
 
 def resume_hint(config, error: str = "") -> str:

@@ -34,7 +34,7 @@ def test_demo_embeds_the_bundled_corpus(tmp_path, tiny_model_dir, capsys):
     assert '"rows_embedded"' not in printed, printed
     assert re.search(r"\b32 in, 32 embedded, 0 rejected\b", printed), printed
     work = re.search(r"\bthis run: 3 of 3 unit\(s\) committed in ([\d.]+) s; ([\d,]+) tokens/s "
-                     r"end to end, [\d,]+ once the encoders were up; ([\d,]+) tokens in the output",
+                     r"end to end, [\d,]+ once the encoders were up; ([\d,]+) tokens encoded",
                      printed)
     assert work, printed
     assert float(work.group(1)) >= summary["wall_s"] > 0  # the command's time: Ray's start too

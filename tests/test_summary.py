@@ -269,9 +269,10 @@ def test_report_of_a_nightly_run_names_the_snapshot_and_its_changes():
                         rows_unchanged=11978, rows_reused=11978, rows_deleted=4,
                         rows_embedded=22)
     lines = summary.report(result, config("s3://bkt/snaps"), "nightly")
-    # Rows the encoder ran on and rows that took the previous snapshot's vectors: all embedded.
-    assert lines[0].startswith("rows: 12,345 in, 12,000 embedded (11,978 of them with earlier "
-                               "vectors), 345 rejected")
+    # Rows the encoder ran on and rows that took the previous snapshot's vectors, as the
+    # summary's rows_embedded (encoded now) and rows_reused count them.
+    assert lines[0].startswith("rows: 12,345 in, 12,000 with vectors (22 encoded, 11,978 with "
+                               "earlier vectors), 345 rejected")
     (changes,) = [line for line in lines if line.startswith("snapshot ")]
     assert "snapshot-20260301T023015Z" in changes
     assert all(s in changes for s in ("5 new", "17 changed", "11,978 unchanged",
@@ -319,3 +320,13 @@ def test_resume_hint_after_too_many_rejects_asks_for_a_change_first():
 def test_resume_hint_names_the_output_and_the_same_command():
     hint = summary.resume_hint(config("s3://bkt/out/"))
     assert "s3://bkt/out;" in hint and "rerun the same command" in hint
+
+
+def test_chunks_per_document_count_reused_documents_once():
+    # Before the nightly summary splits them, rows_embedded counts every document written,
+    # reused ones included (a night of 24 documents, 22 reused, 102 chunks: 4.25 a document).
+    every = {"rows_embedded": 24, "rows_reused": 22, "chunks": 102, "chunks_max": 23,
+             "docs_chunked": 6, "overlap_tokens": 640, "reject_reasons": {}}
+    fields = summary._chunk_fields({"long_text": "chunk"}, every)
+    assert fields["chunks_per_doc_mean"] == 4.25 and fields["chunks"] == 102
+    assert summary._chunk_fields({"long_text": "truncate"}, every) == {}
