@@ -118,7 +118,9 @@ def test_expert_parallel(model_info):
     assert (p.encode.num_cpus, p.encode.rank_cpus, p.encode.rank_gpus) == (0.0, 1.0, 0.0)
     gpu = plan(model_info, "--expert-parallel", "2", cluster=GPU_CLUSTER)
     assert gpu.encode.actors == 2 and gpu.encode.held_gpus == 4  # 4 GPUs: 2 groups of 2
-    assert gpu.tokenize.actors == 16  # 4 per GPU
+    assert gpu.tokenize.actors == 24  # 6 per GPU, one thread each
+    assert gpu.tokenize.env_vars == {"RAYON_NUM_THREADS": "1"}
+    assert plan(model_info).tokenize.env_vars == {}  # CPU: the tokenizer's own threads
     assert plan(model_info).encode.ranks == 1 and "engine" not in \
         encode_kwargs(plan(model_info))
     with pytest.raises(ValueError, match="divides the model's 4 experts"):

@@ -212,6 +212,8 @@ def embed_and_write(ds: Dataset, plan: RunPlan) -> Dataset:
         TokenizeStage, fn_constructor_kwargs=plan.tokenize.kwargs,
         batch_size=plan.tokenize.batch_rows, batch_format="pyarrow",
         compute=ActorPoolStrategy(size=plan.tokenize.actors), num_cpus=plan.tokenize.num_cpus,
+        **({"runtime_env": {"env_vars": plan.tokenize.env_vars}} if plan.tokenize.env_vars
+           else {}),
     )
     # Merged by Ray with the job's runtime_env (working_dir, credentials by reference).
     env = {"runtime_env": {"env_vars": plan.encode.env_vars}} if plan.encode.env_vars else {}
