@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import dataclasses
 import json
 import shutil
@@ -37,7 +38,7 @@ from pipeline.serve.admission import Admission, QueueFull
 from pipeline.serve.config import ServeConfig, config_from_strings
 from pipeline.serve.identity import (ServedModel, check_expected_output, dtype_warning,
                                      load_served_model)
-from pipeline.serve.inputs import QueryTokenizer, join_pieces, split_pieces
+from pipeline.serve.inputs import QueryTokenizer, join_pieces, split_pieces, take_batch
 from pipeline.serve.protocol import ApiError, embedding_response, parse_request
 from pipeline.snapshots import publish
 from pipeline.units import run_identity, write_identity
@@ -202,6 +203,22 @@ def test_pieces_keep_order_within_the_budget(models):
     assert np.array_equal(joined.ids, batch.ids) and np.array_equal(joined.lengths, batch.lengths)
     assert rows[0][0] == 0 and rows[-1][1] == len(texts)
     assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
+
+
+def test_the_encoders_queue_takes_what_waits_up_to_the_budget(models):
+    tok = QueryTokenizer((models["wide"] / "tokenizer.json").read_text())
+    batch = tok.tokenize(tuple(texts_of([300, 100, 150, 40, 500], tok)), "query")
+    pieces = split_pieces(batch, 256, 1)  # budget 1: one sequence a piece
+    loop = asyncio.new_event_loop()
+    futures = [loop.create_future() for _ in pieces]
+    futures[2].cancel()  # its caller went away
+    waiting = collections.deque(zip(pieces, futures))
+    sizes = [p.tokens for p in pieces]
+    first = take_batch(waiting, sizes[0] + sizes[1] + sizes[3])  # the 3rd is skipped
+    assert [p.tokens for p, _ in first] == [sizes[0], sizes[1], sizes[3]]
+    assert [p.tokens for p, _ in take_batch(waiting, 1)] == [sizes[4]]  # the first always
+    assert not waiting and take_batch(waiting, 10_000) == []
+    loop.close()
 
 
 def test_queue_limit_and_retry_after():
@@ -473,8 +490,13 @@ def test_64_concurrent_clients_get_their_own_vectors_in_order(service, models, w
     assert total < QUEUE_TOKENS  # all of them may be in flight at once
     bodies = [{"input": texts, "dimensions": w, "encoding_format": "base64"}
               for texts, w in requests_]
+    before = service.encoder_stats()
     responses = asyncio.run(post_all(f"{service.url}/v1/embeddings", bodies))
     assert [status for status, _, _ in responses] == [200] * len(bodies)  # none lost
+    after = service.encoder_stats()
+    # the requests were batched together (the encoder's own queue), all of them encoded
+    assert after["pieces"] - before["pieces"] == len(bodies)
+    assert after["batches"] - before["batches"] < len(bodies)
     for (texts, _), want, (_, _, body) in zip(requests_, expected_vectors(wide_embedder,
                                                                           requests_), responses):
         data = body["data"]

@@ -20,6 +20,7 @@ from ..model.config import DEFAULT_MODEL, MAX_SEQ_LEN
 API_KEY_ENV = "NOMIC_PIPELINE_API_KEY"
 # OpenAI's own limit on inputs per request.
 MAX_INPUTS = 2048
+BATCHING = ("queue", "serve-batch", "off")
 
 
 def _field(default: Any, help: str, *, metavar: str | None = None, choices=None):
@@ -66,8 +67,11 @@ class ServeConfig:
                                           "4096 on CPU in float32, 16384 on GPU)", metavar="N")
     batch_wait_ms: float = _field(2.0, "how long an idle encoder waits for more requests to "
                                   "join a batch", metavar="MS")
-    no_batching: bool = _field(False, "encode each request alone (no batching across requests; "
-                               "for comparison)")
+    batching: str = _field("queue", "how an encoder replica batches requests: queue (its own: "
+                           "a batch is taken when the encoder is free, everything waiting up to "
+                           "--max-batch-tokens), serve-batch (Ray Serve's @serve.batch by "
+                           "tokens) or off (each request alone); see docs/serve.md",
+                           choices=BATCHING)
     replicas: int | None = _field(None, "encoder replicas (default: one per GPU, else 1)",
                                   metavar="N")
     ingress_replicas: int = _field(1, "tokenizing ingress replicas", metavar="N")
@@ -83,7 +87,7 @@ class ServeConfig:
                                      "--expect-output", metavar="URL")
 
     def __post_init__(self) -> None:
-        for name in ("device", "dtype"):
+        for name in ("device", "dtype", "batching"):
             allowed = self.__dataclass_fields__[name].metadata["choices"]
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not one of {list(allowed)}")

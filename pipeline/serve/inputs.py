@@ -10,7 +10,9 @@ starts with a known prefix), ``<s>``/``</s>`` around it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +37,23 @@ class Piece:
 def piece_tokens(pieces: list[Piece]) -> int:
     """The size of a batch of pieces for ``@serve.batch``: its tokens."""
     return sum(p.tokens for p in pieces)
+
+
+def take_batch(waiting: collections.deque, max_tokens: int) -> list[tuple[Piece, Any]]:
+    """The next batch from the front of ``waiting`` (``(piece, future)`` pairs, oldest
+    first): pieces in arrival order while their tokens fit in ``max_tokens`` (the first one
+    always), skipping those whose caller has gone (a cancelled future)."""
+    batch, tokens = [], 0
+    while waiting:
+        piece, future = waiting[0]
+        if future.cancelled():
+            waiting.popleft()
+            continue
+        if batch and tokens + piece.tokens > max_tokens:
+            break
+        batch.append(waiting.popleft())
+        tokens += piece.tokens
+    return batch
 
 
 class QueryTokenizer:

@@ -39,9 +39,11 @@ class IngressMetrics:
 
 
 class EncoderMetrics:
-    """Tokens and pieces per encoder batch, and the encoder's time per batch."""
+    """Tokens and pieces per encoder batch, the encoder's time per batch, its queue."""
 
     def __init__(self) -> None:
+        self.queue = metrics.Gauge("embeddings_encoder_queue", "request pieces waiting in this "
+                                   "encoder replica's queue")
         self.batch_tokens = metrics.Histogram("embeddings_batch_tokens", "tokens per encoder "
                                               "batch", boundaries=TOKEN_BOUNDARIES)
         self.batch_pieces = metrics.Histogram("embeddings_batch_requests", "request pieces "

@@ -33,6 +33,10 @@ class Service:
     served: ServedModel
     expected: dict[str, Any] | None  # the --expect-output run's identity, when given
 
+    def encoder_stats(self) -> dict[str, Any]:
+        """One encoder replica's totals (batches, pieces, tokens, encoder seconds)."""
+        return serve.get_deployment_handle("Encoder", APP_NAME).stats.remote().result()
+
     def describe(self) -> list[str]:
         lines = [f"serving {self.served.id} at {self.url}/v1/embeddings (widths "
                  f"{','.join(map(str, self.served.widths))})",
