@@ -88,9 +88,10 @@ def running(config: ServeConfig, api_key: str | None = None) -> Iterator[Service
 def serve_until_stopped(config: ServeConfig, api_key: str | None = None) -> None:
     """Run the service until SIGINT or SIGTERM (what ``python -m pipeline serve`` does)."""
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     with running(config, api_key) as service:
+        # After ray.init, which sets its own SIGTERM handler (an exit without Serve's drain).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         print("\n".join(service.describe()), flush=True)
         stop.wait()
-        print("stopping", flush=True)
+        print("stopping: answering the requests in flight, then shutting down", flush=True)
