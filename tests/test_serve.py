@@ -265,6 +265,10 @@ def test_options_from_strings_as_serve_run_gives_them():
         config_from_strings({"dimz": "1"})
     with pytest.raises(ValueError, match="max_batch_tokens must be at least 512"):
         ServeConfig(max_batch_tokens=100)
+    from pipeline.serve.app import app_builder
+
+    with pytest.raises(ValueError, match="http_options"):  # before any model is looked at
+        app_builder({"model": "nomic-ai/nomic-embed-text-v2-moe", "port": "8001"})
 
 
 # ---------------------------------------------------------------------------------------------

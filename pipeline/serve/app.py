@@ -68,7 +68,7 @@ _INITIAL_BATCH_TOKENS = 4096
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """The ingress's limits: its ``user_config``, changed by a redeploy without a restart."""
+    """The ingress's limits: its ``user_config`` (a Serve config may change them in place)."""
 
     max_inputs: int
     max_body_bytes: int
@@ -441,8 +441,14 @@ def prepare(config: ServeConfig) -> tuple[ServedModel, dict[str, Any] | None, st
 def app_builder(args: dict[str, str]):
     """``serve run pipeline.serve.app:app_builder model=... dims=768,512,256`` and a
     RayService's ``import_path``: the options of ``python -m pipeline serve`` as ``key=value``
-    (``host`` and ``port`` are Serve's HTTP options there, not these). The API key comes
-    from ``$NOMIC_PIPELINE_API_KEY`` unless ``api_key`` is given."""
+    (``host`` and ``port`` are Serve's HTTP options there, and the cluster is the one Serve
+    runs on: those three are refused). The API key comes from ``$NOMIC_PIPELINE_API_KEY``
+    unless ``api_key`` is given."""
+    ignored = sorted({"host", "port", "address"} & set(args))
+    if ignored:
+        raise ValueError(f"{ignored} are not application arguments: set host and port in the "
+                         "Serve config's http_options (serve run --host/--port); the cluster "
+                         "is the one Serve runs on")
     config = config_from_strings(args)
     served, expected, where = prepare(config)
     return build_app(config, served, cluster_gpus(), config.api_key or os.environ.get(
