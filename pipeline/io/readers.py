@@ -176,11 +176,7 @@ def read_jsonl(stream, source: str, spec: ReadSpec) -> Iterator[pa.Table]:
             yield pending
         pending = _jsonl_table(rows, source, spec, seen)
     if pending is not None:
-        n = pending.num_rows
-        yield pending.set_column(pending.schema.get_field_index(S.FILE_ROWS), S.FILE_ROWS,
-                                 pa.array([total] * n, pa.int64())) \
-            .set_column(pending.schema.get_field_index(S.FILE_ROWSUM), S.FILE_ROWSUM,
-                        pa.array([row_sum] * n, pa.int64()))
+        yield _with_totals(pending, total, row_sum)
 
 
 def _read_error(source: str, err: BaseException) -> Exception:
@@ -535,11 +531,16 @@ def _read_members(unit: InputFile, spec: ReadSpec,
             yield pending
         pending = pa.concat_tables(gathered)
     if pending is not None:
-        n = pending.num_rows
-        yield pending.set_column(pending.schema.get_field_index(S.FILE_ROWS), S.FILE_ROWS,
-                                 pa.array([total] * n, pa.int64())) \
-            .set_column(pending.schema.get_field_index(S.FILE_ROWSUM), S.FILE_ROWSUM,
-                        pa.array([checksum] * n, pa.int64()))
+        yield _with_totals(pending, total, checksum)
+
+
+def _with_totals(table: pa.Table, rows: int, rowsum: int) -> pa.Table:
+    """The unit's last block: its row count and row checksum on every row."""
+    n = table.num_rows
+    return table.set_column(table.schema.get_field_index(S.FILE_ROWS), S.FILE_ROWS,
+                            pa.array([rows] * n, pa.int64())) \
+        .set_column(table.schema.get_field_index(S.FILE_ROWSUM), S.FILE_ROWSUM,
+                    pa.array([rowsum] * n, pa.int64()))
 
 
 def _without_totals(table: pa.Table) -> pa.Table:
