@@ -5,7 +5,9 @@ pieces, the queue limit, the served model's id, and ``--expect-output`` against 
 recorded by the batch job's own functions (one from other weights, one with another tokenizer).
 
 On Ray (one service for the module, on 127.0.0.1): the unmodified ``openai`` client, every
-error status with its envelope, 64 concurrent clients, the queue limit giving 429. The model is
+error status with its envelope, 64 concurrent clients, the queue limit giving 429, the
+documented metrics, the request logs, and (the last test) a stop that answers the requests in
+flight. The model is
 768 wide (2 layers, random weights, the tiny tokenizer), so the widths are the real model's
 768/512/256.
 """
@@ -15,8 +17,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
+import re
 import shutil
 import socket
 import time
@@ -130,6 +135,7 @@ def texts_of(tokens: list[int], tokenizer: QueryTokenizer, offset: int = 0) -> l
     ({"input": ["a"] * 2049}, "input", "2049 strings"),
     ({"input": [1, 2, 3]}, "input", "token-id inputs are refused"),
     ({"input": [[1, 2], [3]]}, "input", "token-id inputs are refused"),
+    ({"input": 5}, "input", "not a number"),
     ({"input": ["a", None]}, "input", "input[1] is null"),
     ({"input": "a", "dimensions": 100}, "dimensions", "offers [768, 512, 256]"),
     ({"input": "a", "dimensions": "256"}, "dimensions", "not offered"),
@@ -247,6 +253,16 @@ def test_queue_limit_and_retry_after():
     assert queue.rate() == 0 and queue.retry_after() == 1  # nothing answered lately
 
 
+def test_request_log_lines_leave_out_what_the_request_did_not_give():
+    from pipeline.serve.app import request_log_line
+
+    line = request_log_line(200, 0.0234, {"inputs": 2, "tokens": 31, "width": 256,
+                                          "task": "query", "encoding": "base64", "user": None})
+    assert line == ("embeddings status=200 ms=23.4 inputs=2 tokens=31 width=256 task=query "
+                    "encoding=base64")
+    assert request_log_line(401, 0.0, {}) == "embeddings status=401 ms=0.0"
+
+
 def test_served_model_id_and_names(models):
     served = served_model(models)
     assert served.fingerprint.startswith("sha256:") and served.name == "wide"
@@ -267,7 +283,8 @@ def test_options_from_strings_as_serve_run_gives_them():
         ServeConfig(max_batch_tokens=100)
     from pipeline.serve.app import app_builder
 
-    with pytest.raises(ValueError, match="http_options"):  # before any model is looked at
+    # before any model is looked at; `serve run` has no --host/--port to point to
+    with pytest.raises(ValueError, match="http_options of a Serve config file"):
         app_builder({"model": "nomic-ai/nomic-embed-text-v2-moe", "port": "8001"})
 
 
@@ -284,7 +301,9 @@ def test_expect_output_accepts_the_same_weights_and_follows_latest(models, tmp_p
     fs, path = open_filesystem(str(root))
     publish(fs, path, "snapshot-20260101T000000Z")
     for uri in (root, root / "_LATEST"):
-        assert check_expected_output(str(uri), served)["dims"] == [256]
+        identity = check_expected_output(str(uri), served)
+        assert identity["dims"] == [256]
+        assert identity["output"] == str(root / "snapshot-20260101T000000Z")  # what /ready shows
 
 
 @pytest.mark.parametrize("other, words", [
@@ -330,6 +349,26 @@ def test_the_command_refuses_a_mismatched_output_before_ray(models, tmp_path, ca
     assert main(["serve", "--dims", "768,768"]) == 2  # refused before the model is looked at
 
 
+def test_the_command_names_dims_when_the_model_is_narrower(tiny_model_dir, capsys):
+    import ray
+
+    assert main(["serve", "--model", str(tiny_model_dir)]) == 2 and not ray.is_initialized()
+    err = capsys.readouterr().err
+    assert "--dims 768,512,256: width 768" in err and "is 64 wide" in err
+
+
+def test_the_command_refuses_a_busy_port_before_ray(models, capsys):
+    import ray
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", "--model", str(models["wide"]), "--port", str(port)])
+    assert code == 2 and not ray.is_initialized()
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # the running service (Ray Serve)
 
@@ -341,9 +380,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def service(models, tmp_path_factory):
+def running_service(models, tmp_path_factory):
     """The service on 127.0.0.1, started once for the module, checked against a batch output
-    of the same weights; Serve and its Ray are shut down at the end."""
+    of the same weights: ``(service, stop)``. The module's last test calls ``stop``; Serve
+    and its Ray are shut down at the end in any case."""
     import ray
 
     from pipeline.serve.server import running
@@ -352,9 +392,17 @@ def service(models, tmp_path_factory):
     config = ServeConfig(model=str(models["wide"]), dims=WIDTHS, port=free_port(),
                          expect_output=str(out), max_queued_tokens=QUEUE_TOKENS,
                          max_body_bytes=BODY_LIMIT, device="cpu", dtype="float32")
-    with running(config, api_key=KEY) as svc:
-        yield svc
+    with pytest.MonkeyPatch.context() as env, contextlib.ExitStack() as stack:
+        # Ray's processes export metrics every second (default 10 s): the metrics test waits less.
+        env.setenv("RAY_metrics_report_interval_ms", "1000")
+        svc = stack.enter_context(running(config, api_key=KEY))
+        yield svc, stack.close
     assert not ray.is_initialized()
+
+
+@pytest.fixture
+def service(running_service):
+    return running_service[0]
 
 
 def client(service, **kw):
@@ -434,6 +482,13 @@ def test_every_error_has_its_status_and_envelope(service):
         error = r.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"]
         assert error["code"] == code
+    def streamed():  # no Content-Length: the body is refused once it passes the limit
+        for _ in range(BODY_LIMIT // 65536 + 1):
+            yield b" " * 65536
+
+    r = requests.post(url, headers=h, data=streamed(), timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert f"is over {BODY_LIMIT} bytes" in r.json()["error"]["message"]
     r = requests.post(url, headers=h, data=b"{not json", timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = requests.get(f"{service.url}/v1/nothing", headers=h)
@@ -551,15 +606,127 @@ def test_a_full_queue_answers_429_at_once_not_a_hang(service, models, wide_embed
 
 @pytest.mark.ray
 def test_request_logs_hold_no_text(service):
-    import ray
-
     marker = "zebracorn-marker-text"
     r = requests.post(f"{service.url}/v1/embeddings", headers={"Authorization": f"Bearer {KEY}"},
                    json={"input": [marker, "x"], "user": "u-42"})
     assert r.status_code == 200
-    logs = Path(ray._private.worker._global_node.get_logs_dir_path())  # this Ray's own logs
+    logs = Path(service.logs_dir)  # this Ray's own logs (ray.init's address_info)
     time.sleep(0.5)  # the replica's log handler writes asynchronously
     text = "".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file()
                    and p.suffix in (".log", ".out", ".err"))
     assert "embeddings status=200" in text and "inputs=2" in text and "user=u-42" in text
     assert marker not in text
+
+
+def scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
+    """The Prometheus text at ``url`` as ``(name, labels, value)`` samples."""
+    samples = []
+    for line in requests.get(url, timeout=10).text.splitlines():
+        match = re.match(r"([A-Za-z_:][\w:]*)(?:\{(.*)\})? (\S+)$", line)
+        if match and not line.startswith("#"):
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match[2] or ""))
+            samples.append((match[1], labels, float(match[3])))
+    return samples
+
+
+def total(samples, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples carrying ``labels`` (over replicas and Ray's own labels)."""
+    return sum(v for n, got, v in samples if n == name and labels.items() <= got.items())
+
+
+def documented_metrics() -> list[str]:
+    """The metric names docs/serve.md's table gives, as Prometheus shows them."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "serve.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `ray_embeddings_")]
+    return sorted({name for row in rows for name in re.findall(r"`(ray_embeddings_\w+)`",
+                                                               row.split("|")[1])})
+
+
+@pytest.mark.ray
+def test_the_documented_metrics_appear_and_move(service):
+    names = documented_metrics()
+    assert len(names) == 9 and service.metrics_url.endswith("/metrics")
+    h = {"Authorization": f"Bearer {KEY}"}
+    url = f"{service.url}/v1/embeddings"
+    before = scrape(service.metrics_url)
+    while True:  # the earlier tests' requests exported: two scrapes a second apart agree
+        time.sleep(1.2)
+        again = scrape(service.metrics_url)
+        if total(again, "ray_embeddings_inputs_total") == total(before,
+                                                               "ray_embeddings_inputs_total"):
+            break
+        before = again
+    tokens = 0
+    for body in ({"input": ["one question", "two"]}, {"input": "three", "dimensions": 256}):
+        r = requests.post(url, headers=h, json=body, timeout=30)
+        assert r.status_code == 200
+        tokens += r.json()["usage"]["prompt_tokens"]
+    assert requests.post(url, headers=h, json={"input": ""}, timeout=30).status_code == 400
+    assert requests.get(f"{service.url}/v1/models", timeout=30).status_code == 401
+    assert requests.get(f"{service.url}/v1/models/wide", headers=h, timeout=30).ok
+    moves = {  # (name, labels): the least it must have moved by
+        ("ray_embeddings_requests_total", ("200", "/v1/embeddings")): 2,
+        ("ray_embeddings_requests_total", ("400", "/v1/embeddings")): 1,
+        ("ray_embeddings_requests_total", ("401", "/v1/models")): 1,
+        ("ray_embeddings_requests_total", ("200", "/v1/models/{model}")): 1,
+        ("ray_embeddings_inputs_total", ()): 3,
+        ("ray_embeddings_tokens_total", ()): tokens,
+        ("ray_embeddings_latency_s_count", ("200",)): 2,
+        ("ray_embeddings_latency_s_count", ("400",)): 1,
+        ("ray_embeddings_batch_tokens_count", ()): 2,
+        ("ray_embeddings_batch_requests_count", ()): 1,
+        ("ray_embeddings_batch_s_count", ()): 1,
+    }
+
+    def moved(samples) -> dict:
+        out = {}
+        for name, tags in moves:
+            labels = dict(zip(("status", "route"), tags))
+            out[name, tags] = total(samples, name, **labels) - total(before, name, **labels)
+        return out
+
+    deadline = time.monotonic() + 40  # Ray exports each process's metrics every second here
+    while True:
+        after = scrape(service.metrics_url)
+        got = moved(after)
+        if all(got[k] >= v for k, v in moves.items()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    short = {f"{name}{tags}": (got[name, tags], least)
+             for (name, tags), least in moves.items() if got[name, tags] < least}
+    assert not short, short  # (moved by, at least)
+    assert got["ray_embeddings_inputs_total", ()] == 3  # exactly: what was embedded
+    assert got["ray_embeddings_tokens_total", ()] == tokens
+    shown = {n for n, _, _ in after}
+    for name in names:  # a histogram shows as _bucket/_count/_sum
+        assert name in shown or f"{name}_count" in shown, (name, sorted(
+            n for n in shown if n.startswith("ray_embeddings")))
+    assert total(after, "ray_embeddings_queued_tokens") == 0  # nothing in flight now
+    assert total(after, "ray_embeddings_encoder_queue") == 0
+
+
+@pytest.mark.ray
+def test_stopping_answers_the_requests_in_flight(running_service):
+    """The module's last test: it stops the service, as SIGINT/SIGTERM does, while a large
+    request is being embedded; the request is answered (``serve.shutdown`` alone kills Serve's
+    proxy at once, and the client got no answer)."""
+    service, stop = running_service
+    texts = [f"question {i}: how are the tokens of a long question routed to experts?"
+             for i in range(600)]
+    before = service.encoder_stats()["batches"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(requests.post, f"{service.url}/v1/embeddings",
+                             headers={"Authorization": f"Bearer {KEY}"},
+                             json={"input": texts, "dimensions": 256}, timeout=120)
+        deadline = time.monotonic() + 60
+        while service.encoder_stats()["batches"] == before:  # its first batch is done
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert not answer.done()  # still in flight when the stop begins
+        started = time.monotonic()
+        stop()
+        stopped_s = time.monotonic() - started
+        r = answer.result()
+    assert r.status_code == 200, r.text[:500]
+    assert [d["index"] for d in r.json()["data"]] == list(range(len(texts)))
+    assert stopped_s < 30

@@ -101,7 +101,8 @@ async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
 def request_log_line(status: int, seconds: float, facts: dict[str, Any]) -> str:
     """One line per request: what was asked and how it went, never the texts."""
     shown = " ".join(f"{k}={facts[k]}" for k in ("inputs", "tokens", "width", "task",
-                                                   "encoding", "user") if k in facts)
+                                                   "encoding", "user")
+                     if facts.get(k) is not None)
     return f"embeddings status={status} ms={seconds * 1000:.1f} {shown}".rstrip()
 
 
@@ -123,8 +124,10 @@ def _queue_full(message: str, retry_after: int) -> ApiError:
                     headers={"Retry-After": str(retry_after)})
 
 
-def _too_large(size: int, limit: int) -> ApiError:
-    return ApiError(413, f"the request body has {size} bytes, more than this service takes "
+def _too_large(size: int, limit: int, *, declared: bool) -> ApiError:
+    # A streamed body is refused once it passes the limit: its whole size is not known.
+    size_is = f"has {size} bytes" if declared else f"is over {limit} bytes"
+    return ApiError(413, f"the request body {size_is}, more than this service takes "
                     f"({limit}, --max-body-bytes); split the input", code="request_too_large")
 
 
@@ -220,30 +223,49 @@ class Ingress:
         limit = self.limits.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise _too_large(int(declared), limit)
+            raise _too_large(int(declared), limit, declared=True)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise _too_large(size, limit)
+                raise _too_large(size, limit, declared=False)
             chunks.append(chunk)
         return b"".join(chunks)
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
-        self._check_key(request)
-        self.metrics.answered(200, "/v1/models", 0.0)
-        return JSONResponse({"object": "list", "data": [await self._card()]},
-                            headers={FINGERPRINT_HEADER: self.served.fingerprint})
+        return await self._counted("/v1/models", self._models(request))
 
     @api.get("/v1/models/{model:path}")
     async def model(self, model: str, request: Request) -> JSONResponse:
+        return await self._counted("/v1/models/{model}", self._model(model, request))
+
+    async def _models(self, request: Request) -> JSONResponse:
+        self._check_key(request)
+        return JSONResponse({"object": "list", "data": [await self._card()]},
+                            headers={FINGERPRINT_HEADER: self.served.fingerprint})
+
+    async def _model(self, model: str, request: Request) -> JSONResponse:
         self._check_key(request)
         if not self.served.accepts(model):
             raise ApiError(404, f"model {model!r} is not served here; this service serves "
                            f"{self.served.id}", param="model", code="model_not_found")
         return JSONResponse(await self._card(),
                             headers={FINGERPRINT_HEADER: self.served.fingerprint})
+
+    async def _counted(self, route: str, answer) -> JSONResponse:
+        """``answer`` awaited, and counted in the requests metric with its status (a
+        refusal too)."""
+        status = 500
+        try:
+            response = await answer
+            status = response.status_code
+            return response
+        except ApiError as err:
+            status = err.status
+            raise
+        finally:
+            self.metrics.answered(status, route, 0.0)
 
     async def _card(self) -> dict[str, Any]:
         info = await self._encoder_info()
@@ -430,12 +452,13 @@ def build_app(config: ServeConfig, served: ServedModel, gpus: float,
 
 def prepare(config: ServeConfig) -> tuple[ServedModel, dict[str, Any] | None, str | None]:
     """The model resolved and fingerprinted, and ``--expect-output`` checked (before Ray):
-    ``(served, the batch output's identity, its location)``; raises on a mismatch."""
+    ``(served, the batch output's identity, the output matched)``; raises on a mismatch. The
+    output matched is the snapshot a nightly root or its ``_LATEST`` named at start."""
     served = load_served_model(config)
     if not config.expect_output:
         return served, None, None
     identity = check_expected_output(config.expect_output, served, config.storage_options)
-    return served, identity, config.expect_output
+    return served, identity, identity["output"]
 
 
 def app_builder(args: dict[str, str]):
@@ -446,9 +469,12 @@ def app_builder(args: dict[str, str]):
     unless ``api_key`` is given."""
     ignored = sorted({"host", "port", "address"} & set(args))
     if ignored:
+        # `serve run` has no --host/--port (Ray 2.60): an import path listens on
+        # 127.0.0.1:8000, and a config file's http_options choose.
         raise ValueError(f"{ignored} are not application arguments: set host and port in the "
-                         "Serve config's http_options (serve run --host/--port); the cluster "
-                         "is the one Serve runs on")
+                         "http_options of a Serve config file (serve run config.yaml, serve "
+                         "deploy, a RayService's serveConfigV2); the cluster is the one Serve "
+                         "runs on")
     config = config_from_strings(args)
     served, expected, where = prepare(config)
     return build_app(config, served, cluster_gpus(), config.api_key or os.environ.get(

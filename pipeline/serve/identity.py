@@ -73,7 +73,11 @@ def load_served_model(config: ServeConfig) -> ServedModel:
                              storage_options=config.storage_options,
                              gguf_expert_bias=config.gguf_expert_bias)
     hidden = load_config(resolved.local_dir).hidden_size
-    check_dims(config.dims, hidden)
+    try:
+        check_dims(config.dims, hidden)
+    except ValueError as err:
+        raise ValueError(f"--dims {','.join(map(str, config.dims))}: {err}: model "
+                         f"{resolved.model_id} is {hidden} wide") from None
     path = Path(resolved.local_dir) / "tokenizer.json"
     if not path.is_file():
         raise TokenizerError(f"model {resolved.model_id} has no tokenizer.json")
@@ -156,10 +160,12 @@ def dtype_warning(identity: dict[str, Any], dtype: str) -> str | None:
 
 def check_expected_output(uri: str, served: ServedModel,
                           storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The batch output's identity, or :class:`UserError` naming every difference."""
+    """The batch output's identity, with ``output``: the output it was read from (the snapshot
+    a nightly root or ``_LATEST`` named when checked); or :class:`UserError` naming every
+    difference."""
     identity, where = read_run_identity(uri, storage_options)
     problems = identity_problems(identity, served)
     if problems:
         raise UserError(f"--expect-output {where}: this service's vectors would not be "
                         f"comparable with that output's: {'; '.join(problems)}")
-    return identity
+    return dict(identity, output=where)

@@ -143,7 +143,8 @@ def _optional_str(body: dict, name: str) -> str | None:
 
 def _kind(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-            type(None): "null"}.get(type(value), f"a {type(value).__name__}")
+            int: "a number", float: "a number", type(None): "null"}.get(
+        type(value), f"a {type(value).__name__}")
 
 
 def encode_vector(vector: np.ndarray, encoding: str) -> list[float] | str:
