@@ -11,8 +11,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,6 @@ from pipeline.io import iceberg
 from tests.s3server import s3_bucket, s3_client, s3_endpoint  # noqa: F401
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 DIMS = (64, 32)
 EMBEDDINGS = [f"embedding_{d}" for d in DIMS]
 
@@ -211,27 +208,33 @@ def test_partition_folders_stay_in_the_output_paths(tmp_path):
         os.chdir(cwd)
 
 
-def test_enrich_refusals_exit_2_before_ray(tmp_path, tiny_model_dir, warehouse):
+def test_enrich_refusals_exit_2_before_ray(tmp_path, tiny_model_dir, warehouse, capsys,
+                                          monkeypatch):
+    """In this process: the test is not marked ``ray``, so a refusal that came after Ray
+    started would fail here (tests/conftest.py refuses ``ray.init``) instead of exiting 2."""
+    import ray
+
+    from pipeline.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl").write_text('{"id": 1, "text": "x"}\n')
 
-    def enrich(*argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pipeline", "enrich", *argv, "--model",
-                               str(tiny_model_dir)], cwd=REPO, capture_output=True, text=True,
-                              timeout=120, env={k: v for k, v in os.environ.items()
-                                                if k != "RAY_ADDRESS"})
+    def enrich(*argv: str) -> tuple[int, str]:
+        code = main(["enrich", *argv, "--model", str(tiny_model_dir)])
+        return code, capsys.readouterr().err
 
-    proc = enrich("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"))
-    assert proc.returncode == 2 and "enrich reads Parquet tables" in proc.stderr
+    code, err = enrich("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"))
+    assert code == 2 and "enrich reads Parquet tables" in err
     (tmp_path / "pq").mkdir()
     pq.write_table(pa.table({"id": [1], "text": ["x"]}), tmp_path / "pq" / "a.parquet")
     pq.write_table(pa.table({"id": [2], "body": ["y"]}), tmp_path / "pq" / "b.parquet")
-    proc = enrich("--input", str(tmp_path / "pq"), "--output", str(tmp_path / "out"))
-    assert proc.returncode == 2 and "b.parquet has no ['text']" in proc.stderr, proc.stderr[-500:]
-    proc = enrich("--input", "iceberg:lake.docs", "--output", "iceberg:lake.other",
-                  "--iceberg-warehouse", str(warehouse))
-    assert proc.returncode == 2 and "enriched in place" in proc.stderr
-    proc = enrich("--input", "iceberg:lake.missing", "--output", "iceberg:lake.missing",
-                  "--iceberg-warehouse", str(warehouse))
-    assert proc.returncode == 2 and "does not exist" in proc.stderr, proc.stderr[-2000:]
-    assert "Started a local Ray" not in proc.stderr
+    code, err = enrich("--input", str(tmp_path / "pq"), "--output", str(tmp_path / "out"))
+    assert code == 2 and "b.parquet has no ['text']" in err, err[-500:]
+    code, err = enrich("--input", "iceberg:lake.docs", "--output", "iceberg:lake.other",
+                       "--iceberg-warehouse", str(warehouse))
+    assert code == 2 and "enriched in place" in err
+    code, err = enrich("--input", "iceberg:lake.missing", "--output", "iceberg:lake.missing",
+                       "--iceberg-warehouse", str(warehouse))
+    assert code == 2 and "does not exist" in err, err[-2000:]
+    assert not ray.is_initialized()
