@@ -18,7 +18,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PARITY_FIXTURE = (Path(os.environ["NOMIC_SHARED_DIR"]) / "fixtures" if os.environ.get(
     "NOMIC_SHARED_DIR") else FIXTURES) / "nomic-moe-tiny"
 # Fixtures that start (or connect to) a Ray: a test using one must be marked ``ray``.
-RAY_FIXTURES = ("cluster", "local_ray", "ray_head")
+RAY_FIXTURES = ("cluster", "ray_head")
 
 
 @pytest.fixture(scope="session")

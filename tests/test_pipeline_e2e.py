@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from pipeline import Embedder
 from pipeline.cli import main
@@ -30,14 +29,6 @@ from tests.s3server import s3_bucket, s3_client, s3_endpoint, upload_dir  # noqa
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 DIMS = (64, 32)
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def local_ray(s3_endpoint):
-    """One local Ray for the module, started after the fake AWS credentials are installed."""
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -71,7 +62,7 @@ def check_embeddings(table: pa.Table, rows: list[dict], embedder: Embedder, id_c
         np.testing.assert_allclose(got, want[d], atol=1e-5, rtol=0)
 
 
-def test_parquet_shards_on_s3(local_ray, s3_endpoint, s3_bucket, tiny_model_dir, embedder):
+def test_parquet_shards_on_s3(cluster, s3_endpoint, s3_bucket, tiny_model_dir, embedder):
     sizes = [37, 5, 0, 130]  # uneven, one empty
     rows, client, start = [], s3_client(s3_endpoint), 0
     for i, n in enumerate(sizes):
@@ -118,7 +109,7 @@ def test_parquet_shards_on_s3(local_ray, s3_endpoint, s3_bucket, tiny_model_dir,
     assert listed == {"output_files": summary["output_files"], "rejects_files": []}
 
 
-def test_gzip_jsonl_with_bad_rows(local_ray, s3_endpoint, s3_bucket, tiny_model_dir, embedder):
+def test_gzip_jsonl_with_bad_rows(cluster, s3_endpoint, s3_bucket, tiny_model_dir, embedder):
     rows = [{"doc_id": f"d{r['id']}", "body": r["text"], "lang": r["lang"]}
             for r in corpus_rows(45)]
     lines = [json.dumps(r) for r in rows[:30]]
@@ -175,7 +166,7 @@ def test_cli_subprocess_with_the_aws_environment_only(s3_endpoint, s3_bucket, ti
     np.testing.assert_allclose(got, want[table["id"].to_numpy()], atol=2e-3)
 
 
-def test_compression_suffixes_and_binary_ids(local_ray, tmp_path, tiny_model_dir, embedder):
+def test_compression_suffixes_and_binary_ids(cluster, tmp_path, tiny_model_dir, embedder):
     import pyarrow as pa_
 
     rows = corpus_rows(12)
@@ -207,7 +198,7 @@ def test_compression_suffixes_and_binary_ids(local_ray, tmp_path, tiny_model_dir
     assert pq.read_table(sorted(out2.glob("part-*.parquet")))["id"].type == pa.binary(16)
 
 
-def test_a_failure_during_the_run_exits_3(local_ray, tmp_path, tiny_model_dir, capsys):
+def test_a_failure_during_the_run_exits_3(cluster, tmp_path, tiny_model_dir, capsys):
     (tmp_path / "in").mkdir()
     lines = [{"id": 1, "text": "a", "score": 1}, {"id": 2, "text": "b", "score": "n/a"}]
     (tmp_path / "in" / "a.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
