@@ -15,7 +15,9 @@ from pipeline.cli import main
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
-def test_demo_embeds_the_bundled_corpus(tmp_path, tiny_model_dir, capsys):
+def test_demo_embeds_the_bundled_corpus(cluster, tmp_path, tiny_model_dir, capsys):
+    """On the suite's shared Ray (the demo joins a Ray this process has; the command starts a
+    local one of its own, as test_pipeline_e2e's subprocess run does)."""
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--model-dir", str(tiny_model_dir),
                  "--progress", "off"]) == 0

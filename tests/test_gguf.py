@@ -732,10 +732,9 @@ def test_convert_and_expert_bias_commands(parity_fixture_dir, tiny, tmp_path, ca
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_run_with_a_gguf_model(tiny, tmp_path, monkeypatch):
+def test_run_with_a_gguf_model(cluster, tiny, tmp_path, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import ray
 
     from pipeline.cli import main
     from pipeline.io.schema import read_metadata
@@ -745,14 +744,10 @@ def test_run_with_a_gguf_model(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("NOMIC_PIPELINE_CACHE", str(tmp_path / "cache"))
     texts = TEXTS[::6]
     pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), tmp_path / "in.parquet")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        with pytest.warns(G.GGUFExpertBiasWarning):
-            code = main(["run", "--input", str(tmp_path / "in.parquet"), "--output",
-                         str(tmp_path / "out"), "--model", str(path), "--dims", "64,32",
-                         "--progress", "off"])
-    finally:
-        ray.shutdown()
+    with pytest.warns(G.GGUFExpertBiasWarning):
+        code = main(["run", "--input", str(tmp_path / "in.parquet"), "--output",
+                     str(tmp_path / "out"), "--model", str(path), "--dims", "64,32",
+                     "--progress", "off"])
     assert code == 0
     table = pq.read_table(sorted((tmp_path / "out").glob("part-*.parquet")))
     with pytest.warns(G.GGUFExpertBiasWarning):
