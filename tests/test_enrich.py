@@ -210,12 +210,15 @@ def test_partition_folders_stay_in_the_output_paths(tmp_path):
 
 def test_enrich_refusals_exit_2_before_ray(tmp_path, tiny_model_dir, warehouse, capsys,
                                           monkeypatch):
-    """In this process: the test is not marked ``ray``, so a refusal that came after Ray
-    started would fail here (tests/conftest.py refuses ``ray.init``) instead of exiting 2."""
-    import ray
-
+    """In this process, with Ray's start (or join) failing the test: a refusal must come
+    before it (the suite's shared Ray may be up around this test)."""
+    import pipeline.cluster.session as session
     from pipeline.cli import main
 
+    def no_ray(config):
+        raise AssertionError("Ray was started (or joined) before the refusal")
+
+    monkeypatch.setattr(session, "init_ray", no_ray)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl").write_text('{"id": 1, "text": "x"}\n')
@@ -237,4 +240,3 @@ def test_enrich_refusals_exit_2_before_ray(tmp_path, tiny_model_dir, warehouse, 
     code, err = enrich("--input", "iceberg:lake.missing", "--output", "iceberg:lake.missing",
                        "--iceberg-warehouse", str(warehouse))
     assert code == 2 and "does not exist" in err, err[-2000:]
-    assert not ray.is_initialized()
