@@ -7,15 +7,23 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import posixpath
 import re
-from typing import Any
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable
 
 from . import units
 from .io.errors import OutputError
-from .io.storage import (DOCUMENTS_DIR, MANIFEST_DIR, SUMMARY_NAME, is_side_file,
-                         open_for_publish, storage_errors, to_uri)
+from .io.storage import (DOCUMENTS_DIR, MANIFEST_DIR, SUMMARY_NAME, InputFile, is_side_file,
+                         is_local, open_for_publish, publish_json, storage_errors, to_uri,
+                         unit_key)
 
 LATEST = "_LATEST"
+COPY_THREADS = 16  # carried files copied at once (a server-side copy each on object stores)
+# Counts of the work a unit cost when it ran; a carried unit cost none of it tonight.
+WORK_COUNTS = ("tokens", "texts_truncated", "grid_tokens", "batch_grid_tokens", "bytes",
+               "tokenize_s", "encode_s", "write_s", "encode_first_start", "encode_last_end")
 SNAPSHOT_RE = re.compile(r"^snapshot-\d{8}T\d{6}Z(-\d+)?$")
 
 
@@ -29,6 +37,12 @@ class Previous:
     rows: int
     files: list[tuple[str, int]]
     documents: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    uri: str = ""  # the snapshot folder's URI (files are named under it)
+    units: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # its manifests
+
+    def name_of(self, uri: str) -> str:
+        """A file's name within the snapshot (as manifests name files)."""
+        return uri.removeprefix(self.uri.rstrip("/") + "/")
 
 
 def read_latest(fs, root: str) -> str | None:
@@ -78,7 +92,8 @@ def load_previous(fs, root: str, name: str, root_uri: str) -> Previous:
     if state.identity is None:
         raise OutputError(f"{uri} has no {MANIFEST_DIR}/{units.RUN_FILE}: not a snapshot of "
                           "this job")
-    return Previous(name, state.identity, int(summary.get("rows_out", 0)), files, documents)
+    return Previous(name, state.identity, int(summary.get("rows_out", 0)), files, documents,
+                    uri=uri, units=state.units)
 
 
 def new_snapshot_name(existing, now: datetime.datetime | None = None) -> str:
@@ -127,3 +142,63 @@ def prune(fs, root: str, latest: str, keep: int) -> list[str]:
         with storage_errors(to_uri(fs, f"{root}/{name}"), "delete"):
             fs.rm(f"{root}/{name}", recursive=True)
     return gone
+
+
+def carry_refusal(previous: Previous, identity: dict[str, Any]) -> str | None:
+    """Why no unit can be carried from ``previous`` into a snapshot of ``identity`` (None:
+    units can be): its files must be what today's run would write, so every setting and
+    settled column type must be today's (``--keep-chunk-text`` and ``--doc-vectors`` too)."""
+    differs = [f for f in (*units.IDENTITY_FIELDS, "types")
+               if previous.identity.get(f) != identity.get(f)]
+    return f"settings changed: {', '.join(differs)}" if differs else None
+
+
+def carried_manifest(previous: Previous, manifest: dict[str, Any]) -> dict[str, Any]:
+    """A unit's manifest in today's snapshot when it is carried from ``previous``: the same
+    files and rows, every good row unchanged and reused, none of the work counted."""
+    good = manifest["rows_embedded"]
+    return manifest | dict.fromkeys(WORK_COUNTS, 0) | {
+        "rows_new": 0, "rows_changed": 0, "rows_unchanged": good, "rows_reused": good,
+        "carried_from": previous.name, "committed_at": time.time()}
+
+
+def carriable(previous: Previous, todo: Iterable[InputFile]) -> dict[str, dict[str, Any]]:
+    """The units of ``todo`` the previous snapshot holds as they are today: the same files
+    (its manifest's members), size and store version (a unit without a version is not
+    trusted), and no row rejected there as a duplicate id (with the other file changed
+    since, that row may be the one to keep tonight). Keyed by unit, their previous manifests."""
+    out = {}
+    for f in todo:
+        key = unit_key(f.unit)
+        m = previous.units.get(key)
+        if m is None or m["size"] != f.size or not f.version or m.get("version") != f.version:
+            continue
+        if (m.get("members") or []) != [x.uri for x in f.members]:
+            continue
+        if any(reason == "duplicate id" for reason in m.get("reject_reasons", {})):
+            continue
+        out[key] = m
+    return out
+
+
+def carry_units(previous: Previous, manifests: dict[str, dict[str, Any]], fs,
+                out_path: str) -> dict[str, dict[str, Any]]:
+    """Copy each unit's files from ``previous`` into the snapshot at ``out_path`` (same
+    names), then commit it there with its :func:`carried_manifest`; returns those."""
+    source = f"{out_path.rstrip('/').rsplit('/', 1)[0]}/{previous.name}"
+    target = out_path.rstrip("/")
+    local = is_local(fs)
+
+    def carry(key: str) -> tuple[str, dict[str, Any]]:
+        manifest = manifests[key]
+        for name in manifest["files"]:
+            with storage_errors(to_uri(fs, f"{source}/{name}"), "copy"):
+                if local:
+                    fs.makedirs(posixpath.dirname(f"{target}/{name}"), exist_ok=True)
+                fs.copy(f"{source}/{name}", f"{target}/{name}")
+        done = carried_manifest(previous, manifest)
+        publish_json(fs, units.manifest_path(target, key), done)
+        return key, done
+
+    with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
+        return dict(pool.map(carry, sorted(manifests)))

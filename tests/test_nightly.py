@@ -346,6 +346,66 @@ def test_a_resumed_snapshot_keeps_its_committed_units_and_never_repeats_their_id
     check_snapshot(table, day2, embedder)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_files_unchanged_since_the_previous_snapshot_are_carried_not_read(
+        cluster, tmp_path, tiny_model_dir, embedder):
+    """x and z are unchanged: their part files are copied as they are and their rows never
+    enter the graph (only their ids, for the duplicate check: a new file repeating one of
+    x's ids loses it); y changed and goes through the diff."""
+    src = tmp_path / "in"
+    src.mkdir()
+    day1 = {"x.jsonl": {i: {"id": i, "text": f"x text {i}", "lang": "en"} for i in range(12)},
+            "y.jsonl": {i: {"id": i, "text": f"y text {i}", "lang": "fr"} for i in range(20, 32)},
+            "z.jsonl": {i: {"id": i, "text": f"z text {i}", "lang": "de"} for i in range(40, 52)}}
+    for name, data in encoded(day1).items():
+        (src / name).write_bytes(data)
+    out = tmp_path / "nightly"
+    first = run_nightly(config(str(src), str(out), tiny_model_dir))
+    assert first["units"]["carried"] == 0
+
+    day2 = {"w.jsonl": {3: {"id": 3, "text": "w repeats x's id 3", "lang": "en"},
+                        60: {"id": 60, "text": "w text 60", "lang": "en"}},
+            "x.jsonl": day1["x.jsonl"], "y.jsonl": dict(day1["y.jsonl"]), "z.jsonl": day1["z.jsonl"]}
+    day2["y.jsonl"][21] = {"id": 21, "text": "y text 21, edited", "lang": "fr"}
+    del day2["y.jsonl"][22]
+    time.sleep(0.01)  # a later modification time
+    for name in ("w.jsonl", "y.jsonl"):
+        (src / name).write_bytes(encoded(day2)[name])
+    second = run_nightly(config(str(src), str(out), tiny_model_dir))
+    assert second["units"]["carried"] == 2 and second["reconciled"]
+    assert (second["rows_new"], second["rows_changed"], second["rows_deleted"]) == (1, 1, 1)
+    assert second["rows_unchanged"] == second["rows_reused"] == 12 + 10 + 12
+    assert second["rows_embedded"] == 2 and second["rows_rejected"] == 1
+    # Carried files are the previous snapshot's, byte for byte, under the same names.
+    before, now = out / first["snapshot"], out / second["snapshot"]
+    for name in ("x.jsonl", "z.jsonl"):
+        (manifest,) = [json.loads(p.read_text()) for p in (now / "_manifest").glob("unit-*.json")
+                       if json.loads(p.read_text())["uri"].endswith(name)]
+        assert manifest["carried_from"] == first["snapshot"] and manifest["tokens"] == 0
+        for part in manifest["files"]:
+            assert (now / part).read_bytes() == (before / part).read_bytes()
+    rejects = pq.read_table(second["rejects_files"][0])
+    assert rejects["id"].to_pylist() == ["3"] and rejects["source"][0].as_py().endswith("w.jsonl")
+    assert "unchanged since the previous one" in rejects["reason"][0].as_py()
+    table = pq.read_table(second["output_files"]).sort_by("id")
+    del day2["w.jsonl"][3]
+    check_snapshot(table, day2, embedder)
+
+    # Nothing changed: every unit is carried but w's (a duplicate id was rejected there: it
+    # goes through the diff again, where its other row is unchanged). Nothing is encoded.
+    third = run_nightly(config(str(src), str(out), tiny_model_dir))
+    assert third["units"]["carried"] == 3 and third["rows_embedded"] == 0 and third["reconciled"]
+    assert (third["rows_new"], third["rows_changed"], third["rows_deleted"]) == (0, 0, 0)
+    assert third["rows_unchanged"] == 36 and third["reused_previous"]
+    assert third["rows_rejected"] == 1
+    check_snapshot(pq.read_table(third["output_files"]).sort_by("id"), day2, embedder)
+
+    # Other settings: nothing is carried (the files would not be what this run writes).
+    fourth = run_nightly(config(str(src), str(out), tiny_model_dir, output_dtype="float16"))
+    assert fourth["units"]["carried"] == 0 and fourth["rows_embedded"] == 36
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals, before any work (no Ray)
 

@@ -5,6 +5,7 @@ the unfinished one a run resumes, pruning."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 from pathlib import Path
@@ -223,3 +224,78 @@ def test_load_previous_lists_the_part_and_document_files_its_units_committed(loc
     put(root, f"{snap(10)}/_manifest/unit-a.json",
         json.dumps({"unit": "a", "uri": "in/a.jsonl", "files": ["part-a.parquet"]}).encode())
     assert Snap.load_previous(fs, path, snap(10), "s3://o").documents == []
+
+
+# --- carrying units unchanged since the previous snapshot ----------------------------------------
+
+
+def previous_with(units: dict, identity: dict | None = None) -> Snap.Previous:
+    return Snap.Previous("snapshot-20260301T023015Z", identity or {"task": "document"}, 0, [],
+                         uri="file:///out/snapshot-20260301T023015Z", units=units)
+
+
+def manifest(uri: str, size: int, version: str | None, **extra) -> dict:
+    return {"unit": uri, "uri": uri, "size": size, "version": version, "rows": 4,
+            "rows_embedded": 3, "rows_rejected": 1, "reject_reasons": {"malformed JSON": 1},
+            "files": ["part-a.parquet", "_rejects/part-a.parquet"], "tokens": 40,
+            "rows_new": 3, "rows_changed": 0, "rows_unchanged": 0, "rows_reused": 0} | extra
+
+
+def test_only_units_with_the_same_files_size_and_version_are_carried():
+    from pipeline.io.storage import InputFile, unit_key
+    from pipeline.units import group_units
+
+    def f(name: str, size: int = 10, version: str | None = "etag:1") -> InputFile:
+        return InputFile(f"s3://b/{name}", size, "jsonl", None, version=version)
+
+    same, resized, rewritten, unversioned, duplicated = (
+        f("a"), f("b", 11), f("c", version="etag:2"), f("d", version=None), f("e"))
+    group = group_units([f(f"g{i:03d}") for i in range(200)], 1 << 30)[0]
+    regrouped = dataclasses.replace(group, members=group.members[:-1])  # a file fewer
+    prev = previous_with({
+        unit_key(x.unit): manifest(x.unit, 10, "etag:1") for x in (same, resized, rewritten)
+    } | {unit_key(unversioned.unit): manifest(unversioned.unit, 10, None),
+         unit_key(duplicated.unit): manifest(duplicated.unit, 10, "etag:1",
+                                             reject_reasons={"duplicate id": 1}),
+         unit_key(group.unit): manifest(group.unit, group.size, group.version,
+                                        members=[m.uri for m in group.members])})
+    todo = [same, resized, rewritten, unversioned, duplicated, group, regrouped, f("new")]
+    found = Snap.carriable(prev, todo)
+    assert sorted(found) == sorted([unit_key(same.unit), unit_key(group.unit)])
+
+
+def test_a_carried_manifest_counts_every_good_row_unchanged_and_no_work():
+    prev = previous_with({})
+    done = Snap.carried_manifest(prev, manifest("s3://b/a", 10, "etag:1"))
+    assert (done["rows_new"], done["rows_changed"], done["rows_unchanged"],
+            done["rows_reused"]) == (0, 0, 3, 3)
+    assert done["tokens"] == 0 and done["rows"] == 4 and done["rows_rejected"] == 1
+    assert done["files"] == ["part-a.parquet", "_rejects/part-a.parquet"]
+    assert done["carried_from"] == prev.name
+
+
+def test_carrying_needs_every_setting_and_column_type_equal():
+    identity = {f: f"value of {f}" for f in ("model_fingerprint", "tokenizer_sha256", "task",
+                                             "dims", "output_dtype", "dtype", "id_column",
+                                             "text_column", "keep_columns", "on_duplicate",
+                                             "long_text", "types")}
+    prev = previous_with({}, identity)
+    assert Snap.carry_refusal(prev, identity | {"nightly": {"base": "x"}}) is None
+    assert "types" in Snap.carry_refusal(prev, identity | {"types": "other"})
+    chunking = identity | {"long_text": {"mode": "chunk", "chunk_text": True}}
+    assert "long_text" in Snap.carry_refusal(prev, chunking)  # an output-only option too
+
+
+def test_carry_units_copies_the_files_and_commits_them(tmp_path):
+    fs = fsspec.filesystem("file")
+    before = tmp_path / "out" / "snapshot-20260301T023015Z"
+    (before / "_rejects").mkdir(parents=True)
+    (before / "part-a.parquet").write_bytes(b"rows")
+    (before / "_rejects" / "part-a.parquet").write_bytes(b"rejects")
+    prev = previous_with({})
+    now = tmp_path / "out" / "snapshot-20260302T023015Z"
+    done = Snap.carry_units(prev, {"k1": manifest("s3://b/a", 10, "etag:1")}, fs, str(now))
+    assert (now / "part-a.parquet").read_bytes() == b"rows"
+    assert (now / "_rejects" / "part-a.parquet").read_bytes() == b"rejects"
+    written = json.loads((now / "_manifest" / "unit-k1.json").read_text())
+    assert written == done["k1"] and written["carried_from"] == prev.name

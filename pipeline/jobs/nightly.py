@@ -21,6 +21,17 @@ otherwise every row is encoded again (the counts still compare the two snapshots
 with ``--doc-vectors`` its document vector too (from the previous snapshot's ``_documents/``;
 a previous snapshot made without them is embedded again).
 
+Units unchanged since the previous snapshot are carried, not read: a unit (a file, a row-group
+slice, or a group of small files: the previous snapshot's grouping is planned again when all
+of its files are listed) whose files have the size and store version (ETag, generation,
+mtime) the previous snapshot's manifest recorded, made with every setting equal, has its
+files copied into the new snapshot as they are (a server-side copy on object stores) and is
+committed with every good row counted unchanged and reused. Its text is never read and its
+vectors never travel; only its ids take part in the diff, as those of units committed
+earlier do on a resume, so an id that a changed file repeats is rejected there (the row in
+the unchanged file is kept, whatever the files' order). A unit whose previous manifest
+counts a duplicate-id reject is not carried (the other file may have changed since).
+
 The job is the ``run`` job (``pipeline/jobs/run.py``) with a spec: the diff of
 ``pipeline/stages/diff.py`` before the tokenizers, a ``content_hash`` column, the change
 counts in the summary. The snapshot folders are ``pipeline/snapshots.py``.
@@ -48,10 +59,11 @@ from ..errors import RunFailed
 from ..io import schema as S
 from ..io.errors import OutputError
 from ..io.storage import SUMMARY_NAME, is_side_file, open_filesystem, prepare_output
-from ..snapshots import (LATEST, Previous, list_snapshots, load_previous, new_snapshot_name,
-                         prune, publish, read_latest, unfinished_snapshot)
+from ..snapshots import (LATEST, Previous, carriable, carry_refusal, carry_units,
+                         list_snapshots, load_previous, new_snapshot_name, prune, publish,
+                         read_latest, unfinished_snapshot)
 from ..stages.diff import HASH_COLUMN, plan_diff
-from .run import JobSpec, Work, run
+from .run import Carry, JobSpec, Work, run
 
 log = logging.getLogger("pipeline.nightly")
 
@@ -64,7 +76,24 @@ def nightly_spec(previous: Previous | None, snapshot: str) -> JobSpec:
         output=lambda spec: dataclasses.replace(spec, extra_columns=((HASH_COLUMN, S.HASH),)),
         graph=functools.partial(diff_graph, previous),
         summarize=functools.partial(summarize, previous, snapshot),
+        group_hints=previous.units if previous else {},
+        carry=functools.partial(carry, previous),
     )
+
+
+def carry(previous: Previous | None,
+          job: Carry) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The units unchanged since the previous snapshot, copied into this one as they are
+    (their files are what this run would write: same input, same settings), and the facts
+    the summary reports when nothing else runs."""
+    if previous is None or carry_refusal(previous, job.identity):
+        return {}, {}
+    found = carriable(previous, job.todo)
+    if not found:
+        return {}, {}
+    return carry_units(previous, found, job.fs, job.out_path), {
+        "reused_previous": True, "reembed_reason": None,
+        "tokenizer_sha256": job.identity.get("tokenizer_sha256")}
 
 
 def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str, Any]]:
@@ -76,11 +105,18 @@ def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str
     seen = tuple(sorted((f"{plan.output_uri.rstrip('/')}/{name}", unit["uri"])
                         for unit in work.kept.values() for name in unit["files"]
                         if not is_side_file(name)))
+    # Units carried from the previous snapshot (their ids are among the seen ones above):
+    # their rows are not compared again, so their previous files are not read.
+    carried = {name for unit in work.kept.values()
+               if previous and unit.get("carried_from") == previous.name
+               for name in unit["files"]}
     diff = plan_diff(
         identity=identity, read=plan.read,
         previous_identity=previous.identity if previous else None,
-        previous_files=tuple(previous.files) if previous else (),
-        previous_documents=tuple(previous.documents) if previous else (),
+        previous_files=tuple(f for f in previous.files if previous.name_of(f[0]) not in carried)
+        if previous else (),
+        previous_documents=tuple(f for f in previous.documents
+                                 if previous.name_of(f[0]) not in carried) if previous else (),
         todo_bytes=sum(f.size for f in plan.files), seen_files=seen, cpus=work.cpus)
     if previous is not None and not diff.reuse:
         log.warning("the previous snapshot %s: %s; every row is embedded again",
@@ -98,7 +134,9 @@ def summarize(previous: Previous | None, snapshot: str, result: dict[str, Any],
     prev_rows = previous.rows if previous else 0
     rows_out = result["rows_embedded"]
     model = result["model"]
+    carried = sum(1 for unit in committed.values() if unit.get("carried_from"))
     return result | counts | {
+        "units": result["units"] | {"carried": carried},
         "snapshot": snapshot,
         "previous_snapshot": previous.name if previous else None,
         "rows_out": rows_out,  # rows in the snapshot

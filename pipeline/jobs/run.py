@@ -72,6 +72,23 @@ class JobSpec:
     # Small files grouped into units of several (units.group_units); off where each input
     # file must be a unit of its own (the enrichment writes one output file per input file).
     group_files: bool = True
+    # Manifests whose units the grouping plans again with the same files when all of them
+    # are listed (after those of the output itself): nightly passes the previous snapshot's.
+    group_hints: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    # Units this run need not read: ``carry(Carry)`` returns the manifests of the units it
+    # committed at the output without running them (their files put there, e.g. copied),
+    # and facts for the summary. Nightly carries units unchanged since the previous snapshot.
+    carry: Callable[["Carry"], tuple[dict[str, dict[str, Any]], dict[str, Any]]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Carry:
+    """What a job's ``carry`` decides from: the run's identity, the units to do, the output."""
+
+    identity: dict[str, Any]
+    todo: tuple[InputFile, ...]
+    fs: Any
+    out_path: str
 
 
 RUN = JobSpec()
@@ -91,11 +108,13 @@ class Setup:
 
 @dataclasses.dataclass(frozen=True)
 class Planned:
-    """Phase 2's result: the plan (its files: the units to do), identity, kept units."""
+    """Phase 2's result: the plan (its files: the units to do), identity, kept units (an
+    earlier run's, and those the job carried), the carry's facts for the summary."""
 
     plan: RunPlan
     identity: dict[str, Any]
     keep: dict[str, dict[str, Any]]
+    facts: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +159,10 @@ def resume_state(config: RunConfig, spec: JobSpec) -> Setup:
     fs, out_path = open_filesystem(config.output, config.storage_options)
     state = units.load_state(fs, out_path, previous)
     if spec.group_files:
+        committed = {} if config.overwrite else dict(state.units)
+        hints = committed | {k: v for k, v in spec.group_hints.items() if k not in committed}
         inputs = dataclasses.replace(inputs, files=units.group_units(
-            inputs.files, config.unit_bytes, {} if config.overwrite else state.units))
+            inputs.files, config.unit_bytes, hints))
     log.info("inputs: %d %s file(s) in %d unit(s); model %s (%s)",
              sum(len(f.files) for f in inputs.files),
              inputs.files[0].format if inputs.files else "?", len(inputs.files),
@@ -172,7 +193,14 @@ def plan(config: RunConfig, setup: Setup, cluster: Cluster, spec: JobSpec,
                  len(keep), len(inputs.files))
     units.write_identity(setup.fs, setup.out_path, identity)
     todo = tuple(f for f in inputs.files if units.unit_key(f.unit) not in keep)
-    return Planned(dataclasses.replace(run_plan, files=todo), identity, keep)
+    facts: dict[str, Any] = {}
+    if spec.carry is not None and todo:
+        carried, facts = spec.carry(Carry(identity, todo, setup.fs, setup.out_path))
+        if carried:
+            log.info("%d of %d unit(s) carried over unchanged", len(carried), len(todo))
+        keep = keep | carried
+        todo = tuple(f for f in todo if units.unit_key(f.unit) not in carried)
+    return Planned(dataclasses.replace(run_plan, files=todo), identity, keep, facts)
 
 
 def kept_units(config: RunConfig, setup: Setup,
@@ -199,10 +227,12 @@ def execute(config: RunConfig, setup: Setup, planned: Planned, spec: JobSpec,
     tracker = units.Tracker(planned.plan.files, commit=lambda u: publish_json(
         fs, units.manifest_path(out_path, u["unit"]), u))
     configure_progress(config.progress)
-    t0, facts, first_record_s = time.perf_counter(), {}, None
+    t0, facts, first_record_s = time.perf_counter(), dict(planned.facts), None
     if planned.plan.files:
         limit_resources(planned.plan)  # before the dataset is made: it copies the context
-        ds, facts = spec.graph(Work(planned.plan, planned.identity, cluster.cpus, planned.keep))
+        ds, graph_facts = spec.graph(Work(planned.plan, planned.identity, cluster.cpus,
+                                          planned.keep))
+        facts |= graph_facts
         records = write_records(ds)
         try:
             first = consume(records, tracker, config)

@@ -401,15 +401,16 @@ def _reject_repeated_ids(today: pa.Table, rejects: list, excerpts: list) -> None
 
 
 def _reject_seen_ids(today: pa.Table, seen: pa.Table, rejects: list, excerpts: list) -> None:
-    """Reject (in place) today's embeddable rows whose id a unit committed earlier in this
-    snapshot already holds (a resumed run)."""
+    """Reject (in place) today's embeddable rows whose id a unit this snapshot already holds
+    (committed earlier by a resumed run, or carried unchanged from the previous snapshot)."""
     ids = plain(today[S.ID].combine_chunks())
     where = pc.index_in(ids, value_set=plain(seen[S.ID].combine_chunks()))
     sources = seen[S.SOURCE]
     for i, k in enumerate(where.to_pylist()):
         if k is not None and rejects[i] is None:
             rejects[i] = (f"duplicate id: also in {sources[k].as_py()} (committed earlier in "
-                          "this snapshot; a snapshot keys rows by id)")
+                          "this snapshot, or unchanged since the previous one; a snapshot "
+                          "keys rows by id)")
             excerpts[i] = S.excerpt(str(ids[i].as_py()))
 
 
