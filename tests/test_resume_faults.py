@@ -151,13 +151,13 @@ def encoder_pids(cluster: str) -> list[int]:
 
 def test_encoder_actor_killed_mid_run(cluster, s3_endpoint, s3_bucket, tiny_model_dir,
                                       embedder, tmp_path):
-    files = corpus(shards=8, rows=60)
+    files = corpus(shards=8, rows=30)
     upload_dir(s3_client(s3_endpoint), s3_bucket, "actor", files)
     out = f"s3://{s3_bucket}/actor-out/"
-    # Windows of 2 rows keep the encoder busy for seconds (240 calls for the 480 rows), and
-    # units commit as their rows are written, 50 at a time.
+    # Windows of 2 rows keep the encoder busy for seconds (120 calls for the 240 rows), and
+    # units commit as their rows are written, 25 at a time.
     cmd = command(f"s3://{s3_bucket}/actor/", out, tiny_model_dir, cluster, s3_endpoint,
-                  "--window-rows", "2", "--rows-per-file", "50")
+                  "--window-rows", "2", "--rows-per-file", "25")
     fs = s3(s3_endpoint)
     proc = start(cmd, tmp_path, "run")
     deadline = time.monotonic() + 180
@@ -177,11 +177,11 @@ def test_encoder_actor_killed_mid_run(cluster, s3_endpoint, s3_bucket, tiny_mode
     assert victim not in encoder_pids(cluster)
     table, summary = read_output(fs, out)
     check_exact(table, texts_by_id(files), embedder)
-    assert summary["reconciled"] and summary["rows_embedded"] == 480
+    assert summary["reconciled"] and summary["rows_embedded"] == 240
 
 
 def test_transient_s3_faults_give_the_exact_output(cluster, s3_endpoint, s3_bucket, fault_proxy,
-                                                   tiny_model_dir, embedder, tmp_path):
+                                                   tiny_model_dir, embedder, caplog):
     files = corpus(shards=6, rows=30)
     files["bad.jsonl"] = b'{"id": 9000, "text": ""}\n{"id": 9001, "text": "fine"}\n{oops\n'
     upload_dir(s3_client(s3_endpoint), s3_bucket, "flaky", files)
@@ -189,9 +189,8 @@ def test_transient_s3_faults_give_the_exact_output(cluster, s3_endpoint, s3_buck
     fault_proxy.fail_every = 4  # 503 SlowDown, 500, connection reset, in turn
     cmd = command(f"s3://{s3_bucket}/flaky/", out, tiny_model_dir, cluster, fault_proxy.url,
                   "--rows-per-file", "16", "--max-reject-fraction", "0.5")
-    proc = start(cmd, tmp_path, "run")
-    log = finish(proc, tmp_path, "run")
-    assert proc.returncode == 0, log[-3000:]
+    code, log = run_here(cmd, caplog)
+    assert code == 0, log[-3000:]
     assert all(fault_proxy.faults[kind] > 0 for kind in ("503", "500", "reset")), \
         fault_proxy.faults
     table, summary = read_output(s3(s3_endpoint), out)
@@ -203,25 +202,23 @@ def test_transient_s3_faults_give_the_exact_output(cluster, s3_endpoint, s3_buck
 
 
 def test_a_permanent_s3_error_fails_the_run_naming_the_object(
-        cluster, s3_endpoint, s3_bucket, fault_proxy, tiny_model_dir, tmp_path):
+        cluster, s3_endpoint, s3_bucket, fault_proxy, tiny_model_dir, capsys, caplog):
     upload_dir(s3_client(s3_endpoint), s3_bucket, "deny", corpus(shards=3, rows=5))
     fault_proxy.deny = {"/deny/shard-02.jsonl"}
     out = f"s3://{s3_bucket}/deny-out/"
-    proc = start(command(f"s3://{s3_bucket}/deny/", out, tiny_model_dir, cluster,
-                         fault_proxy.url), tmp_path, "run")
-    log = finish(proc, tmp_path, "run")
-    assert proc.returncode == 3, log[-3000:]
-    (message,) = [line for line in log.splitlines() if line.startswith("error:")]
+    cmd = command(f"s3://{s3_bucket}/deny/", out, tiny_model_dir, cluster, fault_proxy.url)
+    code, _ = run_here(cmd, caplog)
+    err = capsys.readouterr().err  # what the command prints for the user
+    assert code == 3, err[-3000:]
+    (message,) = [line for line in err.splitlines() if line.startswith("error:")]
     assert f"cannot read s3://{s3_bucket}/deny/shard-02.jsonl: permission denied" in message
-    (hint,) = [line for line in log.splitlines() if "rerun the same command" in line]
+    (hint,) = [line for line in err.splitlines() if "rerun the same command" in line]
     assert f"s3://{s3_bucket}/deny-out" in hint and "resume" in hint  # how to go on
     assert fault_proxy.denied >= 1
     # The shards that were readable are committed; a rerun once access is back finishes.
     fault_proxy.deny = set()
-    proc = start(command(f"s3://{s3_bucket}/deny/", out, tiny_model_dir, cluster,
-                         fault_proxy.url), tmp_path, "rerun")
-    log = finish(proc, tmp_path, "rerun")
-    assert proc.returncode == 0, log[-3000:]
+    code, log = run_here(cmd, caplog)
+    assert code == 0, log[-3000:]
     summary = json.loads(s3(s3_endpoint).cat(out.removeprefix("s3://") + "_summary.json"))
     assert summary["rows_embedded"] == 15 and summary["units"]["committed"] == 3
 
