@@ -18,7 +18,7 @@ BENCHMARKS = {
     "gpu": (gpu, "everything a lent GPU should measure, one JSON (no Ray, no network)"),
     "serve": (serve, "the OpenAI /v1/embeddings service under 1, 8 and 64 concurrent clients (needs ray[serve])"),
     "scale": (scale, "many small files: driver RSS and CPU, per-file wall, summary and manifest "
-                     "sizes, a resume of a run killed at 50%%, three nights (needs ray)"),
+                     "sizes, a resume of a run killed at 50%%, four nights (needs ray)"),
 }
 
 

@@ -17,7 +17,12 @@ is measured: the driver and the per-file cost are), on one local Ray started onc
   as strays, as a kill leaves them): the seconds to plan it (pre-flight, the manifests read,
   kept units, strays deleted; no Ray), then the resumed run, and whether every id is in the
   output exactly once;
-- ``nightly``: the first night, an unchanged night, a night with 1% of the files changed.
+- ``nightly``: the first night, an unchanged night (every unit carried from the previous
+  snapshot), a night with 1% of the files changed in one run of consecutive files (a new
+  partition, the common case in lakes: the units holding them go through the diff, the others
+  are carried), and a night with 1% of the files changed spread evenly (every 100th file: with
+  units of ``files // 64`` small files, every unit holds a changed file and goes through the
+  diff whole); each night's wall as a fraction of the first night's.
 
 ``driver_peak_rss_bytes`` is the benchmark process's peak (``ru_maxrss``): the driver, plus
 what writing the shards took (small: one shard at a time).
@@ -163,7 +168,8 @@ def nightly_night(config: RunConfig) -> dict:
     keep = ("rows_in", "rows_new", "rows_changed", "rows_unchanged", "rows_reused",
             "rows_embedded", "reconciled")
     return {k: summary[k] for k in keep} | {"wall_s": round(wall, 2),
-                                            "driver_s": summary.get("driver_s")}
+                                            "driver_s": summary.get("driver_s"),
+                                            "units": summary["units"]}
 
 
 def bench_scale(args) -> dict:
@@ -206,12 +212,20 @@ def bench_scale(args) -> dict:
             if args.nightly:
                 nights = dataclasses.replace(config, output=str(tmp / "nightly"),
                                              overwrite=False)
-                result["nightly"] = {"first": nightly_night(nights),
-                                     "unchanged": nightly_night(nights)}
-                step = max(1, round(100 / args.changed_percent))
-                for k in range(0, args.files, step):  # 1% of the files, every row changed
+                night = result["nightly"] = {"first": nightly_night(nights),
+                                             "unchanged": nightly_night(nights)}
+                count = max(1, round(args.files * args.changed_percent / 100))
+                start = args.files // 2  # consecutive files, every row changed
+                for k in range(start, min(args.files, start + count)):
                     write_shard(corpus, k, shards[k], args.format, night=3)
-                result["nightly"]["changed_1pct"] = nightly_night(nights)
+                night["changed_clustered"] = nightly_night(nights)
+                step = max(1, args.files // count)  # spread evenly
+                for k in range(0, args.files, step):
+                    write_shard(corpus, k, shards[k], args.format, night=4)
+                night["changed_spread"] = nightly_night(nights)
+                for key in ("unchanged", "changed_clustered", "changed_spread"):
+                    night[key]["fraction_of_first_night"] = round(
+                        night[key]["wall_s"] / night["first"]["wall_s"], 4)
         _, rss = _usage()
         unchanged = result.get("nightly", {}).get("unchanged")
         base = result.get("baseline")
@@ -248,9 +262,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-resume", dest="resume", action="store_false",
                         help="skip the resume of a run killed at 50%%")
     parser.add_argument("--no-nightly", dest="nightly", action="store_false",
-                        help="skip the three nights")
+                        help="skip the nights")
     parser.add_argument("--changed-percent", type=float, default=1.0,
-                        help="files changed before the last night")
+                        help="files changed before each of the last two nights")
     parser.add_argument("--work-dir", default=None, help="where the corpus and outputs go "
                                                          "(default: the system's temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the corpus and outputs")
