@@ -861,3 +861,32 @@ def test_read_previous_documents_refuses_a_document_without_its_vector(tmp_path)
     with pytest.raises(OutputError, match="has no embedding_64 or content_hash; the snapshot "
                                           "is damaged"):
         list(N.read_previous_documents(uri, d, {}))
+
+
+def test_the_diffs_read_tasks_carry_only_their_own_files_and_have_names(tmp_path):
+    """At lake scale a task carrying every file's name is large, and Ray Data names a large
+    read task after its function (a functools.partial has no name: the run failed)."""
+    from ray import cloudpickle
+
+    from pipeline.cluster.graph import FunctionDatasource
+
+    seen = [(f"s3://b/out/part-{i:05d}.parquet", f"s3://b/in/f{i:05d}.jsonl")
+            for i in range(4000)]
+    diff = N.Diff(task="document", buckets=4, previous_files=tuple((u, 10) for u, _ in seen),
+                  id_column="id", id_type=pa.int64(), dims=(64,), reuse=True,
+                  seen_files=tuple(seen))
+    slim = diff.for_tasks()
+    assert slim.previous_files == slim.seen_files == () and slim.buckets == 4
+    calls = []
+    source = FunctionDatasource([(u, 0) for u, _ in seen],
+                                lambda uri, src: calls.append((uri, src)) or iter(()),
+                                args={u: (s,) for u, s in seen})
+    assert len(cloudpickle.dumps(source)) > 100_000  # (the datasource itself holds them all)
+    tasks = source.get_read_tasks(8)
+    assert len(tasks) == 8 and all(t.read_fn.__name__ == "_read_all" for t in tasks)
+    # What Ray ships with each task: its 500 files' names and sources, not all 4,000.
+    whole = len(cloudpickle.dumps(seen))
+    assert all(len(cloudpickle.dumps(t.read_fn)) < whole / 4 for t in tasks)
+    for t in tasks:
+        list(t.read_fn())
+    assert sorted(calls) == sorted(seen)  # every file once, with its own source

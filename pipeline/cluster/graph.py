@@ -53,10 +53,19 @@ class ShardDatasource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None,
                        data_context=None) -> list[ReadTask]:
-        return [ReadTask(functools.partial(read_files, group, self._format, self._spec,
-                                           self._storage_options),
+        return [ReadTask(named_task(read_files, group, self._format, self._spec,
+                                    self._storage_options),
                          _metadata([(m.uri, m.size) for f in group for m in f.files]))
                 for group in deal(self._files, parallelism, lambda f: f.size)]
+
+
+def named_task(fn, *args, **kwargs):
+    """``fn`` bound to its arguments as a plain function named after ``fn`` (Ray Data names a
+    large read task after its function, which a ``functools.partial`` does not have)."""
+    def task():
+        return fn(*args, **kwargs)
+    task.__name__ = task.__qualname__ = fn.__name__
+    return task
 
 
 def deal(files: list, parallelism: int, size) -> list[list]:
@@ -133,48 +142,51 @@ def build_nightly_dataset(plan: RunPlan, diff: Diff) -> Dataset:
         hash_rows, batch_format="pyarrow",
         fn_kwargs={"task": diff.task, "buckets": diff.buckets, "schema": diff.schema},
     )
+    tasks = diff.for_tasks()  # each task carries only its own files
     if diff.previous_files:
         previous = ray.data.read_datasource(FunctionDatasource(
-            diff.previous_files, functools.partial(read_previous, diff=diff,
+            diff.previous_files, functools.partial(read_previous, diff=tasks,
                                                    storage_options=plan.storage_options)))
         ds = ds.union(previous)
     if diff.previous_documents:  # --doc-vectors: the reused documents' vectors
         documents = ray.data.read_datasource(FunctionDatasource(
             diff.previous_documents, functools.partial(
-                read_previous_documents, diff=diff, storage_options=plan.storage_options)))
+                read_previous_documents, diff=tasks, storage_options=plan.storage_options)))
         ds = ds.union(documents)
     if diff.seen_files:
-        sources = dict(diff.seen_files)
         seen = ray.data.read_datasource(FunctionDatasource(
-            [(uri, 0) for uri in sources],
-            lambda uri: read_seen(uri, diff, sources[uri], plan.storage_options)))
+            [(uri, 0) for uri, _ in diff.seen_files],
+            functools.partial(read_seen, diff=tasks, storage_options=plan.storage_options),
+            args={uri: (source,) for uri, source in diff.seen_files}))
         ds = ds.union(seen)
     ds = ds.groupby(S.BUCKET, num_partitions=diff.buckets).map_groups(
-        diff_bucket, batch_format="pyarrow", fn_kwargs={"diff": diff},
+        diff_bucket, batch_format="pyarrow", fn_kwargs={"diff": tasks},
     )
     return embed_and_write(ds, plan)
 
 
 class FunctionDatasource(Datasource):
-    """Read tasks of ``(uri, size)`` files, dealt by size; ``read(uri)`` yields a file's blocks."""
+    """Read tasks of ``(uri, size)`` files, dealt by size; ``read(uri, *args[uri])`` yields a
+    file's blocks (``args``: a file's further arguments, carried by its task only)."""
 
-    def __init__(self, files: list[tuple[str, int]], read) -> None:
+    def __init__(self, files: list[tuple[str, int]], read,
+                 args: dict[str, tuple] | None = None) -> None:
         super().__init__()
-        self._files, self._read = list(files), read
+        self._files, self._read, self._args = list(files), read, args or {}
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(size for _, size in self._files)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None,
                        data_context=None) -> list[ReadTask]:
-        return [ReadTask(functools.partial(_read_all, [uri for uri, _ in group], self._read),
-                         _metadata(group))
+        return [ReadTask(named_task(_read_all, [(uri, self._args.get(uri, ())) for uri, _ in group],
+                                    self._read), _metadata(group))
                 for group in deal(self._files, parallelism, lambda f: f[1])]
 
 
-def _read_all(uris: list[str], read) -> Iterator[Block]:
-    for uri in uris:
-        yield from read(uri)
+def _read_all(files: list[tuple[str, tuple]], read) -> Iterator[Block]:
+    for uri, args in files:
+        yield from read(uri, *args)
 
 
 def limit_resources(plan: RunPlan) -> None:

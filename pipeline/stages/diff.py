@@ -78,6 +78,12 @@ class Diff:
     doc_vectors: bool = False
     previous_documents: tuple[tuple[str, int], ...] = ()  # (URI, bytes)
 
+    def for_tasks(self) -> "Diff":
+        """This plan without its file lists, which only the driver needs (to build the graph):
+        what the read and diff tasks carry (at lake scale the lists hold thousands of files)."""
+        return dataclasses.replace(self, previous_files=(), previous_documents=(),
+                                   seen_files=())
+
     def prev_type(self, width: int) -> pa.DataType:
         """The type of a previous vector column (a list of chunk vectors when chunked)."""
         one = S.embedding_type(width, self.output_dtype)
@@ -282,8 +288,10 @@ def _grouped(table: pa.Table, starts: np.ndarray, diff: Diff, uri: str) -> pa.Ta
     return pa.table(out)
 
 
-def read_seen(uri: str, diff: Diff, source: str, storage_options: dict[str, Any]) -> Iterator[pa.Table]:
-    """The ids of one part file this snapshot committed before a resume, marked as seen."""
+def read_seen(uri: str, source: str, diff: Diff,
+              storage_options: dict[str, Any]) -> Iterator[pa.Table]:
+    """The ids of one part file this snapshot already holds (committed before a resume, or
+    carried from the previous snapshot), marked as seen; ``source``: its input file."""
     fs, path = open_filesystem(uri, storage_options)
     with storage_errors(uri, "read the resumed snapshot's"), fs.open(path, "rb") as f:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=[diff.id_column]):
