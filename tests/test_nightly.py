@@ -148,6 +148,7 @@ def test_second_run_encodes_only_new_and_changed_rows_and_equals_a_fresh_run(
     third = run_nightly(config(f"s3://{s3_bucket}/day2/", out, tiny_model_dir, keep_snapshots=1))
     assert third["rows_embedded"] == 0 and third["rows_unchanged"] == 61
     assert third["rows_deleted"] == third["rows_new"] == third["rows_changed"] == 0
+    assert third["units"]["carried"] == third["units"]["total"] == 7  # not read, copied
     assert sorted(third["snapshots_deleted"]) == sorted([first["snapshot"], second["snapshot"]])
     left = {p.rsplit("/", 1)[-1] for p in fs.ls(out.removeprefix("s3://"), refresh=True)}
     assert left == {LATEST, third["snapshot"]}
@@ -164,6 +165,7 @@ def test_other_settings_encode_every_row_again(cluster, s3_endpoint, s3_bucket, 
     again = run_nightly(config(f"s3://{s3_bucket}/in/", out, tiny_model_dir, task="clustering"))
     assert not again["reused_previous"] and "task" in again["reembed_reason"]
     assert again["rows_embedded"] == again["rows_out"] == 12 and again["rows_reused"] == 0
+    assert again["units"]["carried"] == 0  # other settings: no file is what this run writes
     # The prefix is part of the hash: every text changed as the encoder sees it.
     assert again["rows_changed"] == 12 and again["rows_deleted"] == 0
 
@@ -184,6 +186,7 @@ def test_other_settings_encode_every_row_again(cluster, s3_endpoint, s3_bucket, 
     third = run_nightly(config(f"s3://{s3_bucket}/in/", out, tiny_model_dir, task="clustering"))
     assert third["snapshot"] not in (stale, again["snapshot"]) and third["reconciled"]
     assert third["rows_embedded"] == 0 and third["rows_reused"] == 12
+    assert third["units"]["carried"] == 2  # the files are unchanged since `again`
     assert stale in third["snapshots_deleted"] and latest(fs, out) == third["snapshot"]
 
     # The same ids as strings: other ids (nothing compares), every row new, the old deleted.
@@ -392,18 +395,8 @@ def test_files_unchanged_since_the_previous_snapshot_are_carried_not_read(
     del day2["w.jsonl"][3]
     check_snapshot(table, day2, embedder)
 
-    # Nothing changed: every unit is carried but w's (a duplicate id was rejected there: it
-    # goes through the diff again, where its other row is unchanged). Nothing is encoded.
-    third = run_nightly(config(str(src), str(out), tiny_model_dir))
-    assert third["units"]["carried"] == 3 and third["rows_embedded"] == 0 and third["reconciled"]
-    assert (third["rows_new"], third["rows_changed"], third["rows_deleted"]) == (0, 0, 0)
-    assert third["rows_unchanged"] == 36 and third["reused_previous"]
-    assert third["rows_rejected"] == 1
-    check_snapshot(pq.read_table(third["output_files"]).sort_by("id"), day2, embedder)
-
-    # Other settings: nothing is carried (the files would not be what this run writes).
-    fourth = run_nightly(config(str(src), str(out), tiny_model_dir, output_dtype="float16"))
-    assert fourth["units"]["carried"] == 0 and fourth["rows_embedded"] == 36
+    # A night where nothing changed (all carried) and one with other settings (none carried):
+    # test_second_run_... and test_other_settings_...; which units qualify: test_snapshots.
 
 
 # ---------------------------------------------------------------------------------------------
