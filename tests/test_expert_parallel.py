@@ -301,13 +301,13 @@ def rank_pids(cluster: str, doing: bytes = b"") -> list[int]:
 @pytest.mark.ray
 def test_a_rank_killed_mid_run_costs_a_restart_not_a_row(cluster, tmp_path, tiny_model_dir,
                                                          embedder):
-    texts = write_corpus(tmp_path / "in", shards=4, rows=80)
+    texts = write_corpus(tmp_path / "in", shards=4, rows=40)
     out = tmp_path / "out"
     # Windows of 2 rows make hundreds of group calls; units commit as their files are written.
     cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(tmp_path / "in"),
            "--output", str(out), "--model", str(tiny_model_dir), "--dims", "64,32",
            "--address", cluster, "--progress", "off", "--expert-parallel", "2",
-           "--window-rows", "2", "--rows-per-file", "30"]
+           "--window-rows", "2", "--rows-per-file", "15"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log_path = tmp_path / "run.log"
     with open(log_path, "w") as log:
@@ -338,7 +338,7 @@ def test_a_rank_killed_mid_run_costs_a_restart_not_a_row(cluster, tmp_path, tiny
     for d in (64, 32):
         got = np.stack(table[f"embedding_{d}"].to_numpy(zero_copy_only=False))
         np.testing.assert_allclose(got, want[d], atol=TOL, rtol=0)
-    assert summary["reconciled"] and summary["rows_embedded"] == 320
+    assert summary["reconciled"] and summary["rows_embedded"] == 160
     assert len(list((out / "_manifest").glob("unit-*"))) == 4
 
 
