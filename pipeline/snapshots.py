@@ -164,14 +164,16 @@ def carried_manifest(previous: Previous, manifest: dict[str, Any]) -> dict[str, 
 
 def carriable(previous: Previous, todo: Iterable[InputFile]) -> dict[str, dict[str, Any]]:
     """The units of ``todo`` the previous snapshot holds as they are today: the same files
-    (its manifest's members), size and store version (a unit without a version is not
-    trusted), and no row rejected there as a duplicate id (with the other file changed
-    since, that row may be the one to keep tonight). Keyed by unit, their previous manifests."""
+    (its manifest's members), size and store version (a unit with a file without a version
+    is not trusted: a group's version is a digest of its files' and would still match), and
+    no row rejected there as a duplicate id (with the other file changed since, that row may
+    be the one to keep tonight). Keyed by unit, their previous manifests."""
     out = {}
     for f in todo:
         key = unit_key(f.unit)
         m = previous.units.get(key)
-        if m is None or m["size"] != f.size or not f.version or m.get("version") != f.version:
+        if m is None or m["size"] != f.size or m.get("version") != f.version \
+                or not all(x.version for x in (f, *f.members)):
             continue
         if (m.get("members") or []) != [x.uri for x in f.members]:
             continue

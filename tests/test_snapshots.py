@@ -299,3 +299,21 @@ def test_carry_units_copies_the_files_and_commits_them(tmp_path):
     assert (now / "_rejects" / "part-a.parquet").read_bytes() == b"rejects"
     written = json.loads((now / "_manifest" / "unit-k1.json").read_text())
     assert written == done["k1"] and written["carried_from"] == prev.name
+
+
+def test_a_group_with_a_file_the_store_gives_no_version_is_not_carried():
+    # A group's version is a digest of its files' URIs, sizes and versions: with a version
+    # missing it still matches the previous one, so only the sizes would be compared.
+    from pipeline.io.storage import InputFile, unit_key
+    from pipeline.units import group_units
+
+    def f(name: str, version: str | None) -> InputFile:
+        return InputFile(f"https://host/{name}", 10, "jsonl", None, version=version)
+
+    versioned = group_units([f(f"v{i:03d}", "etag:1") for i in range(200)], 1 << 30)[0]
+    unversioned = group_units([f(f"u{i:03d}", None) for i in range(200)], 1 << 30)[0]
+    assert unversioned.members and unversioned.version  # the digest of "None"s
+    prev = previous_with({unit_key(g.unit): manifest(g.unit, g.size, g.version,
+                                                     members=[m.uri for m in g.members])
+                          for g in (versioned, unversioned)})
+    assert sorted(Snap.carriable(prev, [versioned, unversioned])) == [unit_key(versioned.unit)]
