@@ -317,3 +317,42 @@ def test_a_group_with_a_file_the_store_gives_no_version_is_not_carried():
                                                      members=[m.uri for m in g.members])
                           for g in (versioned, unversioned)})
     assert sorted(Snap.carriable(prev, [versioned, unversioned])) == [unit_key(versioned.unit)]
+
+
+def test_units_carried_tonight_are_committed_by_this_run_not_kept_from_an_earlier_one(tmp_path):
+    # run() keeps the carried units with those an earlier run committed (the summary's
+    # `resumed`); a night that carried 1 unit and embedded 1 was not a resume.
+    from pipeline import summary
+    from pipeline.io.storage import InputFile, unit_key
+    from pipeline.jobs import nightly
+    from pipeline.jobs.run import Carry
+
+    fs = fsspec.filesystem("file")
+    before = tmp_path / "out" / "snapshot-20260301T023015Z"
+    (before / "_rejects").mkdir(parents=True)
+    (before / "part-a.parquet").write_bytes(b"rows")
+    (before / "_rejects" / "part-a.parquet").write_bytes(b"rejects")
+    same, changed = (InputFile(f"s3://b/{n}", 10, "jsonl", None, version=v)
+                     for n, v in (("a", "etag:1"), ("b", "etag:2")))
+    identity = {"task": "document", "tokenizer_sha256": "t"}
+    prev = dataclasses.replace(previous_with(
+        {unit_key(f.unit): manifest(f.unit, 10, "etag:1", file_rows=4) for f in (same, changed)},
+        identity), rows=6)
+    now = tmp_path / "out" / "snapshot-20260302T023015Z"
+    carried, facts = nightly.carry(prev, Carry(identity, (same, changed), fs, str(now)))
+    assert list(carried) == [unit_key(same.unit)]
+    embedded = {unit_key(changed.unit): manifest(changed.unit, 10, "etag:2", file_rows=4,
+                                                 files=["part-b.parquet"])}
+    committed = carried | embedded
+    config = {"output": str(tmp_path / "out"), "dims": [64], "task": "document",
+              "long_text": "truncate"}
+    result = summary.build(committed=committed, resumed=set(carried), open_units=[],
+                           unseen_rows={}, wall_s=1.0, config=config,
+                           model={"weights_fingerprint": "w"}, input_files=2)
+    out = nightly.summarize(prev, now.name, result, committed, facts)
+    assert out["units"] == {"total": 2, "committed": 2, "carried": 1, "resumed": 0,
+                            "committed_now": 2}
+    assert out["rows_unchanged"] == 3 and out["rows_new"] == 3 and out["rows_deleted"] == 3
+    # A resume that finds the carried unit committed by its earlier attempt keeps it.
+    again = nightly.summarize(prev, now.name, result, committed, {})
+    assert again["units"]["resumed"] == 1 and again["units"]["committed_now"] == 1

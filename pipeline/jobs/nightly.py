@@ -85,7 +85,8 @@ def carry(previous: Previous | None,
           job: Carry) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The units unchanged since the previous snapshot, copied into this one as they are
     (their files are what this run would write: same input, same settings), and the facts
-    the summary reports when nothing else runs."""
+    the summary reports when nothing else runs (``carried_now``: how many were copied now;
+    the run counts them among the units kept)."""
     if previous is None or carry_refusal(previous, job.identity):
         return {}, {}
     found = carriable(previous, job.todo)
@@ -93,7 +94,7 @@ def carry(previous: Previous | None,
         return {}, {}
     return carry_units(previous, found, job.fs, job.out_path), {
         "reused_previous": True, "reembed_reason": None,
-        "tokenizer_sha256": job.identity.get("tokenizer_sha256")}
+        "tokenizer_sha256": job.identity.get("tokenizer_sha256"), "carried_now": len(found)}
 
 
 def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str, Any]]:
@@ -135,8 +136,13 @@ def summarize(previous: Previous | None, snapshot: str, result: dict[str, Any],
     rows_out = result["rows_embedded"]
     model = result["model"]
     carried = sum(1 for unit in committed.values() if unit.get("carried_from"))
+    # The run counts the units carried now as kept from an earlier run (resumed); they were
+    # committed by this one.
+    now = facts.get("carried_now", 0)
+    counted = result["units"]
     return result | counts | {
-        "units": result["units"] | {"carried": carried},
+        "units": counted | {"carried": carried, "resumed": counted["resumed"] - now,
+                            "committed_now": counted["committed_now"] + now},
         "snapshot": snapshot,
         "previous_snapshot": previous.name if previous else None,
         "rows_out": rows_out,  # rows in the snapshot
