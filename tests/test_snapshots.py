@@ -356,3 +356,17 @@ def test_units_carried_tonight_are_committed_by_this_run_not_kept_from_an_earlie
     # A resume that finds the carried unit committed by its earlier attempt keeps it.
     again = nightly.summarize(prev, now.name, result, committed, {})
     assert again["units"]["resumed"] == 1 and again["units"]["committed_now"] == 1
+
+
+def test_a_carried_unit_keeps_the_bytes_of_its_files():
+    # Its files are in the snapshot: the summary's output_bytes counts them (a night that
+    # carried most units reported a few KB for a snapshot of MBs).
+    from pipeline import summary
+
+    carried = Snap.carried_manifest(previous_with({}), manifest("s3://b/a", 10, "etag:1",
+                                                                bytes=1234, file_rows=4))
+    assert carried["bytes"] == 1234
+    doc = summary.build(committed={"k": carried}, resumed={"k"}, open_units=[], unseen_rows={},
+                        wall_s=1.0, config={"output": "/out", "dims": [64]}, model={},
+                        input_files=1)
+    assert doc["output_bytes"] == 1234
