@@ -16,8 +16,8 @@ from typing import Any, Iterable
 from . import units
 from .io.errors import OutputError
 from .io.storage import (DOCUMENTS_DIR, MANIFEST_DIR, SUMMARY_NAME, InputFile, is_side_file,
-                         is_local, open_for_publish, publish_json, storage_errors, to_uri,
-                         unit_key)
+                         is_local, open_for_publish, publish_json, relative, storage_errors,
+                         to_uri, unit_key)
 
 LATEST = "_LATEST"
 COPY_THREADS = 16  # carried files copied at once (a server-side copy each on object stores)
@@ -83,13 +83,21 @@ def load_previous(fs, root: str, name: str, root_uri: str) -> Previous:
             raise OutputError(f"{root_uri}/{LATEST} names {name}, which has no {SUMMARY_NAME}; "
                               f"restore {uri} or delete {LATEST} to start afresh")
         summary = json.loads(fs.cat_file(f"{base}/{SUMMARY_NAME}"))
-        state = units.load_state(fs, base, sorted(fs.find(f"{base}/{MANIFEST_DIR}")))
-        names = sorted(f for u in state.units.values() for f in u["files"])
-
-        def sized(n: str) -> tuple[str, int]:  # one HEAD per file (few per snapshot)
-            return f"{uri}/{n}", int(fs.info(f"{base}/{n}")["size"])
-        files = [sized(n) for n in names if not is_side_file(n)]
-        documents = [sized(n) for n in names if n.startswith(DOCUMENTS_DIR + "/")]
+        # The sizes from one listing (pages of 1,000 on object stores), not a HEAD per file:
+        # a snapshot of 100,000 units would cost that many requests one after another.
+        listed = fs.find(base, detail=True)
+        local = is_local(fs)
+        sizes = {relative(p, base, local): int(i.get("size") or 0) for p, i in listed.items()}
+        state = units.load_state(fs, base, sorted(
+            p for p in listed if relative(p, base, local).startswith(MANIFEST_DIR + "/")))
+    names = sorted(f for u in state.units.values() for f in u["files"])
+    missing = [n for n in names if n not in sizes]
+    if missing:
+        raise OutputError(f"{uri} lacks {len(missing)} file(s) its manifests name (e.g. "
+                          f"{missing[0]}); restore them or delete {root_uri}/{LATEST} to start "
+                          "afresh")
+    files = [(f"{uri}/{n}", sizes[n]) for n in names if not is_side_file(n)]
+    documents = [(f"{uri}/{n}", sizes[n]) for n in names if n.startswith(DOCUMENTS_DIR + "/")]
     if state.identity is None:
         raise OutputError(f"{uri} has no {MANIFEST_DIR}/{units.RUN_FILE}: not a snapshot of "
                           "this job")
