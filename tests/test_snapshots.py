@@ -409,3 +409,38 @@ def test_load_previous_sizes_its_files_from_one_listing_not_a_request_each():
             Snap.load_previous(fs, root, name, "s3://o")
     finally:
         fs.rm(root, recursive=True)
+
+
+def test_a_resume_with_units_the_diff_committed_carries_nothing(tmp_path):
+    # The diff checked those units' ids against the rows it read then, never against units
+    # carried later: a file restored to its previous version between the attempts (same
+    # size and store version) would be carried with an id a committed unit already holds.
+    from pipeline.io.storage import InputFile, unit_key
+    from pipeline.jobs import nightly
+    from pipeline.jobs.run import Carry
+
+    fs = fsspec.filesystem("file")
+    before = tmp_path / "out" / "snapshot-20260301T023015Z"
+    before.mkdir(parents=True)
+    (before / "part-a.parquet").write_bytes(b"rows")
+    restored, new, copied = (InputFile(f"s3://b/{n}", 10, "jsonl", None, version="etag:1")
+                             for n in ("a", "n", "c"))
+    identity = {"task": "document"}
+    prev = previous_with({unit_key(f.unit): manifest(f.unit, 10, "etag:1",
+                                                     files=["part-a.parquet"])
+                          for f in (restored, copied)}, identity)
+    now = tmp_path / "out" / "snapshot-20260302T023015Z"
+    job = Carry(identity, (restored,), fs, str(now))
+    (now / "_manifest").mkdir(parents=True)
+    (now / "_manifest" / "_run.json").write_text("{}")
+    # Only units carried before the interruption: the rest is carried.
+    (now / "_manifest" / f"unit-{unit_key(copied.unit)}.json").write_text(json.dumps(
+        Snap.carried_manifest(prev, prev.units[unit_key(copied.unit)])))
+    assert list(nightly.carry(prev, job)[0]) == [unit_key(restored.unit)]
+    (now / "_manifest" / f"unit-{unit_key(restored.unit)}.json").unlink()
+    # A unit the diff committed (a new file's, holding the id the restored file holds).
+    (now / "_manifest" / f"unit-{unit_key(new.unit)}.json").write_text(json.dumps(
+        manifest(new.unit, 10, "etag:1", files=["part-n.parquet"])))
+    assert Snap.embedded_earlier(fs, str(now), job.todo) == [new.uri]
+    assert nightly.carry(prev, job) == ({}, {})
+    assert not (now / "_manifest" / f"unit-{unit_key(restored.unit)}.json").exists()
