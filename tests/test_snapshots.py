@@ -444,3 +444,20 @@ def test_a_resume_with_units_the_diff_committed_carries_nothing(tmp_path):
     assert Snap.embedded_earlier(fs, str(now), job.todo) == [new.uri]
     assert nightly.carry(prev, job) == ({}, {})
     assert not (now / "_manifest" / f"unit-{unit_key(restored.unit)}.json").exists()
+
+
+def test_a_night_that_carries_nothing_says_why(tmp_path, caplog):
+    import logging
+
+    from pipeline.io.storage import InputFile, unit_key
+    from pipeline.jobs import nightly
+    from pipeline.jobs.run import Carry
+
+    same = InputFile("s3://b/a", 10, "jsonl", None, version="etag:1")
+    prev = previous_with({unit_key(same.unit): manifest(same.unit, 10, "etag:1")},
+                         {"task": "document", "types": "int64 ids"})
+    job = Carry({"task": "document", "types": "int32 ids"}, (same,),
+                fsspec.filesystem("file"), str(tmp_path / "snapshot-20260302T023015Z"))
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        assert nightly.carry(prev, job) == ({}, {})
+    assert f"no unit is carried from {prev.name}: settings changed: types" in caplog.text

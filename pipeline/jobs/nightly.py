@@ -87,7 +87,11 @@ def carry(previous: Previous | None,
     (their files are what this run would write: same input, same settings), and the facts
     the summary reports when nothing else runs (``carried_now``: how many were copied now;
     the run counts them among the units kept)."""
-    if previous is None or carry_refusal(previous, job.identity):
+    if previous is None:
+        return {}, {}
+    refusal = carry_refusal(previous, job.identity)
+    if refusal:  # e.g. types: a new first file whose columns settle to other types
+        log.info("no unit is carried from %s: %s", previous.name, refusal)
         return {}, {}
     # On a resume, units the diff committed before the interruption hold ids that a unit
     # carried now is never checked against (an input file restored since to its previous
