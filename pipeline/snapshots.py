@@ -162,26 +162,6 @@ def carry_refusal(previous: Previous, identity: dict[str, Any]) -> str | None:
     return f"settings changed: {', '.join(differs)}" if differs else None
 
 
-def embedded_earlier(fs, out_path: str, todo: Iterable[InputFile]) -> list[str]:
-    """The units (their URIs) that the snapshot at ``out_path`` committed before a resume
-    other than by carrying them: through the diff, which checked their ids against today's
-    rows then, not against the units carried now. Reads manifests only on a resume."""
-    todo_keys = {unit_key(f.unit) for f in todo}
-    prefix = f"{out_path.rstrip('/')}/{MANIFEST_DIR}"
-    with storage_errors(to_uri(fs, prefix), "list"):
-        try:
-            names = fs.find(prefix)
-        except FileNotFoundError:
-            return []
-        kept = [n for n in names if posixpath.basename(n).startswith("unit-")
-                and posixpath.basename(n)[5:].removesuffix(".json") not in todo_keys]
-        contents = fs.cat(kept) if kept else {}
-    if len(kept) == 1 and not isinstance(contents, dict):
-        contents = {kept[0]: contents}
-    found = (json.loads(data) for data in contents.values())
-    return sorted(m["uri"] for m in found if not m.get("carried_from"))
-
-
 def carried_manifest(previous: Previous, manifest: dict[str, Any]) -> dict[str, Any]:
     """A unit's manifest in today's snapshot when it is carried from ``previous``: the same
     files and rows, every good row unchanged and reused, none of the work counted."""

@@ -430,18 +430,16 @@ def test_a_resume_with_units_the_diff_committed_carries_nothing(tmp_path):
                                                      files=["part-a.parquet"])
                           for f in (restored, copied)}, identity)
     now = tmp_path / "out" / "snapshot-20260302T023015Z"
-    job = Carry(identity, (restored,), fs, str(now))
-    (now / "_manifest").mkdir(parents=True)
-    (now / "_manifest" / "_run.json").write_text("{}")
-    # Only units carried before the interruption: the rest is carried.
-    (now / "_manifest" / f"unit-{unit_key(copied.unit)}.json").write_text(json.dumps(
-        Snap.carried_manifest(prev, prev.units[unit_key(copied.unit)])))
+    # Only units carried before the interruption are kept: the rest is carried.
+    carried_before = {unit_key(copied.unit): Snap.carried_manifest(
+        prev, prev.units[unit_key(copied.unit)])}
+    job = Carry(identity, (restored,), fs, str(now), carried_before)
     assert list(nightly.carry(prev, job)[0]) == [unit_key(restored.unit)]
     (now / "_manifest" / f"unit-{unit_key(restored.unit)}.json").unlink()
     # A unit the diff committed (a new file's, holding the id the restored file holds).
-    (now / "_manifest" / f"unit-{unit_key(new.unit)}.json").write_text(json.dumps(
-        manifest(new.unit, 10, "etag:1", files=["part-n.parquet"])))
-    assert Snap.embedded_earlier(fs, str(now), job.todo) == [new.uri]
+    committed = carried_before | {unit_key(new.unit): manifest(new.unit, 10, "etag:1",
+                                                               files=["part-n.parquet"])}
+    job = Carry(identity, (restored,), fs, str(now), committed)
     assert nightly.carry(prev, job) == ({}, {})
     assert not (now / "_manifest" / f"unit-{unit_key(restored.unit)}.json").exists()
 

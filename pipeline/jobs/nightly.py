@@ -60,8 +60,8 @@ from ..io import schema as S
 from ..io.errors import OutputError
 from ..io.storage import SUMMARY_NAME, is_side_file, open_filesystem, prepare_output
 from ..snapshots import (LATEST, Previous, carriable, carry_refusal, carry_units,
-                         embedded_earlier, list_snapshots, load_previous, new_snapshot_name,
-                         prune, publish, read_latest, unfinished_snapshot)
+                         list_snapshots, load_previous, new_snapshot_name, prune, publish,
+                         read_latest, unfinished_snapshot)
 from ..stages.diff import HASH_COLUMN, plan_diff
 from .run import Carry, JobSpec, Work, run
 
@@ -97,7 +97,7 @@ def carry(previous: Previous | None,
     # carried now is never checked against (an input file restored since to its previous
     # version would put an id in the snapshot twice): the rest goes through the diff. The
     # first attempt carried before its diff started, so little is left to carry then.
-    embedded = embedded_earlier(job.fs, job.out_path, job.todo)
+    embedded = sorted(u["uri"] for u in job.kept.values() if not u.get("carried_from"))
     if embedded:
         log.info("resuming a snapshot with %d unit(s) embedded before the interruption (e.g. "
                  "%s): the units left are compared, not carried", len(embedded), embedded[0])

@@ -89,6 +89,7 @@ class Carry:
     todo: tuple[InputFile, ...]
     fs: Any
     out_path: str
+    kept: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)  # resumed
 
 
 RUN = JobSpec()
@@ -195,7 +196,7 @@ def plan(config: RunConfig, setup: Setup, cluster: Cluster, spec: JobSpec,
     todo = tuple(f for f in inputs.files if units.unit_key(f.unit) not in keep)
     facts: dict[str, Any] = {}
     if spec.carry is not None and todo:
-        carried, facts = spec.carry(Carry(identity, todo, setup.fs, setup.out_path))
+        carried, facts = spec.carry(Carry(identity, todo, setup.fs, setup.out_path, keep))
         if carried:
             log.info("%d of %d unit(s) carried over unchanged", len(carried), len(todo))
         keep = keep | carried
