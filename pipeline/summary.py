@@ -220,8 +220,10 @@ def _work_lines(result: dict[str, Any], elapsed_s: float | None) -> list[str]:
         return [f"nothing left to do: all {units['committed']} unit(s) were committed by an "
                 f"earlier run{took}"]
     kept = f", {units['resumed']} kept from an earlier run" if units["resumed"] else ""
+    carried = f" ({units['carried']} of the snapshot's carried unchanged from the previous one)" \
+        if units.get("carried") else ""
     return [f"this run: {units['committed'] - units['resumed']} of {units['total']} unit(s) "
-            f"committed{kept}{took}; {result['tokens_per_s']:,.0f} tokens/s end to end, "
+            f"committed{carried}{kept}{took}; {result['tokens_per_s']:,.0f} tokens/s end to end, "
             f"{result['tokens_per_s_steady']:,.0f} once the encoders were up; "
             f"{result['tokens']:,} tokens encoded"]
 

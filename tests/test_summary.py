@@ -282,6 +282,12 @@ def test_report_of_a_nightly_run_names_the_snapshot_and_its_changes():
     snap = "s3://bkt/snaps/snapshot-20260301T023015Z"
     assert f"{snap}/ " in where and f"{snap}/_summary.json" in where
     assert f"{snap}/_rejects/" in where
+    # Units copied unchanged from the previous snapshot are named in the work line.
+    result["units"] = {"total": 65, "committed": 65, "resumed": 0, "committed_now": 65,
+                       "carried": 64}
+    (work,) = [line for line in summary.report(result, config("s3://bkt/snaps"), "nightly")
+               if line.startswith("this run: ")]
+    assert "65 of 65 unit(s) committed (64 of the snapshot's carried unchanged" in work
 
 
 def test_report_of_an_enrich_run_counts_files_and_rows():
