@@ -234,6 +234,16 @@ def previous_with(units: dict, identity: dict | None = None) -> Snap.Previous:
                          uri="file:///out/snapshot-20260301T023015Z", units=units)
 
 
+def previous_folder(tmp_path: Path) -> Path:
+    """The folder of :func:`previous_with`'s snapshot under ``tmp_path / "out"``, holding the
+    files :func:`manifest` names (a part file and its rejects)."""
+    before = tmp_path / "out" / "snapshot-20260301T023015Z"
+    (before / "_rejects").mkdir(parents=True)
+    (before / "part-a.parquet").write_bytes(b"rows")
+    (before / "_rejects" / "part-a.parquet").write_bytes(b"rejects")
+    return before
+
+
 def manifest(uri: str, size: int, version: str | None, **extra) -> dict:
     return {"unit": uri, "uri": uri, "size": size, "version": version, "rows": 4,
             "rows_embedded": 3, "rows_rejected": 1, "reject_reasons": {"malformed JSON": 1},
@@ -288,10 +298,7 @@ def test_carrying_needs_every_setting_and_column_type_equal():
 
 def test_carry_units_copies_the_files_and_commits_them(tmp_path):
     fs = fsspec.filesystem("file")
-    before = tmp_path / "out" / "snapshot-20260301T023015Z"
-    (before / "_rejects").mkdir(parents=True)
-    (before / "part-a.parquet").write_bytes(b"rows")
-    (before / "_rejects" / "part-a.parquet").write_bytes(b"rejects")
+    previous_folder(tmp_path)
     prev = previous_with({})
     now = tmp_path / "out" / "snapshot-20260302T023015Z"
     done = Snap.carry_units(prev, {"k1": manifest("s3://b/a", 10, "etag:1")}, fs, str(now))
@@ -328,10 +335,7 @@ def test_units_carried_tonight_are_committed_by_this_run_not_kept_from_an_earlie
     from pipeline.jobs.run import Carry
 
     fs = fsspec.filesystem("file")
-    before = tmp_path / "out" / "snapshot-20260301T023015Z"
-    (before / "_rejects").mkdir(parents=True)
-    (before / "part-a.parquet").write_bytes(b"rows")
-    (before / "_rejects" / "part-a.parquet").write_bytes(b"rejects")
+    previous_folder(tmp_path)
     same, changed = (InputFile(f"s3://b/{n}", 10, "jsonl", None, version=v)
                      for n, v in (("a", "etag:1"), ("b", "etag:2")))
     identity = {"task": "document", "tokenizer_sha256": "t"}
@@ -420,9 +424,7 @@ def test_a_resume_with_units_the_diff_committed_carries_nothing(tmp_path):
     from pipeline.jobs.run import Carry
 
     fs = fsspec.filesystem("file")
-    before = tmp_path / "out" / "snapshot-20260301T023015Z"
-    before.mkdir(parents=True)
-    (before / "part-a.parquet").write_bytes(b"rows")
+    previous_folder(tmp_path)
     restored, new, copied = (InputFile(f"s3://b/{n}", 10, "jsonl", None, version="etag:1")
                              for n in ("a", "n", "c"))
     identity = {"task": "document"}
