@@ -23,8 +23,8 @@ LATEST = "_LATEST"
 COPY_THREADS = 16  # carried files copied at once (a server-side copy each on object stores)
 # Counts of the work a unit cost when it ran; a carried unit cost none of it tonight. (Its
 # ``bytes``, those of its files, stay: the files are in the snapshot, ``output_bytes``.)
-WORK_COUNTS = ("tokens", "texts_truncated", "grid_tokens", "batch_grid_tokens",
-               "tokenize_s", "encode_s", "write_s", "encode_first_start", "encode_last_end")
+WORK_COUNTS = ("tokens", "texts_truncated", "grid_tokens", "batch_grid_tokens", *units.TIMES,
+               "encode_first_start", "encode_last_end")
 SNAPSHOT_RE = re.compile(r"^snapshot-\d{8}T\d{6}Z(-\d+)?$")
 
 

@@ -125,25 +125,36 @@ def read_output(fs, uri: str) -> tuple[pa.Table, dict]:
     return pa.concat_tables([pq.read_table(fs.open(p, "rb")) for p in parts]), summary
 
 
+def live_processes() -> dict[int, tuple[int, bytes]]:
+    """Every live (not zombie) process on the machine: pid -> (parent pid, command line)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
+            if stat[0] != "Z":
+                found[int(entry.name)] = (int(stat[1]), (entry / "cmdline").read_bytes())
+        except OSError:
+            continue
+    return found
+
+
 def ray_worker_pids(gcs_address: str, title: bytes) -> list[int]:
     """Live worker processes of the Ray cluster at ``gcs_address`` whose title (Ray names a
     worker ``ray::<actor or task>``) contains ``title``. Only this cluster's: a worker is a
     child of its node's raylet, whose command line names the cluster's GCS, so a test never
     touches another Ray on the machine (another test session's, running at the same time)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            if title not in cmdline:
-                continue
-            stat = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
-            if stat[0] == "Z":
-                continue
-            parent = Path(f"/proc/{stat[1]}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if f"--gcs-address={gcs_address}".encode() in parent:
-            pids.append(int(entry.name))
-    return pids
+    procs = live_processes()
+    raylet = f"--gcs-address={gcs_address}".encode()
+    return [pid for pid, (parent, cmdline) in procs.items() if title in cmdline
+            and raylet in procs.get(parent, (0, b""))[1]]
+
+
+def processes_of(marker: bytes) -> set[int]:
+    """Live processes whose command line holds ``marker``, and their descendants."""
+    procs = live_processes()
+    found = {pid for pid, (_, cmdline) in procs.items() if marker in cmdline}
+    while more := {pid for pid, (parent, _) in procs.items() if parent in found} - found:
+        found |= more
+    return found

@@ -25,6 +25,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from tests.helpers import processes_of
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
@@ -34,29 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def processes_of(marker: bytes) -> set[int]:
-    """Live processes whose command line holds ``marker``, and their descendants."""
-    parents, found = {}, set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
-            if stat[0] == "Z":
-                continue
-            parents[int(entry.name)] = int(stat[1])
-            if marker in (entry / "cmdline").read_bytes():
-                found.add(int(entry.name))
-        except OSError:
-            continue
-    grew = True
-    while grew:
-        more = {pid for pid, parent in parents.items() if parent in found} - found
-        found |= more
-        grew = bool(more)
-    return found
 
 
 def stop_head(temp_dir: str, timeout: float = 60) -> None:
