@@ -19,12 +19,12 @@ import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-import s3fs
 
 from pipeline import Embedder
 from pipeline.config import RunConfig
 from pipeline.jobs.enrich import run_enrich
 from pipeline.io import iceberg
+from tests.helpers import s3
 from tests.s3server import s3_bucket, s3_client, s3_endpoint  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -85,7 +85,7 @@ def test_partitioned_parquet_table_round_trip_on_s3(cluster, s3_endpoint, s3_buc
     assert result["reconciled"] and result["rows_out"] == 45
     assert result["rows_with_embeddings"] == 44 and result["rows_rejected"] == 1
 
-    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    fs = s3(s3_endpoint)
     root = out.removeprefix("s3://")
     written = sorted(p[len(root) + 1:] for p in fs.find(root) if p.endswith(".parquet")
                      and "/_rejects/" not in p)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import posixpath
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Iterator
@@ -121,16 +122,52 @@ def open_filesystem(uri: str, storage_options: dict[str, Any] | None = None,
     """``(fsspec filesystem, path within it)`` for ``uri``; S3 gets bounded retries.
 
     ``preflight`` trades retries for a quick failure (listing and probes before a run).
+    An S3 filesystem is made once per process for each set of options (:func:`_s3_filesystem`).
     """
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
-    options = dict(storage_options or {}) if protocol in ("s3", "s3a") else {}
-    if protocol in ("s3", "s3a"):
+    with storage_errors(uri, "open"):
+        if protocol not in ("s3", "s3a"):
+            return fsspec.core.url_to_fs(uri)
+        options = dict(storage_options or {})
         config = S3_PREFLIGHT_CONFIG if preflight else S3_CONFIG
         options["config_kwargs"] = config | dict(options.get("config_kwargs") or {})
-        # A fresh client: fsspec's instance cache would reuse one with the other retry config.
-        options["skip_instance_cache"] = True
-    with storage_errors(uri, "open"):
-        return fsspec.core.url_to_fs(uri, **options)
+        fs = _s3_filesystem(protocol, options)
+        return fs, fs._strip_protocol(uri)
+
+
+# S3 filesystems of this process, by protocol and options. A new S3FileSystem is a new
+# botocore session, which parses the S3 service model again: ~0.1-0.25 CPU-s on the 2-core
+# dev machine, paid by every read task, write task, commit and probe when each made its own
+# (36 of them in one two-run enrichment test); a cached one costs ~5 ms. fsspec's own cache
+# keys by thread as well, and the driver's thread pools come and go, so the cache is ours:
+# one instance serves every thread (its calls run on fsspec's one event-loop thread).
+# The AWS_* environment is part of the key, as the options are.
+# Listings are never cached (``use_listings_cache`` False unless the options say otherwise):
+# a shared instance must not answer a listing from before this process's own last write.
+_FILESYSTEMS: dict[str, fsspec.AbstractFileSystem] = {}
+_FILESYSTEMS_PID = [os.getpid()]
+_FILESYSTEMS_LOCK = threading.Lock()
+MAX_CACHED_FILESYSTEMS = 16  # distinct option sets per process (a job uses two or three)
+
+
+def _s3_filesystem(protocol: str, options: dict[str, Any]) -> fsspec.AbstractFileSystem:
+    options = {"use_listings_cache": False, **options, "skip_instance_cache": True}
+    # botocore also reads AWS_* variables (endpoint, profile, region, keys) when it makes a
+    # client: a change of them in this process gets a new one.
+    aws_env = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
+    key = hashlib.sha256(json.dumps([protocol, options, aws_env], sort_keys=True,
+                                    default=repr).encode()).hexdigest()
+    with _FILESYSTEMS_LOCK:
+        if _FILESYSTEMS_PID[0] != os.getpid():  # a forked child: its parent's clients are not its own
+            _FILESYSTEMS.clear()
+            _FILESYSTEMS_PID[0] = os.getpid()
+        fs = _FILESYSTEMS.get(key)
+        if fs is None:
+            fs = fsspec.filesystem(protocol, **options)
+            if len(_FILESYSTEMS) >= MAX_CACHED_FILESYSTEMS:
+                _FILESYSTEMS.pop(next(iter(_FILESYSTEMS)))  # the oldest
+            _FILESYSTEMS[key] = fs
+        return fs
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
