@@ -8,6 +8,7 @@ import torch
 
 from pipeline.bench import encoder as bench, gpu as gpu_bench, workload
 from pipeline.bench.__main__ import main as bench_main
+from pipeline.model import cpu
 from pipeline.model.builder import REAL_CONFIG
 
 
@@ -20,7 +21,47 @@ def test_bench_encoder_smoke(tmp_path, capsys):
     assert set(paths) == {"packed", "baseline"}
     assert paths["packed"]["tokens"] == paths["baseline"]["tokens"] > 0
     assert paths["packed"]["matmul_padding"] == 0.0 and paths["baseline"]["matmul_padding"] > 0
-    assert "packed / baseline" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "packed / baseline" in printed
+    # The roofline measured on the spot, and each path as a fraction of it.
+    packed = paths["packed"]
+    assert packed["matmul_tflops"] > 0 and packed["roofline_tokens_per_s"] > 0
+    assert packed["of_roofline"] == pytest.approx(
+        packed["tokens_per_s"] / packed["roofline_tokens_per_s"], abs=1e-3)
+    assert "float32: matmul roofline here" in printed and "of it" in printed
+    assert isinstance(result["header"]["cpu_features"], list)
+
+
+def test_bench_encoder_compares_half_precision_with_float32_text_by_text(tmp_path, capsys):
+    dtype = "bfloat16" if cpu.has_bf16_matmul() else "float16"
+    out = tmp_path / "bench.json"
+    bench_main(["encoder", "--size", "tiny", "--texts", "12", "--dtypes", f"float32,{dtype}",
+                "--device", "cpu", "--no-baseline", "--repeats", "2", "--json", str(out)])
+    rows = {r["dtype"]: r for r in json.loads(out.read_text())["results"]}
+    assert "min_cosine_to_float32" not in rows["float32"]
+    assert 0.999 <= rows[dtype]["min_cosine_to_float32"] <= 1.0
+    assert rows[dtype]["tokens_per_s_seen"] > 0  # the second run: shapes seen before
+    assert f"{dtype}: lowest per-text cosine to float32" in capsys.readouterr().out
+
+
+def test_roofline_times_the_models_own_matmuls():
+    per_token = sum(2 * n_in * n_out * times for n_in, n_out, times in bench.matmul_shapes(REAL_CONFIG))
+    cfg = REAL_CONFIG
+    router = len(cfg.moe_layers) * 2 * cfg.hidden_size * cfg.num_experts
+    assert per_token == bench.flops_per_sequence(cfg, 1) - 36_864 - router
+    # min_cosine: text by text, not on average
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert bench.min_cosine(a, torch.tensor([[1.0, 0.0], [1.0, 1.0]])) == pytest.approx(2 ** -0.5)
+
+
+def test_cpu_features_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile\n"
+                    "processor\t: 1\nflags\t\t: fpu\n")
+    assert cpu.cpu_features(str(info)) == ("avx512_bf16", "avx512f", "avx2")
+    assert cpu.has_bf16_matmul(("avx512_bf16",)) and cpu.has_bf16_matmul(("amx_bf16",))
+    assert not cpu.has_bf16_matmul(("avx512f", "avx2"))
+    assert cpu.cpu_features(str(tmp_path / "missing")) == ()
 
 
 def test_flops_per_token_match_the_brief():

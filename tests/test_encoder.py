@@ -6,6 +6,8 @@ import torch
 
 from pipeline.model import EncoderConfig, PackedBatch
 from pipeline.model.builder import random_encoder
+from pipeline.model.checkpoint import encoder_from_state, param_dtype
+from pipeline.model.pooling import mean_pool
 from pipeline.model.moe import grouped_experts, route
 from pipeline.model.reference import expert_loop_moe, padded_forward, per_token_moe
 
@@ -140,3 +142,31 @@ def test_moe_runs_each_expert_only_on_its_tokens(monkeypatch):
     with torch.no_grad():
         moe(torch.randn(50, cfg.hidden_size))
     assert sum(rows) == 2 * 50 * cfg.top_k  # w1 and w2 passes over T*K slots
+
+
+def test_bf16_on_the_cpu_keeps_the_residual_stream_in_fp32():
+    """On the CPU in bf16 only the matmuls and attention run in bf16; the stream between them
+    (residual sums, LayerNorms) stays fp32, which keeps it closer to fp32 than the all-bf16
+    layout that GPUs use, on the same weights and texts."""
+    cfg = SHAPES["fixture-like"]
+    fp32 = random_encoder(cfg, seed=4)
+    mixed = random_encoder(cfg, seed=4, dtype=torch.bfloat16)
+    assert mixed.layers[0].norm1.weight.dtype == mixed.emb_norm.bias.dtype == torch.float32
+    assert mixed.layers[0].attn.qkv.weight.dtype == mixed.word_embeddings.weight.dtype \
+        == mixed.layers[1].ffn.w2_EFD.dtype == mixed.dtype == torch.bfloat16
+    on_gpu = encoder_from_state(cfg, {k: v.to(param_dtype(k, torch.bfloat16, "cuda"))
+                                      for k, v in fp32.state_dict().items()})
+    assert on_gpu.layers[0].norm1.weight.dtype == torch.bfloat16
+    assert on_gpu.layers[1].ffn.router_ED.dtype == torch.float32
+    rng = np.random.default_rng(3)
+    batch = PackedBatch.from_sequences(
+        [rng.integers(4, cfg.vocab_size, n) for n in (5, 17, 40, 64, 9, 33, 120, 2)])
+    with torch.no_grad():
+        hidden = []
+        got = mean_pool(mixed.forward_packed(batch, hidden_out=hidden), batch)
+        assert [h.dtype for h in hidden] == [torch.float32] * (cfg.num_layers + 1)
+        want = mean_pool(fp32.forward_packed(batch), batch)
+        all_bf16 = mean_pool(on_gpu.forward_packed(batch), batch)
+    err = 1 - torch.nn.functional.cosine_similarity(got, want, dim=-1)
+    err_all_bf16 = 1 - torch.nn.functional.cosine_similarity(all_bf16, want, dim=-1)
+    assert err.max() < 1e-3 and err.mean() < err_all_bf16.mean() / 2

@@ -8,6 +8,13 @@ synthetic passage mix (median ~110 tokens, tail to 512). Runs side by side, in o
   padded to the longest, masked dense attention, a loop over experts that routes every
   position, pads included (:func:`pipeline.model.reference.padded_forward`).
 
+Each dtype's matmul roofline is measured on the spot (``F.linear`` at the model's own shapes,
+:func:`matmul_roofline`) and each path's tokens/s given as a fraction of it, so the number means
+something on any machine. The timed texts are ones whose batch shapes the process has not
+seen (the warm-up runs another mix), as a pipeline's encoder meets them; ``--repeats 2`` and
+more also time the same texts again (shapes seen). A half-precision dtype's pooled vectors are
+compared with float32's, text by text (cosine), when float32 runs too.
+
 Reports real tokens/s, padding waste, peak memory, and MFU on CUDA. Needs no Ray.
 """
 
@@ -21,11 +28,12 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..batching import attention_padding, default_max_tokens, fixed_size_batches, padding_stats, plan_batches
 from ..embedder import resolve_device, resolve_dtype
 from ..model import EncoderConfig, PackedBatch, mean_pool
-from ..model.cpu import retain_freed_memory
+from ..model.cpu import cpu_features, has_bf16_matmul, retain_freed_memory
 from ..model.builder import SIZES, random_encoder
 from ..model.reference import padded_forward
 from .workload import length_mix, machine, synthetic_ids
@@ -42,6 +50,41 @@ def flops_per_sequence(cfg: EncoderConfig, n: int) -> float:
     per_token = cfg.num_layers * 8 * D * D + dense * 4 * D * F + moe * (K * 4 * D * F + 2 * D * E)
     attention = cfg.num_layers * 4 * n * D  # q.k and p.v per token, at length n
     return float(n * (per_token + attention))
+
+
+def matmul_shapes(cfg: EncoderConfig) -> list[tuple[int, int, int]]:
+    """The dense matmuls one token goes through: ``(in, out, times)`` (qkv and out projections
+    in every layer; fc1 and fc2 in dense layers and top-k experts' in MoE layers)."""
+    D, F_, K = cfg.hidden_size, cfg.ffn_size, cfg.top_k
+    moe = len(cfg.moe_layers)
+    ffn = cfg.num_layers - moe + moe * K
+    return [(D, 3 * D, cfg.num_layers), (D, D, cfg.num_layers), (D, F_, ffn), (F_, D, ffn)]
+
+
+@torch.inference_mode()
+def matmul_roofline(cfg: EncoderConfig, dtype: torch.dtype, device: torch.device,
+                    rows: int = 4096, repeats: int = 5) -> dict:
+    """This machine's matmul speed in ``dtype`` at the model's shapes, timed now: ``F.linear``
+    over ``rows`` tokens for each shape of :func:`matmul_shapes`, best of ``repeats``. The
+    ``roofline_tokens_per_s`` is what the encoder would reach if its matmuls were all it did."""
+    seconds_per_token = flops_per_token = 0.0
+    for n_in, n_out, times in matmul_shapes(cfg):
+        x = torch.randn(rows, n_in, device=device).to(dtype)
+        w = torch.randn(n_out, n_in, device=device).to(dtype) * n_in ** -0.5
+        b = torch.zeros(n_out, device=device, dtype=dtype)
+        for _ in range(2):
+            F.linear(x, w, b)
+        best = float("inf")
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            F.linear(x, w, b)
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+        seconds_per_token += times * best / rows
+        flops_per_token += times * 2.0 * n_in * n_out
+    return {"matmul_tflops": round(flops_per_token / seconds_per_token / 1e12, 3),
+            "roofline_tokens_per_s": round(1.0 / seconds_per_token, 1)}
 
 
 def _sync(device: torch.device) -> None:
@@ -74,13 +117,15 @@ def _peak_memory_gib(device: torch.device) -> float:
 
 
 @torch.inference_mode()
-def run_packed(model, seqs, max_tokens: int, device) -> float:
+def run_packed(model, seqs, max_tokens: int, device) -> torch.Tensor:
+    """The pooled vectors ``[N, D]`` (float32, on ``device``) of ``seqs``, in their order."""
     lengths = np.array([len(s) for s in seqs])
+    out = torch.empty(len(seqs), model.config.hidden_size, device=device)
     for group in plan_batches(lengths, max_tokens):
         batch = PackedBatch.from_sequences([seqs[i] for i in group]).to(device)
-        pooled = mean_pool(model.forward_packed(batch), batch)
-    _sync(device)
-    return float(pooled.sum())
+        out[torch.as_tensor(group).to(device, non_blocking=True)] = mean_pool(
+            model.forward_packed(batch), batch)
+    return out
 
 
 @torch.inference_mode()
@@ -100,33 +145,36 @@ def run_baseline(model, seqs, device) -> float:
     return float(pooled.sum())
 
 
-def measure(name, fn, seqs, cfg, device, repeats: int) -> dict:
-    fn(seqs[:4])  # warm-up: kernels, allocator, thread pools
+def measure(name, fn, seqs, warm_seqs, cfg, device, repeats: int) -> tuple[dict, object]:
+    """Time ``fn`` on ``seqs`` after a warm-up on ``warm_seqs`` (kernels, allocator, thread
+    pools; other batch shapes than the timed ones). The first timed run meets shapes the
+    process has not seen (``tokens_per_s``); later repeats see them again
+    (``tokens_per_s_seen``, best of them). Returns the result and ``fn``'s output."""
+    fn(warm_seqs)
     _reset_peak_memory(device)
     times = []
-    for _ in range(repeats):
+    for _ in range(max(repeats, 1)):
         t0 = time.perf_counter()
-        fn(seqs)
+        output = fn(seqs)
+        _sync(device)
         times.append(time.perf_counter() - t0)
-    best = min(times)
     tokens = int(sum(len(s) for s in seqs))
     result = {
-        "path": name, "seconds": round(best, 3), "tokens": tokens,
-        "tokens_per_s": round(tokens / best, 1), "peak_mem_gib": round(_peak_memory_gib(device), 2),
+        "path": name, "seconds": round(times[0], 3), "tokens": tokens,
+        "tokens_per_s": round(tokens / times[0], 1),
+        "peak_mem_gib": round(_peak_memory_gib(device), 2),
     }
+    if len(times) > 1:
+        result["tokens_per_s_seen"] = round(tokens / min(times[1:]), 1)
     if device.type == "cuda":
         flops = sum(flops_per_sequence(cfg, len(s)) for s in seqs)
-        result["mfu"] = round(flops / best / H100_BF16_FLOPS, 4)
-    return result
+        result["mfu"] = round(flops / times[0] / H100_BF16_FLOPS, 4)
+    return result, output
 
 
-def cpu_has_bf16() -> bool:
-    """AVX-512 BF16 or AMX: without them CPU bf16 matmuls are emulated and very slow."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def min_cosine(a_ND: torch.Tensor, b_ND: torch.Tensor) -> float:
+    """The lowest cosine between the rows of ``a`` and ``b`` (text by text)."""
+    return float(F.cosine_similarity(a_ND.double().cpu(), b_ND.double().cpu(), dim=-1).min())
 
 
 def bench_encoder(args) -> list[dict]:
@@ -137,38 +185,50 @@ def bench_encoder(args) -> list[dict]:
     lengths = length_mix(args.texts, args.seed)
     cfg = SIZES[args.size]
     seqs = synthetic_ids(lengths, cfg.vocab_size, args.seed)
+    # The warm-up's texts: another mix (other batch shapes), a quarter of the size.
+    warm_seed = args.seed + 1000
+    warm_seqs = synthetic_ids(length_mix(max(8, args.texts // 4), warm_seed), cfg.vocab_size,
+                              warm_seed)
     base_pad = padding_stats(lengths, fixed_size_batches(lengths, BASELINE_BATCH)).waste
-    results = []
+    results, pooled_by_dtype = [], {}
     for name in args.dtypes.split(","):
         dtype = resolve_dtype(name, device)
-        if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bf16():
+        if device.type == "cpu" and dtype == torch.bfloat16 and not has_bf16_matmul():
             print(f"skip {name}: this CPU has no AVX-512 BF16/AMX")
             continue
-        model = random_encoder(cfg, seed=0, device=device, dtype=dtype)
         dtype_name = str(dtype).removeprefix("torch.")
+        roofline = matmul_roofline(cfg, dtype, device)
+        model = random_encoder(cfg, seed=0, device=device, dtype=dtype)
         budget = args.max_tokens or default_max_tokens(device.type, dtype_name)
         # varlen attention on CUDA in half precision has no padding at all
         ours_pad = (0.0 if device.type == "cuda"
                     else attention_padding(lengths, plan_batches(lengths, budget)))
         common = {"dtype": dtype_name, "device": str(device), "max_tokens_per_batch": budget}
-        packed = measure("packed", lambda s: run_packed(model, s, budget, device),
-                         seqs, cfg, device, args.repeats)
+        packed, pooled = measure("packed", lambda s: run_packed(model, s, budget, device),
+                                 seqs, warm_seqs, cfg, device, args.repeats)
+        pooled_by_dtype[dtype_name] = pooled
         results.append(common | packed | {"matmul_padding": 0.0, "attention_padding":
-                                          round(ours_pad, 4)})
+                                          round(ours_pad, 4)} | roofline)
         if not args.no_baseline:
-            base = measure("baseline", lambda s: run_baseline(model, s, device), seqs,
-                           cfg, device, args.repeats)
+            base, _ = measure("baseline", lambda s: run_baseline(model, s, device), seqs,
+                              warm_seqs, cfg, device, args.repeats)
             results.append(common | base | {"max_tokens_per_batch": f"{BASELINE_BATCH} seqs",
                                             "matmul_padding": round(base_pad, 4),
-                                            "attention_padding": round(base_pad, 4)})
+                                            "attention_padding": round(base_pad, 4)} | roofline)
         del model
+    for r in results:
+        r["of_roofline"] = round(r["tokens_per_s"] / r["roofline_tokens_per_s"], 3)
+        fp32 = pooled_by_dtype.get("float32")
+        if r["path"] == "packed" and r["dtype"] != "float32" and fp32 is not None:
+            r["min_cosine_to_float32"] = round(min_cosine(pooled_by_dtype[r["dtype"]], fp32), 6)
     return results
 
 
 def print_table(results: list[dict], header: dict) -> None:
     print(json.dumps(header))
-    cols = ["device", "dtype", "path", "max_tokens_per_batch", "tokens", "seconds", "tokens_per_s", "matmul_padding",
-            "attention_padding", "peak_mem_gib", "mfu"]
+    cols = ["device", "dtype", "path", "max_tokens_per_batch", "tokens", "seconds", "tokens_per_s",
+            "tokens_per_s_seen", "matmul_tflops", "roofline_tokens_per_s", "of_roofline",
+            "min_cosine_to_float32", "matmul_padding", "attention_padding", "peak_mem_gib", "mfu"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in results:
@@ -177,6 +237,13 @@ def print_table(results: list[dict], header: dict) -> None:
     fp32_base = base.get("float32")
     for r in results:
         if r["path"] == "packed":
+            print(f"{r['dtype']}: matmul roofline here {r['matmul_tflops']} TFLOP/s = "
+                  f"{r['roofline_tokens_per_s']:,.0f} tokens/s; packed reached "
+                  f"{r['tokens_per_s']:,.0f} tokens/s on shapes not seen before = "
+                  f"{r['of_roofline']:.0%} of it")
+            if "min_cosine_to_float32" in r:
+                print(f"{r['dtype']}: lowest per-text cosine to float32 = "
+                      f"{r['min_cosine_to_float32']}")
             ref = base.get(r["dtype"])
             if ref:
                 print(f"{r['dtype']}: packed / baseline = {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x")
@@ -195,7 +262,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=None,
                      help="token budget per batch (default: pipeline.batching.default_max_tokens)")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed runs of the same texts; the first meets unseen shapes, "
+                        "the others time the shapes seen (tokens_per_s_seen)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--json", help="also write the results to this file")
@@ -206,7 +275,8 @@ def main(args) -> None:
         args.dtypes = "bfloat16" if resolve_device(args.device).type == "cuda" else "float32,bfloat16"
     results = bench_encoder(args)
     header = {"benchmark": "encoder", "model": args.size, "date": datetime.date.today().isoformat(),
-              "machine": machine(), "texts": args.texts,
+              "machine": machine(), "cpu_features": list(cpu_features()),
+              "texts": args.texts,
               "median_len": float(np.median(length_mix(args.texts, args.seed)))}
     print_table(results, header)
     if args.json:

@@ -31,6 +31,7 @@ from ..io.readers import count_rows
 from ..io.storage import (SUMMARY_NAME, InputFile, is_local, open_filesystem, own_files,
                           publish_json, remove_files)
 from ..io.writers import OutputSpec
+from ..model.cpu import cpu_features, has_bf16_matmul
 from ..plan import Cluster, ModelInfo, RunPlan, plan_run
 from ..preflight import Inputs, check_inputs, check_output, load_model_info
 
@@ -186,6 +187,11 @@ def plan(config: RunConfig, setup: Setup, cluster: Cluster, spec: JobSpec,
     run_plan = plan_run(config, cluster, setup.model, inputs.files, inputs.id_type,
                         inputs.keep_types, group)
     run_plan = dataclasses.replace(run_plan, output=spec.output(run_plan.output))
+    if run_plan.device == "cpu" and config.dtype == "auto" and has_bf16_matmul():
+        log.info("computing in float32 (--dtype auto on CPU: exact parity with the reference); "
+                 "this CPU multiplies bf16 natively (%s): --dtype bfloat16 is about 2-3x faster, "
+                 "at a per-text cosine >= 0.999 to float32 (docs/running.md#compute-dtype-on-cpu)",
+                 ", ".join(f for f in cpu_features() if "bf16" in f))
     identity = units.run_identity(config, run_plan.dtype, setup.model, inputs) \
         | dict(spec.identity)
     keep = kept_units(config, setup, identity)

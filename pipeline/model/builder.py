@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers import processors, trainers
 
-from .checkpoint import encoder_from_state, key_map
+from .checkpoint import encoder_from_state, key_map, param_dtype
 from .config import EncoderConfig, hub_config_dict
 from .encoder import NomicMoEEncoder
 from . import lexicon
@@ -86,7 +86,7 @@ def random_encoder(
     hub = random_hub_state(cfg, seed)
     state = {}
     for ours, key, _, transform in key_map(cfg):
-        want = torch.float32 if ours.endswith("router_ED") else dtype
+        want = param_dtype(ours, dtype, torch.device(device).type)
         state[ours] = transform(hub.pop(key)).to(device=device, dtype=want).contiguous()
     return encoder_from_state(cfg, state, moe_backend)
 

@@ -69,3 +69,28 @@ def set_threads(threads: int) -> None:
 def default_threads(replicas_per_node: int) -> int:
     """Torch threads for a CPU encoder actor: this node's usable cores shared by the replicas."""
     return max(1, len(os.sched_getaffinity(0)) // max(replicas_per_node, 1))
+
+
+# The CPU features that decide how fast half precision runs on a CPU: AMX tiles (bf16/int8
+# matmuls through oneDNN), AVX-512 BF16 (bf16 dot products), AVX-512 FP16, and the AVX-512 and
+# AVX2 baselines. Without the bf16 ones, bf16 matmuls are emulated and slower than fp32.
+CPU_FEATURES = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_fp16", "avx512f", "avx2")
+
+
+def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, ...]:
+    """Which of :data:`CPU_FEATURES` this CPU has (its first ``flags`` line; () without one)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return tuple(name for name in CPU_FEATURES if name in flags)
+    except OSError:
+        pass
+    return ()
+
+
+def has_bf16_matmul(features: tuple[str, ...] | None = None) -> bool:
+    """Whether bf16 matmuls run natively here (AMX or AVX-512 BF16), not emulated."""
+    features = cpu_features() if features is None else features
+    return "amx_bf16" in features or "avx512_bf16" in features

@@ -66,6 +66,7 @@ class NomicMoEEncoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The compute dtype: the matmuls' and attention's (the residual stream is fp32)."""
         return self.word_embeddings.weight.dtype
 
     @property
@@ -73,15 +74,18 @@ class NomicMoEEncoder(nn.Module):
         return self.word_embeddings.weight.device
 
     def embed(self, input_ids_T: torch.Tensor) -> torch.Tensor:
-        # token_type_ids are always 0 for this model: row 0 is added to every token.
-        x_TD = self.word_embeddings(input_ids_T) + self.token_type_embeddings.weight[0]
+        # token_type_ids are always 0 for this model: row 0 is added to every token. The sum
+        # and everything after it is in the stream's dtype (the norms': fp32 in half precision).
+        type_row_D = self.token_type_embeddings.weight[0]
+        x_TD = self.word_embeddings(input_ids_T).to(type_row_D.dtype) + type_row_D
         return self.emb_norm(x_TD)
 
     def forward_packed(
         self, batch: PackedBatch, routing_out: list[Routing] | None = None,
         hidden_out: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Last hidden states ``[T, D]`` of a packed batch (on this module's device).
+        """Last hidden states ``[T, D]`` of a packed batch (on this module's device; fp32, the
+        residual stream's dtype, whatever the compute dtype).
 
         If given, ``routing_out`` receives each MoE layer's :class:`Routing` and ``hidden_out``
         the embedding output and every block's output, in order (for tests and debugging).
@@ -101,8 +105,8 @@ class NomicMoEEncoder(nn.Module):
                 f"({cfg.vocab_size}); tokenizer and model do not match"
             )
         x_TD = self.embed(batch.input_ids_T)
-        cos, sin = rotary_cos_sin(batch.position_ids_T, cfg.head_dim, cfg.rotary_base, x_TD.dtype)
-        plan = AttentionPlan.build(batch, x_TD.dtype)
+        cos, sin = rotary_cos_sin(batch.position_ids_T, cfg.head_dim, cfg.rotary_base, self.dtype)
+        plan = AttentionPlan.build(batch, self.dtype)
         if hidden_out is not None:
             hidden_out.append(x_TD)
         for block in self.layers:

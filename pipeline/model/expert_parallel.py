@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EncoderConfig, check_split
-from .moe import Routing, _resolve_backend, expert_matmul, route
+from .moe import Routing, _resolve_backend, expert_matmul, gate_and_sum, route
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +112,8 @@ class ExpertParallelMoE(nn.Module):
         order_S = torch.argsort(flat_ids_S, stable=True)
         token_S = order_S // K
         counts_E = torch.bincount(flat_ids_S, minlength=self.num_experts)
-        y_SD = self.exchange(x_TD[token_S], counts_E)
-        gate_S1 = routing.topk_weights_TK.reshape(-1)[order_S, None].to(y_SD.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, token_S, y_SD * gate_S1)
+        y_SD = self.exchange(x_TD[token_S].to(self.w1_EFD.dtype), counts_E)
+        return gate_and_sum(x_TD, y_SD, routing, order_S, token_S)
 
     def idle(self, like: torch.Tensor) -> None:
         """Take part in this layer's exchanges with no tokens (a rank with no batch)."""

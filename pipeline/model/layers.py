@@ -157,7 +157,8 @@ def packed_attention(qkv_T3HDh: torch.Tensor, plan: AttentionPlan) -> torch.Tens
 
 
 class Attention(nn.Module):
-    """Fused-QKV self-attention with rotary on q and k, over packed tokens."""
+    """Fused-QKV self-attention with rotary on q and k, over packed tokens. Takes the stream
+    (fp32) and returns the out projection in the compute dtype (the weights')."""
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
@@ -170,7 +171,8 @@ class Attention(nn.Module):
         plan: AttentionPlan,
     ) -> torch.Tensor:
         T = x_TD.shape[0]
-        qkv_T3HDh = self.qkv(x_TD).view(T, 3, self.num_heads, self.head_dim)
+        qkv_T3HDh = self.qkv(x_TD.to(self.qkv.weight.dtype)).view(T, 3, self.num_heads,
+                                                                  self.head_dim)
         apply_rotary_(qkv_T3HDh[:, :2], cos_TDh2[:, None, None], sin_TDh2[:, None, None])
         o_THDh = packed_attention(qkv_T3HDh, plan)
         return self.out(o_THDh.reshape(T, -1))
@@ -185,4 +187,4 @@ class DenseFFN(nn.Module):
         self.fc2 = nn.Linear(cfg.ffn_size, cfg.hidden_size)
 
     def forward(self, h_TD: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(h_TD)))
+        return self.fc2(F.gelu(self.fc1(h_TD.to(self.fc1.weight.dtype))))

@@ -97,11 +97,18 @@ def grouped_experts(
     backend = _resolve_backend(backend, x_TD)
     order_S, counts_E, offsets_E = expert_slots(routing.topk_ids_TK.reshape(-1), E)
     token_S = order_S // K
-    x_SD = x_TD[token_S]
+    x_SD = x_TD[token_S].to(w1_EFD.dtype)
     h_SF = F.gelu(expert_matmul(x_SD, w1_EFD.transpose(1, 2), counts_E, offsets_E, backend))
     y_SD = expert_matmul(h_SF, w2_EFD, counts_E, offsets_E, backend)
-    gate_S1 = routing.topk_weights_TK.reshape(-1)[order_S, None].to(y_SD.dtype)
-    return torch.zeros_like(x_TD).index_add_(0, token_S, y_SD * gate_S1)
+    return gate_and_sum(x_TD, y_SD, routing, order_S, token_S)
+
+
+def gate_and_sum(x_TD: torch.Tensor, y_SD: torch.Tensor, routing: Routing,
+                 order_S: torch.Tensor, token_S: torch.Tensor) -> torch.Tensor:
+    """``sum_k w_k * y`` per token, in the stream's dtype (``x_TD``'s: fp32 in half precision,
+    so the gate and the two experts' sum are not rounded to 8 bits)."""
+    gate_S1 = routing.topk_weights_TK.reshape(-1)[order_S, None].to(x_TD.dtype)
+    return torch.zeros_like(x_TD).index_add_(0, token_S, y_SD.to(x_TD.dtype) * gate_S1)
 
 
 class MoEFFN(nn.Module):

@@ -22,12 +22,13 @@ def expert_loop_moe(moe: MoEFFN, h_ND: torch.Tensor) -> torch.Tensor:
     routing = route(h_ND, moe.router_ED, moe.top_k)
     weights_NK = routing.topk_weights_TK.to(h_ND.dtype)
     out_ND = torch.zeros_like(h_ND)
+    x_ND = h_ND.to(moe.w1_EFD.dtype)
     for e in range(moe.w1_EFD.shape[0]):
         token_idx, slot = torch.where(routing.topk_ids_TK == e)
         if token_idx.numel() == 0:
             continue
-        y = F.gelu(h_ND[token_idx] @ moe.w1_EFD[e].T) @ moe.w2_EFD[e]
-        out_ND.index_add_(0, token_idx, y * weights_NK[token_idx, slot, None])
+        y = F.gelu(x_ND[token_idx] @ moe.w1_EFD[e].T) @ moe.w2_EFD[e]
+        out_ND.index_add_(0, token_idx, y.to(h_ND.dtype) * weights_NK[token_idx, slot, None])
     return out_ND + moe.bias_D
 
 
@@ -39,8 +40,8 @@ def per_token_moe(moe: MoEFFN, h_ND: torch.Tensor) -> torch.Tensor:
         acc = torch.zeros_like(h_ND[t])
         for j in range(moe.top_k):
             e = int(routing.topk_ids_TK[t, j])
-            y = F.gelu(h_ND[t] @ moe.w1_EFD[e].T) @ moe.w2_EFD[e]
-            acc = acc + routing.topk_weights_TK[t, j].to(h_ND.dtype) * y
+            y = F.gelu(h_ND[t].to(moe.w1_EFD.dtype) @ moe.w1_EFD[e].T) @ moe.w2_EFD[e]
+            acc = acc + routing.topk_weights_TK[t, j].to(h_ND.dtype) * y.to(h_ND.dtype)
         rows.append(acc + moe.bias_D)
     return torch.stack(rows) if rows else h_ND.new_zeros(h_ND.shape)
 
@@ -55,12 +56,13 @@ def padded_forward(
     H, Dh = cfg.num_heads, cfg.head_dim
     x = model.embed(input_ids_BL)
     positions = torch.arange(L, device=x.device)
-    cos, sin = rotary_cos_sin(positions, Dh, cfg.rotary_base, x.dtype)  # [L, Dh/2]
+    dtype = model.dtype  # the compute dtype; x, the stream, is fp32 in half precision
+    cos, sin = rotary_cos_sin(positions, Dh, cfg.rotary_base, dtype)  # [L, Dh/2]
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    keep = attention_mask_BL.to(x.dtype)[:, None, None, :]
-    additive_mask = (1.0 - keep) * torch.finfo(x.dtype).min
+    keep = attention_mask_BL.to(dtype)[:, None, None, :]
+    additive_mask = (1.0 - keep) * torch.finfo(dtype).min
     for block in model.layers:
-        q, k, v = block.attn.qkv(x).view(B, L, 3, H, Dh).unbind(2)
+        q, k, v = block.attn.qkv(x.to(dtype)).view(B, L, 3, H, Dh).unbind(2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=additive_mask
