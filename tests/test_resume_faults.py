@@ -24,6 +24,7 @@ import pytest
 from pipeline import Embedder
 from pipeline.cli import main
 from pipeline.model.builder import sample_texts
+from pipeline.model.cpu import has_bf16_matmul
 from tests.faultproxy import fault_proxy  # noqa: F401
 from tests.helpers import ray_worker_pids, read_output, s3
 from tests.s3server import s3_bucket, s3_client, s3_endpoint, upload_dir  # noqa: F401
@@ -199,6 +200,9 @@ def test_transient_s3_faults_give_the_exact_output(cluster, s3_endpoint, s3_buck
     assert summary["rows_in"] == 183 and summary["rows_rejected"] == 2 and summary["reconciled"]
     assert summary["reject_reasons"] == {"malformed JSON": 1,
                                          "text is empty or whitespace only": 1}
+    assert summary["model"]["dtype"] == "float32"  # --dtype auto on a CPU
+    # ... and where the CPU multiplies bf16 natively, the log says what bf16 would give.
+    assert ("--dtype bfloat16 is about 2-3x faster" in log) == has_bf16_matmul()
 
 
 def test_a_permanent_s3_error_fails_the_run_naming_the_object(
