@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 from pipeline.model import PackedBatch, layers, matryoshka, mean_pool, moe
 from pipeline.model.builder import REAL_CONFIG
-from pipeline.model.checkpoint import encoder_from_state
+from pipeline.model.checkpoint import encoder_from_state, param_dtype
 from pipeline.model.encoder import NomicMoEEncoder
 from pipeline.model.staging import DeviceStaging
 
@@ -65,11 +65,11 @@ class StepCheck(TorchDispatchMode):
 
 
 def meta_encoder(dtype: torch.dtype) -> NomicMoEEncoder:
-    """The real-size encoder on the meta device, activations in ``dtype``, routers fp32."""
+    """The real-size encoder on the meta device, computing in ``dtype``, each parameter in the
+    dtype the loaders give it on a GPU (``param_dtype``: routers fp32)."""
     with torch.device("meta"):
         shapes = NomicMoEEncoder(REAL_CONFIG).state_dict()
-    state = {k: torch.empty(v.shape, device="meta",
-                            dtype=torch.float32 if k.endswith("router_ED") else dtype)
+    state = {k: torch.empty(v.shape, device="meta", dtype=param_dtype(k, dtype, "cuda"))
              for k, v in shapes.items()}
     return encoder_from_state(REAL_CONFIG, state)
 

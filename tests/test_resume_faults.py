@@ -202,7 +202,7 @@ def test_transient_s3_faults_give_the_exact_output(cluster, s3_endpoint, s3_buck
                                          "text is empty or whitespace only": 1}
     assert summary["model"]["dtype"] == "float32"  # --dtype auto on a CPU
     # ... and where the CPU multiplies bf16 natively, the log says what bf16 would give.
-    assert ("--dtype bfloat16 is about 2-3x faster" in log) == has_bf16_matmul()
+    assert ("--dtype bfloat16 is faster" in log) == has_bf16_matmul()
 
 
 def test_a_permanent_s3_error_fails_the_run_naming_the_object(

@@ -8,6 +8,7 @@ message naming the URI, before Ray starts any work.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fnmatch
 import hashlib
@@ -36,10 +37,12 @@ SIDE_DIRS = (REJECTS_DIR, DOCUMENTS_DIR)  # part files beside the output's own r
 MANIFEST_DIR = "_manifest"
 # S3 data access: botocore's standard retry mode backs off on throttling, 5xx and resets;
 # the connect timeout bounds how long an unreachable endpoint takes to report.
-S3_CONFIG = {"connect_timeout": 10, "read_timeout": 120,
+# One client serves every thread of a process (open_filesystem), and the driver's pools run 16
+# requests at once: more connections than botocore's 10.
+S3_CONFIG = {"connect_timeout": 10, "read_timeout": 120, "max_pool_connections": 32,
              "retries": {"max_attempts": 5, "mode": "standard"}}
 # The pre-flight (listing, sampling, the output probe) must report a dead endpoint in seconds.
-S3_PREFLIGHT_CONFIG = {"connect_timeout": 5, "read_timeout": 30,
+S3_PREFLIGHT_CONFIG = {"connect_timeout": 5, "read_timeout": 30, "max_pool_connections": 32,
                        "retries": {"max_attempts": 2, "mode": "standard"}}
 
 
@@ -128,9 +131,13 @@ def open_filesystem(uri: str, storage_options: dict[str, Any] | None = None,
     with storage_errors(uri, "open"):
         if protocol not in ("s3", "s3a"):
             return fsspec.core.url_to_fs(uri)
-        options = dict(storage_options or {})
-        config = S3_PREFLIGHT_CONFIG if preflight else S3_CONFIG
+        # Deep copies: botocore rewrites a config's ``retries`` in place when it makes a
+        # client, which would change these constants (and the cache key) under us.
+        options = copy.deepcopy(dict(storage_options or {}))
+        config = copy.deepcopy(S3_PREFLIGHT_CONFIG if preflight else S3_CONFIG)
         options["config_kwargs"] = config | dict(options.get("config_kwargs") or {})
+        cls = fsspec.get_filesystem_class(protocol)
+        options |= cls._get_kwargs_from_urls(uri)  # e.g. ?versionId=: a version-aware client
         fs = _s3_filesystem(protocol, options)
         return fs, fs._strip_protocol(uri)
 
@@ -150,13 +157,23 @@ _FILESYSTEMS_LOCK = threading.Lock()
 MAX_CACHED_FILESYSTEMS = 16  # distinct option sets per process (a job uses two or three)
 
 
+def _mtime(path: str) -> int | None:
+    try:
+        return os.stat(os.path.expanduser(path)).st_mtime_ns
+    except OSError:
+        return None
+
+
 def _s3_filesystem(protocol: str, options: dict[str, Any]) -> fsspec.AbstractFileSystem:
     options = {"use_listings_cache": False, **options, "skip_instance_cache": True}
-    # botocore also reads AWS_* variables (endpoint, profile, region, keys) when it makes a
-    # client: a change of them in this process gets a new one.
+    # botocore also reads AWS_* variables (endpoint, profile, region, keys) and the shared
+    # credentials and config files when it makes a client: a change of any of them in this
+    # process (a rotated key written to the file, say) gets a new one.
     aws_env = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
-    key = hashlib.sha256(json.dumps([protocol, options, aws_env], sort_keys=True,
-                                    default=repr).encode()).hexdigest()
+    files = [os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+             os.environ.get("AWS_CONFIG_FILE", "~/.aws/config")]
+    key = hashlib.sha256(json.dumps([protocol, options, aws_env, [_mtime(f) for f in files]],
+                                    sort_keys=True, default=repr).encode()).hexdigest()
     with _FILESYSTEMS_LOCK:
         if _FILESYSTEMS_PID[0] != os.getpid():  # a forked child: its parent's clients are not its own
             _FILESYSTEMS.clear()
