@@ -38,6 +38,7 @@ class Cluster:
     gpus: float
     node_cpus: float | None = None  # the largest node's (None: not known)
     node_gpus: float | None = None
+    node_ids: tuple[str, ...] = ()  # the nodes alive when the run started
 
 
 @dataclasses.dataclass(frozen=True)

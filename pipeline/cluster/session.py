@@ -45,9 +45,24 @@ def cluster() -> Cluster:
     """The connected cluster's logical CPUs and GPUs, and its largest node's."""
     resources = ray.cluster_resources()
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    alive = [n for n in ray.nodes() if n.get("Alive")]
     return Cluster(cpus=resources.get("CPU", 0.0), gpus=resources.get("GPU", 0.0),
                    node_cpus=max((n.get("CPU", 0.0) for n in nodes), default=None),
-                   node_gpus=max((n.get("GPU", 0.0) for n in nodes), default=None))
+                   node_gpus=max((n.get("GPU", 0.0) for n in nodes), default=None),
+                   node_ids=tuple(sorted(n["NodeID"] for n in alive)))
+
+
+def lost_nodes(started: Cluster) -> list[dict[str, str]]:
+    """The nodes alive when the run started that are gone now (a spot preemption, a crash):
+    their ID, address and what Ray says of their end. Ray retries their tasks and restarts
+    their actors elsewhere; the summary names them so that a run that finished anyway says
+    what it went through."""
+    if not started.node_ids or not ray.is_initialized():
+        return []
+    now = {n["NodeID"]: n for n in ray.nodes()}
+    return [{"node_id": node, "address": now.get(node, {}).get("NodeManagerAddress", "?"),
+             "reason": now.get(node, {}).get("DeathReasonMessage") or "not in the cluster"}
+            for node in started.node_ids if not now.get(node, {}).get("Alive")]
 
 
 @contextlib.contextmanager

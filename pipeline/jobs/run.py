@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping
 from .. import summary, units
 from ..cluster.expert_groups import new_group_name
 from ..cluster.graph import Dataset, build_dataset, limit_resources, write_records
-from ..cluster.session import configure_progress, ray_session
+from ..cluster.session import configure_progress, lost_nodes, ray_session
 from ..config import RunConfig
 from ..errors import RunFailed, root_cause
 from ..io.readers import count_rows
@@ -127,6 +127,7 @@ class Executed:
     wall_s: float
     facts: dict[str, Any]
     first_record_s: float | None = None  # from the graph's start to the first write record
+    nodes_lost: tuple[dict[str, str], ...] = ()  # nodes that left the cluster during the run
 
 
 def run(config: RunConfig, spec: JobSpec = RUN) -> dict[str, Any]:
@@ -245,10 +246,26 @@ def execute(config: RunConfig, setup: Setup, planned: Planned, spec: JobSpec,
         records = write_records(ds)
         try:
             first = consume(records, tracker, config)
+        except RunFailed as err:
+            gone = lost_nodes(cluster)
+            if gone:  # the likely cause: say so first
+                raise RunFailed(f"{describe_lost(gone)}, and Ray could not recover the run: "
+                                f"{err}") from err
+            raise
         finally:
             records.close()  # stop Ray Data's iterator now, while Ray is still up
         first_record_s = None if first is None else first - t0
-    return Executed(tracker, time.perf_counter() - t0, facts, first_record_s)
+    gone = lost_nodes(cluster)
+    if gone:
+        log.warning("%s; Ray ran their tasks again and restarted their actors elsewhere, and "
+                    "every unit was committed once", describe_lost(gone))
+    return Executed(tracker, time.perf_counter() - t0, facts, first_record_s, tuple(gone))
+
+
+def describe_lost(nodes: list[dict[str, str]]) -> str:
+    return (f"{len(nodes)} node(s) left the cluster during the run ("
+            + "; ".join(f"{n['node_id'][:12]} at {n['address']}: {n['reason']}" for n in nodes)
+            + ")")
 
 
 def finish(config: RunConfig, setup: Setup, planned: Planned, executed: Executed,
@@ -281,6 +298,7 @@ def finish(config: RunConfig, setup: Setup, planned: Planned, executed: Executed
         input_files=len({m.uri for f in setup.inputs.files for m in f.files}),
         units_total=len(setup.inputs.files),
     )
+    result["nodes_lost"] = list(executed.nodes_lost)
     result = spec.summarize(result, committed, executed.facts)
     if driver is not None:
         result["driver_s"] = driver
