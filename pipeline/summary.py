@@ -152,6 +152,16 @@ def _chunk_fields(config: dict[str, Any], every: dict[str, Any]) -> dict[str, An
             "docs_over_max_chunks": every["reject_reasons"].get(OVER_MAX_CHUNKS, 0)}
 
 
+MAX_NODES_LOST = 50  # listed in the summary (it stays small); the count is always there
+
+
+def nodes_lost(nodes) -> dict[str, Any]:
+    """The summary's ``nodes_lost`` (the first :data:`MAX_NODES_LOST` nodes that left the
+    cluster during the run: ID, address, Ray's reason) and ``nodes_lost_count``."""
+    nodes = list(nodes)
+    return {"nodes_lost": nodes[:MAX_NODES_LOST], "nodes_lost_count": len(nodes)}
+
+
 def model_fields(plan) -> dict[str, Any]:
     """What the summary's ``model`` says of the run's plan (a :class:`~pipeline.plan.RunPlan`):
     device, dtype and actor counts."""

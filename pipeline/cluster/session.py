@@ -20,6 +20,8 @@ from ..config import RunConfig
 from ..plan import Cluster, local_cpus
 from .expert_groups import release_groups
 
+log = logging.getLogger("pipeline")
+
 
 def init_ray(config: RunConfig) -> bool:
     """Connect to ``--address`` or ``$RAY_ADDRESS``, else start a local Ray; True if started."""
@@ -44,25 +46,41 @@ def init_ray(config: RunConfig) -> bool:
 def cluster() -> Cluster:
     """The connected cluster's logical CPUs and GPUs, and its largest node's."""
     resources = ray.cluster_resources()
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     alive = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = [n["Resources"] for n in alive]
     return Cluster(cpus=resources.get("CPU", 0.0), gpus=resources.get("GPU", 0.0),
                    node_cpus=max((n.get("CPU", 0.0) for n in nodes), default=None),
                    node_gpus=max((n.get("GPU", 0.0) for n in nodes), default=None),
                    node_ids=tuple(sorted(n["NodeID"] for n in alive)))
 
 
+# Ray's reason for a node's end that is no loss: the autoscaler ended it because it was idle.
+IDLE_DRAIN = "AUTOSCALER_DRAIN_IDLE"
+
+
 def lost_nodes(started: Cluster) -> list[dict[str, str]]:
-    """The nodes alive when the run started that are gone now (a spot preemption, a crash):
-    their ID, address and what Ray says of their end. Ray retries their tasks and restarts
-    their actors elsewhere; the summary names them so that a run that finished anyway says
-    what it went through."""
+    """The nodes alive when the run started that are gone now (a spot preemption, a crash,
+    a node stopped), not counting those the autoscaler ended as idle: their ID, address and
+    Ray's reason. Ray runs again the tasks they held and restarts their actors elsewhere; the
+    summary names them so that a run that finished anyway says what it went through. Nodes
+    that joined after the start are not followed. A failure to ask Ray gives none (this is a
+    report, never a reason to fail a run)."""
     if not started.node_ids or not ray.is_initialized():
         return []
-    now = {n["NodeID"]: n for n in ray.nodes()}
-    return [{"node_id": node, "address": now.get(node, {}).get("NodeManagerAddress", "?"),
-             "reason": now.get(node, {}).get("DeathReasonMessage") or "not in the cluster"}
-            for node in started.node_ids if not now.get(node, {}).get("Alive")]
+    try:
+        now = {n["NodeID"]: n for n in ray.nodes()}
+    except Exception as err:  # noqa: BLE001 - a report only
+        log.debug("could not list the cluster's nodes: %s", err)
+        return []
+    gone = []
+    for node in started.node_ids:
+        state = now.get(node, {})
+        if state.get("Alive") or state.get("DeathReason") == IDLE_DRAIN:
+            continue
+        gone.append({"node_id": node, "address": state.get("NodeManagerAddress", "?"),
+                     "reason": state.get("DeathReasonMessage") or state.get("DeathReason")
+                     or "no longer in the cluster"})
+    return gone
 
 
 @contextlib.contextmanager

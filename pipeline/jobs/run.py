@@ -248,24 +248,27 @@ def execute(config: RunConfig, setup: Setup, planned: Planned, spec: JobSpec,
             first = consume(records, tracker, config)
         except RunFailed as err:
             gone = lost_nodes(cluster)
-            if gone:  # the likely cause: say so first
-                raise RunFailed(f"{describe_lost(gone)}, and Ray could not recover the run: "
-                                f"{err}") from err
+            if gone:  # a likely cause (the error itself comes first: it may be another)
+                raise RunFailed(f"{err}; meanwhile {describe_lost(gone)}") from err
             raise
         finally:
             records.close()  # stop Ray Data's iterator now, while Ray is still up
         first_record_s = None if first is None else first - t0
     gone = lost_nodes(cluster)
     if gone:
-        log.warning("%s; Ray ran their tasks again and restarted their actors elsewhere, and "
-                    "every unit was committed once", describe_lost(gone))
+        log.warning("%s; what they held was run again elsewhere, and every unit was committed "
+                    "once", describe_lost(gone))
     return Executed(tracker, time.perf_counter() - t0, facts, first_record_s, tuple(gone))
 
 
+NODES_NAMED = 5  # in a message; the summary lists up to summary.MAX_NODES_LOST
+
+
 def describe_lost(nodes: list[dict[str, str]]) -> str:
-    return (f"{len(nodes)} node(s) left the cluster during the run ("
-            + "; ".join(f"{n['node_id'][:12]} at {n['address']}: {n['reason']}" for n in nodes)
-            + ")")
+    named = "; ".join(f"{n['node_id'][:12]} at {n['address']}: {n['reason']}"
+                      for n in nodes[:NODES_NAMED])
+    more = f"; and {len(nodes) - NODES_NAMED} more" if len(nodes) > NODES_NAMED else ""
+    return f"{len(nodes)} node(s) left the cluster during the run ({named}{more})"
 
 
 def finish(config: RunConfig, setup: Setup, planned: Planned, executed: Executed,
@@ -298,7 +301,7 @@ def finish(config: RunConfig, setup: Setup, planned: Planned, executed: Executed
         input_files=len({m.uri for f in setup.inputs.files for m in f.files}),
         units_total=len(setup.inputs.files),
     )
-    result["nodes_lost"] = list(executed.nodes_lost)
+    result |= summary.nodes_lost(executed.nodes_lost)
     result = spec.summarize(result, committed, executed.facts)
     if driver is not None:
         result["driver_s"] = driver
