@@ -76,8 +76,9 @@ class RunConfig:
                                   "MoE layer (expert parallelism: N GPUs, or N CPU processes, "
                                   "exchanging tokens with all-to-all); 1: whole-model replicas "
                                   "(measured faster, see docs/expert-parallel.md)", metavar="N")
-    tokenizer_actors: int | None = _field(None, "tokenizer actors (default: 4 per GPU "
-                                          "replica, 1 on CPU)", metavar="N")
+    tokenizer_actors: int | None = _field(None, "tokenizer actors (default: 6 per GPU; on "
+                                          "CPU none: the encoder actors tokenize their own "
+                                          "rows)", metavar="N")
     max_tokens_per_batch: int | None = _field(None, "token budget per encoder batch (default: "
                                               "by device and dtype)", metavar="N")
     window_rows: int | None = _field(None, "rows sorted together for length bucketing "

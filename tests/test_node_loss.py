@@ -30,7 +30,7 @@ def encoder_node(nodes) -> object | None:
     """The node (of ``nodes``) whose raylet started the encoder actor's worker process."""
     procs = live_processes()
     encoders = [pid for pid, (_, cmdline) in procs.items()
-                if b"MapBatches(EncodeStage)" in cmdline]
+                if b"EncodeStage)" in cmdline]  # (TokenizeEncodeStage on CPU)
     for node in nodes:
         raylet = node.all_processes["raylet"][0].process.pid
         if any(procs[pid][0] == raylet for pid in encoders if pid in procs):

@@ -177,9 +177,13 @@ def test_compression_suffixes_and_binary_ids(cluster, tmp_path, tiny_model_dir, 
     with pa_.CompressedOutputStream(str(tmp_path / "in" / "B.JSONL.ZSTD"), "zstd") as f:
         f.write(rest)
     out = tmp_path / "out"
+    # With a tokenizer actor of its own, as on GPU nodes (on CPU the encoder actors tokenize
+    # by default: every other run here).
     assert main(["run", "--input", str(tmp_path / "in"), "--output", str(out), "--model",
-                 str(tiny_model_dir), "--dims", "64", "--progress", "off"]) == 0
+                 str(tiny_model_dir), "--dims", "64", "--progress", "off",
+                 "--tokenizer-actors", "1"]) == 0
     summary = json.loads((out / "_summary.json").read_text())
+    assert summary["model"]["tokenizer_actors"] == 1
     assert summary["rows_embedded"] == 12 and summary["rows_rejected"] == 0
     assert summary["reconciled"]
     table = pq.read_table(sorted(out.glob("part-*.parquet")))

@@ -147,7 +147,7 @@ def written(fs, uri: str) -> bool:
 
 def encoder_pids(cluster: str) -> list[int]:
     """The encoder actors of this module's cluster."""
-    return ray_worker_pids(cluster, b"MapBatches(EncodeStage)")
+    return ray_worker_pids(cluster, b"EncodeStage)")  # (TokenizeEncodeStage on CPU)
 
 
 def test_encoder_actor_killed_mid_run(cluster, s3_endpoint, s3_bucket, tiny_model_dir,

@@ -19,7 +19,7 @@ from pipeline.cli import add_run_arguments, config_from_args
 from pipeline.config import RunConfig
 from pipeline.io.storage import InputFile, OutputError, StorageError
 from pipeline.model.sources import ModelSourceError
-from pipeline.plan import Cluster, ModelInfo, RunPlan, plan_run
+from pipeline.plan import Cluster, ModelInfo, RunPlan, local_cpus, plan_run
 from pipeline.stages.embed import EncodeStage, TokenizeStage
 
 CPU_CLUSTER = Cluster(cpus=8, gpus=0)
@@ -147,6 +147,36 @@ def test_expert_parallel(model_info):
 
 def test_tokenizer_actors(model_info):
     assert plan(model_info, "--tokenizer-actors", "6").tokenize.actors == 6
+    # On CPU the encoder actors tokenize their own windows, unless tokenizer actors are asked
+    # for; an expert-parallel replica's actor only coordinates, so it keeps one.
+    assert plan(model_info).tokenize.actors == 0
+    assert plan(model_info, "--expert-parallel", "2").tokenize.actors == 1
+    assert plan(model_info, cluster=GPU_CLUSTER).tokenize.actors == 24
+    assert local_cpus(parse(), gpus=0, cpu_count=2) == 3  # the encoder, a read, a write
+    assert local_cpus(parse("--tokenizer-actors", "2"), gpus=0, cpu_count=2) == 5
+    # The graph then runs both stages in the encoder actor, with the tokenizer's arguments.
+    from pipeline.cluster.graph import embed_and_write
+
+    class Recorder:  # a Dataset that records each map_batches call
+        calls = []
+
+        def map_batches(self, fn, **kwargs):
+            self.calls.append((getattr(fn, "__name__", fn), kwargs))
+            return self
+
+    for p, stages in ((plan(model_info), ["TokenizeEncodeStage", "write_batch"]),
+                      (plan(model_info, "--tokenizer-actors", "1"),
+                       ["TokenizeStage", "EncodeStage", "write_batch"])):
+        Recorder.calls = []
+        embed_and_write(Recorder(), p)
+        assert [name for name, _ in Recorder.calls] == stages
+    fused = plan(model_info)
+    Recorder.calls = []
+    embed_and_write(Recorder(), fused)
+    (name, kwargs), _ = Recorder.calls
+    assert kwargs["fn_constructor_kwargs"]["tokenize"] == fused.tokenize.kwargs
+    assert kwargs["batch_size"] == fused.encode.batch_rows
+    assert kwargs["compute"].min_size == fused.encode.actors == 1
     # 7 tokenizers + 1 encoder would hold all 8 CPUs: reads and writes could never run.
     with pytest.raises(ValueError, match="leaving none for reading and writing"):
         plan(model_info, "--tokenizer-actors", "7")

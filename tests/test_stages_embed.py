@@ -13,7 +13,8 @@ import pytest
 from pipeline.io import schema as S
 from pipeline.io.readers import ReadSpec, read_jsonl
 from pipeline.model.builder import sample_texts
-from pipeline.stages.embed import EncodeStage, TokenizeStage, require_columns
+from pipeline.stages.embed import (EncodeStage, TokenizeEncodeStage, TokenizeStage,
+                                   require_columns)
 from tests.helpers import reader_rows, vector
 
 DIMS = (64, 32)
@@ -78,6 +79,26 @@ def test_stages_equal_embedder_encode_in_any_row_order(tokenizer_json, encode_st
     # Several budgeted batches ran (512-token budget), and their grid covers the tokens.
     assert (out[S.GRID_TOKENS].to_numpy() >= out[S.NUM_TOKENS].to_numpy()).all()
     assert len(set(out[S.BATCH_MAX].to_pylist())) > 1
+
+
+def test_tokenize_encode_stage_equals_the_two_stages(tokenizer_json, encode_stage,
+                                                    tiny_model_dir):
+    # A CPU run's encoder actor: both stages in one (pipeline/plan.py TOKENIZE_IN_ENCODER).
+    texts = sample_texts() + ["", "  "]
+    table = reader_table(list(range(len(texts))), texts,
+                         [None] * (len(texts) - 1) + ["malformed JSON: x"])
+    fused = TokenizeEncodeStage({"tokenizer_json": tokenizer_json, "task": "query"},
+                                model=str(tiny_model_dir), revision=None, device="cpu",
+                                dtype="float32", dims=DIMS, output_dtype="float32",
+                                max_tokens_per_batch=512)
+    got = fused(table)
+    want = encode_stage(TokenizeStage(tokenizer_json, "query")(table))
+    assert got.column_names == want.column_names
+    timings = {S.TOKENIZE_S, S.ENCODE_S, S.ENCODE_START, S.ENCODE_END}
+    for name in set(got.column_names) - timings:  # ids, rejects, tokens, the vectors
+        assert got[name].equals(want[name]), name
+    assert got[S.REJECT].to_pylist()[-2:] == ["text is empty or whitespace only",
+                                              "malformed JSON: x"]
 
 
 def test_encode_passes_rejected_rows_with_null_embeddings(tokenizer_json, encode_stage):

@@ -59,7 +59,8 @@ def pipeline_run(model_dir: Path, corpus: Path, out: Path, args) -> dict:
 
     config = RunConfig(input=str(corpus), output=str(out), model=str(model_dir), dims=args.dims,
                        device=args.device, dtype=args.dtype, overwrite=True, progress="off",
-                       max_tokens_per_batch=args.max_tokens)
+                       max_tokens_per_batch=args.max_tokens,
+                       tokenizer_actors=args.tokenizer_actors)
     summary = run(config)
     keep = ("rows_embedded", "tokens", "wall_s", "tokens_per_s", "tokens_per_s_steady",
             "padding_waste", "batch_padding", "stage_busy_s", "encoder_tokens_per_busy_s",
@@ -111,7 +112,9 @@ def rate_run(model_dir: Path, corpus: Path, out: Path, rate: int, args) -> dict:
                        device="cpu", overwrite=True, progress="off",
                        window_rows=args.window_rows or GPU_WINDOW_ROWS,
                        max_tokens_per_batch=args.max_tokens,
-                       tokenizer_actors=args.tokenizer_actors)
+                       # Tokenizer actors of their own, as on a GPU node (a CPU run's
+                       # encoder actors would tokenize their own windows).
+                       tokenizer_actors=args.tokenizer_actors or 1)
     # The tokenizer's Rust thread pool per actor: Ray's workers inherit the driver's
     # environment when it starts the local Ray, as the run does.
     threads = {"RAYON_NUM_THREADS": str(args.tokenizer_threads)} if args.tokenizer_threads \
@@ -174,7 +177,8 @@ def add_arguments(parser) -> None:
                         help=f"with --encoder-rate: rows per encoder window (default "
                              f"{GPU_WINDOW_ROWS}, a GPU's)")
     parser.add_argument("--tokenizer-actors", type=int, default=None,
-                        help="with --encoder-rate: tokenizer actors (default: the run's)")
+                        help="tokenizer actors (default: 1 with --encoder-rate, as on a GPU "
+                             "node; else the run's: none on CPU, the encoder actors tokenize)")
     parser.add_argument("--tokenizer-threads", type=int, default=None,
                         help="with --encoder-rate: RAYON_NUM_THREADS of the Ray workers, the "
                              "tokenizer's threads per actor (default: its own, one per core)")

@@ -1,7 +1,10 @@
 """The Ray Data graph: the one place that wires the stages with Ray.
 
     read shards (ShardDatasource) -> TokenizeStage actors -> EncodeStage actors
-        -> write tasks (one file per input file per batch) -> records the driver consumes
+        -> write tasks (one file per unit per batch) -> records the driver consumes
+
+On CPU the encoder actors tokenize their own windows by default (TokenizeEncodeStage: no
+tokenizer actors; ``pipeline/plan.py``).
 
 Everything it wires is built from a :class:`~pipeline.plan.RunPlan`; the stages and the I/O
 functions it calls live in modules that do not import Ray. The nightly job's graph adds the
@@ -29,7 +32,7 @@ from ..io.writers import OutputSpec, write_outputs
 from ..plan import RunPlan
 from ..stages.diff import (Diff, diff_bucket, hash_rows, read_previous, read_previous_documents,
                            read_seen)
-from ..stages.embed import EncodeStage, TokenizeStage
+from ..stages.embed import EncodeStage, TokenizeEncodeStage, TokenizeStage
 from .expert_groups import RankGroup
 
 
@@ -219,18 +222,24 @@ def encode_kwargs(plan: RunPlan) -> dict[str, Any]:
 
 
 def embed_and_write(ds: Dataset, plan: RunPlan) -> Dataset:
-    """Tokenize -> encode -> write ``ds``'s rows; a Dataset of write records."""
-    ds = ds.map_batches(
-        TokenizeStage, fn_constructor_kwargs=plan.tokenize.kwargs,
-        batch_size=plan.tokenize.batch_rows, batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=plan.tokenize.actors), num_cpus=plan.tokenize.num_cpus,
-        **({"runtime_env": {"env_vars": plan.tokenize.env_vars}} if plan.tokenize.env_vars
-           else {}),
-    )
+    """Tokenize -> encode -> write ``ds``'s rows; a Dataset of write records. With no
+    tokenizer actors in the plan (a CPU run's default) the encoder actors tokenize."""
+    stage, kwargs = EncodeStage, encode_kwargs(plan)
+    if plan.tokenize.actors:
+        ds = ds.map_batches(
+            TokenizeStage, fn_constructor_kwargs=plan.tokenize.kwargs,
+            batch_size=plan.tokenize.batch_rows, batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=plan.tokenize.actors),
+            num_cpus=plan.tokenize.num_cpus,
+            **({"runtime_env": {"env_vars": plan.tokenize.env_vars}} if plan.tokenize.env_vars
+               else {}),
+        )
+    else:
+        stage, kwargs = TokenizeEncodeStage, kwargs | {"tokenize": plan.tokenize.kwargs}
     # Merged by Ray with the job's runtime_env (working_dir, credentials by reference).
     env = {"runtime_env": {"env_vars": plan.encode.env_vars}} if plan.encode.env_vars else {}
     ds = ds.map_batches(
-        EncodeStage, fn_constructor_kwargs=encode_kwargs(plan),
+        stage, fn_constructor_kwargs=kwargs,
         batch_size=plan.encode.batch_rows, batch_format="pyarrow",
         compute=ActorPoolStrategy(size=plan.encode.actors),
         num_cpus=plan.encode.num_cpus, num_gpus=plan.encode.num_gpus, **env,

@@ -342,6 +342,23 @@ class EncodeStage:
             .cast(embedding_type(width, self.output_dtype))
 
 
+class TokenizeEncodeStage:
+    """:class:`TokenizeStage` then :class:`EncodeStage` in one actor: a CPU run's encoder
+    actors tokenize their own windows (``pipeline/plan.py``: ``TOKENIZE_IN_ENCODER``), as the
+    encoder there is ~1,000x slower per token than the tokenizer. Same rows, same outputs as
+    the two stages apart; ``tokenize``: the tokenizer stage's arguments, the rest the encoder's.
+    """
+
+    NEEDS = TokenizeStage.NEEDS
+
+    def __init__(self, tokenize: dict[str, Any], **encode: Any) -> None:
+        self.tokenize = TokenizeStage(**tokenize)
+        self.encode = EncodeStage(**encode)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return self.encode(self.tokenize(table))
+
+
 def doc_vectors(pooled_SD: np.ndarray, doc_S: np.ndarray, docs: int, weights_S: np.ndarray,
                 dims: tuple[int, ...]) -> dict[int, np.ndarray]:
     """One vector per document: the mean of its chunks' pooled vectors, each weighted by the
