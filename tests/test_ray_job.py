@@ -100,31 +100,34 @@ def test_ray_job_submit_runs_the_embedding_job(ray_head, tmp_path, tiny_model_di
     (tmp_path / "in").mkdir()
     rows = [{"id": i, "text": f"document number {i}", "lang": "en"} for i in range(40)]
     (tmp_path / "in" / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    out = tmp_path / "out"
-    proc = submit(address, env, "python", "jobs/embed.py", "--input", str(tmp_path / "in"),
-                  "--output", str(out), "--model", str(tiny_model_dir), "--dims", "64,32",
-                  "--keep-columns", "lang", "--progress", "off",
-                  runtime_env=["--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml"])
+    # jobs/runtime_env.yaml, plus a variable set from a ${reference} to the node's own
+    # environment, as the file passes credentials: the output folder ends in its value (the
+    # CLI quotes each argument, so sh expands it).
+    runtime_env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
+    runtime_env["env_vars"] |= {"MY_SECRET": "${PIPELINE_JOB_SECRET}"}
+    proc = submit(address, env, "sh", "-c",
+                  f"python jobs/embed.py --input {tmp_path / 'in'} --output {tmp_path}/out-$MY_SECRET"
+                  f" --model {tiny_model_dir} --dims 64,32 --keep-columns lang --progress off",
+                  runtime_env=["--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env)])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "succeeded" in proc.stdout + proc.stderr
+    out = tmp_path / "out-s3cr3t-from-the-node"  # the node's value, not the submitter's
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["rows_embedded"] == 40 and summary["reconciled"]
     table = pq.read_table(sorted(out.glob("part-*.parquet")))
     assert sorted(table["id"].to_pylist()) == list(range(40))
     assert table.column_names == ["id", "lang", "embedding_64", "embedding_32"]
 
-    # A setup mistake fails the job (the run's exit status is the job's). Its input path ends
-    # in a variable the runtime env sets from a ${reference} to the node's own environment,
-    # as jobs/runtime_env.yaml passes credentials: the node's value shows in the message.
-    runtime_env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
-    runtime_env["env_vars"] = {"MY_SECRET": "${PIPELINE_JOB_SECRET}"}
-    proc = submit(address, env, "sh", "-c",  # the CLI quotes each argument: sh expands it
-                  f"python jobs/embed.py --input {tmp_path / 'nope'}/$MY_SECRET --output "
-                  f"{tmp_path / 'out2'} --model {tiny_model_dir}",
-                  runtime_env=["--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env)])
-    printed = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "does not exist" in printed, printed[-2000:]
-    assert "nope/s3cr3t-from-the-node" in printed, printed[-2000:]
+
+def test_a_failed_run_is_the_entrypoints_exit_status(tmp_path, tiny_model_dir):
+    """A job's status is its entrypoint's exit status (Ray's rule): a setup mistake must make
+    the entrypoint exit non-zero, naming it. (Before Ray starts: no Ray needed.)"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "jobs/embed.py", "--input", str(tmp_path / "nope"),
+                           "--output", str(tmp_path / "out"), "--model", str(tiny_model_dir)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"input {tmp_path / 'nope'} does not exist" in proc.stderr
 
 
 @pytest.mark.parametrize("script,command,own_option", [
