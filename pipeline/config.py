@@ -77,8 +77,8 @@ class RunConfig:
                                   "exchanging tokens with all-to-all); 1: whole-model replicas "
                                   "(measured faster, see docs/expert-parallel.md)", metavar="N")
     tokenizer_actors: int | None = _field(None, "tokenizer actors (default: 6 per GPU; on "
-                                          "CPU none: the encoder actors tokenize their own "
-                                          "rows)", metavar="N")
+                                          "CPU none, the encoder actors tokenize their own "
+                                          "rows; 1 with --expert-parallel)", metavar="N")
     max_tokens_per_batch: int | None = _field(None, "token budget per encoder batch (default: "
                                               "by device and dtype)", metavar="N")
     window_rows: int | None = _field(None, "rows sorted together for length bucketing "

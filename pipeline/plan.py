@@ -31,9 +31,10 @@ TOKENIZER_GPU_ENV = {"RAYON_NUM_THREADS": "1"}
 # On CPU the encoder is ~1,000x slower per token than the tokenizer (~1,000 tokens/s against
 # ~300,000 per core here), so by default the encoder actors tokenize their own windows
 # (``TokenizeEncodeStage``): one actor process less to start (a 25-row run on a warm local Ray:
-# 3.0 s instead of 4.2 s, median of 6, 2026-12-06), no token ids passed between actors, and
-# the logical CPU a tokenizer actor held is left to reads and writes. ``--tokenizer-actors N``
-# still gives separate tokenizer actors.
+# 3.0 s instead of 4.2 s, median of 6, 2026-12-06) and no token ids passed between actors.
+# Rows are windowed as read, not as tokenized: vectors equal the two-actor layout's up to
+# float32 rounding (a row's batch companions can differ). ``--tokenizer-actors N`` still gives
+# separate tokenizer actors; an expert-parallel replica keeps one (its actor only coordinates).
 TOKENIZE_IN_ENCODER = 0
 
 
@@ -162,11 +163,14 @@ def check_fits(tokenize: StagePlan, encode: StagePlan, cluster: Cluster) -> None
     if held + 1 > cluster.cpus:
         encoders = f"{encode.actors} encoder actor(s)" if encode.ranks == 1 else \
             f"{encode.actors} x {encode.ranks} expert-parallel rank(s)"
+        actors = f"{tokenize.actors} tokenizer actor(s) and {encoders}" if tokenize.actors \
+            else encoders
+        lower = ("--tokenizer-actors, " if tokenize.actors else "") + \
+            "--encoder-replicas or --expert-parallel"
         raise ValueError(
-            f"{tokenize.actors} tokenizer actor(s) and {encoders} hold "
-            f"{held:g} of the cluster's {cluster.cpus:g} CPUs, leaving none for reading and "
-            "writing (the run would wait forever); lower --tokenizer-actors, "
-            "--encoder-replicas or --expert-parallel, or use a bigger cluster"
+            f"{actors} hold {held:g} of the cluster's {cluster.cpus:g} CPUs, leaving none for "
+            f"reading and writing (the run would wait forever); lower {lower}, or use a "
+            "bigger cluster"
         )
 
 

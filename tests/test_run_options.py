@@ -180,6 +180,10 @@ def test_tokenizer_actors(model_info):
     # 7 tokenizers + 1 encoder would hold all 8 CPUs: reads and writes could never run.
     with pytest.raises(ValueError, match="leaving none for reading and writing"):
         plan(model_info, "--tokenizer-actors", "7")
+    # With no tokenizer actor, the advice names only what can be lowered.
+    with pytest.raises(ValueError, match=r"^1 encoder actor\(s\) hold 1 of the cluster's 1 "
+                       r"CPUs.*; lower --encoder-replicas or --expert-parallel, or"):
+        plan(model_info, cluster=Cluster(cpus=1, gpus=0))
 
 
 def test_max_tokens_per_batch(model_info):

@@ -62,10 +62,11 @@ def pipeline_run(model_dir: Path, corpus: Path, out: Path, args) -> dict:
                        max_tokens_per_batch=args.max_tokens,
                        tokenizer_actors=args.tokenizer_actors)
     summary = run(config)
+    layout = {"tokenizer_actors": summary["model"]["tokenizer_actors"]}  # 0: in the encoder
     keep = ("rows_embedded", "tokens", "wall_s", "tokens_per_s", "tokens_per_s_steady",
             "padding_waste", "batch_padding", "stage_busy_s", "encoder_tokens_per_busy_s",
             "reconciled")
-    return {k: summary[k] for k in keep}
+    return {k: summary[k] for k in keep} | layout
 
 
 def bench_pipeline(args) -> dict:
@@ -159,7 +160,8 @@ def bench_rates(args) -> dict:
         "benchmark": "pipeline-rate", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
         "model": args.size, "tokenizer": args.tokenizer, "texts": args.texts,
         "shards": args.shards, "window_rows": args.window_rows or GPU_WINDOW_ROWS,
-        "tokenizer_actors": args.tokenizer_actors, "tokenizer_threads": args.tokenizer_threads,
+        "tokenizer_actors": args.tokenizer_actors or 1,
+        "tokenizer_threads": args.tokenizer_threads,
         "runs": runs,
         # At top level: those of the last (highest, as given) rate.
         "cpu_core_s_per_million_tokens": last["cpu_core_s_per_million_tokens"],

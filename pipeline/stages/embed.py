@@ -345,8 +345,9 @@ class EncodeStage:
 class TokenizeEncodeStage:
     """:class:`TokenizeStage` then :class:`EncodeStage` in one actor: a CPU run's encoder
     actors tokenize their own windows (``pipeline/plan.py``: ``TOKENIZE_IN_ENCODER``), as the
-    encoder there is ~1,000x slower per token than the tokenizer. Same rows, same outputs as
-    the two stages apart; ``tokenize``: the tokenizer stage's arguments, the rest the encoder's.
+    encoder there is ~1,000x slower per token than the tokenizer. Called on the same table, it
+    returns exactly what the two stages apart return; ``tokenize``: the tokenizer stage's
+    arguments, the rest the encoder's.
     """
 
     NEEDS = TokenizeStage.NEEDS
