@@ -36,7 +36,7 @@ from ..model import EncoderConfig, PackedBatch, mean_pool
 from ..model.cpu import cpu_features, has_bf16_matmul, retain_freed_memory
 from ..model.builder import SIZES, random_encoder
 from ..model.reference import padded_forward
-from .workload import length_mix, machine, synthetic_ids
+from .workload import length_mix, machine, synthetic_ids, warm_up_ids
 
 H100_BF16_FLOPS = 790e12  # measured dense bf16 matmul peak (MISSION.md)
 BASELINE_BATCH = 32
@@ -185,10 +185,7 @@ def bench_encoder(args) -> list[dict]:
     lengths = length_mix(args.texts, args.seed)
     cfg = SIZES[args.size]
     seqs = synthetic_ids(lengths, cfg.vocab_size, args.seed)
-    # The warm-up's texts: another mix (other batch shapes), a quarter of the size.
-    warm_seed = args.seed + 1000
-    warm_seqs = synthetic_ids(length_mix(max(8, args.texts // 4), warm_seed), cfg.vocab_size,
-                              warm_seed)
+    warm_seqs = warm_up_ids(args.texts, cfg.vocab_size, args.seed)
     base_pad = padding_stats(lengths, fixed_size_batches(lengths, BASELINE_BATCH)).waste
     results, pooled_by_dtype = [], {}
     for name in args.dtypes.split(","):

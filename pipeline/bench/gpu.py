@@ -50,7 +50,8 @@ from ..plan import WINDOW_ROWS
 from ..stages.embed import EncodeStage, TokenizeStage
 from .encoder import _peak_memory_gib, _reset_peak_memory, _sync, measure, run_baseline, run_packed
 from .tokenizer import rows
-from .workload import lexicon_source, length_mix, machine, multilingual_texts, synthetic_ids
+from .workload import (lexicon_source, length_mix, machine, multilingual_texts, synthetic_ids,
+                       warm_up_ids)
 
 PARITY_FIXTURE = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "nomic-moe-tiny"
 PARITY_TOL = 1e-4  # fp32 on a GPU: other kernels and summation orders than the CPU's
@@ -313,10 +314,7 @@ class Context:
         self.budgets = parse_int_list(args.budgets, "--budgets")
         self.lengths = length_mix(args.texts, args.seed)
         self.seqs = synthetic_ids(self.lengths, self.cfg.vocab_size, args.seed)
-        # Warm-ups run another, smaller mix: the timed texts meet batch shapes not seen before.
-        warm = args.seed + 1000
-        self.warm_seqs = synthetic_ids(length_mix(max(8, args.texts // 4), warm),
-                                       self.cfg.vocab_size, warm)
+        self.warm_seqs = warm_up_ids(args.texts, self.cfg.vocab_size, args.seed)
         self._fp32 = self._low = None
 
     def model_fp32(self):

@@ -39,6 +39,13 @@ def synthetic_ids(lengths: np.ndarray, vocab: int, seed: int = 0) -> list[np.nda
     return seqs
 
 
+def warm_up_ids(texts: int, vocab: int, seed: int = 0) -> list[np.ndarray]:
+    """The encoder benchmarks' warm-up texts: another mix than the timed one (seed + 1000, a
+    quarter of the size), so the timed texts meet batch shapes the process has not seen."""
+    warm = seed + 1000
+    return synthetic_ids(length_mix(max(8, texts // 4), warm), vocab, warm)
+
+
 def texts_of_lengths(lengths: np.ndarray, tokenizer: TextTokenizer, seed: int = 0) -> list[str]:
     """Texts whose token counts (with the document prefix, ``<s>`` and ``</s>``) follow ``lengths``."""
     from ..model.builder import sample_texts  # lazy: torch; this module stays torch-free
