@@ -21,7 +21,7 @@ RAY_PACKAGE = "pipeline.cluster"
 SERVE_RAY_MODULES = {"pipeline.serve.app", "pipeline.serve.metrics", "pipeline.serve.server"}
 PRIVATE_RAY_ALLOWED = {"pipeline.cluster.expert_groups"}  # _actor_dead: see its docstring
 # Imports that may be made inside a function: these (and modules that import them).
-HEAVY = ("torch", "ray", "pyiceberg")
+HEAVY = ("torch", "ray", "pyiceberg", "huggingface_hub")
 # Packages whose names load torch modules on first use (``__getattr__``), not at import.
 HEAVY_PACKAGES = {"pipeline.model"}
 
@@ -139,8 +139,8 @@ def test_no_private_ray_api_outside_its_one_place():
 
 
 def _heavy(target: str, graph: dict[str, set[str]], seen=None) -> bool:
-    """Whether importing ``target`` imports torch, ray or pyiceberg (directly or through
-    pipeline modules, at module level)."""
+    """Whether importing ``target`` imports torch, ray, pyiceberg or huggingface_hub (directly
+    or through pipeline modules, at module level)."""
     if target.split(".")[0] in HEAVY or target in HEAVY_PACKAGES:
         return True
     if target not in graph:

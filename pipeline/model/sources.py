@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import fsspec
-from huggingface_hub import HfApi, constants, errors, hf_hub_download, snapshot_download
-from huggingface_hub.file_download import repo_folder_name
 
 from .checkpoint import PICKLE_SUFFIXES, weight_files
 from .config import DEFAULT_MODEL
@@ -539,6 +537,8 @@ def _resolve_hub(
     """Download (or reuse from the HF cache) the model files, or the one file ``filename``;
     returns ``(dir or file, commit)``."""
 
+    from huggingface_hub import errors  # imported where used: ~0.3 s that a local model skips
+
     endpoint = _hub_endpoint()
     if _hub_offline():
         return _hub_from_cache(repo_id, revision, cache_dir, endpoint, "HF_HUB_OFFLINE is set",
@@ -576,6 +576,8 @@ def _hub_offline() -> bool:
 
     value = os.environ.get("HF_HUB_OFFLINE")
     if value is None:
+        from huggingface_hub import constants  # lazy: see _resolve_hub
+
         return bool(constants.HF_HUB_OFFLINE)
     return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
@@ -600,6 +602,8 @@ def _hub_network_errors() -> tuple[type[BaseException], ...]:
 def _hub_commit(repo_id: str, revision: str | None, endpoint: str | None) -> str:
     """The commit ``revision`` points at, asked with a bounded timeout (fails fast offline)."""
 
+    from huggingface_hub import HfApi  # lazy: see _resolve_hub
+
     api = HfApi(endpoint=endpoint)
     info = api.repo_info(repo_id, revision=revision, timeout=HUB_METADATA_TIMEOUT_S)
     if not info.sha:
@@ -616,6 +620,8 @@ def _hub_snapshot(
     local_files_only: bool,
     filename: str | None = None,
 ) -> Path:
+    from huggingface_hub import hf_hub_download, snapshot_download  # lazy: see _resolve_hub
+
     if filename is not None:
         return Path(hf_hub_download(
             repo_id, filename, revision=revision, cache_dir=cache_dir, endpoint=endpoint,
@@ -635,6 +641,9 @@ def _record_hub_ref(
     # We download by commit (resolved with a bounded timeout), and huggingface_hub writes
     # refs/<branch> only when it resolves the branch itself; without the file an offline run
     # (HF_HUB_OFFLINE=1) could not find this snapshot by branch or tag name.
+
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
 
     name = revision or constants.DEFAULT_REVISION
     if name == commit:
@@ -661,6 +670,8 @@ def _hub_from_cache(
         folder = _hub_snapshot(repo_id, revision, cache_dir, None, local_files_only=True,
                                filename=filename)
     except FileNotFoundError as err:  # LocalEntryNotFoundError: not in the cache either
+        from huggingface_hub import constants
+
         what = f"{repo_id} {filename}" if filename else repo_id
         raise ModelSourceError(
             f"could not reach the Hugging Face Hub at {endpoint or constants.ENDPOINT} for "
