@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.io import schema as S
@@ -338,7 +339,8 @@ def test_diff_classifies_new_changed_unchanged_and_drops_deleted(kind):
     for d in DIMS:
         got = by_id(out, S.prev_embedding(d))
         assert got == {key(1): vector(1, d), key(2): None, key(3): None, key(4): None}
-        assert out.schema.field(S.prev_embedding(d)).type == S.embedding_type(d, "float32")
+        # Variable-size lists in the shuffle (a null costs an offset, not 64 zeros).
+        assert out.schema.field(S.prev_embedding(d)).type == pa.list_(pa.float32())
     assert S.PREV_HASH not in out.column_names and S.BUCKET not in out.column_names
     for c in (S.TEXT, S.SOURCE, S.ROW, S.UNIT, S.HASH, "lang"):
         assert out[c].to_pylist() == today[c].to_pylist()
@@ -602,10 +604,12 @@ def test_plan_diff_equal_settings_reuse_the_previous_vectors():
     assert d.previous_files == (("s3://o/snapshot-1/part-a.parquet", 4000),
                                 ("s3://o/snapshot-1/part-b.parquet", 6000))
     assert d.seen_files == seen and d.output_dtype == "float16"
-    # The previous vectors travel through the shuffle, typed like today's output.
+    # The previous vectors travel through the shuffle in today's output dtype, as
+    # variable-size lists: a row without one (today's, a seen id) costs an offset there,
+    # not a fixed-size list's room.
     assert prev_columns(d) == [S.prev_embedding(w) for w in DIMS]
     assert [d.schema.field(S.prev_embedding(w)).type for w in DIMS] == [
-        S.embedding_type(w, "float16") for w in DIMS]
+        pa.list_(pa.float16()) for w in DIMS]
 
 
 def test_plan_diff_what_is_not_a_setting_does_not_stop_the_reuse():
@@ -744,7 +748,7 @@ def test_plan_diff_reuses_document_vectors_of_a_snapshot_that_has_them():
     assert d.bytes == 1000 + 4000 + 300  # document files count towards the buckets
     assert [f.name for f in d.schema if f.name.startswith("__prev_doc_")] == [
         N.prev_doc_embedding(w) for w in DIMS]
-    assert d.schema.field(N.prev_doc_embedding(64)).type == S.embedding_type(64, "float32")
+    assert d.schema.field(N.prev_doc_embedding(64)).type == pa.list_(pa.float32())
 
 
 def test_plan_diff_a_previous_snapshot_without_document_vectors_is_embedded_again():
@@ -830,7 +834,7 @@ def test_diff_of_a_bucket_without_document_rows_reuses_no_document():
     prev = N.conform(chunk_rows([1], [h("same")], [2]), d.schema)
     out = run_diff(pa.concat_tables([today, prev]), d)
     assert by_id(out, S.CHANGE) == {1: "unchanged"} and by_id(out, S.REUSE) == {1: False}
-    assert out[N.prev_doc_embedding(64)].type == S.embedding_type(64, "float32")
+    assert out[N.prev_doc_embedding(64)].type == pa.list_(pa.float32())
 
 
 def test_read_previous_documents_is_on_the_shuffle_s_schema(tmp_path):
@@ -890,3 +894,23 @@ def test_the_diffs_read_tasks_carry_only_their_own_files_and_have_names(tmp_path
     for t in tasks:
         list(t.read_fn())
     assert sorted(calls) == sorted(seen)  # every file once, with its own source
+
+
+def test_rows_without_previous_vectors_stay_small_in_the_shuffle(tmp_path):
+    # At 768/512/256 the ids already in the snapshot (read_seen) and today's rows enter the
+    # shuffle with null previous vectors; as fixed-size lists those nulls took 6 KB a row,
+    # as many bytes as the vectors themselves.
+    wide = [768, 512, 256]
+    d = N.plan_diff(identity=identity(dims=wide), read=read_spec(),
+                    previous_identity=identity(dims=wide),
+                    previous_files=(("s3://o/snapshot-1/part-a.parquet", 4000),),
+                    todo_bytes=1000, seen_files=(), cpus=4)
+    assert d.reuse and d.dims == tuple(wide)
+    part = tmp_path / "part-0.parquet"
+    pq.write_table(pa.table({"id": pa.array(range(1000), pa.int64())}), part)
+    (seen,) = N.read_seen(str(part), "s3://in/a.jsonl", d.for_tasks(), {})
+    today = N.hash_rows(reader_rows(list(range(1000)), ["some text"] * 1000), "document", 1,
+                        d.schema)
+    assert seen.schema == today.schema == d.schema
+    for table in (seen, today):
+        assert table.nbytes / table.num_rows < 200, table.nbytes / table.num_rows

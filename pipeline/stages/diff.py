@@ -85,9 +85,18 @@ class Diff:
                                    seen_files=())
 
     def prev_type(self, width: int) -> pa.DataType:
-        """The type of a previous vector column (a list of chunk vectors when chunked)."""
+        """The type of a previous vector column in the shuffle: a variable-size list of the
+        vector's values (a list of chunk vectors when chunked). Not the output's fixed-size
+        list: there every null takes ``width`` values' room, and every row that enters the
+        shuffle without a previous vector (today's rows, the ids already in the snapshot)
+        would carry ``width`` zeros of each width (6 KB a row at 768/512/256 in float32)."""
         one = S.embedding_type(width, self.output_dtype)
-        return pa.list_(one) if self.chunked else one
+        return pa.list_(one) if self.chunked else pa.list_(one.value_type)
+
+    def prev_doc_type(self, width: int) -> pa.DataType:
+        """The type of a previous document vector column in the shuffle (see
+        :meth:`prev_type`)."""
+        return pa.list_(S.embedding_type(width, self.output_dtype).value_type)
 
     @property
     def reuse_documents(self) -> bool:
@@ -109,8 +118,7 @@ def diff_schema(read, diff: Diff) -> pa.Schema:
     if diff.reuse:
         fields += [(S.prev_embedding(d), diff.prev_type(d)) for d in diff.dims]
     if diff.reuse_documents:
-        fields += [(prev_doc_embedding(d), S.embedding_type(d, diff.output_dtype))
-                   for d in diff.dims]
+        fields += [(prev_doc_embedding(d), diff.prev_doc_type(d)) for d in diff.dims]
     fields.append((S.SEEN, pa.bool_()))
     return pa.schema(fields)
 
@@ -356,7 +364,7 @@ def diff_bucket(table: pa.Table, diff: Diff) -> Iterator[pa.Table]:
         taken = pc.if_else(reuse, doc_match, pa.scalar(None, doc_match.type))
         for d in diff.dims:
             out = out.append_column(prev_doc_embedding(d), _take(
-                documents, prev_doc_embedding(d), taken, S.embedding_type(d, diff.output_dtype)))
+                documents, prev_doc_embedding(d), taken, diff.prev_doc_type(d)))
     yield out
 
 
@@ -380,10 +388,12 @@ def _matches(ids: pa.Array, rows: pa.Table) -> pa.Array:
 
 
 def _take(rows: pa.Table, column: str, index: pa.Array, kind: pa.DataType) -> pa.Array:
-    """``rows[column]`` at ``index`` (null where the index is; ``kind``: the type when
-    ``rows`` is empty)."""
+    """``rows[column]`` at ``index`` (null where the index is), of type ``kind`` (the
+    output's fixed-size vectors, as tables not made by conform() hold them, become the
+    shuffle's lists)."""
     values = rows[column].combine_chunks() if rows.num_rows else pa.nulls(0, kind)
-    return pc.take(values, index)
+    taken = pc.take(values, index)
+    return taken if taken.type == kind else taken.cast(kind)
 
 
 def _reject_repeated_ids(today: pa.Table, rejects: list, excerpts: list) -> None:

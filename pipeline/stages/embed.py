@@ -390,4 +390,7 @@ def reused_vectors(table: pa.Table, rows: np.ndarray, width: int, column: str | 
         raise ValueError(f"{taken.null_count} row(s) marked for reuse have no earlier "
                          f"{what} of width {width}")
     flat = pc.list_flatten(taken).to_numpy(zero_copy_only=False)
+    if len(flat) != len(rows) * width:  # (the shuffle carries them as variable-size lists)
+        raise ValueError(f"row(s) marked for reuse have an earlier {what} of another width "
+                         f"than {width}")
     return flat.reshape(len(rows), width)
