@@ -62,6 +62,32 @@ def test_list_inputs_directory_recursive_sorted_hidden_skipped(tmp_path):
     assert {f.format for f in files} == {"jsonl"}
 
 
+def test_the_local_listing_equals_fsspecs(tmp_path):
+    """A local prefix is listed by one ``scandir`` per folder: the same files, sizes and
+    versions as fsspec's ``find`` and ``info`` give, symbolic links included."""
+    import os
+
+    import fsspec
+
+    from pipeline.io import storage
+
+    d = tmp_path / "in"
+    for rel in ["b.jsonl", "a/c.jsonl.gz", "a/deep/e/f.parquet", "_tmp/x.jsonl", "a/_meta/y.jsonl",
+                ".git/z.jsonl", "a/.hidden.jsonl", "empty.jsonl"]:
+        write_bytes(d / rel, b"" if rel == "empty.jsonl" else b'{"id": 1, "text": "x"}\n' * 3)
+    os.symlink(d / "b.jsonl", d / "a" / "link.jsonl")
+    os.symlink(tmp_path / "gone.jsonl", d / "dangling.jsonl")
+    os.symlink(d / "a" / "deep", d / "dirlink")
+    fs = fsspec.filesystem("file")
+    want = [(p, i.get("size", 0), storage._version(i))
+            for p, i in sorted(fs.find(str(d), detail=True).items())
+            if not storage._hidden(p[len(str(d)):]) and storage._is_file(p, i)]
+    got = storage._find_local(str(d))
+    assert got == want
+    assert {p.rsplit("/", 1)[1] for p, _, _ in got} >= {"f.parquet", "link.jsonl", "empty.jsonl"}
+    assert all(v and v.startswith("mtime:") for _, _, v in got)
+
+
 def test_list_inputs_glob(tmp_path):
     d = tmp_path / "in"
     for rel in ["b.parquet", "a.parquet", "notes.txt", "sub/c.parquet"]:
