@@ -420,7 +420,10 @@ def relative(path: str, base: str, local: bool = False) -> str:
     local disks, symbolic links in the folders resolved, never the file's own name), so that
     any spelling of an output names the same files."""
     p = posixpath.normpath(path)
-    bases = [posixpath.normpath(base.rstrip("/") or "/")]
+    plain = posixpath.normpath(base.rstrip("/") or "/").rstrip("/") + "/"
+    if p.startswith(plain):  # the common case: no link to resolve (realpath stats each part)
+        return p[len(plain):]
+    bases = [plain]
     candidates = [p]
     if local:
         bases.append(os.path.realpath(base))
