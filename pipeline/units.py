@@ -134,7 +134,8 @@ def group_units(files: list[InputFile], unit_bytes: int,
     for f in files:
         if f.uri in claimed and f.row_groups is None:
             continue
-        alone = f.row_groups is not None or f.size >= limit or unit_key(f.unit) in committed
+        alone = f.row_groups is not None or f.size >= limit \
+            or bool(committed) and unit_key(f.unit) in committed  # (a hash a file)
         if run and (alone or len(run) >= per_unit or size + f.size > limit):
             out.append(_group(run))
             run, size = [], 0
