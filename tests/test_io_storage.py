@@ -301,3 +301,24 @@ def test_one_s3_client_per_option_set_and_never_a_stale_listing(s3_endpoint, s3_
     # A version in the URI gets a version-aware client, as fsspec's own parsing gives.
     versioned, _ = storage.open_filesystem(f"s3://{s3_bucket}/k?versionId=abc", options)
     assert versioned.version_aware
+
+
+def test_an_unreadable_local_folder_fails_the_listing_naming_it(tmp_path, monkeypatch):
+    # fsspec's walk left such a folder out, and its rows with it. (As root, chmod 000 does not
+    # deny a read: the refusal is simulated.)
+    import os
+
+    from pipeline.io import storage
+
+    write_bytes(tmp_path / "in" / "a.jsonl", b'{"id": 1, "text": "x"}\n')
+    write_bytes(tmp_path / "in" / "locked" / "b.jsonl", b'{"id": 2, "text": "y"}\n')
+    real = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("/locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(storage.os, "scandir", scandir)
+    with pytest.raises(InputError, match=r"cannot list .*/in/locked: permission denied"):
+        list_inputs(str(tmp_path / "in"))

@@ -176,8 +176,20 @@ def reuse_table(reuse: list[bool], *, seeds=None, dtype="float32", null_prev=())
     for d in DIMS:
         prev = [vector(1000 + i, d, np_dtype) if reuse[i] and i not in null_prev else None
                 for i in range(n)]
-        table = table.append_column(S.prev_embedding(d), pa.array(prev, S.embedding_type(d, dtype)))
+        # As the diff's shuffle delivers them: variable-size lists (Diff.prev_type).
+        kind = pa.list_(S.embedding_type(d, dtype).value_type)
+        table = table.append_column(S.prev_embedding(d), pa.array(prev, kind))
     return table
+
+
+def test_a_reused_vector_of_another_width_is_refused(reuse_encode_stage, tokenizer_json):
+    table = reuse_table([True, True])
+    d = DIMS[0]
+    ragged = pa.array([[0.5] * (d - 1), [0.5] * (d + 1)], pa.list_(pa.float32()))
+    table = table.set_column(table.schema.get_field_index(S.prev_embedding(d)),
+                             S.prev_embedding(d), ragged)
+    with pytest.raises(ValueError, match=f"another width than {d}"):
+        reuse_encode_stage(TokenizeStage(tokenizer_json, "document")(table))
 
 
 def stage_vectors(out: pa.Table, width: int) -> list:

@@ -340,9 +340,10 @@ def _find_local(root: str) -> list[tuple[str, int, str | None]]:
     """The files under the local folder ``root`` as ``_list`` gives them, sorted by path:
     what ``fs.find`` and fsspec's local ``info`` would give (a symbolic link's size is its
     target's, its version its own mtime; a link is not followed into a folder), ~4x faster
-    (one ``scandir`` per folder, no info dict per file: 100,000 files in ~0.4 s). Hidden
-    folders are not entered, so their files are never listed. A folder that cannot be read
-    fails the listing (fsspec's walk would leave it out, and its rows with it)."""
+    (one ``scandir`` per folder, no info dict per file: ~2x faster, 100,000 files in
+    ~0.6 s). Hidden folders are not entered, so their files are never listed. A folder that
+    cannot be read fails the listing (fsspec's walk would leave it out, and its rows with
+    it)."""
     out: list[tuple[str, int, str | None]] = []
     pending = [root.rstrip("/") or "/"]
     while pending:
@@ -351,6 +352,11 @@ def _find_local(root: str) -> list[tuple[str, int, str | None]]:
             entries = list(os.scandir(folder))
         except FileNotFoundError:  # removed while listed, as fsspec's walk leaves it
             continue
+        except PermissionError as err:
+            raise InputError(
+                f"cannot list {folder}: permission denied ({err.strerror}); every folder under "
+                "a local input prefix must be readable: make it readable, or give a narrower "
+                "prefix or a glob that leaves it out (e.g. a mount's lost+found)") from err
         for entry in entries:
             if entry.name.startswith(("_", ".")):
                 continue

@@ -642,7 +642,7 @@ def _record_hub_ref(
     # refs/<branch> only when it resolves the branch itself; without the file an offline run
     # (HF_HUB_OFFLINE=1) could not find this snapshot by branch or tag name.
 
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # lazy: see _resolve_hub
     from huggingface_hub.file_download import repo_folder_name
 
     name = revision or constants.DEFAULT_REVISION
@@ -670,7 +670,7 @@ def _hub_from_cache(
         folder = _hub_snapshot(repo_id, revision, cache_dir, None, local_files_only=True,
                                filename=filename)
     except FileNotFoundError as err:  # LocalEntryNotFoundError: not in the cache either
-        from huggingface_hub import constants
+        from huggingface_hub import constants  # lazy: see _resolve_hub
 
         what = f"{repo_id} {filename}" if filename else repo_id
         raise ModelSourceError(

@@ -389,8 +389,11 @@ def reused_vectors(table: pa.Table, rows: np.ndarray, width: int, column: str | 
     if taken.null_count:
         raise ValueError(f"{taken.null_count} row(s) marked for reuse have no earlier "
                          f"{what} of width {width}")
+    # The shuffle carries them as variable-size lists: each must have the width's values.
+    wrong = len(rows) - pc.sum(pc.equal(pc.list_value_length(taken), width)).as_py() \
+        if len(rows) else 0
+    if wrong:
+        raise ValueError(f"{wrong} row(s) marked for reuse have an earlier {what} of another "
+                         f"width than {width}")
     flat = pc.list_flatten(taken).to_numpy(zero_copy_only=False)
-    if len(flat) != len(rows) * width:  # (the shuffle carries them as variable-size lists)
-        raise ValueError(f"row(s) marked for reuse have an earlier {what} of another width "
-                         f"than {width}")
     return flat.reshape(len(rows), width)
