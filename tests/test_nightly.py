@@ -384,6 +384,28 @@ def test_files_unchanged_since_the_previous_snapshot_are_carried_not_read(
     # test_second_run_... and test_other_settings_...; which units qualify: test_snapshots.
 
 
+@pytest.mark.ray
+def test_a_benchmark_night_runs_with_the_stand_in_encoder(cluster, tmp_path, tiny_model_dir):
+    """``run_nightly``'s ``adapt`` (benchmarks only: the scale benchmark's nights) reaches the
+    night's encode stage: every vector is the stand-in's one-hot unit vector."""
+    import functools
+
+    from pipeline.bench.rate import with_rate_encoder
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(encoded({"a.jsonl": {i: {"id": i, "text": f"text {i}",
+                                                           "lang": "en"} for i in range(6)}})
+                                  ["a.jsonl"])
+    night = run_nightly(config(str(src), str(tmp_path / "out"), tiny_model_dir),
+                        functools.partial(with_rate_encoder, rate=1e6))
+    assert night["reconciled"] and night["rows_embedded"] == 6
+    table = pq.read_table(night["output_files"])
+    for d in DIMS:
+        vectors = np.stack(table[f"embedding_{d}"].to_numpy(zero_copy_only=False))
+        assert ((vectors == 0) | (vectors == 1)).all() and (vectors.sum(axis=1) == 1).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals, before any work (no Ray)
 

@@ -85,16 +85,23 @@ def unit_vectors(packed: PackedBatch, out: dict[int, np.ndarray]) -> dict[int, n
 
 def rate_spec(rate: float):
     """A job spec: the plain run's graph, its encode stage given a :class:`RateEncoder`."""
-    from ..jobs.run import JobSpec, Work, plain_graph  # lazy: ray (benchmarks import no Ray)
+    from ..jobs.run import RUN  # lazy: ray (benchmarks import no Ray)
 
-    def graph(work: Work):
+    return with_rate_encoder(RUN, rate)
+
+
+def with_rate_encoder(spec, rate: float):
+    """``spec`` (a ``JobSpec``: a plain run's, or a night's, see
+    ``pipeline.jobs.nightly.run_nightly``'s ``adapt``) with its graph's encode stage given a
+    :class:`RateEncoder`; everything else as the job builds it."""
+    def graph(work):
         encode = work.plan.encode
         standin = dataclasses.replace(encode, kwargs=encode.kwargs | {
             "engine": functools.partial(RateEncoder, rate=rate)})
-        return plain_graph(dataclasses.replace(
+        return spec.graph(dataclasses.replace(
             work, plan=dataclasses.replace(work.plan, encode=standin)))
 
-    return JobSpec(graph=graph)
+    return dataclasses.replace(spec, graph=graph)
 
 
 # What a Ray worker's process title names while it works on a batch, for each stage.

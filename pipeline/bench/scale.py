@@ -1,8 +1,11 @@
 """``python -m pipeline.bench scale``: the job at lake scale, simulated on the local disk.
 
 Writes ``--files`` small shards (Parquet or JSONL) holding ``--rows`` short rows in all, then
-runs the real ``run`` job over them with the tiny random-weight model (the encoder is not what
-is measured: the driver and the per-file cost are), on one local Ray started once:
+runs the real ``run`` and ``nightly`` jobs over them (the encoder is not what is measured: the
+driver and the per-file cost are) with the tiny random-weight model's tokenizer and the GPU-rate
+stand-in encoder (``--encoder-rate``, 1.5M tokens/s by default, ``pipeline/bench/rate.py``: it
+sleeps ``tokens / rate`` and computes nothing, so encoding does not hide the rest; ``0``: the
+tiny model encodes), on one local Ray started once:
 
 - the run: its wall per input file (``per_file_ms``), the driver's peak RSS, its CPU per
   committed unit, the seconds from start until the graph can read (``first_row_s``: listing,
@@ -31,6 +34,7 @@ what writing the shards took (small: one shard at a time).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import resource
@@ -46,6 +50,7 @@ from .. import units
 from ..config import RunConfig, parse_int_list, resolve_dtype_name
 from ..io.storage import MANIFEST_DIR, SUMMARY_NAME
 from ..model.builder import build_model_dir
+from .rate import with_rate_encoder
 from .workload import emit, machine
 
 WORDS = ("lake", "shard", "river", "stone", "paper", "glass", "north", "amber", "quiet",
@@ -109,12 +114,12 @@ def output_ids(out: Path) -> tuple[int, int]:
     return len(ids), len(pa.compute.unique(ids))
 
 
-def measured_run(config: RunConfig, files: int) -> dict:
-    from ..jobs.run import run  # lazy: ray (the other benchmarks run without it)
+def measured_run(config: RunConfig, files: int, rate: float = 0) -> dict:
+    from ..jobs.run import RUN, run  # lazy: ray (the other benchmarks run without it)
 
     cpu0, _ = _usage()
     t0 = time.perf_counter()
-    summary = run(config)
+    summary = run(config, with_rate_encoder(RUN, rate) if rate else RUN)
     wall = time.perf_counter() - t0
     cpu1, rss = _usage()
     out = Path(config.output)
@@ -159,11 +164,12 @@ def resume_plan_seconds(config: RunConfig) -> float:
     return time.perf_counter() - t0
 
 
-def nightly_night(config: RunConfig) -> dict:
+def nightly_night(config: RunConfig, rate: float = 0) -> dict:
     from ..jobs.nightly import run_nightly  # lazy: ray (see above)
 
     t0 = time.perf_counter()
-    summary = run_nightly(config)
+    summary = run_nightly(config, functools.partial(with_rate_encoder, rate=rate)
+                          if rate else None)
     wall = time.perf_counter() - t0
     keep = ("rows_in", "rows_new", "rows_changed", "rows_unchanged", "rows_reused",
             "rows_embedded", "reconciled")
@@ -179,6 +185,7 @@ def bench_scale(args) -> dict:
     if not (model_dir / "config.json").is_file():
         build_model_dir(model_dir, "tiny", seed=0)
     tmp = Path(tempfile.mkdtemp(prefix="scale-", dir=args.work_dir))
+    rate = args.encoder_rate
     try:
         corpus, out = tmp / "corpus", tmp / "out"
         t0 = time.perf_counter()
@@ -190,6 +197,8 @@ def bench_scale(args) -> dict:
                                                                time.gmtime()),
                   "machine": machine(), "load_average": os.getloadavg(),
                   "files": args.files, "rows": args.rows, "format": args.format,
+                  "encoder": f"stand-in at {args.encoder_rate:,} tokens/s (benchmark only)"
+                  if args.encoder_rate else "the tiny random-weight model",
                   "corpus_write_s": round(write_s, 1)}
         with ray_session(config):  # one local Ray for every run (actors start afresh)
             if args.baseline_files:
@@ -198,31 +207,31 @@ def bench_scale(args) -> dict:
                 base = dataclasses.replace(config, input=str(few),
                                            output=str(tmp / "baseline-out"))
                 # Twice: the first run in a Ray pays for its worker processes' start.
-                result["warm_up_s"] = measured_run(base, args.baseline_files)["wall_s"]
-                result["baseline"] = measured_run(base, args.baseline_files)
-            first = measured_run(config, args.files)
+                result["warm_up_s"] = measured_run(base, args.baseline_files, rate)["wall_s"]
+                result["baseline"] = measured_run(base, args.baseline_files, rate)
+            first = measured_run(config, args.files, rate)
             result["run"] = first
             if args.resume:
                 resume = dataclasses.replace(config, overwrite=False)
                 result["killed_units"] = kill_at_half(out)
                 result["resume_plan_s"] = round(resume_plan_seconds(resume), 2)
-                result["resumed_run"] = measured_run(resume, args.files)
+                result["resumed_run"] = measured_run(resume, args.files, rate)
                 rows, distinct = output_ids(out)
                 result["resumed_ids_exact"] = rows == distinct == args.rows
             if args.nightly:
                 nights = dataclasses.replace(config, output=str(tmp / "nightly"),
                                              overwrite=False)
-                night = result["nightly"] = {"first": nightly_night(nights),
-                                             "unchanged": nightly_night(nights)}
+                night = result["nightly"] = {"first": nightly_night(nights, rate),
+                                             "unchanged": nightly_night(nights, rate)}
                 count = max(1, round(args.files * args.changed_percent / 100))
                 start = args.files // 2  # consecutive files, every row changed
                 for k in range(start, min(args.files, start + count)):
                     write_shard(corpus, k, shards[k], args.format, night=3)
-                night["changed_clustered"] = nightly_night(nights)
+                night["changed_clustered"] = nightly_night(nights, rate)
                 step = max(1, args.files // count)  # spread evenly
                 for k in range(0, args.files, step):
                     write_shard(corpus, k, shards[k], args.format, night=4)
-                night["changed_spread"] = nightly_night(nights)
+                night["changed_spread"] = nightly_night(nights, rate)
                 for key in ("unchanged", "changed_clustered", "changed_spread"):
                     night[key]["fraction_of_first_night"] = round(
                         night[key]["wall_s"] / night["first"]["wall_s"], 4)
@@ -268,6 +277,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--work-dir", default=None, help="where the corpus and outputs go "
                                                          "(default: the system's temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the corpus and outputs")
+    parser.add_argument("--encoder-rate", type=int, default=1_500_000,
+                        help="tokens/s of the GPU-rate stand-in encoder (pipeline/bench/rate.py: "
+                        "sleeps, computes nothing; benchmark only); 0: the tiny model encodes")
     parser.add_argument("--json", help="also write the result to this file")
 
 

@@ -50,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from .. import units
 from ..cluster.graph import Dataset, build_nightly_dataset
@@ -170,8 +170,12 @@ def summarize(previous: Previous | None, snapshot: str, result: dict[str, Any],
     }
 
 
-def run_nightly(config: RunConfig) -> dict[str, Any]:
-    """One nightly run: a new (or the unfinished) snapshot, then ``_LATEST``, then pruning."""
+def run_nightly(config: RunConfig,
+                adapt: Callable[[JobSpec], JobSpec] | None = None) -> dict[str, Any]:
+    """One nightly run: a new (or the unfinished) snapshot, then ``_LATEST``, then pruning.
+
+    ``adapt``: a benchmark's change to the night's job spec (the GPU-rate stand-in encoder,
+    ``pipeline/bench/rate.py::with_rate_encoder``); no option of the command sets it."""
     if config.on_duplicate == "keep-all":
         raise ValueError("nightly keys rows by id, so --on-duplicate keep-all cannot be used")
     if HASH_COLUMN in config.keep_columns:
@@ -193,14 +197,14 @@ def run_nightly(config: RunConfig) -> dict[str, Any]:
     else:
         name = new_snapshot_name(set(snapshots) | ({latest} if latest else set()))
     try:
-        result = _snapshot(config, fs, root, root_uri, name, previous)
+        result = _snapshot(config, fs, root, root_uri, name, previous, adapt)
     except units.ResumeRefused as err:
         # Today's input or settings differ from the unfinished run's: a scheduled job must
         # not stop there. That snapshot is left alone and deleted by the next pruning.
         log.warning("the unfinished snapshot %s cannot be resumed (%s); starting a new one",
                     name, err)
         name = new_snapshot_name(set(snapshots) | {name} | ({latest} if latest else set()))
-        result = _snapshot(config, fs, root, root_uri, name, previous)
+        result = _snapshot(config, fs, root, root_uri, name, previous, adapt)
     if not result["reconciled"]:
         log.error("snapshot %s does not reconcile; %s still names %s", name, LATEST, latest)
         return result
@@ -211,14 +215,16 @@ def run_nightly(config: RunConfig) -> dict[str, Any]:
 
 
 def _snapshot(config: RunConfig, fs, root: str, root_uri: str, name: str,
-              previous: Previous | None) -> dict[str, Any]:
+              previous: Previous | None,
+              adapt: Callable[[JobSpec], JobSpec] | None = None) -> dict[str, Any]:
     """Run into the snapshot folder ``name``. A snapshot that failed or did not reconcile
     loses its ``_summary.json``, so that it is never taken for a complete one (it is resumed
     by the next run, or pruned)."""
     summary = f"{root}/{name}/{SUMMARY_NAME}"
     try:
+        spec = nightly_spec(previous, name)
         result = run(dataclasses.replace(config, output=f"{root_uri}/{name}", overwrite=False),
-                     nightly_spec(previous, name))
+                     adapt(spec) if adapt else spec)
     except RunFailed:
         if fs.exists(summary):
             fs.rm(summary)
