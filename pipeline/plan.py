@@ -23,6 +23,11 @@ from .tokenize import task_prefix
 
 TOKENIZE_BATCH_ROWS = 1024
 WINDOW_ROWS = {"cuda": 8192, "cpu": 1024}
+# A write batch holds ~128 MiB of vectors by default (OutputSpec.rows_per_file: ~21,000 rows
+# at 768/512/256), and a unit commits once its rows are written. A CPU encoder gives ~10 rows
+# a second a node (~1,100 tokens/s in bf16 on 2 cores): units would stay uncommitted, and a
+# kill would lose, ~35 minutes of work. On CPU a write batch is at most this many windows.
+CPU_WRITE_WINDOWS = 4
 # On GPU nodes: single-threaded tokenizer actors (RAYON_NUM_THREADS=1), ~6 per GPU: one
 # real-size tokenizer actor does ~340k tokens/s on one core, two reach ~650k (threads
 # inside one actor did not scale: ~420k with 2); an H100 takes ~1.5M tokens/s.
@@ -130,6 +135,13 @@ def encoder_replicas(config: RunConfig, device: str, cluster: Cluster) -> int:
     return replicas
 
 
+def write_rows(output: OutputSpec, device: str, window_rows: int) -> int:
+    """Rows of a write batch by default: ~128 MiB of vectors, on CPU at most
+    :data:`CPU_WRITE_WINDOWS` encoder windows."""
+    rows = output.rows_per_file()
+    return min(rows, CPU_WRITE_WINDOWS * window_rows) if device == "cpu" else rows
+
+
 def tokenizer_actors(config: RunConfig, device: str, replicas: int, cpus: float) -> int:
     """Tokenizer actors; 0: the encoder actors tokenize their own windows (on CPU, see
     :data:`TOKENIZE_IN_ENCODER`)."""
@@ -228,7 +240,7 @@ def plan_run(config: RunConfig, cluster: Cluster, model: ModelInfo, files: list[
                       keep_types=tuple(keep_types),
                       dedupe=config.on_duplicate == "keep-first"),
         tokenize=tokenize, encode=encode, output_uri=config.output, output=output,
-        rows_per_file=config.rows_per_file or output.rows_per_file(),
+        rows_per_file=config.rows_per_file or write_rows(output, device, encode.batch_rows),
         storage_options=config.storage_options, device=device,
         dtype=resolve_dtype_name(config.dtype, device),
     )

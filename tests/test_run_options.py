@@ -199,6 +199,17 @@ def test_window_rows(model_info):
 
 def test_rows_per_file(model_info):
     assert plan(model_info, "--rows-per-file", "5000").rows_per_file == 5000
+    assert plan(model_info, "--rows-per-file", "50000").rows_per_file == 50000
+
+
+def test_a_cpu_write_batch_is_a_few_windows_so_units_commit_every_few_minutes(model_info):
+    # ~128 MiB of vectors at 64/32 is ~300,000 rows: on CPU (~10 rows/s a node with the real
+    # model) units would commit only when the input is done.
+    by_bytes = plan(model_info, "--device", "cuda", cluster=GPU_CLUSTER).rows_per_file
+    assert by_bytes == plan(model_info).output.rows_per_file() > 100_000
+    assert plan(model_info).rows_per_file == 4 * 1024
+    assert plan(model_info, "--window-rows", "300").rows_per_file == 1200
+    assert plan(model_info, "--rows-per-file", "70").rows_per_file == 70  # as asked
 
 
 def test_encoder_threads(model_info):
