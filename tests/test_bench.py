@@ -312,3 +312,16 @@ def test_the_encoder_stand_in_is_benchmark_only():
              and any(w in p.read_text() for w in ("RateEncoder", "rate_spec", "encoder_rate"))]
     assert named == []
     assert not [f.name for f in dataclasses.fields(RunConfig) if "rate" in f.name]
+
+
+def test_bench_encoder_times_int8_matmuls_when_asked(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench_main(["encoder", "--size", "tiny", "--texts", "12", "--dtypes", "float32,bfloat16",
+                "--device", "cpu", "--no-baseline", "--int8", "--json", str(out)])
+    header = json.loads(out.read_text())["header"]
+    probe = header["int8_matmul"]
+    if "error" in probe:  # a torch without an int8 matmul on this CPU: said, not hidden
+        assert "int8 matmuls" in capsys.readouterr().out
+        return
+    assert probe["int8_matmul_tops"] > 0 and probe["vs_bfloat16_matmuls"] > 0
+    assert "x bf16's matmuls here" in capsys.readouterr().out

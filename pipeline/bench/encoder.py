@@ -87,6 +87,36 @@ def matmul_roofline(cfg: EncoderConfig, dtype: torch.dtype, device: torch.device
             "roofline_tokens_per_s": round(1.0 / seconds_per_token, 1)}
 
 
+@torch.inference_mode()
+def int8_matmul_ceiling(cfg: EncoderConfig, device: torch.device, rows: int = 4096,
+                        repeats: int = 5) -> dict:
+    """This machine's int8 matmul speed at the model's shapes, timed now as
+    :func:`matmul_roofline` times its dtype: ``torch._int_mm`` (int8 inputs, int32 out), with
+    no quantizing, scaling or casting back counted, so the most an int8 encoder could gain
+    over the bf16 one's matmuls (AVX-512 VNNI or AMX int8 on CPUs). ``error`` where this torch
+    has no int8 matmul on ``device``."""
+    seconds_per_token = flops_per_token = 0.0
+    try:
+        for n_in, n_out, times in matmul_shapes(cfg):
+            x = torch.randint(-127, 128, (rows, n_in), dtype=torch.int8, device=device)
+            w = torch.randint(-127, 128, (n_in, n_out), dtype=torch.int8, device=device)
+            for _ in range(2):
+                torch._int_mm(x, w)
+            best = float("inf")
+            for _ in range(repeats):
+                _sync(device)
+                t0 = time.perf_counter()
+                torch._int_mm(x, w)
+                _sync(device)
+                best = min(best, time.perf_counter() - t0)
+            seconds_per_token += times * best / rows
+            flops_per_token += times * 2.0 * n_in * n_out
+    except RuntimeError as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+    return {"int8_matmul_tops": round(flops_per_token / seconds_per_token / 1e12, 3),
+            "int8_roofline_tokens_per_s": round(1.0 / seconds_per_token, 1)}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -264,6 +294,9 @@ def add_arguments(parser) -> None:
                         "the others time the shapes seen (tokens_per_s_seen)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--int8", action="store_true",
+                        help="also time int8 matmuls at the model's shapes (torch._int_mm, "
+                        "nothing quantized): the ceiling of an int8 encoder against bf16's")
     parser.add_argument("--json", help="also write the results to this file")
 
 
@@ -275,7 +308,22 @@ def main(args) -> None:
               "machine": machine(), "cpu_features": list(cpu_features()),
               "texts": args.texts,
               "median_len": float(np.median(length_mix(args.texts, args.seed)))}
+    if args.int8:
+        device = resolve_device(args.device)
+        probe = int8_matmul_ceiling(SIZES[args.size], device)
+        bf16 = next((r for r in results if r["dtype"] == "bfloat16"), None)
+        if bf16 and "int8_matmul_tops" in probe:
+            probe["vs_bfloat16_matmuls"] = round(
+                probe["int8_matmul_tops"] / bf16["matmul_tflops"], 2)
+        header["int8_matmul"] = probe
     print_table(results, header)
+    if "int8_matmul" in header:
+        probe = header["int8_matmul"]
+        print("int8 matmuls (torch._int_mm, nothing quantized): " + (
+            f"{probe['int8_matmul_tops']} TOPS" + (
+                f" = {probe['vs_bfloat16_matmuls']}x bf16's matmuls here"
+                if "vs_bfloat16_matmuls" in probe else "") if "error" not in probe
+            else probe["error"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "results": results}, f, indent=2)
