@@ -16,7 +16,7 @@ from .config import RunConfig, resolve_device_type, resolve_dtype_name
 from .io.readers import ReadSpec
 from .io.schema import output_metadata
 from .io.storage import InputFile
-from .io.writers import OutputSpec
+from .io.writers import MIN_FILE_ROWS, OutputSpec
 from .model.config import check_dims, check_split
 from .model.cpu import CPU_WORKER_ENV
 from .tokenize import task_prefix
@@ -137,9 +137,12 @@ def encoder_replicas(config: RunConfig, device: str, cluster: Cluster) -> int:
 
 def write_rows(output: OutputSpec, device: str, window_rows: int) -> int:
     """Rows of a write batch by default: ~128 MiB of vectors, on CPU at most
-    :data:`CPU_WRITE_WINDOWS` encoder windows."""
+    :data:`CPU_WRITE_WINDOWS` encoder windows (and never under the 1,024 rows that keep
+    part files from being tiny where windows are small)."""
     rows = output.rows_per_file()
-    return min(rows, CPU_WRITE_WINDOWS * window_rows) if device == "cpu" else rows
+    if device != "cpu":
+        return rows
+    return min(rows, max(MIN_FILE_ROWS, CPU_WRITE_WINDOWS * window_rows))
 
 
 def tokenizer_actors(config: RunConfig, device: str, replicas: int, cpus: float) -> int:

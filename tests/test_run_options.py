@@ -209,6 +209,7 @@ def test_a_cpu_write_batch_is_a_few_windows_so_units_commit_every_few_minutes(mo
     assert by_bytes == plan(model_info).output.rows_per_file() > 100_000
     assert plan(model_info).rows_per_file == 4 * 1024
     assert plan(model_info, "--window-rows", "300").rows_per_file == 1200
+    assert plan(model_info, "--window-rows", "16").rows_per_file == 1024  # no tiny files
     assert plan(model_info, "--rows-per-file", "70").rows_per_file == 70  # as asked
 
 

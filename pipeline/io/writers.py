@@ -27,6 +27,7 @@ ROW_GROUP_ROWS = 8192
 # Output files of about this many bytes of embeddings (no swarm of tiny files, none too big
 # for one reader task).
 TARGET_FILE_BYTES = 128 << 20
+MIN_FILE_ROWS = 1024  # a write batch's floor: no tiny part files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +49,7 @@ class OutputSpec:
         return sum(self.dims) * (2 if self.output_dtype == "float16" else 4)
 
     def rows_per_file(self) -> int:
-        return max(1024, TARGET_FILE_BYTES // self.bytes_per_row)
+        return max(MIN_FILE_ROWS, TARGET_FILE_BYTES // self.bytes_per_row)
 
 
 def split_rows(table: pa.Table, spec: OutputSpec) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
