@@ -85,8 +85,9 @@ class RunConfig:
                                      "(default: 8192 on GPU, 1024 on CPU)", metavar="N")
     rows_per_file: int | None = _field(None, "rows per write batch; each unit's rows of a "
                                        "batch go to a file of their own (default: about 128 "
-                                       "MiB of embeddings; on CPU at most 4 windows, so that "
-                                       "units commit every few minutes)", metavar="N")
+                                       "MiB of embeddings; on CPU at most 4 windows, never "
+                                       "under 1024 rows, so that units commit every few "
+                                       "minutes)", metavar="N")
     encoder_threads: int | None = _field(None, "torch threads per CPU encoder actor (default: "
                                          "the node's cores / replicas)", metavar="N")
     unit_bytes: int = _field(512 << 20, "Parquet files larger than this are split into units "

@@ -323,5 +323,17 @@ def test_bench_encoder_times_int8_matmuls_when_asked(tmp_path, capsys):
     if "error" in probe:  # a torch without an int8 matmul on this CPU: said, not hidden
         assert "int8 matmuls" in capsys.readouterr().out
         return
-    assert probe["int8_matmul_tops"] > 0 and probe["vs_bfloat16_matmuls"] > 0
+    assert probe["int8_matmul_tops"] > 0 and probe["bfloat16_matmul_tflops"] > 0
+    assert probe["vs_bfloat16_matmuls"] == pytest.approx(
+        probe["int8_matmul_tops"] / probe["bfloat16_matmul_tflops"], rel=0.02)
     assert "x bf16's matmuls here" in capsys.readouterr().out
+
+
+def test_the_int8_probe_records_a_missing_kernel(monkeypatch):
+    import torch
+
+    from pipeline.model.builder import SIZES
+
+    monkeypatch.delattr(torch, "_int_mm")
+    probe = bench.int8_matmul_ceiling(SIZES["tiny"], torch.device("cpu"), rows=64, repeats=1)
+    assert probe["error"].startswith("AttributeError")

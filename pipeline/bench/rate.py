@@ -6,8 +6,10 @@ instead of loading a model, as the expert-parallel groups are): it does the host
 ``Embedder.embed_tokenized`` (a packed batch per token-budgeted group, pooled vectors written
 into the output arrays) and, for the math, sleeps ``tokens / R`` seconds with the GIL released,
 as a process waiting for a GPU kernel does. Its vectors are deterministic unit vectors of the
-asked widths. It is set only by :func:`rate_spec`, a job spec of the benchmark's own: no option
-of ``run``, ``nightly`` or ``enrich`` reaches it.
+asked widths. It is set only by :func:`with_rate_encoder` (and :func:`rate_spec`), which a
+benchmark applies to a job spec (a plain run's, or a night's through ``run_nightly``'s
+``adapt``): no option of ``run``, ``nightly`` or ``enrich`` reaches it, and an output made with
+it carries another weights fingerprint, so no run of the real encoder resumes or reuses it.
 
 :class:`CpuSampler` adds up the CPU time of this process and of every process it started (the
 local Ray: raylet, workers, actors) by what each was running when sampled (a Ray worker's
@@ -101,7 +103,10 @@ def with_rate_encoder(spec, rate: float):
         return spec.graph(dataclasses.replace(
             work, plan=dataclasses.replace(work.plan, encode=standin)))
 
-    return dataclasses.replace(spec, graph=graph)
+    # Its vectors are not the model's: an output made with it is never resumed, carried or
+    # reused by a run of the real encoder (the fingerprint is an identity field compared).
+    standin = {"model_fingerprint": f"stand-in encoder at {rate:g} tokens/s (benchmark only)"}
+    return dataclasses.replace(spec, graph=graph, identity=dict(spec.identity) | standin)
 
 
 # What a Ray worker's process title names while it works on a batch, for each stage.

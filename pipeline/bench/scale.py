@@ -14,7 +14,8 @@ tiny model encodes), on one local Ray started once:
   ``_manifest/``;
 - a baseline: the same rows in ``--baseline-files`` files (run twice, the first one
   warming Ray's worker processes up), whose wall is the run's fixed
-  cost (Ray actors' start, model loading, encoding): ``per_file_ms_marginal`` is what each
+  cost (Ray actors' start, the tokenizer's and model's loading, encoding or the stand-in's
+  sleep): ``per_file_ms_marginal`` is what each
   further file costs, ``(wall - baseline wall) / (files - baseline files)``;
 - a resume of that run killed at 50% (half the unit manifests removed, their part files left
   as strays, as a kill leaves them): the seconds to plan it (pre-flight, the manifests read,
@@ -49,6 +50,7 @@ import pyarrow.parquet as pq
 from .. import units
 from ..config import RunConfig, parse_int_list, resolve_dtype_name
 from ..io.storage import MANIFEST_DIR, SUMMARY_NAME
+from ..io.writers import OutputSpec
 from ..model.builder import build_model_dir
 from .rate import with_rate_encoder
 from .workload import emit, machine
@@ -151,15 +153,16 @@ def kill_at_half(out: Path) -> int:
     return len(manifests) - len(manifests) // 2
 
 
-def resume_plan_seconds(config: RunConfig) -> float:
+def resume_plan_seconds(config: RunConfig, rate: float = 0) -> float:
     """Plan a resume as ``run`` does before and after Ray starts (pre-flight, the output's
     manifests, the kept units, strays deleted), without running it."""
     from ..jobs import run as job  # lazy: ray (see above)
 
+    spec = with_rate_encoder(job.RUN, rate) if rate else job.RUN
     t0 = time.perf_counter()
-    setup = job.resume_state(config, job.RUN)
+    setup = job.resume_state(config, spec)
     identity = units.run_identity(config, resolve_dtype_name(config.dtype, config.device),
-                                  setup.model, setup.inputs)
+                                  setup.model, setup.inputs) | dict(spec.identity)
     job.kept_units(config, setup, identity)
     return time.perf_counter() - t0
 
@@ -193,6 +196,10 @@ def bench_scale(args) -> dict:
         write_s = time.perf_counter() - t0
         config = RunConfig(input=str(corpus), output=str(out), model=str(model_dir),
                            dims=args.dims, device="cpu", progress="off", overwrite=True)
+        if rate:  # the stand-in is a GPU: its write batches are a GPU run's (~128 MiB)
+            config = dataclasses.replace(config, rows_per_file=OutputSpec(
+                config.id_column, config.keep_columns, config.dims, config.output_dtype,
+                {}).rows_per_file())
         result = {"benchmark": "scale", "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                time.gmtime()),
                   "machine": machine(), "load_average": os.getloadavg(),
@@ -214,7 +221,7 @@ def bench_scale(args) -> dict:
             if args.resume:
                 resume = dataclasses.replace(config, overwrite=False)
                 result["killed_units"] = kill_at_half(out)
-                result["resume_plan_s"] = round(resume_plan_seconds(resume), 2)
+                result["resume_plan_s"] = round(resume_plan_seconds(resume, rate), 2)
                 result["resumed_run"] = measured_run(resume, args.files, rate)
                 rows, distinct = output_ids(out)
                 result["resumed_ids_exact"] = rows == distinct == args.rows
@@ -287,4 +294,6 @@ def main(args) -> None:
     args.dims = parse_int_list(args.dims, "--dims") if isinstance(args.dims, str) else args.dims
     if args.files < 1 or args.rows < args.files:
         raise SystemExit("--files must be >= 1 and --rows >= --files")
+    if args.encoder_rate < 0:
+        raise SystemExit("--encoder-rate must be 0 (the tiny model encodes) or positive tokens/s")
     emit(bench_scale(args), args.json)

@@ -171,8 +171,8 @@ def resume_state(config: RunConfig, spec: JobSpec) -> Setup:
              inputs.files[0].format if inputs.files else "?", len(inputs.files),
              model.model_id, model.fingerprint)
     if not config.overwrite:
-        units.resumable_units(state, units.run_identity(config, None, model, inputs),
-                              inputs.files, config.output, unknown=("dtype",))
+        identity = units.run_identity(config, None, model, inputs) | dict(spec.identity)
+        units.resumable_units(state, identity, inputs.files, config.output, unknown=("dtype",))
         if state.identity and state.identity.get("types"):
             # A resume keeps the types the output was written with (part files share one
             # schema), whatever the first shard of today's input looks like.
