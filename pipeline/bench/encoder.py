@@ -72,16 +72,8 @@ def matmul_roofline(cfg: EncoderConfig, dtype: torch.dtype, device: torch.device
         x = torch.randn(rows, n_in, device=device).to(dtype)
         w = torch.randn(n_out, n_in, device=device).to(dtype) * n_in ** -0.5
         b = torch.zeros(n_out, device=device, dtype=dtype)
-        for _ in range(2):
-            F.linear(x, w, b)
-        best = float("inf")
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            F.linear(x, w, b)
-            _sync(device)
-            best = min(best, time.perf_counter() - t0)
-        seconds_per_token += times * best / rows
+        seconds_per_token += times * _best_seconds(lambda: F.linear(x, w, b), device,
+                                                   repeats) / rows
         flops_per_token += times * 2.0 * n_in * n_out
     return {"matmul_tflops": round(flops_per_token / seconds_per_token / 1e12, 3),
             "roofline_tokens_per_s": round(1.0 / seconds_per_token, 1)}
@@ -100,16 +92,7 @@ def int8_matmul_ceiling(cfg: EncoderConfig, device: torch.device, rows: int = 40
     flops_per_token = 0.0
 
     def best(fn) -> float:
-        for _ in range(2):
-            fn()
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        return min(times)
+        return _best_seconds(fn, device, repeats)
 
     try:
         for n_in, n_out, times in matmul_shapes(cfg):
@@ -127,6 +110,20 @@ def int8_matmul_ceiling(cfg: EncoderConfig, device: torch.device, rows: int = 40
             "bfloat16_matmul_tflops": round(flops_per_token / seconds["bfloat16"] / 1e12, 3),
             "vs_bfloat16_matmuls": round(seconds["bfloat16"] / seconds["int8"], 2),
             "int8_roofline_tokens_per_s": round(1.0 / seconds["int8"], 1)}
+
+
+def _best_seconds(fn, device: torch.device, repeats: int) -> float:
+    """The best of ``repeats`` timed calls of ``fn`` after two untimed ones."""
+    for _ in range(2):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _sync(device: torch.device) -> None:

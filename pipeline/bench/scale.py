@@ -52,7 +52,7 @@ from ..config import RunConfig, parse_int_list, resolve_dtype_name
 from ..io.storage import MANIFEST_DIR, SUMMARY_NAME
 from ..io.writers import OutputSpec
 from ..model.builder import build_model_dir
-from .rate import with_rate_encoder
+from .rate import rate_spec, with_rate_encoder
 from .workload import emit, machine
 
 WORDS = ("lake", "shard", "river", "stone", "paper", "glass", "north", "amber", "quiet",
@@ -121,7 +121,7 @@ def measured_run(config: RunConfig, files: int, rate: float = 0) -> dict:
 
     cpu0, _ = _usage()
     t0 = time.perf_counter()
-    summary = run(config, with_rate_encoder(RUN, rate) if rate else RUN)
+    summary = run(config, rate_spec(rate) if rate else RUN)
     wall = time.perf_counter() - t0
     cpu1, rss = _usage()
     out = Path(config.output)
@@ -158,7 +158,7 @@ def resume_plan_seconds(config: RunConfig, rate: float = 0) -> float:
     manifests, the kept units, strays deleted), without running it."""
     from ..jobs import run as job  # lazy: ray (see above)
 
-    spec = with_rate_encoder(job.RUN, rate) if rate else job.RUN
+    spec = rate_spec(rate) if rate else job.RUN
     t0 = time.perf_counter()
     setup = job.resume_state(config, spec)
     identity = units.run_identity(config, resolve_dtype_name(config.dtype, config.device),

@@ -390,8 +390,7 @@ def reused_vectors(table: pa.Table, rows: np.ndarray, width: int, column: str | 
         raise ValueError(f"{taken.null_count} row(s) marked for reuse have no earlier "
                          f"{what} of width {width}")
     # The shuffle carries them as variable-size lists: each must have the width's values.
-    wrong = len(rows) - pc.sum(pc.equal(pc.list_value_length(taken), width)).as_py() \
-        if len(rows) else 0
+    wrong = int((pc.list_value_length(taken).to_numpy(zero_copy_only=False) != width).sum())
     if wrong:
         raise ValueError(f"{wrong} row(s) marked for reuse have an earlier {what} of another "
                          f"width than {width}")
