@@ -335,6 +335,12 @@ def merge(into: dict[str, Any] | None, record: dict[str, Any]) -> dict[str, Any]
     into["file_rows"] = max(into["file_rows"], record["file_rows"])
     into["file_rowsum"] = max(into["file_rowsum"], record["file_rowsum"])
     into["first_reject"] = into["first_reject"] or record.get("first_reject")
+    if "slices" in record:  # a unit of several files: each part file's slice of each file
+        into.setdefault("slices", {}).update(record["slices"])
+        counted = into.setdefault("member_rows", {})
+        for uri, (rows, row_sum) in record["member_rows"].items():
+            before = counted.get(uri, (0, 0))
+            counted[uri] = [before[0] + rows, before[1] + row_sum]
     return into
 
 
@@ -383,6 +389,17 @@ class Tracker:
         unit |= {"size": f.size, "version": f.version, "committed_at": time.time()}
         if f.members:  # what a resume needs to plan the same unit again
             unit["members"] = [m.uri for m in f.members]
+            rows, slices = unit.pop("member_rows", None), unit.pop("slices", None)
+            if rows is not None and slices is not None:
+                # What a night needs to copy an unchanged file's rows out of this unit's part
+                # files instead of reading it again (pipeline/stages/carry.py): each file's
+                # size, version, rows and the sum of their numbers, and each part file's
+                # slices, [file's index in ``members``, rows] in the part file's order.
+                index = {m.uri: i for i, m in enumerate(f.members)}
+                unit["member_files"] = [[m.size, m.version, *rows.get(m.uri, (0, 0))]
+                                        for m in f.members]
+                unit["slices"] = {name: [[index[uri], n] for uri, n in runs]
+                                  for name, runs in slices.items()}
         self._commit(unit)
         self.committed[key] = unit
         return unit

@@ -384,6 +384,80 @@ def test_files_unchanged_since_the_previous_snapshot_are_carried_not_read(
     # test_second_run_... and test_other_settings_...; which units qualify: test_snapshots.
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_touched_unit_copies_its_unchanged_files_and_reads_only_the_changed_ones(
+        cluster, tmp_path, tiny_model_dir, embedder, monkeypatch):
+    """Units of several files (4 each here): when one file of a unit changed, the unit's
+    other files' rows (and rejects) are copied from the previous snapshot's part files, not
+    read; only the changed file goes through the diff. Proof that a copied file is not read:
+    its bytes are replaced by others of the same size and its modification time restored (the
+    store's version, which a night trusts), and the snapshot keeps its old rows."""
+    import os
+
+    from pipeline import units
+
+    monkeypatch.setattr(units, "GROUPED_UNITS", 2)  # 8 files: 2 units of 4
+    src = tmp_path / "in"
+    src.mkdir()
+    day1 = {f"a{k}.jsonl": {i: {"id": i, "text": f"text {k} {i}", "lang": "en"}
+                            for i in range(10 * k, 10 * k + 3)} for k in range(8)}
+    day1["a1.jsonl"][99] = {"id": 99, "text": " ", "lang": "en"}  # a reject, copied later
+    for name, data in encoded(day1).items():
+        (src / name).write_bytes(data)
+    out = tmp_path / "nightly"
+    first = run_nightly(config(str(src), str(out), tiny_model_dir))
+    assert first["units"]["total"] == 2 and first["rows_out"] == 24
+
+    day2 = {name: dict(rows) for name, rows in day1.items()}
+    day2["a2.jsonl"][20] = {"id": 20, "text": "text 2 20, edited", "lang": "fr"}
+    day2["a2.jsonl"][28] = {"id": 28, "text": "a new row", "lang": "de"}
+    day2["a5.jsonl"][1] = {"id": 1, "text": "repeats a0's id 1", "lang": "en"}
+    time.sleep(0.01)
+    for name in ("a2.jsonl", "a5.jsonl"):
+        (src / name).write_bytes(encoded(day2)[name])
+    a3 = src / "a3.jsonl"
+    stat = a3.stat()
+    a3.write_bytes(b"x" * stat.st_size)  # other bytes, same size and mtime: "unchanged"
+    os.utime(a3, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = run_nightly(config(str(src), str(out), tiny_model_dir))
+    assert second["reconciled"] and second["units"]["carried"] == 0
+    assert (second["units"]["touched"], second["units"]["files_copied"]) == (2, 6)
+    assert (second["rows_new"], second["rows_changed"], second["rows_deleted"]) == (1, 1, 0)
+    assert second["rows_unchanged"] == second["rows_reused"] == 23
+    assert second["rows_embedded"] == 2 and second["rows_rejected"] == 2
+    reasons = {r["source"].rsplit("/", 1)[1]: r["reason"]
+               for r in pq.read_table(second["rejects_files"]).to_pylist()}
+    assert reasons["a1.jsonl"].startswith("text is empty")  # copied with its file's rows
+    assert "unchanged since the previous one" in reasons["a5.jsonl"]  # a0 copied: it keeps 1
+    table = pq.read_table(second["output_files"]).sort_by("id")
+    before = pq.read_table(first["output_files"]).sort_by("id")
+    copied = [i for i in range(40) if i // 10 in (0, 1, 3) and i % 10 < 3]
+    for d in DIMS:  # the copied rows' vectors are the previous snapshot's, bit for bit
+        column = f"embedding_{d}"
+        old = dict(zip(before["id"].to_pylist(), before[column].to_pylist()))
+        new = dict(zip(table["id"].to_pylist(), table[column].to_pylist()))
+        assert [new[i] for i in copied] == [old[i] for i in copied]
+    good = lambda day: {n: {i: r for i, r in rows.items() if i != 99}  # noqa: E731
+                        for n, rows in day.items()}
+    del day2["a5.jsonl"][1]
+    check_snapshot(table, good(day2), embedder)  # a3's rows are its old ones: not read
+
+    # A file copied last night changes: the unit is touched again, its slices now those of
+    # last night's copied and written part files. (The other unit holds a duplicate-id
+    # reject: it goes through the diff whole, as a unit with one is never carried.)
+    day3 = {name: dict(rows) for name, rows in day2.items()}
+    day3["a0.jsonl"][0] = {"id": 0, "text": "text 0 0, edited", "lang": "en"}
+    a3.write_bytes(encoded(day3)["a3.jsonl"])  # its true bytes back, with a new mtime
+    time.sleep(0.01)
+    (src / "a0.jsonl").write_bytes(encoded(day3)["a0.jsonl"])
+    third = run_nightly(config(str(src), str(out), tiny_model_dir))
+    assert third["reconciled"] and third["units"]["touched"] == 1
+    assert third["units"]["files_copied"] == 2  # a1, a2 (a0 and a3 changed)
+    assert (third["rows_changed"], third["rows_unchanged"], third["rows_rejected"]) == (1, 24, 2)
+    check_snapshot(pq.read_table(third["output_files"]).sort_by("id"), good(day3), embedder)
+
+
 @pytest.mark.ray
 def test_a_benchmark_night_runs_with_the_stand_in_encoder(cluster, tmp_path, tiny_model_dir):
     """``run_nightly``'s ``adapt`` (benchmarks only: the scale benchmark's nights) reaches the

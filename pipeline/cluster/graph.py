@@ -26,10 +26,11 @@ from ray.data.block import Block, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from ..io import schema as S
-from ..io.readers import ReadSpec, read_unit
+from ..io.readers import ReadSpec, Skipped, read_unit
 from ..io.storage import InputFile, open_filesystem
 from ..io.writers import OutputSpec, write_outputs
 from ..plan import RunPlan
+from ..stages.carry import MemberCopy, copy_members
 from ..stages.diff import (Diff, diff_bucket, hash_rows, read_previous, read_previous_documents,
                            read_seen)
 from ..stages.embed import EncodeStage, TokenizeEncodeStage, TokenizeStage
@@ -46,10 +47,12 @@ class ShardDatasource(Datasource):
     """
 
     def __init__(self, files: Iterable[InputFile], fmt: str, spec: ReadSpec,
-                 storage_options: dict[str, Any]) -> None:
+                 storage_options: dict[str, Any],
+                 skipped: dict[str, Skipped] | None = None) -> None:
         super().__init__()
         self._files, self._format = list(files), fmt
         self._spec, self._storage_options = spec, storage_options
+        self._skipped = skipped or {}  # units some of whose files are not read, by name
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(f.size for f in self._files)
@@ -57,7 +60,9 @@ class ShardDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None,
                        data_context=None) -> list[ReadTask]:
         return [ReadTask(named_task(read_files, group, self._format, self._spec,
-                                    self._storage_options),
+                                    self._storage_options,
+                                    {f.unit: self._skipped[f.unit] for f in group
+                                     if f.unit in self._skipped}),
                          _metadata([(m.uri, m.size) for f in group for m in f.files]))
                 for group in deal(self._files, parallelism, lambda f: f.size)]
 
@@ -85,10 +90,11 @@ def _metadata(files: list[tuple[str, int]]) -> BlockMetadata:
 
 
 def read_files(files: list[InputFile], fmt: str, spec: ReadSpec,
-               storage_options: dict[str, Any]) -> Iterator[Block]:
+               storage_options: dict[str, Any],
+               skipped: dict[str, Skipped] | None = None) -> Iterator[Block]:
     """Blocks of the given units, one after another (``fmt``: every file's, as listed)."""
     for file in files:
-        yield from read_unit(file, spec, storage_options)
+        yield from read_unit(file, spec, storage_options, (skipped or {}).get(file.unit))
 
 
 # Nights comparing fewer bytes than this (today's units to do and the previous snapshot's
@@ -122,13 +128,14 @@ def build_dataset(plan: RunPlan) -> Dataset:
     return embed_and_write(read_shards(plan), plan)
 
 
-def read_shards(plan: RunPlan) -> Dataset:
+def read_shards(plan: RunPlan, skipped: dict[str, Skipped] | None = None) -> Dataset:
     return ray.data.read_datasource(
-        ShardDatasource(plan.files, plan.format, plan.read, plan.storage_options)
+        ShardDatasource(plan.files, plan.format, plan.read, plan.storage_options, skipped)
     )
 
 
-def build_nightly_dataset(plan: RunPlan, diff: Diff) -> Dataset:
+def build_nightly_dataset(plan: RunPlan, diff: Diff,
+                          copies: tuple[MemberCopy, ...] = ()) -> Dataset:
     """Read -> content hash -> diff against the previous snapshot (rows of one id meet in one
     call of a hash shuffle) -> tokenize -> encode -> write; see ``pipeline/stages/diff.py``.
 
@@ -137,19 +144,24 @@ def build_nightly_dataset(plan: RunPlan, diff: Diff) -> Dataset:
     (under :data:`SMALL_SHUFFLE_BYTES` to compare) is grouped by Ray Data's task-based sort shuffle,
     which starts no aggregator actors (a night of a few thousand rows took 3.1-3.4 s instead
     of 7.0-7.2 s here); a large one by Ray's default (hash-based) shuffle.
+
+    ``copies``: touched units whose unchanged files' rows are copied from the previous
+    snapshot (``pipeline/stages/carry.py``), by read tasks of their own whose write records
+    join the graph's; only the units' changed files are read.
     """
     DataContext.get_current().shuffle_strategy = (
         ShuffleStrategy.SORT_SHUFFLE_PULL_BASED if diff.bytes < SMALL_SHUFFLE_BYTES
         else DataContext().shuffle_strategy)  # before the dataset is made: it copies the context
-    ds = read_shards(plan).map_batches(
+    ds = read_shards(plan, {c.unit: c.skipped for c in copies}).map_batches(
         hash_rows, batch_format="pyarrow",
         fn_kwargs={"task": diff.task, "buckets": diff.buckets, "schema": diff.schema},
     )
     tasks = diff.for_tasks()  # each task carries only its own files
     if diff.previous_files:
         previous = ray.data.read_datasource(FunctionDatasource(
-            diff.previous_files, functools.partial(read_previous, diff=tasks,
-                                                   storage_options=plan.storage_options)))
+            diff.previous_files, functools.partial(_previous, diff=tasks,
+                                                   storage_options=plan.storage_options),
+            args={uri: (ranges,) for uri, ranges in diff.previous_ranges.items()}))
         ds = ds.union(previous)
     if diff.previous_documents:  # --doc-vectors: the reused documents' vectors
         documents = ray.data.read_datasource(FunctionDatasource(
@@ -159,13 +171,33 @@ def build_nightly_dataset(plan: RunPlan, diff: Diff) -> Dataset:
     if diff.seen_files:
         seen = ray.data.read_datasource(FunctionDatasource(
             [(uri, 0) for uri, _ in diff.seen_files],
-            functools.partial(read_seen, diff=tasks, storage_options=plan.storage_options),
-            args={uri: (source,) for uri, source in diff.seen_files}))
+            functools.partial(_seen, diff=tasks, storage_options=plan.storage_options),
+            args={uri: (source, diff.seen_ranges.get(uri)) for uri, source in diff.seen_files}))
         ds = ds.union(seen)
     ds = ds.groupby(S.BUCKET, num_partitions=diff.buckets).map_groups(
         diff_bucket, batch_format="pyarrow", fn_kwargs={"diff": tasks},
     )
-    return embed_and_write(ds, plan)
+    written = embed_and_write(ds, plan)
+    if not copies:
+        return written
+    copied = ray.data.read_datasource(FunctionDatasource(
+        [(c.unit, c.bytes) for c in copies],
+        functools.partial(copy_records, storage_options=plan.storage_options),
+        args={c.unit: (c,) for c in copies}))
+    return written.union(copied)
+
+
+def _previous(uri: str, ranges=None, *, diff: Diff, storage_options) -> Iterator[Block]:
+    return read_previous(uri, diff, storage_options, ranges)
+
+
+def _seen(uri: str, source: str, ranges=None, *, diff: Diff, storage_options) -> Iterator[Block]:
+    return read_seen(uri, source, diff, storage_options, ranges)
+
+
+def copy_records(unit: str, job: MemberCopy, storage_options: dict[str, Any]) -> Iterator[Block]:
+    """The write record of one touched unit's copied rows (``copy_members``), as a block."""
+    yield pa.table({STATS: [json.dumps(copy_members(job, storage_options))]})
 
 
 class FunctionDatasource(Datasource):

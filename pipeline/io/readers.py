@@ -13,7 +13,7 @@ import io
 import json
 import math
 import os
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -489,8 +489,18 @@ def read_file(file: InputFile, spec: ReadSpec, storage_options: dict[str, Any] |
             yield from read_jsonl(open_decompressed(raw, file.compression), file.uri, spec)
 
 
-def read_unit(unit: InputFile, spec: ReadSpec,
-              storage_options: dict[str, Any] | None = None) -> Iterator[pa.Table]:
+class Skipped(NamedTuple):
+    """Files of a unit that are not read (a night copies their rows from the previous
+    snapshot, ``pipeline/stages/carry.py``), and their rows' count and checksum, which the
+    unit's own count and checksum include."""
+
+    members: frozenset[str]
+    rows: int
+    checksum: int
+
+
+def read_unit(unit: InputFile, spec: ReadSpec, storage_options: dict[str, Any] | None = None,
+              skipped: Skipped | None = None) -> Iterator[pa.Table]:
     """Tables of one unit of work, each with the unit's name in ``__unit``.
 
     A unit of several small files (:attr:`InputFile.members`) is read file after file, its
@@ -498,21 +508,24 @@ def read_unit(unit: InputFile, spec: ReadSpec,
     with the rows' own files and row numbers; its last table carries the unit's row count
     in ``__file_rows`` and the checksum of its rows (:func:`file_rows_checksum`, summed over
     its files) in ``__file_rowsum``, null before it, so that the driver commits the unit once
-    all of its files' rows came out, each once.
+    all of its files' rows came out, each once. ``skipped``: files of the unit left unread,
+    whose rows are counted in the unit's count and checksum all the same.
     """
     tables = read_file(unit, spec, storage_options) if not unit.members \
-        else _read_members(unit, spec, storage_options)
+        else _read_members(unit, spec, storage_options, skipped)
     for table in tables:
         yield table.append_column(S.UNIT, pa.array([unit.unit] * table.num_rows, pa.string()))
 
 
-def _read_members(unit: InputFile, spec: ReadSpec,
-                  storage_options: dict[str, Any] | None) -> Iterator[pa.Table]:
+def _read_members(unit: InputFile, spec: ReadSpec, storage_options: dict[str, Any] | None,
+                  skipped: Skipped | None = None) -> Iterator[pa.Table]:
     gathered, rows, pending = [], 0, None
-    total = checksum = 0
+    total, checksum = (skipped.rows, skipped.checksum) if skipped else (0, 0)
     # One filesystem for the unit's files (an S3 one is a client of its own: not one a file).
     fs, _ = open_filesystem(unit.uri, storage_options)
     for member in unit.members:
+        if skipped and member.uri in skipped.members:
+            continue
         file_rows = file_rowsum = 0
         for table in read_file(member, spec, storage_options, fs):
             file_rows = max(file_rows, pc.max(table[S.FILE_ROWS]).as_py() or 0)

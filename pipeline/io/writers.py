@@ -206,6 +206,29 @@ def rows_checksum(table: pa.Table) -> int:
         sums[f"{S.ROW}_count"].to_pylist())) % CHECKSUM_MOD
 
 
+def member_rows(table: pa.Table) -> dict[str, list[int]]:
+    """A unit of several files' rows in ``table`` (good and rejected) per file: ``{file URI:
+    [rows, sum of their row numbers]}``, what a later night needs to account for the rows of
+    a file it copies instead of reading (``pipeline/stages/carry.py``)."""
+    sums = table.group_by(S.SOURCE).aggregate([(S.ROW, "count"), (S.ROW, "sum")])
+    return {uri: [int(n), int(s or 0)] for uri, n, s in zip(
+        sums[S.SOURCE].to_pylist(), sums[f"{S.ROW}_count"].to_pylist(),
+        sums[f"{S.ROW}_sum"].to_pylist())}
+
+
+def runs(sources: pa.ChunkedArray | pa.Array) -> list[list[Any]]:
+    """``[[file URI, rows], ...]``: the runs of equal values of a part file's sources, in its
+    row order (the file's row slices of each input file)."""
+    values = sources.to_pylist()
+    out: list[list[Any]] = []
+    for value in values:
+        if out and out[-1][0] == value:
+            out[-1][1] += 1
+        else:
+            out.append([value, 1])
+    return out
+
+
 def part_name(unit: str) -> str:
     """A fresh name for a file of one unit's rows (``part-*.parquet`` is the output's glob)."""
     return f"part-{unit}-{uuid.uuid4().hex[:12]}.parquet"
@@ -229,9 +252,16 @@ def write_outputs(fs, output_path: str, table: pa.Table, spec: OutputSpec) -> li
     units = table[S.UNIT] if S.UNIT in table.column_names else table[S.SOURCE]
     for source in pc.unique(units).to_pylist():
         part = table.filter(pc.equal(units, source))
+        members = is_group(source) and not spec.long_text.chunked
+        if members:  # each file's rows together, in order: a file's rows are a slice
+            part = part.sort_by([(S.SOURCE, "ascending"), (S.ROW, "ascending")])
         embedded, rejects, stats = split_rows(part, spec)
         if is_group(source):  # several files' rows: their checksum, not the plain sum
             stats["row_sum"] = rows_checksum(part)
+        if members:
+            stats["member_rows"] = member_rows(part)
+            stats["slices"] = {}
+            sources = part.filter(pc.is_null(part[S.REJECT]))[S.SOURCE]
         unit = unit_key(source)
         files, size = [], 0  # names relative to the output, whatever spelling it is given
         # One file per unit, or several when chunks made its rows many (a write batch
@@ -241,6 +271,8 @@ def write_outputs(fs, output_path: str, table: pa.Table, spec: OutputSpec) -> li
             name = part_name(unit)
             size += write_parquet(fs, f"{base}/{name}", embedded.slice(start, step))
             files.append(name)
+            if members:
+                stats["slices"][name] = runs(sources.slice(start, step))
         if rejects.num_rows:
             name = f"{REJECTS_DIR}/{part_name(unit)}"
             size += write_parquet(fs, f"{base}/{name}", rejects)

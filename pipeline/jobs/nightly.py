@@ -62,6 +62,7 @@ from ..io.storage import SUMMARY_NAME, is_side_file, open_filesystem, prepare_ou
 from ..snapshots import (LATEST, Previous, carriable, carry_refusal, carry_units,
                          list_snapshots, load_previous, new_snapshot_name, prune, publish,
                          read_latest, unfinished_snapshot)
+from ..stages.carry import MemberCopy, member_copy
 from ..stages.diff import HASH_COLUMN, plan_diff
 from .run import Carry, JobSpec, Work, run
 
@@ -110,6 +111,31 @@ def carry(previous: Previous | None,
         "tokenizer_sha256": job.identity.get("tokenizer_sha256"), "carried_now": len(found)}
 
 
+def touched_units(previous: Previous | None, work: Work) -> tuple[MemberCopy, ...]:
+    """The units to do of several files only some of which changed since the previous
+    snapshot: their unchanged files' rows are copied from it (``pipeline/stages/carry.py``),
+    the others read. Under the rules :func:`carry` follows: every setting today's, and not on
+    a resume of a snapshot whose diff committed units already."""
+    if previous is None or carry_refusal(previous, work.identity) \
+            or any(not u.get("carried_from") for u in work.kept.values()):
+        return ()
+    sizes = dict(previous.files)
+    copies = []
+    for unit in work.plan.files:
+        manifest = previous.units.get(units.unit_key(unit.unit))
+        copy = member_copy(unit, manifest, previous.uri) if manifest else None
+        if copy is not None:
+            copies.append(dataclasses.replace(
+                copy, output_uri=work.plan.output_uri,
+                rows_per_file=work.plan.output.rows_per_file(),
+                bytes=sum(sizes.get(copy.uri(name), 0) for name, _ in copy.parts)))
+    if copies:
+        log.info("%d unit(s) of several files partly changed: %d unchanged file(s) of theirs "
+                 "are copied from %s, not read", len(copies),
+                 sum(len(c.kept) for c in copies), previous.name)
+    return tuple(copies)
+
+
 def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str, Any]]:
     """The nightly graph for ``work``, and whether the previous vectors are reused (and why
     not) for the summary."""
@@ -124,10 +150,20 @@ def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str
     carried = {name for unit in work.kept.values()
                if previous and unit.get("carried_from") == previous.name
                for name in unit["files"]}
+    copies = touched_units(previous, work)
+    # A touched unit's previous part files: the changed files' rows are compared, the
+    # copied files' ids are seen (as a carried unit's are).
+    previous_ranges = {c.uri(name): c.ranges(name, copied=False)
+                       for c in copies for name, _ in c.parts}
+    seen_ranges = {c.uri(name): c.ranges(name, copied=True)
+                   for c in copies for name, _ in c.parts}
+    seen += tuple((uri, c.unit) for c in copies for name, _ in c.parts
+                  if seen_ranges[(uri := c.uri(name))])
     diff = plan_diff(
         identity=identity, read=plan.read,
         previous_identity=previous.identity if previous else None,
-        previous_files=tuple(f for f in previous.files if previous.name_of(f[0]) not in carried)
+        previous_files=tuple(f for f in previous.files if previous.name_of(f[0]) not in carried
+                             and previous_ranges.get(f[0]) != [])
         if previous else (),
         previous_documents=tuple(f for f in previous.documents
                                  if previous.name_of(f[0]) not in carried) if previous else (),
@@ -135,9 +171,13 @@ def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str
     if previous is not None and not diff.reuse:
         log.warning("the previous snapshot %s: %s; every row is embedded again",
                     previous.name, diff.reembed_reason)
+    if copies and not diff.reuse:  # a unit is touched only when every setting is today's
+        raise RuntimeError(f"internal error: units touched ({len(copies)}) without reuse")
+    diff = dataclasses.replace(diff, previous_ranges=previous_ranges, seen_ranges=seen_ranges)
     facts = {"reused_previous": diff.reuse, "reembed_reason": diff.reembed_reason,
-             "tokenizer_sha256": identity.get("tokenizer_sha256")}
-    return build_nightly_dataset(plan, diff), facts
+             "tokenizer_sha256": identity.get("tokenizer_sha256"),
+             "units_touched": len(copies), "files_copied": sum(len(c.kept) for c in copies)}
+    return build_nightly_dataset(plan, diff, copies), facts
 
 
 def summarize(previous: Previous | None, snapshot: str, result: dict[str, Any],
@@ -155,7 +195,10 @@ def summarize(previous: Previous | None, snapshot: str, result: dict[str, Any],
     counted = result["units"]
     return result | counts | {
         "units": counted | {"carried": carried, "resumed": counted["resumed"] - now,
-                            "committed_now": counted["committed_now"] + now},
+                            "committed_now": counted["committed_now"] + now,
+                            # units of several files, some changed: the others were copied
+                            "touched": facts.get("units_touched", 0),
+                            "files_copied": facts.get("files_copied", 0)},
         "snapshot": snapshot,
         "previous_snapshot": previous.name if previous else None,
         "rows_out": rows_out,  # rows in the snapshot

@@ -30,6 +30,7 @@ from ..io import schema as S
 from ..io.errors import OutputError
 from ..io.storage import open_filesystem, storage_errors
 from ..tokenize import add_prefix, task_prefix
+from .carry import read_ranges
 
 HASH_COLUMN = "content_hash"
 HASH_HEX_CHARS = 32  # 128 bits of SHA-256
@@ -77,12 +78,17 @@ class Diff:
     # the previous snapshot's (its _documents/ files, read when the vectors are reused).
     doc_vectors: bool = False
     previous_documents: tuple[tuple[str, int], ...] = ()  # (URI, bytes)
+    # Touched units' files copied, not read (pipeline/stages/carry.py): the rows of their
+    # previous part files to read as previous rows (the changed files') and as seen ids
+    # (the copied files'), by URI; files not named here are read whole.
+    previous_ranges: dict[str, list[tuple[int, int]]] = dataclasses.field(default_factory=dict)
+    seen_ranges: dict[str, list[tuple[int, int]]] = dataclasses.field(default_factory=dict)
 
     def for_tasks(self) -> "Diff":
         """This plan without its file lists, which only the driver needs (to build the graph):
         what the read and diff tasks carry (at lake scale the lists hold thousands of files)."""
         return dataclasses.replace(self, previous_files=(), previous_documents=(),
-                                   seen_files=())
+                                   seen_files=(), previous_ranges={}, seen_ranges={})
 
     def prev_type(self, width: int) -> pa.DataType:
         """The type of a previous vector column in the shuffle: a variable-size list of the
@@ -207,9 +213,11 @@ def hash_rows(table: pa.Table, task: str, buckets: int, schema: pa.Schema | None
     return conform(out, schema)
 
 
-def read_previous(uri: str, diff: Diff, storage_options: dict[str, Any]) -> Iterator[pa.Table]:
+def read_previous(uri: str, diff: Diff, storage_options: dict[str, Any],
+                  ranges: list[tuple[int, int]] | None = None) -> Iterator[pa.Table]:
     """The previous snapshot's rows of one part file: id, hash, (vectors), bucket; chunked,
-    one row per document (its chunks' vectors as lists)."""
+    one row per document (its chunks' vectors as lists). ``ranges``: only these rows
+    (``(start, rows)``: the changed files' rows of a unit whose other files are copied)."""
     fs, path = open_filesystem(uri, storage_options)
     columns = [diff.id_column, HASH_COLUMN]
     if diff.reuse:
@@ -217,7 +225,7 @@ def read_previous(uri: str, diff: Diff, storage_options: dict[str, Any]) -> Iter
     if diff.previous_chunked:
         columns += ["chunk", "chunks"]
     with storage_errors(uri, "read the previous snapshot's"), fs.open(path, "rb") as f:
-        batches = pq.ParquetFile(f).iter_batches(batch_size=65536, columns=columns)
+        batches = read_ranges(f, columns, ranges)
         if diff.previous_chunked:
             batches = documents_of(batches, diff, uri)
         for batch in batches:
@@ -296,13 +304,15 @@ def _grouped(table: pa.Table, starts: np.ndarray, diff: Diff, uri: str) -> pa.Ta
     return pa.table(out)
 
 
-def read_seen(uri: str, source: str, diff: Diff,
-              storage_options: dict[str, Any]) -> Iterator[pa.Table]:
-    """The ids of one part file this snapshot already holds (committed before a resume, or
-    carried from the previous snapshot), marked as seen; ``source``: its input file."""
+def read_seen(uri: str, source: str, diff: Diff, storage_options: dict[str, Any],
+              ranges: list[tuple[int, int]] | None = None) -> Iterator[pa.Table]:
+    """The ids of one part file this snapshot holds (committed before a resume, carried from
+    the previous snapshot, or, with ``ranges``, the rows of a previous part file that a
+    touched unit copies: ``pipeline/stages/carry.py``), marked as seen; ``source``: its
+    input file or unit."""
     fs, path = open_filesystem(uri, storage_options)
     with storage_errors(uri, "read the resumed snapshot's"), fs.open(path, "rb") as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=[diff.id_column]):
+        for batch in read_ranges(f, [diff.id_column], ranges):
             ids = pc.unique(batch.column(diff.id_column)) if diff.chunked \
                 else batch.column(diff.id_column)  # an id per chunk
             n = len(ids)

@@ -1,0 +1,216 @@
+"""The nightly job's copy of unchanged files out of a touched unit. No Ray.
+
+A unit of several small files whose files did not all change since the previous snapshot
+(a *touched* unit) is not read whole. Its unchanged files' rows are copied out of the
+previous snapshot's part files of the same unit, by the row slices its manifest recorded
+(the writer puts each file's rows together, ``pipeline/io/writers.py``), with their rejects;
+only its changed files are read, hashed, diffed and encoded. :func:`copy_members` writes the
+copied rows as part files of today's unit and returns a write record for the driver, which
+counts them with the rows the graph writes for the unit's changed files: the unit is
+committed once both are out (the reader of the changed files gives the whole unit's row
+count and checksum, the copied files' taken from the previous manifest).
+
+The copied rows' ids take part in the diff as seen ids (``diff.read_seen`` with
+:meth:`MemberCopy.ranges`), as a carried unit's do, so a changed file that repeats one is
+rejected; the previous rows of the changed files alone enter the shuffle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..io.errors import OutputError
+from ..io.readers import Skipped, count_rows
+from ..io.storage import (CHECKSUM_MOD, REJECTS_DIR, InputFile, file_rows_checksum,
+                          is_side_file, open_filesystem, storage_errors)
+from ..io.writers import ROW_GROUP_ROWS, part_name, runs, write_parquet
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberCopy:
+    """One touched unit: which of its files are copied from the previous snapshot, and from
+    which of its part files (names relative to the previous snapshot, ``source``)."""
+
+    unit: str  # the unit's name (InputFile.unit)
+    key: str  # its key (manifest and part file names)
+    source: str  # the previous snapshot's folder URI
+    members: tuple[str, ...]  # the unit's files, in order
+    kept: frozenset[int]  # indices of the files copied (unchanged since the previous snapshot)
+    # The previous part files and each one's slices: ((file index, rows), ...) in row order.
+    parts: tuple[tuple[str, tuple[tuple[int, int], ...]], ...]
+    rejects: tuple[str, ...]  # the previous reject files of the unit
+    counts: tuple[tuple[int, int], ...]  # each file's rows and row-number sum (all members)
+    changed: tuple[InputFile, ...]  # the files read tonight
+    output_uri: str = ""
+    rows_per_file: int = 0
+    bytes: int = 0  # of the previous part files (for scheduling)
+
+    def ranges(self, name: str, copied: bool) -> list[tuple[int, int]]:
+        """``(start, rows)`` of one previous part file's rows of the copied files (or, not
+        ``copied``, of the changed ones), adjacent ones merged."""
+        out: list[tuple[int, int]] = []
+        start = 0
+        for index, rows in dict(self.parts)[name]:
+            if (index in self.kept) == copied and rows:
+                if out and out[-1][0] + out[-1][1] == start:
+                    out[-1] = (out[-1][0], out[-1][1] + rows)
+                else:
+                    out.append((start, rows))
+            start += rows
+        return out
+
+    def uri(self, name: str) -> str:
+        return f"{self.source.rstrip('/')}/{name}"
+
+    @property
+    def skipped(self) -> Skipped:
+        """What the reader of the changed files adds to the unit's row count and checksum."""
+        rows = checksum = 0
+        for i in sorted(self.kept):
+            n, row_sum = self.counts[i]
+            rows += n
+            checksum = (checksum + file_rows_checksum(self.members[i], n, row_sum)) % CHECKSUM_MOD
+        return Skipped(frozenset(self.members[i] for i in self.kept), rows, checksum)
+
+
+def member_copy(unit: InputFile, manifest: dict[str, Any], source: str) -> MemberCopy | None:
+    """The copy of ``unit``'s unchanged files from its previous ``manifest`` (in the snapshot
+    folder ``source``), or None when nothing can be copied: the unit is not a group of files,
+    its files are not the manifest's, the manifest has no slices (written before they were
+    recorded, or with ``--long-text chunk``) or counts a duplicate-id reject (the file it lost
+    to may have changed), or none, or all, of its files are unchanged (a unit whose files are
+    all unchanged is carried whole). A file is unchanged when its size and store version
+    equal the manifest's (a file without a version is never trusted)."""
+    described = manifest.get("member_files")
+    slices = manifest.get("slices")
+    if not unit.members or described is None or slices is None \
+            or manifest.get("members") != [m.uri for m in unit.members] \
+            or len(described) != len(unit.members) \
+            or any(reason == "duplicate id" for reason in manifest.get("reject_reasons", {})):
+        return None
+    parts = [name for name in manifest["files"] if not is_side_file(name)]
+    if set(parts) != set(slices):
+        return None
+    kept = frozenset(i for i, (m, (size, version, _, _)) in enumerate(zip(unit.members, described))
+                     if m.version and version == m.version and size == m.size)
+    if not kept or len(kept) == len(unit.members):
+        return None
+    return MemberCopy(
+        unit=unit.unit, key=manifest["unit"], source=source,
+        members=tuple(m.uri for m in unit.members), kept=kept,
+        parts=tuple((name, tuple((int(i), int(n)) for i, n in slices[name])) for name in parts),
+        rejects=tuple(n for n in manifest["files"] if n.startswith(REJECTS_DIR + "/")),
+        counts=tuple((int(rows), int(row_sum)) for _, _, rows, row_sum in described),
+        changed=tuple(m for i, m in enumerate(unit.members) if i not in kept))
+
+
+def read_ranges(f, columns: list[str] | None, ranges: Iterable[tuple[int, int]] | None,
+                batch_rows: int = 65536) -> Iterable[pa.RecordBatch]:
+    """Record batches of an open Parquet file's ``columns``: every row, or only the rows of
+    ``ranges`` (``(start, rows)``, in order)."""
+    if ranges is None:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns)
+        return
+    ranges = list(ranges)
+    if not ranges:
+        return
+    table = pq.read_table(f, columns=columns)
+    index = np.concatenate([np.arange(start, start + n) for start, n in ranges])
+    if len(index) and index[-1] >= table.num_rows:
+        raise OutputError(f"a part file of the previous snapshot has {table.num_rows} rows, "
+                          f"fewer than its manifest's slices; the snapshot is damaged")
+    yield from table.take(pa.array(index)).to_batches(max_chunksize=batch_rows)
+
+
+def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """Copy the unchanged files' rows (and rejects) of ``job``'s unit into part files of
+    today's unit under ``job.output_uri``; return the write record of those rows."""
+    t0 = time.perf_counter()
+    good, which = [], []  # tables of the copied rows, and each row's file index
+    for name, slices in job.parts:
+        ranges = job.ranges(name, copied=True)
+        if not ranges:
+            continue
+        fs, path = open_filesystem(job.uri(name), storage_options)
+        with storage_errors(job.uri(name), "copy rows of the previous snapshot's"), \
+                fs.open(path, "rb") as f:
+            taken = pa.Table.from_batches(list(read_ranges(f, None, ranges)))
+        good.append(taken)
+        which += [np.full(rows, index, dtype=np.int64) for index, rows in slices
+                  if index in job.kept]
+    bad = []
+    copied = {job.members[i] for i in job.kept}
+    for name in job.rejects:
+        fs, path = open_filesystem(job.uri(name), storage_options)
+        with storage_errors(job.uri(name), "copy rejects of the previous snapshot's"), \
+                fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        table = table.filter(pc.is_in(table["source"], pa.array(sorted(copied), pa.string())))
+        if table.num_rows:
+            bad.append(table)
+    good_rows = pa.concat_tables(good) if good else None
+    bad_rows = pa.concat_tables(bad) if bad else None
+    _check_counts(job, np.concatenate(which) if which else np.zeros(0, np.int64), bad_rows)
+
+    fs, base = open_filesystem(job.output_uri, storage_options)
+    base = base.rstrip("/")
+    files, size, slices_out = [], 0, {}
+    if good_rows is not None and good_rows.num_rows:
+        order = np.argsort(np.concatenate(which), kind="stable")  # each file's rows together
+        good_rows = good_rows.take(pa.array(order))
+        sources = [job.members[i] for i in np.concatenate(which)[order]]
+        step = max(1, job.rows_per_file or ROW_GROUP_ROWS)
+        for start in range(0, good_rows.num_rows, step):
+            name = part_name(job.key)
+            size += write_parquet(fs, f"{base}/{name}", good_rows.slice(start, step))
+            files.append(name)
+            slices_out[name] = runs(pa.array(sources[start:start + step], pa.string()))
+    first = None
+    if bad_rows is not None:
+        name = f"{REJECTS_DIR}/{part_name(job.key)}"
+        size += write_parquet(fs, f"{base}/{name}", bad_rows)
+        files.append(name)
+        first = [bad_rows["row"][0].as_py(), bad_rows["reason"][0].as_py()]
+    skipped = job.skipped
+    n_good = good_rows.num_rows if good_rows is not None else 0
+    n_bad = bad_rows.num_rows if bad_rows is not None else 0
+    # The unit's own count comes with the changed files' last rows; when they hold no row
+    # at all, none will come, so this record gives it (the unit is then these rows alone).
+    empty = sum(count_rows(m, storage_options) for m in job.changed) == 0
+    reasons = Counter(r.split(":", 1)[0] for r in bad_rows["reason"].to_pylist()) \
+        if bad_rows is not None else Counter()
+    return {
+        "unit": job.key, "source": job.unit, "files": files, "bytes": size,
+        "rows": skipped.rows, "row_sum": skipped.checksum,
+        "file_rows": skipped.rows if empty else -1,
+        "file_rowsum": skipped.checksum if empty else -1,
+        "rows_embedded": n_good, "rows_rejected": n_bad, "first_reject": first,
+        "reject_reasons": dict(reasons),
+        "rows_new": 0, "rows_changed": 0, "rows_unchanged": n_good, "rows_reused": n_good,
+        "slices": slices_out,
+        "member_rows": {job.members[i]: list(job.counts[i]) for i in sorted(job.kept)},
+        "write_s": time.perf_counter() - t0,
+    }
+
+
+def _check_counts(job: MemberCopy, which: np.ndarray, bad: pa.Table | None) -> None:
+    """Every copied file's rows, good and rejected, are what its manifest counted."""
+    found = Counter(which.tolist())
+    if bad is not None:
+        index = {uri: i for i, uri in enumerate(job.members)}
+        found.update(index[uri] for uri in bad["source"].to_pylist())
+    for i in sorted(job.kept):
+        if found.get(i, 0) != job.counts[i][0]:
+            raise OutputError(
+                f"the previous snapshot holds {found.get(i, 0)} row(s) of {job.members[i]}, "
+                f"its manifest counts {job.counts[i][0]} (unit {job.unit}); the snapshot is "
+                f"damaged: restore it, or delete the output's _LATEST to start afresh")
+

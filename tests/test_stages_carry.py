@@ -1,0 +1,152 @@
+"""A touched unit's unchanged files copied, not read (``pipeline/stages/carry.py``), on real
+local files, no Ray: what the writer records of a unit of several files (each file's rows
+together, its slices per part file), which files a night copies, the copy itself, and the
+reader that skips the copied files but counts them."""
+
+from __future__ import annotations
+
+import json
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import units
+from pipeline.io import schema as S
+from pipeline.io.errors import OutputError
+from pipeline.io.readers import ReadSpec, Skipped, read_unit
+from pipeline.io.storage import (CHECKSUM_MOD, GROUP_MARK, InputFile, file_rows_checksum,
+                                 unit_key)
+from pipeline.io.writers import write_outputs
+from pipeline.stages.carry import MemberCopy, copy_members, member_copy
+from tests.test_io_writers import encoded_table, output_spec
+
+A, B, C = "/in/a.jsonl", "/in/b.jsonl", "/in/c.jsonl"
+UNIT = f"{A}{GROUP_MARK}3]"
+
+
+def members(tmp_path=None, versions=("v1", "v2", "v3")) -> InputFile:
+    files = tuple(InputFile(uri, 10 + i, "jsonl", None, version=v)
+                  for i, (uri, v) in enumerate(zip((A, B, C), versions)))
+    return InputFile(A, sum(f.size for f in files), "jsonl", None, version="g",
+                     members=files)
+
+
+def group_rows() -> pa.Table:
+    """One write's rows of the unit, in the shuffle's order: a has rows 0-2, b rows 0-1 (1
+    rejected), c row 0."""
+    rows = [{"id": 11, "source": B, "row": 1, "reject": "text is null"},
+            {"id": 2, "source": A, "row": 2}, {"id": 20, "source": C, "row": 0},
+            {"id": 0, "source": A, "row": 0}, {"id": 10, "source": B, "row": 0},
+            {"id": 1, "source": A, "row": 1}]
+    table = encoded_table(rows)
+    return table.append_column(S.UNIT, pa.array([UNIT] * len(rows)))
+
+
+def write_previous(tmp_path) -> tuple[dict, str]:
+    """The unit written and committed in a "previous snapshot" folder: its manifest."""
+    base = tmp_path / "prev"
+    (record,) = write_outputs(fsspec.filesystem("file"), str(base),
+                              group_rows(), output_spec())
+    unit = members()
+    commits = []
+    tracker = units.Tracker([unit], commit=commits.append)
+    checksum = sum(file_rows_checksum(u, n, s) for u, n, s in
+                   ((A, 3, 3), (B, 2, 1), (C, 1, 0))) % CHECKSUM_MOD
+    assert tracker.add(record | {"file_rows": 6, "file_rowsum": checksum}) is not None
+    return json.loads(json.dumps(commits[0])), str(base)
+
+
+def test_a_group_units_part_file_keeps_each_files_rows_together_and_records_its_slices(tmp_path):
+    manifest, base = write_previous(tmp_path)
+    (part,) = [f for f in manifest["files"] if f.startswith("part-")]
+    table = pq.read_table(f"{base}/{part}")
+    assert table["doc_id"].to_pylist() == [0, 1, 2, 10, 20]  # by file, then row
+    assert manifest["members"] == [A, B, C]
+    assert manifest["slices"] == {part: [[0, 3], [1, 1], [2, 1]]}
+    # size, version, rows (good and rejected) and the sum of their numbers, per file
+    assert manifest["member_files"] == [[10, "v1", 3, 3], [11, "v2", 2, 1], [12, "v3", 1, 0]]
+
+
+def test_which_files_of_a_unit_are_copied(tmp_path):
+    manifest, base = write_previous(tmp_path)
+    copy = member_copy(members(versions=("v1", "v2b", "v3")), manifest, base)
+    assert copy.kept == {0, 2} and [m.uri for m in copy.changed] == [B]
+    (part,) = [name for name, _ in copy.parts]
+    assert copy.ranges(part, copied=True) == [(0, 3), (4, 1)]
+    assert copy.ranges(part, copied=False) == [(3, 1)]
+    assert copy.skipped == Skipped(frozenset({A, C}), 4, (
+        file_rows_checksum(A, 3, 3) + file_rows_checksum(C, 1, 0)) % CHECKSUM_MOD)
+    # Nothing is copied: all files unchanged (the unit is carried whole), none unchanged, a
+    # file without a version (never trusted), other files, no slices recorded, a
+    # duplicate-id reject (the row it lost to may be in a changed file).
+    assert member_copy(members(), manifest, base) is None
+    assert member_copy(members(versions=("x", "y", "z")), manifest, base) is None
+    assert member_copy(members(versions=(None, "y", "v3")), manifest, base).kept == {2}
+    assert member_copy(members(versions=(None, "y", None)), manifest, base) is None
+    other = members(versions=("v1", "y", "v3"))
+    other = InputFile(A, other.size, "jsonl", None, version="g", members=other.members[:2])
+    assert member_copy(other, manifest, base) is None
+    assert member_copy(InputFile(A, 10, "jsonl", None, version="v1"), manifest, base) is None
+    changed = members(versions=("v1", "y", "v3"))
+    assert member_copy(changed, {k: v for k, v in manifest.items() if k != "slices"},
+                       base) is None
+    assert member_copy(changed, manifest | {"reject_reasons": {"duplicate id": 1}}, base) is None
+
+
+def test_the_copy_writes_the_unchanged_files_rows_and_rejects_and_their_record(tmp_path):
+    manifest, base = write_previous(tmp_path)
+    b = tmp_path / "b.jsonl"
+    b.write_text('{"id": 10, "text": "b changed"}\n')
+    unit = members(versions=("v1", "v2", "v3b"))  # c changed: a and b are copied
+    unit = InputFile(A, unit.size, "jsonl", None, version="g",
+                     members=(unit.members[0], unit.members[1], InputFile(str(b), 5, "jsonl",
+                                                                          None, version="v3b")))
+    manifest = manifest | {"members": [A, B, str(b)]}
+    copy = member_copy(unit, manifest, base)
+    copy = MemberCopy(**{**copy.__dict__, "output_uri": str(tmp_path / "out"),
+                         "rows_per_file": 1000})
+    record = copy_members(copy, {})
+    assert (record["rows"], record["rows_embedded"], record["rows_rejected"]) == (5, 4, 1)
+    assert record["rows_unchanged"] == record["rows_reused"] == 4
+    assert record["file_rows"] == -1  # the changed file's rows bring the unit's count
+    assert record["row_sum"] == (file_rows_checksum(A, 3, 3) + file_rows_checksum(B, 2, 1)) \
+        % CHECKSUM_MOD
+    assert record["reject_reasons"] == {"text is null": 1} and record["first_reject"][0] == 1
+    part, reject = record["files"]
+    copied = pq.read_table(tmp_path / "out" / part)
+    previous = pq.read_table(f"{base}/{[f for f in manifest['files'] if f.startswith('part-')][0]}")
+    assert copied.equals(previous.slice(0, 4))  # bit for bit, schema metadata included
+    assert copied.schema.metadata == previous.schema.metadata
+    assert record["slices"] == {part: [[A, 3], [B, 1]]}
+    assert pq.read_table(tmp_path / "out" / reject)["source"].to_pylist() == [B]
+    assert record["member_rows"] == {A: [3, 3], B: [2, 1]}
+
+    # The changed file is empty: this record carries the unit's count (no other will come).
+    b.write_text("\n")
+    assert copy_members(copy, {})["file_rows"] == 5
+    # A part file that lost rows: the copy refuses, naming the file.
+    damaged = MemberCopy(**{**copy.__dict__, "counts": ((4, 6),) + copy.counts[1:]})
+    with pytest.raises(OutputError, match="holds 3 row.*of /in/a.jsonl.*counts 4"):
+        copy_members(damaged, {})
+
+
+def test_the_reader_skips_the_copied_files_and_counts_them(tmp_path):
+    paths = []
+    for name, lines in (("a", 2), ("b", 3), ("c", 1)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"id": f"{name}{i}", "text": "t"}) + "\n"
+                                for i in range(lines)))
+        paths.append(InputFile(str(path), path.stat().st_size, "jsonl", None, version="v"))
+    unit = InputFile(paths[0].uri, 1, "jsonl", None, version="g", members=tuple(paths))
+    spec = ReadSpec("id", "text", id_type=pa.string())
+    whole = pa.concat_tables(read_unit(unit, spec))
+    skipped = Skipped(frozenset({paths[1].uri}), 3, file_rows_checksum(paths[1].uri, 3, 6))
+    part = pa.concat_tables(read_unit(unit, spec, None, skipped))
+    assert part[S.ID].to_pylist() == ["a0", "a1", "c0"]
+    last = lambda t, c: t[c][t.num_rows - 1].as_py()  # noqa: E731 (the unit's totals)
+    assert last(part, S.FILE_ROWS) == last(whole, S.FILE_ROWS) == 6
+    assert last(part, S.FILE_ROWSUM) == last(whole, S.FILE_ROWSUM)
+    assert np.all(part[S.UNIT].to_numpy(zero_copy_only=False) == unit.unit)
