@@ -914,3 +914,29 @@ def test_rows_without_previous_vectors_stay_small_in_the_shuffle(tmp_path):
     assert seen.schema == today.schema == d.schema
     for table in (seen, today):
         assert table.nbytes / table.num_rows < 200, table.nbytes / table.num_rows
+
+
+def test_a_touched_units_previous_part_file_is_read_once_for_previous_rows_and_seen_ids(tmp_path):
+    # pipeline/stages/carry.py: the changed files' rows are compared (previous rows, with
+    # their vectors), the copied files' rows only block their ids (seen, named by the unit).
+    table = pa.table({"id": pa.array(range(6), pa.int64()),
+                      N.HASH_COLUMN: [f"h{i}" for i in range(6)]})
+    for w in DIMS:
+        values = np.repeat(np.arange(6, dtype=np.float32), w)
+        table = table.append_column(f"embedding_{w}",
+                                    pa.FixedSizeListArray.from_arrays(pa.array(values), w))
+    uri, size = _snapshot_file(tmp_path / "part-a.parquet", table)
+    d = N.plan_diff(identity=identity(), read=read_spec(), previous_identity=identity(),
+                    previous_files=(), todo_bytes=0, seen_files=(), cpus=1)
+    rows = pa.concat_tables(N.read_touched(uri, "/in/a.jsonl#files[3]", [(1, 2)],
+                                           [(0, 1), (3, 3)], d, {}))
+    previous = rows.filter(pc.is_null(rows[S.SEEN]))
+    seen = rows.filter(pc.is_valid(rows[S.SEEN]))
+    assert previous[S.ID].to_pylist() == [1, 2]
+    assert previous[S.PREV_HASH].to_pylist() == ["h1", "h2"]
+    assert [v[0] for v in previous[S.prev_embedding(DIMS[0])].to_pylist()] == [1.0, 2.0]
+    assert seen[S.ID].to_pylist() == [0, 3, 4, 5]
+    assert set(seen[S.SOURCE].to_pylist()) == {"/in/a.jsonl#files[3]"}
+    assert rows.schema == d.schema
+    with pytest.raises(OutputError, match="fewer than its manifest's slices"):
+        list(N.read_touched(uri, "u", [(5, 2)], [], d, {}))

@@ -32,7 +32,7 @@ from ..io.writers import OutputSpec, write_outputs
 from ..plan import RunPlan
 from ..stages.carry import MemberCopy, copy_members
 from ..stages.diff import (Diff, diff_bucket, hash_rows, read_previous, read_previous_documents,
-                           read_seen)
+                           read_seen, read_touched)
 from ..stages.embed import EncodeStage, TokenizeEncodeStage, TokenizeStage
 from .expert_groups import RankGroup
 
@@ -159,9 +159,8 @@ def build_nightly_dataset(plan: RunPlan, diff: Diff,
     tasks = diff.for_tasks()  # each task carries only its own files
     if diff.previous_files:
         previous = ray.data.read_datasource(FunctionDatasource(
-            diff.previous_files, functools.partial(_previous, diff=tasks,
-                                                   storage_options=plan.storage_options),
-            args={uri: (ranges,) for uri, ranges in diff.previous_ranges.items()}))
+            diff.previous_files, functools.partial(read_previous, diff=tasks,
+                                                   storage_options=plan.storage_options)))
         ds = ds.union(previous)
     if diff.previous_documents:  # --doc-vectors: the reused documents' vectors
         documents = ray.data.read_datasource(FunctionDatasource(
@@ -171,9 +170,15 @@ def build_nightly_dataset(plan: RunPlan, diff: Diff,
     if diff.seen_files:
         seen = ray.data.read_datasource(FunctionDatasource(
             [(uri, 0) for uri, _ in diff.seen_files],
-            functools.partial(_seen, diff=tasks, storage_options=plan.storage_options),
-            args={uri: (source, diff.seen_ranges.get(uri)) for uri, source in diff.seen_files}))
+            functools.partial(read_seen, diff=tasks, storage_options=plan.storage_options),
+            args={uri: (source,) for uri, source in diff.seen_files}))
         ds = ds.union(seen)
+    if diff.touched_files:  # their changed files' previous rows, their copied files' ids
+        touched = ray.data.read_datasource(FunctionDatasource(
+            list(diff.touched_files),
+            functools.partial(read_touched, diff=tasks, storage_options=plan.storage_options),
+            args=diff.touched))
+        ds = ds.union(touched)
     ds = ds.groupby(S.BUCKET, num_partitions=diff.buckets).map_groups(
         diff_bucket, batch_format="pyarrow", fn_kwargs={"diff": tasks},
     )
@@ -185,14 +190,6 @@ def build_nightly_dataset(plan: RunPlan, diff: Diff,
         functools.partial(copy_records, storage_options=plan.storage_options),
         args={c.unit: (c,) for c in copies}))
     return written.union(copied)
-
-
-def _previous(uri: str, ranges=None, *, diff: Diff, storage_options) -> Iterator[Block]:
-    return read_previous(uri, diff, storage_options, ranges)
-
-
-def _seen(uri: str, source: str, ranges=None, *, diff: Diff, storage_options) -> Iterator[Block]:
-    return read_seen(uri, source, diff, storage_options, ranges)
 
 
 def copy_records(unit: str, job: MemberCopy, storage_options: dict[str, Any]) -> Iterator[Block]:

@@ -151,19 +151,15 @@ def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str
                if previous and unit.get("carried_from") == previous.name
                for name in unit["files"]}
     copies = touched_units(previous, work)
-    # A touched unit's previous part files: the changed files' rows are compared, the
-    # copied files' ids are seen (as a carried unit's are).
-    previous_ranges = {c.uri(name): c.ranges(name, copied=False)
-                       for c in copies for name, _ in c.parts}
-    seen_ranges = {c.uri(name): c.ranges(name, copied=True)
-                   for c in copies for name, _ in c.parts}
-    seen += tuple((uri, c.unit) for c in copies for name, _ in c.parts
-                  if seen_ranges[(uri := c.uri(name))])
+    # A touched unit's previous part files, each read once: its changed files' rows are
+    # compared, its copied files' ids are seen (as a carried unit's are).
+    touched = {c.uri(name): (c.unit, c.ranges(name, copied=False), c.ranges(name, copied=True))
+               for c in copies for name, _ in c.parts}
     diff = plan_diff(
         identity=identity, read=plan.read,
         previous_identity=previous.identity if previous else None,
         previous_files=tuple(f for f in previous.files if previous.name_of(f[0]) not in carried
-                             and previous_ranges.get(f[0]) != [])
+                             and f[0] not in touched)
         if previous else (),
         previous_documents=tuple(f for f in previous.documents
                                  if previous.name_of(f[0]) not in carried) if previous else (),
@@ -173,7 +169,8 @@ def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str
                     previous.name, diff.reembed_reason)
     if copies and not diff.reuse:  # a unit is touched only when every setting is today's
         raise RuntimeError(f"internal error: units touched ({len(copies)}) without reuse")
-    diff = dataclasses.replace(diff, previous_ranges=previous_ranges, seen_ranges=seen_ranges)
+    diff = dataclasses.replace(diff, touched_files=tuple(
+        f for f in previous.files if f[0] in touched) if previous else (), touched=touched)
     facts = {"reused_previous": diff.reuse, "reembed_reason": diff.reembed_reason,
              "tokenizer_sha256": identity.get("tokenizer_sha256"),
              "units_touched": len(copies), "files_copied": sum(len(c.kept) for c in copies)}

@@ -112,22 +112,18 @@ def member_copy(unit: InputFile, manifest: dict[str, Any], source: str) -> Membe
         changed=tuple(m for i, m in enumerate(unit.members) if i not in kept))
 
 
-def read_ranges(f, columns: list[str] | None, ranges: Iterable[tuple[int, int]] | None,
-                batch_rows: int = 65536) -> Iterable[pa.RecordBatch]:
-    """Record batches of an open Parquet file's ``columns``: every row, or only the rows of
-    ``ranges`` (``(start, rows)``, in order)."""
-    if ranges is None:
-        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns)
-        return
+def take_ranges(table: pa.Table, ranges: Iterable[tuple[int, int]], uri: str) -> pa.Table:
+    """The rows of ``table`` (a previous part file's, ``uri``) in ``ranges`` (``(start,
+    rows)``), in order."""
     ranges = list(ranges)
     if not ranges:
-        return
-    table = pq.read_table(f, columns=columns)
+        return table.slice(0, 0)
     index = np.concatenate([np.arange(start, start + n) for start, n in ranges])
-    if len(index) and index[-1] >= table.num_rows:
-        raise OutputError(f"a part file of the previous snapshot has {table.num_rows} rows, "
-                          f"fewer than its manifest's slices; the snapshot is damaged")
-    yield from table.take(pa.array(index)).to_batches(max_chunksize=batch_rows)
+    if index[-1] >= table.num_rows:
+        raise OutputError(f"{uri} has {table.num_rows} rows, fewer than its manifest's slices "
+                          "say; the previous snapshot is damaged: restore it, or delete the "
+                          "output's _LATEST to start afresh")
+    return table.take(pa.array(index))
 
 
 def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, Any]:
@@ -142,8 +138,8 @@ def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, 
         fs, path = open_filesystem(job.uri(name), storage_options)
         with storage_errors(job.uri(name), "copy rows of the previous snapshot's"), \
                 fs.open(path, "rb") as f:
-            taken = pa.Table.from_batches(list(read_ranges(f, None, ranges)))
-        good.append(taken)
+            table = pq.read_table(f)
+        good.append(take_ranges(table, ranges, job.uri(name)))
         which += [np.full(rows, index, dtype=np.int64) for index, rows in slices
                   if index in job.kept]
     bad = []

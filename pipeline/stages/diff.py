@@ -30,7 +30,7 @@ from ..io import schema as S
 from ..io.errors import OutputError
 from ..io.storage import open_filesystem, storage_errors
 from ..tokenize import add_prefix, task_prefix
-from .carry import read_ranges
+from .carry import take_ranges
 
 HASH_COLUMN = "content_hash"
 HASH_HEX_CHARS = 32  # 128 bits of SHA-256
@@ -78,17 +78,19 @@ class Diff:
     # the previous snapshot's (its _documents/ files, read when the vectors are reused).
     doc_vectors: bool = False
     previous_documents: tuple[tuple[str, int], ...] = ()  # (URI, bytes)
-    # Touched units' files copied, not read (pipeline/stages/carry.py): the rows of their
-    # previous part files to read as previous rows (the changed files') and as seen ids
-    # (the copied files'), by URI; files not named here are read whole.
-    previous_ranges: dict[str, list[tuple[int, int]]] = dataclasses.field(default_factory=dict)
-    seen_ranges: dict[str, list[tuple[int, int]]] = dataclasses.field(default_factory=dict)
+    # The previous part files of units whose unchanged files are copied, not read
+    # (pipeline/stages/carry.py): (URI, bytes), and by URI the unit's name, the rows to read
+    # as previous rows (its changed files') and those to read as seen ids (its copied
+    # files'), as (start, rows) ranges (:func:`read_touched`).
+    touched_files: tuple[tuple[str, int], ...] = ()
+    touched: dict[str, tuple[str, list[tuple[int, int]], list[tuple[int, int]]]] = \
+        dataclasses.field(default_factory=dict)
 
     def for_tasks(self) -> "Diff":
         """This plan without its file lists, which only the driver needs (to build the graph):
         what the read and diff tasks carry (at lake scale the lists hold thousands of files)."""
         return dataclasses.replace(self, previous_files=(), previous_documents=(),
-                                   seen_files=(), previous_ranges={}, seen_ranges={})
+                                   seen_files=(), touched_files=(), touched={})
 
     def prev_type(self, width: int) -> pa.DataType:
         """The type of a previous vector column in the shuffle: a variable-size list of the
@@ -213,28 +215,52 @@ def hash_rows(table: pa.Table, task: str, buckets: int, schema: pa.Schema | None
     return conform(out, schema)
 
 
-def read_previous(uri: str, diff: Diff, storage_options: dict[str, Any],
-                  ranges: list[tuple[int, int]] | None = None) -> Iterator[pa.Table]:
+def read_previous(uri: str, diff: Diff, storage_options: dict[str, Any]) -> Iterator[pa.Table]:
     """The previous snapshot's rows of one part file: id, hash, (vectors), bucket; chunked,
-    one row per document (its chunks' vectors as lists). ``ranges``: only these rows
-    (``(start, rows)``: the changed files' rows of a unit whose other files are copied)."""
+    one row per document (its chunks' vectors as lists)."""
     fs, path = open_filesystem(uri, storage_options)
-    columns = [diff.id_column, HASH_COLUMN]
-    if diff.reuse:
-        columns += [embedding_column(d) for d in diff.dims]
+    columns = _previous_columns(diff)
     if diff.previous_chunked:
         columns += ["chunk", "chunks"]
     with storage_errors(uri, "read the previous snapshot's"), fs.open(path, "rb") as f:
-        batches = read_ranges(f, columns, ranges)
+        batches = pq.ParquetFile(f).iter_batches(batch_size=65536, columns=columns)
         if diff.previous_chunked:
             batches = documents_of(batches, diff, uri)
         for batch in batches:
-            ids = _as_today_ids(batch.column(diff.id_column), diff, uri)
-            out = {S.ID: ids, S.PREV_HASH: batch.column(HASH_COLUMN)}
-            if diff.reuse:
-                out |= {S.prev_embedding(d): batch.column(embedding_column(d)) for d in diff.dims}
-            out[S.BUCKET] = bucket_of(ids, diff.buckets)
-            yield conform(pa.table(out), diff.schema)
+            yield _previous_rows(batch, diff, uri)
+
+
+def _previous_columns(diff: Diff) -> list[str]:
+    columns = [diff.id_column, HASH_COLUMN]
+    if diff.reuse:
+        columns += [embedding_column(d) for d in diff.dims]
+    return columns
+
+
+def _previous_rows(batch: pa.RecordBatch | pa.Table, diff: Diff, uri: str) -> pa.Table:
+    """Previous rows in the shuffle's layout: id, previous hash, (vectors), bucket."""
+    ids = _as_today_ids(batch.column(diff.id_column), diff, uri)
+    out = {S.ID: ids, S.PREV_HASH: batch.column(HASH_COLUMN)}
+    if diff.reuse:
+        out |= {S.prev_embedding(d): batch.column(embedding_column(d)) for d in diff.dims}
+    out[S.BUCKET] = bucket_of(ids, diff.buckets)
+    return conform(pa.table(out), diff.schema)
+
+
+def read_touched(uri: str, source: str, changed: list[tuple[int, int]],
+                 copied: list[tuple[int, int]], diff: Diff,
+                 storage_options: dict[str, Any]) -> Iterator[pa.Table]:
+    """One previous part file of a touched unit (``source``: the unit's name), read once: the
+    rows of its changed files (``changed`` ranges) as previous rows, and the ids of its
+    copied files (``copied`` ranges, ``pipeline/stages/carry.py``) as seen ids."""
+    fs, path = open_filesystem(uri, storage_options)
+    with storage_errors(uri, "read the previous snapshot's"), fs.open(path, "rb") as f:
+        table = pq.read_table(f, columns=_previous_columns(diff) if changed
+                              else [diff.id_column])
+    for batch in take_ranges(table, changed, uri).to_batches(max_chunksize=65536):
+        yield _previous_rows(batch, diff, uri)
+    for batch in take_ranges(table, copied, uri).to_batches(max_chunksize=65536):
+        yield _seen_rows(batch.column(diff.id_column), source, diff)
 
 
 def read_previous_documents(uri: str, diff: Diff,
@@ -304,21 +330,24 @@ def _grouped(table: pa.Table, starts: np.ndarray, diff: Diff, uri: str) -> pa.Ta
     return pa.table(out)
 
 
-def read_seen(uri: str, source: str, diff: Diff, storage_options: dict[str, Any],
-              ranges: list[tuple[int, int]] | None = None) -> Iterator[pa.Table]:
-    """The ids of one part file this snapshot holds (committed before a resume, carried from
-    the previous snapshot, or, with ``ranges``, the rows of a previous part file that a
-    touched unit copies: ``pipeline/stages/carry.py``), marked as seen; ``source``: its
-    input file or unit."""
+def read_seen(uri: str, source: str, diff: Diff,
+              storage_options: dict[str, Any]) -> Iterator[pa.Table]:
+    """The ids of one part file this snapshot already holds (committed before a resume, or
+    carried from the previous snapshot), marked as seen; ``source``: its input file."""
     fs, path = open_filesystem(uri, storage_options)
     with storage_errors(uri, "read the resumed snapshot's"), fs.open(path, "rb") as f:
-        for batch in read_ranges(f, [diff.id_column], ranges):
-            ids = pc.unique(batch.column(diff.id_column)) if diff.chunked \
-                else batch.column(diff.id_column)  # an id per chunk
-            n = len(ids)
-            yield conform(pa.table({S.ID: ids, S.SEEN: pa.array([True] * n),
-                                    S.SOURCE: pa.array([source] * n, pa.string()),
-                                    S.BUCKET: bucket_of(ids, diff.buckets)}), diff.schema)
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=[diff.id_column]):
+            yield _seen_rows(batch.column(diff.id_column), source, diff)
+
+
+def _seen_rows(ids: pa.Array, source: str, diff: Diff) -> pa.Table:
+    """Ids in the shuffle's layout, marked as seen (``source``: where they are)."""
+    if diff.chunked:
+        ids = pc.unique(ids)  # an id per chunk
+    n = len(ids)
+    return conform(pa.table({S.ID: ids, S.SEEN: pa.array([True] * n),
+                             S.SOURCE: pa.array([source] * n, pa.string()),
+                             S.BUCKET: bucket_of(ids, diff.buckets)}), diff.schema)
 
 
 def diff_bucket(table: pa.Table, diff: Diff) -> Iterator[pa.Table]:
