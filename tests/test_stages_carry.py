@@ -94,6 +94,27 @@ def test_which_files_of_a_unit_are_copied(tmp_path):
     assert member_copy(changed, {k: v for k, v in manifest.items() if k != "slices"},
                        base) is None
     assert member_copy(changed, manifest | {"reject_reasons": {"duplicate id": 1}}, base) is None
+    # Unchanged files without a row are read, not copied: the unit's rows would otherwise
+    # be the changed files' alone, and could commit it before the copy's record came.
+    empty = [[10, "v1", 0, 0], [11, "v2", 2, 1], [12, "v3", 0, 0]]
+    assert member_copy(changed, manifest | {"member_files": empty}, base) is None
+    assert member_copy(members(versions=("v1", "v2", "y")),
+                       manifest | {"member_files": empty[:2] + [[12, "v3", 1, 0]]},
+                       base).kept == {1}
+
+
+def test_has_rows_stops_at_the_first_row(tmp_path):
+    from pipeline.io.readers import has_rows
+
+    blank, lines = tmp_path / "blank.jsonl", tmp_path / "lines.jsonl"
+    blank.write_text("\n  \n\n")
+    lines.write_text("\n" + "not json\n" * 3)
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"id": pa.array([], pa.int64())}), empty)
+    files = {p: InputFile(str(p), p.stat().st_size, p.suffix[1:], None)
+             for p in (blank, lines, empty)}
+    assert [has_rows(f) for f in files.values()] == [False, True, False]
+    assert not has_rows(InputFile(str(tmp_path / "gone.jsonl"), 0, "jsonl", None))
 
 
 def test_the_copy_writes_the_unchanged_files_rows_and_rejects_and_their_record(tmp_path):

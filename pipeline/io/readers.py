@@ -564,6 +564,20 @@ def _without_totals(table: pa.Table) -> pa.Table:
     return table
 
 
+def has_rows(file: InputFile, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether a shard holds a row: :func:`count_rows` > 0, reading a JSONL file only up to
+    its first non-blank line."""
+    if file.members:
+        return any(has_rows(m, storage_options) for m in file.members)
+    if not file.size:
+        return False
+    if file.format == "parquet":
+        return count_rows(file, storage_options) > 0  # the footer's count
+    fs, path = open_filesystem(file.uri, storage_options)
+    with storage_errors(file.uri, "read"), fs.open(path, "rb") as f:
+        return any(line.strip() for _, line in iter_lines(open_decompressed(f, file.compression)))
+
+
 def count_rows(file: InputFile, storage_options: dict[str, Any] | None = None) -> int:
     """Rows of a shard: its Parquet footer's count, or its non-blank JSONL lines (a unit of
     several files: theirs, summed)."""

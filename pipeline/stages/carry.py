@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..io.errors import OutputError
-from ..io.readers import Skipped, count_rows
+from ..io.readers import Skipped, has_rows
 from ..io.storage import (CHECKSUM_MOD, REJECTS_DIR, InputFile, file_rows_checksum,
                           is_side_file, open_filesystem, storage_errors)
 from ..io.writers import ROW_GROUP_ROWS, part_name, runs, write_parquet
@@ -88,7 +88,8 @@ def member_copy(unit: InputFile, manifest: dict[str, Any], source: str) -> Membe
     recorded, or with ``--long-text chunk``) or counts a duplicate-id reject (the file it lost
     to may have changed), or none, or all, of its files are unchanged (a unit whose files are
     all unchanged is carried whole). A file is unchanged when its size and store version
-    equal the manifest's (a file without a version is never trusted)."""
+    equal the manifest's (a file without a version is never trusted); an unchanged file
+    without a row is read, not copied."""
     described = manifest.get("member_files")
     slices = manifest.get("slices")
     if not unit.members or described is None or slices is None \
@@ -101,6 +102,10 @@ def member_copy(unit: InputFile, manifest: dict[str, Any], source: str) -> Membe
         return None
     kept = frozenset(i for i, (m, (size, version, _, _)) in enumerate(zip(unit.members, described))
                      if m.version and version == m.version and size == m.size)
+    # Nothing is copied from files that hold no row: the unit's count would then be its
+    # changed files' alone, its rows could commit it before the copy's record came, and that
+    # record would arrive after the commit. (An empty file costs nothing to read.)
+    kept = frozenset(i for i in kept if int(described[i][2]))
     if not kept or len(kept) == len(unit.members):
         return None
     return MemberCopy(
@@ -180,7 +185,7 @@ def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, 
     n_bad = bad_rows.num_rows if bad_rows is not None else 0
     # The unit's own count comes with the changed files' last rows; when they hold no row
     # at all, none will come, so this record gives it (the unit is then these rows alone).
-    empty = sum(count_rows(m, storage_options) for m in job.changed) == 0
+    empty = not any(has_rows(m, storage_options) for m in job.changed)
     reasons = Counter(r.split(":", 1)[0] for r in bad_rows["reason"].to_pylist()) \
         if bad_rows is not None else Counter()
     return {
