@@ -127,8 +127,7 @@ def test_the_copy_writes_the_unchanged_files_rows_and_rejects_and_their_record(t
                                                                           None, version="v3b")))
     manifest = manifest | {"members": [A, B, str(b)]}
     copy = member_copy(unit, manifest, base)
-    copy = MemberCopy(**{**copy.__dict__, "output_uri": str(tmp_path / "out"),
-                         "rows_per_file": 1000})
+    copy = MemberCopy(**{**copy.__dict__, "output_uri": str(tmp_path / "out")})
     record = copy_members(copy, {})
     assert (record["rows"], record["rows_embedded"], record["rows_rejected"]) == (5, 4, 1)
     assert record["rows_unchanged"] == record["rows_reused"] == 4

@@ -127,7 +127,6 @@ def touched_units(previous: Previous | None, work: Work) -> tuple[MemberCopy, ..
         if copy is not None:
             copies.append(dataclasses.replace(
                 copy, output_uri=work.plan.output_uri,
-                rows_per_file=work.plan.output.rows_per_file(),
                 bytes=sum(sizes.get(copy.uri(name), 0) for name, _ in copy.parts)))
     if copies:
         log.info("%d unit(s) of several files partly changed: %d unchanged file(s) of theirs "

@@ -31,7 +31,7 @@ from ..io.errors import OutputError
 from ..io.readers import Skipped, has_rows
 from ..io.storage import (CHECKSUM_MOD, REJECTS_DIR, InputFile, file_rows_checksum,
                           is_side_file, open_filesystem, storage_errors)
-from ..io.writers import ROW_GROUP_ROWS, part_name, runs, write_parquet
+from ..io.writers import part_name, write_parquet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,6 @@ class MemberCopy:
     counts: tuple[tuple[int, int], ...]  # each file's rows and row-number sum (all members)
     changed: tuple[InputFile, ...]  # the files read tonight
     output_uri: str = ""
-    rows_per_file: int = 0
     bytes: int = 0  # of the previous part files (for scheduling)
 
     def ranges(self, name: str, copied: bool) -> list[tuple[int, int]]:
@@ -133,55 +132,59 @@ def take_ranges(table: pa.Table, ranges: Iterable[tuple[int, int]], uri: str) ->
 
 def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, Any]:
     """Copy the unchanged files' rows (and rejects) of ``job``'s unit into part files of
-    today's unit under ``job.output_uri``; return the write record of those rows."""
+    today's unit under ``job.output_uri``, one for each previous part file that holds some
+    (so a copy holds one previous part file in memory at a time); return the write record
+    of those rows."""
     t0 = time.perf_counter()
-    good, which = [], []  # tables of the copied rows, and each row's file index
+    fs, base = open_filesystem(job.output_uri, storage_options)
+    base = base.rstrip("/")
+    files, size, slices_out, n_good = [], 0, {}, 0
+    found: Counter = Counter()  # rows copied per file index, good and rejected
     for name, slices in job.parts:
         ranges = job.ranges(name, copied=True)
         if not ranges:
             continue
-        fs, path = open_filesystem(job.uri(name), storage_options)
+        source_fs, path = open_filesystem(job.uri(name), storage_options)
         with storage_errors(job.uri(name), "copy rows of the previous snapshot's"), \
-                fs.open(path, "rb") as f:
+                source_fs.open(path, "rb") as f:
             table = pq.read_table(f)
-        good.append(take_ranges(table, ranges, job.uri(name)))
-        which += [np.full(rows, index, dtype=np.int64) for index, rows in slices
-                  if index in job.kept]
+        taken = take_ranges(table, ranges, job.uri(name))
+        del table
+        kept = [(i, n) for i, n in slices if i in job.kept and n]
+        for i, n in kept:
+            found[i] += n
+        out = part_name(job.key)
+        size += write_parquet(fs, f"{base}/{out}", taken)
+        files.append(out)
+        merged: list[list[Any]] = []  # [file URI, rows] in the file's row order
+        for i, n in kept:
+            if merged and merged[-1][0] == job.members[i]:
+                merged[-1][1] += n
+            else:
+                merged.append([job.members[i], n])
+        slices_out[out] = merged
+        n_good += taken.num_rows
     bad = []
-    copied = {job.members[i] for i in job.kept}
+    copied = pa.array(sorted(job.members[i] for i in job.kept), pa.string())
     for name in job.rejects:
-        fs, path = open_filesystem(job.uri(name), storage_options)
+        source_fs, path = open_filesystem(job.uri(name), storage_options)
         with storage_errors(job.uri(name), "copy rejects of the previous snapshot's"), \
-                fs.open(path, "rb") as f:
+                source_fs.open(path, "rb") as f:
             table = pq.read_table(f)
-        table = table.filter(pc.is_in(table["source"], pa.array(sorted(copied), pa.string())))
+        table = table.filter(pc.is_in(table["source"], copied))
         if table.num_rows:
             bad.append(table)
-    good_rows = pa.concat_tables(good) if good else None
     bad_rows = pa.concat_tables(bad) if bad else None
-    _check_counts(job, np.concatenate(which) if which else np.zeros(0, np.int64), bad_rows)
-
-    fs, base = open_filesystem(job.output_uri, storage_options)
-    base = base.rstrip("/")
-    files, size, slices_out = [], 0, {}
-    if good_rows is not None and good_rows.num_rows:
-        order = np.argsort(np.concatenate(which), kind="stable")  # each file's rows together
-        good_rows = good_rows.take(pa.array(order))
-        sources = [job.members[i] for i in np.concatenate(which)[order]]
-        step = max(1, job.rows_per_file or ROW_GROUP_ROWS)
-        for start in range(0, good_rows.num_rows, step):
-            name = part_name(job.key)
-            size += write_parquet(fs, f"{base}/{name}", good_rows.slice(start, step))
-            files.append(name)
-            slices_out[name] = runs(pa.array(sources[start:start + step], pa.string()))
     first = None
     if bad_rows is not None:
+        index = {uri: i for i, uri in enumerate(job.members)}
+        found.update(index[uri] for uri in bad_rows["source"].to_pylist())
         name = f"{REJECTS_DIR}/{part_name(job.key)}"
         size += write_parquet(fs, f"{base}/{name}", bad_rows)
         files.append(name)
         first = [bad_rows["row"][0].as_py(), bad_rows["reason"][0].as_py()]
+    _check_counts(job, found)
     skipped = job.skipped
-    n_good = good_rows.num_rows if good_rows is not None else 0
     n_bad = bad_rows.num_rows if bad_rows is not None else 0
     # The unit's own count comes with the changed files' last rows; when they hold no row
     # at all, none will come, so this record gives it (the unit is then these rows alone).
@@ -202,16 +205,13 @@ def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, 
     }
 
 
-def _check_counts(job: MemberCopy, which: np.ndarray, bad: pa.Table | None) -> None:
-    """Every copied file's rows, good and rejected, are what its manifest counted."""
-    found = Counter(which.tolist())
-    if bad is not None:
-        index = {uri: i for i, uri in enumerate(job.members)}
-        found.update(index[uri] for uri in bad["source"].to_pylist())
+def _check_counts(job: MemberCopy, found: Counter) -> None:
+    """Every copied file's rows, good and rejected, are what its manifest counted (the
+    files written so far are named by no manifest if not: the run fails and a rerun
+    deletes them)."""
     for i in sorted(job.kept):
         if found.get(i, 0) != job.counts[i][0]:
             raise OutputError(
                 f"the previous snapshot holds {found.get(i, 0)} row(s) of {job.members[i]}, "
                 f"its manifest counts {job.counts[i][0]} (unit {job.unit}); the snapshot is "
                 f"damaged: restore it, or delete the output's _LATEST to start afresh")
-
