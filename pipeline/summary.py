@@ -230,8 +230,12 @@ def _work_lines(result: dict[str, Any], elapsed_s: float | None) -> list[str]:
         return [f"nothing left to do: all {units['committed']} unit(s) were committed by an "
                 f"earlier run{took}"]
     kept = f", {units['resumed']} kept from an earlier run" if units["resumed"] else ""
-    carried = f" ({units['carried']} of the snapshot's carried unchanged from the previous one)" \
-        if units.get("carried") else ""
+    parts = [f"{units['carried']} of the snapshot's carried unchanged from the previous one"] \
+        if units.get("carried") else []
+    if units.get("touched"):
+        parts.append(f"{units['touched']} partly changed, {units['files_copied']:,} unchanged "
+                     "file(s) of theirs copied, not read")
+    carried = f" ({'; '.join(parts)})" if parts else ""
     return [f"this run: {units['committed'] - units['resumed']} of {units['total']} unit(s) "
             f"committed{carried}{kept}{took}; {result['tokens_per_s']:,.0f} tokens/s end to end, "
             f"{result['tokens_per_s_steady']:,.0f} once the encoders were up; "

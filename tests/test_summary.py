@@ -288,6 +288,12 @@ def test_report_of_a_nightly_run_names_the_snapshot_and_its_changes():
     (work,) = [line for line in summary.report(result, config("s3://bkt/snaps"), "nightly")
                if line.startswith("this run: ")]
     assert "65 of 65 unit(s) committed (64 of the snapshot's carried unchanged" in work
+    # Units of which some files changed: the files copied instead of read are counted too.
+    result["units"] |= {"carried": 60, "touched": 4, "files_copied": 1000}
+    (work,) = [line for line in summary.report(result, config("s3://bkt/snaps"), "nightly")
+               if line.startswith("this run: ")]
+    assert "(60 of the snapshot's carried unchanged from the previous one; 4 partly changed, " \
+        "1,000 unchanged file(s) of theirs copied, not read)" in work
 
 
 def test_report_of_an_enrich_run_counts_files_and_rows():
