@@ -154,6 +154,9 @@ def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str
     # compared, its copied files' ids are seen (as a carried unit's are).
     touched = {c.uri(name): (c.unit, c.ranges(name, copied=False), c.ranges(name, copied=True))
                for c in copies for name, _ in c.parts}
+    units_by_name = {f.unit: f for f in plan.files}
+    copied_bytes = sum(m.size for c in copies
+                       for i, m in enumerate(units_by_name[c.unit].members) if i in c.kept)
     diff = plan_diff(
         identity=identity, read=plan.read,
         previous_identity=previous.identity if previous else None,
@@ -162,7 +165,8 @@ def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str
         if previous else (),
         previous_documents=tuple(f for f in previous.documents
                                  if previous.name_of(f[0]) not in carried) if previous else (),
-        todo_bytes=sum(f.size for f in plan.files), seen_files=seen, cpus=work.cpus)
+        todo_bytes=sum(f.size for f in plan.files) - copied_bytes, seen_files=seen,
+        cpus=work.cpus)
     if previous is not None and not diff.reuse:
         log.warning("the previous snapshot %s: %s; every row is embedded again",
                     previous.name, diff.reembed_reason)
