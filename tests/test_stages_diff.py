@@ -938,5 +938,6 @@ def test_a_touched_units_previous_part_file_is_read_once_for_previous_rows_and_s
     assert seen[S.ID].to_pylist() == [0, 3, 4, 5]
     assert set(seen[S.SOURCE].to_pylist()) == {"/in/a.jsonl#files[3]"}
     assert rows.schema == d.schema
-    with pytest.raises(OutputError, match="fewer than its manifest's slices"):
-        list(N.read_touched(uri, "u", [(5, 2)], [], d, {}))
+    for changed, copied in (([(5, 2)], [(0, 5)]), ([(1, 2)], [(0, 1)])):  # 7 rows, or 3
+        with pytest.raises(OutputError, match="has 6 rows, its manifest's slices [73]"):
+            list(N.read_touched(uri, "u", changed, copied, d, {}))

@@ -192,8 +192,10 @@ def build_nightly_dataset(plan: RunPlan, diff: Diff,
     return written.union(copied)
 
 
-def copy_records(unit: str, job: MemberCopy, storage_options: dict[str, Any]) -> Iterator[Block]:
-    """The write record of one touched unit's copied rows (``copy_members``), as a block."""
+def copy_records(_unit: str, job: MemberCopy,
+                 storage_options: dict[str, Any]) -> Iterator[Block]:
+    """The write record of one touched unit's copied rows (``copy_members``), as a block
+    (``_unit``: the unit's name, as the datasource lists it)."""
     yield pa.table({STATS: [json.dumps(copy_members(job, storage_options))]})
 
 

@@ -10,9 +10,9 @@ counts them with the rows the graph writes for the unit's changed files: the uni
 committed once both are out (the reader of the changed files gives the whole unit's row
 count and checksum, the copied files' taken from the previous manifest).
 
-The copied rows' ids take part in the diff as seen ids (``diff.read_seen`` with
+The copied rows' ids take part in the diff as seen ids (``diff.read_touched``, by
 :meth:`MemberCopy.ranges`), as a carried unit's do, so a changed file that repeats one is
-rejected; the previous rows of the changed files alone enter the shuffle.
+rejected; the previous rows of the changed files alone enter the shuffle with their vectors.
 """
 
 from __future__ import annotations
@@ -116,17 +116,18 @@ def member_copy(unit: InputFile, manifest: dict[str, Any], source: str) -> Membe
         changed=tuple(m for i, m in enumerate(unit.members) if i not in kept))
 
 
-def take_ranges(table: pa.Table, ranges: Iterable[tuple[int, int]], uri: str) -> pa.Table:
-    """The rows of ``table`` (a previous part file's, ``uri``) in ``ranges`` (``(start,
-    rows)``), in order."""
+def take_ranges(table: pa.Table, ranges: Iterable[tuple[int, int]], uri: str,
+                rows: int) -> pa.Table:
+    """The rows of ``table`` (a previous part file's, ``uri``, of ``rows`` rows by its
+    manifest's slices) in ``ranges`` (``(start, rows)``), in order."""
+    if table.num_rows != rows:
+        raise OutputError(f"{uri} has {table.num_rows} rows, its manifest's slices {rows}; the "
+                          "previous snapshot is damaged: restore it, or delete the output's "
+                          "_LATEST to start afresh")
     ranges = list(ranges)
     if not ranges:
         return table.slice(0, 0)
     index = np.concatenate([np.arange(start, start + n) for start, n in ranges])
-    if index[-1] >= table.num_rows:
-        raise OutputError(f"{uri} has {table.num_rows} rows, fewer than its manifest's slices "
-                          "say; the previous snapshot is damaged: restore it, or delete the "
-                          "output's _LATEST to start afresh")
     return table.take(pa.array(index))
 
 
@@ -148,7 +149,7 @@ def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, 
         with storage_errors(job.uri(name), "copy rows of the previous snapshot's"), \
                 source_fs.open(path, "rb") as f:
             table = pq.read_table(f)
-        taken = take_ranges(table, ranges, job.uri(name))
+        taken = take_ranges(table, ranges, job.uri(name), sum(n for _, n in slices))
         del table
         kept = [(i, n) for i, n in slices if i in job.kept and n]
         for i, n in kept:

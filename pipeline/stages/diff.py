@@ -257,9 +257,10 @@ def read_touched(uri: str, source: str, changed: list[tuple[int, int]],
     with storage_errors(uri, "read the previous snapshot's"), fs.open(path, "rb") as f:
         table = pq.read_table(f, columns=_previous_columns(diff) if changed
                               else [diff.id_column])
-    for batch in take_ranges(table, changed, uri).to_batches(max_chunksize=65536):
+    rows = sum(n for _, n in changed) + sum(n for _, n in copied)  # every row of the file
+    for batch in take_ranges(table, changed, uri, rows).to_batches(max_chunksize=65536):
         yield _previous_rows(batch, diff, uri)
-    for batch in take_ranges(table, copied, uri).to_batches(max_chunksize=65536):
+    for batch in take_ranges(table, copied, uri, rows).to_batches(max_chunksize=65536):
         yield _seen_rows(batch.column(diff.id_column), source, diff)
 
 
