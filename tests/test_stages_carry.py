@@ -170,3 +170,40 @@ def test_the_reader_skips_the_copied_files_and_counts_them(tmp_path):
     assert last(part, S.FILE_ROWS) == last(whole, S.FILE_ROWS) == 6
     assert last(part, S.FILE_ROWSUM) == last(whole, S.FILE_ROWSUM)
     assert np.all(part[S.UNIT].to_numpy(zero_copy_only=False) == unit.unit)
+
+
+def test_the_copy_gathers_several_previous_part_files_into_files_of_at_most_a_part_files_rows(
+        tmp_path):
+    """A unit's rows written by two write batches (two part files): the copy writes them back
+    as one file (its part files do not multiply night after night), or as several of at most
+    ``rows_per_file`` rows; a part file that lost rows is refused."""
+    fs = fsspec.filesystem("file")
+    rows, base = group_rows(), str(tmp_path / "prev")
+    records = [write_outputs(fs, base, rows.slice(0, 3), output_spec())[0],
+               write_outputs(fs, base, rows.slice(3), output_spec())[0]]
+    checksum = sum(file_rows_checksum(u, n, s) for u, n, s in
+                   ((A, 3, 3), (B, 2, 1), (C, 1, 0))) % CHECKSUM_MOD
+    commits = []
+    tracker = units.Tracker([members()], commit=commits.append)
+    tracker.add(records[0])
+    assert tracker.add(records[1] | {"file_rows": 6, "file_rowsum": checksum}) is not None
+    manifest = json.loads(json.dumps(commits[0]))
+    assert len(manifest["slices"]) == 2
+    copy = member_copy(members(versions=("v1", "v2b", "v3")), manifest, base)  # b changed
+    copy = MemberCopy(**{**copy.__dict__, "changed": ()})  # (b is not on this disk)
+    out = str(tmp_path / "out")
+    record = copy_members(MemberCopy(**{**copy.__dict__, "output_uri": out}), {})
+    (part,) = [f for f in record["files"] if f.startswith("part-")]
+    assert pq.read_table(f"{out}/{part}")["doc_id"].to_pylist() == [2, 20, 0, 1]
+    assert record["slices"] == {part: [[A, 1], [C, 1], [A, 2]]}
+    assert record["rows_embedded"] == 4 and record["rows_rejected"] == 0
+    small = copy_members(MemberCopy(**{**copy.__dict__, "output_uri": out + "2",
+                                       "rows_per_file": 2}), {})
+    assert [n for runs in small["slices"].values() for _, n in runs] == [1, 1, 2]
+    assert len(small["files"]) == 2
+    # A previous part file with a row its slices do not count: the snapshot is damaged.
+    first = [f for f in manifest["files"] if f.startswith("part-")][0]
+    table = pq.read_table(f"{base}/{first}")
+    pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), f"{base}/{first}")
+    with pytest.raises(OutputError, match="its manifest's slices"):
+        copy_members(MemberCopy(**{**copy.__dict__, "output_uri": out + "3"}), {})

@@ -127,6 +127,7 @@ def touched_units(previous: Previous | None, work: Work) -> tuple[MemberCopy, ..
         if copy is not None:
             copies.append(dataclasses.replace(
                 copy, output_uri=work.plan.output_uri,
+                rows_per_file=work.plan.output.rows_per_file(),
                 bytes=sum(sizes.get(copy.uri(name), 0) for name, _ in copy.parts)))
     if copies:
         log.info("%d unit(s) of several files partly changed: %d unchanged file(s) of theirs "
@@ -154,9 +155,16 @@ def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str
     # compared, its copied files' ids are seen (as a carried unit's are).
     touched = {c.uri(name): (c.unit, c.ranges(name, copied=False), c.ranges(name, copied=True))
                for c in copies for name, _ in c.parts}
+    # What the night compares (it sizes the buckets and picks the shuffle): the files read,
+    # and of a touched unit's previous part files the share of its changed files' rows.
     units_by_name = {f.unit: f for f in plan.files}
     copied_bytes = sum(m.size for c in copies
                        for i, m in enumerate(units_by_name[c.unit].members) if i in c.kept)
+    sizes = dict(previous.files) if previous else {}
+    compared_bytes = sum(
+        sizes.get(uri, 0) * sum(n for _, n in changed)
+        // max(1, sum(n for _, n in changed) + sum(n for _, n in kept))
+        for uri, (_, changed, kept) in touched.items())
     diff = plan_diff(
         identity=identity, read=plan.read,
         previous_identity=previous.identity if previous else None,
@@ -165,8 +173,8 @@ def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str
         if previous else (),
         previous_documents=tuple(f for f in previous.documents
                                  if previous.name_of(f[0]) not in carried) if previous else (),
-        todo_bytes=sum(f.size for f in plan.files) - copied_bytes, seen_files=seen,
-        cpus=work.cpus)
+        todo_bytes=sum(f.size for f in plan.files) - copied_bytes + compared_bytes,
+        seen_files=seen, cpus=work.cpus)
     if previous is not None and not diff.reuse:
         log.warning("the previous snapshot %s: %s; every row is embedded again",
                     previous.name, diff.reembed_reason)

@@ -50,6 +50,7 @@ class MemberCopy:
     counts: tuple[tuple[int, int], ...]  # each file's rows and row-number sum (all members)
     changed: tuple[InputFile, ...]  # the files read tonight
     output_uri: str = ""
+    rows_per_file: int = 1 << 62  # a part file's most rows (the output's)
     bytes: int = 0  # of the previous part files (for scheduling)
 
     def ranges(self, name: str, copied: bool) -> list[tuple[int, int]]:
@@ -133,14 +134,25 @@ def take_ranges(table: pa.Table, ranges: Iterable[tuple[int, int]], uri: str,
 
 def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, Any]:
     """Copy the unchanged files' rows (and rejects) of ``job``'s unit into part files of
-    today's unit under ``job.output_uri``, one for each previous part file that holds some
-    (so a copy holds one previous part file in memory at a time); return the write record
-    of those rows."""
+    today's unit under ``job.output_uri``, of up to ``job.rows_per_file`` rows each (so a
+    unit's part files do not multiply night after night, and a copy holds about one part
+    file's rows in memory); return the write record of those rows."""
     t0 = time.perf_counter()
     fs, base = open_filesystem(job.output_uri, storage_options)
     base = base.rstrip("/")
     files, size, slices_out, n_good = [], 0, {}, 0
     found: Counter = Counter()  # rows copied per file index, good and rejected
+    pending: list[pa.Table] = []  # taken rows not written yet, and their [file URI, rows]
+    pending_runs: list[list[Any]] = []
+
+    def flush() -> None:
+        nonlocal size, pending, pending_runs
+        out = part_name(job.key)
+        size += write_parquet(fs, f"{base}/{out}", pa.concat_tables(pending))
+        files.append(out)
+        slices_out[out] = pending_runs
+        pending, pending_runs = [], []
+
     for name, slices in job.parts:
         ranges = job.ranges(name, copied=True)
         if not ranges:
@@ -151,20 +163,20 @@ def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, 
             table = pq.read_table(f)
         taken = take_ranges(table, ranges, job.uri(name), sum(n for _, n in slices))
         del table
-        kept = [(i, n) for i, n in slices if i in job.kept and n]
-        for i, n in kept:
-            found[i] += n
-        out = part_name(job.key)
-        size += write_parquet(fs, f"{base}/{out}", taken)
-        files.append(out)
-        merged: list[list[Any]] = []  # [file URI, rows] in the file's row order
-        for i, n in kept:
-            if merged and merged[-1][0] == job.members[i]:
-                merged[-1][1] += n
-            else:
-                merged.append([job.members[i], n])
-        slices_out[out] = merged
+        if pending and sum(t.num_rows for t in pending) + taken.num_rows > job.rows_per_file:
+            flush()
+        pending.append(taken)
         n_good += taken.num_rows
+        for i, n in slices:
+            if i in job.kept and n:
+                found[i] += n
+                if pending_runs and pending_runs[-1][0] == job.members[i]:
+                    pending_runs[-1][1] += n
+                else:
+                    pending_runs.append([job.members[i], n])
+        del taken
+    if pending:
+        flush()
     bad = []
     copied = pa.array(sorted(job.members[i] for i in job.kept), pa.string())
     for name in job.rejects:
