@@ -160,7 +160,7 @@ def row_stats(table: pa.Table, good: pa.Table, bad: pa.Table) -> dict[str, Any]:
         "encode_s": float(pc.sum(table[S.ENCODE_S]).as_py() or 0.0),
         "encode_first_start": float(pc.min(starts).as_py() or 0.0) if starts else 0.0,
         "encode_last_end": float(pc.max(table[S.ENCODE_END]).as_py() or 0.0) if starts else 0.0,
-        "reject_reasons": dict(Counter(_reason_kind(r) for r in bad[S.REJECT].to_pylist())),
+        "reject_reasons": dict(Counter(reason_kind(r) for r in bad[S.REJECT].to_pylist())),
     }
 
 
@@ -192,18 +192,17 @@ def _max_or(table: pa.Table, column: str) -> int:
     return -1 if value is None else int(value)
 
 
-def _reason_kind(reason: str) -> str:
+def reason_kind(reason: str) -> str:
     """The reason without its details (``malformed JSON: ...`` -> ``malformed JSON``)."""
     return reason.split(":", 1)[0]
 
 
-def rows_checksum(table: pa.Table) -> int:
+def rows_checksum(table: pa.Table, counted: dict[str, list[int]] | None = None) -> int:
     """The checksum of a unit of several files' rows in ``table`` (each row known by its
-    file and row number), as the reader computes it for the whole unit."""
-    sums = table.group_by(S.SOURCE).aggregate([(S.ROW, "sum"), (S.ROW, "count")])
-    return sum(file_rows_checksum(uri, n, s) for uri, s, n in zip(
-        sums[S.SOURCE].to_pylist(), sums[f"{S.ROW}_sum"].to_pylist(),
-        sums[f"{S.ROW}_count"].to_pylist())) % CHECKSUM_MOD
+    file and row number), as the reader computes it for the whole unit (``counted``: its
+    :func:`member_rows`, when known)."""
+    counted = member_rows(table) if counted is None else counted
+    return sum(file_rows_checksum(uri, n, s) for uri, (n, s) in counted.items()) % CHECKSUM_MOD
 
 
 def member_rows(table: pa.Table) -> dict[str, list[int]]:
@@ -219,14 +218,18 @@ def member_rows(table: pa.Table) -> dict[str, list[int]]:
 def runs(sources: pa.ChunkedArray | pa.Array) -> list[list[Any]]:
     """``[[file URI, rows], ...]``: the runs of equal values of a part file's sources, in its
     row order (the file's row slices of each input file)."""
-    values = sources.to_pylist()
     out: list[list[Any]] = []
-    for value in values:
-        if out and out[-1][0] == value:
-            out[-1][1] += 1
-        else:
-            out.append([value, 1])
+    for value in sources.to_pylist():
+        add_run(out, value, 1)
     return out
+
+
+def add_run(out: list[list[Any]], value: Any, rows: int) -> None:
+    """Append ``rows`` rows of ``value`` to the runs ``out`` (``[[value, rows], ...]``)."""
+    if out and out[-1][0] == value:
+        out[-1][1] += rows
+    else:
+        out.append([value, rows])
 
 
 def part_name(unit: str) -> str:
@@ -257,11 +260,12 @@ def write_outputs(fs, output_path: str, table: pa.Table, spec: OutputSpec) -> li
             part = part.sort_by([(S.SOURCE, "ascending"), (S.ROW, "ascending")])
         embedded, rejects, stats = split_rows(part, spec)
         if is_group(source):  # several files' rows: their checksum, not the plain sum
-            stats["row_sum"] = rows_checksum(part)
+            counted = member_rows(part)
+            stats["row_sum"] = rows_checksum(part, counted)
         if members:
-            stats["member_rows"] = member_rows(part)
+            stats["member_rows"] = counted
             stats["slices"] = {}
-            sources = part.filter(pc.is_null(part[S.REJECT]))[S.SOURCE]
+            sources = pc.filter(part[S.SOURCE], pc.is_null(part[S.REJECT]))  # the good rows
         unit = unit_key(source)
         files, size = [], 0  # names relative to the output, whatever spelling it is given
         # One file per unit, or several when chunks made its rows many (a write batch

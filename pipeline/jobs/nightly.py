@@ -111,15 +111,16 @@ def carry(previous: Previous | None,
         "tokenizer_sha256": job.identity.get("tokenizer_sha256"), "carried_now": len(found)}
 
 
-def touched_units(previous: Previous | None, work: Work) -> tuple[MemberCopy, ...]:
+def touched_units(previous: Previous | None, work: Work,
+                  sizes: dict[str, int]) -> tuple[MemberCopy, ...]:
     """The units to do of several files only some of which changed since the previous
     snapshot: their unchanged files' rows are copied from it (``pipeline/stages/carry.py``),
     the others read. Under the rules :func:`carry` follows: every setting today's, and not on
-    a resume of a snapshot whose diff committed units already."""
+    a resume of a snapshot whose diff committed units already. ``sizes``: the previous
+    snapshot's part files' bytes, by URI."""
     if previous is None or carry_refusal(previous, work.identity) \
             or any(not u.get("carried_from") for u in work.kept.values()):
         return ()
-    sizes = dict(previous.files)
     copies = []
     for unit in work.plan.files:
         manifest = previous.units.get(units.unit_key(unit.unit))
@@ -150,7 +151,8 @@ def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str
     carried = {name for unit in work.kept.values()
                if previous and unit.get("carried_from") == previous.name
                for name in unit["files"]}
-    copies = touched_units(previous, work)
+    sizes = dict(previous.files) if previous else {}
+    copies = touched_units(previous, work, sizes)
     # A touched unit's previous part files, each read once: its changed files' rows are
     # compared, its copied files' ids are seen (as a carried unit's are).
     touched = {c.uri(name): (c.unit, c.ranges(name, copied=False), c.ranges(name, copied=True))
@@ -160,7 +162,6 @@ def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str
     units_by_name = {f.unit: f for f in plan.files}
     copied_bytes = sum(m.size for c in copies
                        for i, m in enumerate(units_by_name[c.unit].members) if i in c.kept)
-    sizes = dict(previous.files) if previous else {}
     compared_bytes = sum(
         sizes.get(uri, 0) * sum(n for _, n in changed)
         // max(1, sum(n for _, n in changed) + sum(n for _, n in kept))

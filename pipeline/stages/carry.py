@@ -31,7 +31,7 @@ from ..io.errors import OutputError
 from ..io.readers import Skipped, has_rows
 from ..io.storage import (CHECKSUM_MOD, REJECTS_DIR, InputFile, file_rows_checksum,
                           is_side_file, open_filesystem, storage_errors)
-from ..io.writers import part_name, write_parquet
+from ..io.writers import add_run, part_name, reason_kind, write_parquet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,14 +144,15 @@ def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, 
     found: Counter = Counter()  # rows copied per file index, good and rejected
     pending: list[pa.Table] = []  # taken rows not written yet, and their [file URI, rows]
     pending_runs: list[list[Any]] = []
+    pending_rows = 0
 
     def flush() -> None:
-        nonlocal size, pending, pending_runs
+        nonlocal size, pending, pending_runs, pending_rows
         out = part_name(job.key)
         size += write_parquet(fs, f"{base}/{out}", pa.concat_tables(pending))
         files.append(out)
         slices_out[out] = pending_runs
-        pending, pending_runs = [], []
+        pending, pending_runs, pending_rows = [], [], 0
 
     for name, slices in job.parts:
         ranges = job.ranges(name, copied=True)
@@ -163,17 +164,15 @@ def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, 
             table = pq.read_table(f)
         taken = take_ranges(table, ranges, job.uri(name), sum(n for _, n in slices))
         del table
-        if pending and sum(t.num_rows for t in pending) + taken.num_rows > job.rows_per_file:
+        if pending and pending_rows + taken.num_rows > job.rows_per_file:
             flush()
         pending.append(taken)
+        pending_rows += taken.num_rows
         n_good += taken.num_rows
         for i, n in slices:
             if i in job.kept and n:
                 found[i] += n
-                if pending_runs and pending_runs[-1][0] == job.members[i]:
-                    pending_runs[-1][1] += n
-                else:
-                    pending_runs.append([job.members[i], n])
+                add_run(pending_runs, job.members[i], n)
         del taken
     if pending:
         flush()
@@ -202,7 +201,7 @@ def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, 
     # The unit's own count comes with the changed files' last rows; when they hold no row
     # at all, none will come, so this record gives it (the unit is then these rows alone).
     empty = not any(has_rows(m, storage_options) for m in job.changed)
-    reasons = Counter(r.split(":", 1)[0] for r in bad_rows["reason"].to_pylist()) \
+    reasons = Counter(reason_kind(r) for r in bad_rows["reason"].to_pylist()) \
         if bad_rows is not None else Counter()
     return {
         "unit": job.key, "source": job.unit, "files": files, "bytes": size,
