@@ -312,6 +312,8 @@ def test_a_resumed_snapshot_keeps_its_committed_units_and_never_repeats_their_id
     assert (src / "z.jsonl").stat().st_size == len(encoded(day1)["z.jsonl"])
     result = run_nightly(config(str(src), str(out), tiny_model_dir))
     assert result["snapshot"] == unfinished and result["units"]["resumed"] == 1
+    # Today's rows (y, z) outnumber the snapshot's (x): every id x holds enters the diff.
+    assert result["today_ids_gathered"] is None
     assert result["rows_out"] == 36 and result["rows_rejected"] == 1
     assert (result["rows_changed"], result["rows_unchanged"], result["rows_new"]) == (2, 34, 0)
     assert result["rows_deleted"] == 0
@@ -362,6 +364,9 @@ def test_files_unchanged_since_the_previous_snapshot_are_carried_not_read(
         (src / name).write_bytes(encoded(day2)[name])
     second = run_nightly(config(str(src), str(out), tiny_model_dir))
     assert second["units"]["carried"] == 2 and second["reconciled"]
+    # x and z hold more than w and y: today's ids were gathered first (w: 3, 60; y: 11), and
+    # of x's and z's ids only 3 entered the diff, which rejects it below.
+    assert second["today_ids_gathered"] == 13
     assert (second["rows_new"], second["rows_changed"], second["rows_deleted"]) == (1, 1, 1)
     assert second["rows_unchanged"] == second["rows_reused"] == 12 + 10 + 12
     assert second["rows_embedded"] == 2 and second["rows_rejected"] == 1
@@ -423,6 +428,7 @@ def test_a_touched_unit_copies_its_unchanged_files_and_reads_only_the_changed_on
     second = run_nightly(config(str(src), str(out), tiny_model_dir))
     assert second["reconciled"] and second["units"]["carried"] == 0
     assert (second["units"]["touched"], second["units"]["files_copied"]) == (2, 6)
+    assert second["today_ids_gathered"] == 8  # a2's and a5's: the copied ids are filtered
     assert (second["rows_new"], second["rows_changed"], second["rows_deleted"]) == (1, 1, 0)
     assert second["rows_unchanged"] == second["rows_reused"] == 23
     assert second["rows_embedded"] == 2 and second["rows_rejected"] == 2

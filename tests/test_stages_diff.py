@@ -941,3 +941,51 @@ def test_a_touched_units_previous_part_file_is_read_once_for_previous_rows_and_s
     for changed, copied in (([(5, 2)], [(0, 5)]), ([(1, 2)], [(0, 1)])):  # 7 rows, or 3
         with pytest.raises(OutputError, match="has 6 rows, its manifest's slices [73]"):
             list(N.read_touched(uri, "u", changed, copied, d, {}))
+
+
+def test_the_ids_already_held_enter_the_diff_only_where_todays_rows_hold_them(tmp_path):
+    # pipeline/cluster/graph.py::gather_today: today's rows are read first and their ids'
+    # hashes gathered; the ids a snapshot already holds (read_seen, read_touched's copied
+    # rows) are then kept only where today's rows may hold them.
+    for one, other in ((pa.array([1, 2, 2**40], pa.int64()), pa.array([1, 2, 2**40], pa.uint64())),
+                       (pa.array([5, -7], pa.int32()), pa.array([5, -7], pa.int64())),
+                       (pa.array(["a", "é", ""]), pa.array(["a", "é", ""], pa.large_string())),
+                       (pa.array(["a", "b", "a"]), pa.array(["a", "b", "a"]).dictionary_encode()),
+                       (pa.array([b"ab", b"\xff\x00"]), pa.array([b"ab", b"\xff\x00"], pa.binary(2)))):
+        assert list(N.id_hashes(one)) == list(N.id_hashes(other)), one.type
+    assert len(set(N.id_hashes(pa.array(range(100_000), pa.int64())))) == 100_000
+    assert len(set(N.id_hashes(pa.array([f"doc-{i}" for i in range(100_000)])))) == 100_000
+
+    d = N.plan_diff(identity=identity(), read=read_spec(), previous_identity=identity(),
+                    previous_files=(), todo_bytes=0, seen_files=(), cpus=1)
+    today = N.hash_rows(reader_rows([3, 7, 7, None, 11], ["t"] * 5), "document", 1, d.schema)
+    gathered = N.today_ids(today)
+    assert list(gathered) == sorted(set(N.id_hashes(pa.array([3, 7, 11], pa.int64()))))
+    assert N.among(pa.array([3, 4, None, 11]), gathered).tolist() == [True, False, True, True]
+    assert not N.among(pa.array([3]), np.empty(0, np.uint64)).any()  # nothing today
+
+    part = tmp_path / "part-0.parquet"
+    pq.write_table(pa.table({"id": pa.array(range(20), pa.int32())}), part)
+    (everything,) = N.read_seen(str(part), "/in/a.jsonl", d.for_tasks(), {})
+    (kept,) = N.read_seen(str(part), "/in/a.jsonl", d.for_tasks(), {}, today=gathered)
+    assert everything[S.ID].to_pylist() == list(range(20))
+    assert kept[S.ID].to_pylist() == [3, 7, 11] and kept.schema == d.schema
+    assert kept[S.SOURCE].to_pylist() == ["/in/a.jsonl"] * 3
+    # The diff then rejects today's rows of those ids, as before.
+    rows = pa.concat_tables([today, kept])
+    (out,) = N.diff_bucket(rows, d.for_tasks())
+    reasons = dict(zip(out[S.ID].to_pylist(), out[S.REJECT].to_pylist()))
+    assert all("committed earlier in this snapshot" in reasons[i] for i in (3, 11))
+
+    table = pa.table({"id": pa.array(range(6), pa.int64()),
+                      N.HASH_COLUMN: [f"h{i}" for i in range(6)]})
+    for w in DIMS:
+        values = np.repeat(np.arange(6, dtype=np.float32), w)
+        table = table.append_column(f"embedding_{w}",
+                                    pa.FixedSizeListArray.from_arrays(pa.array(values), w))
+    uri, _ = _snapshot_file(tmp_path / "part-a.parquet", table)
+    rows = pa.concat_tables(N.read_touched(uri, "u", [(1, 2)], [(0, 1), (3, 3)], d, {},
+                                           today=np.sort(N.id_hashes(pa.array([1, 4], pa.int64())))))
+    # The changed files' previous rows all come (they are compared); of the copied, only 4.
+    assert rows.filter(pc.is_null(rows[S.SEEN]))[S.ID].to_pylist() == [1, 2]
+    assert rows.filter(pc.is_valid(rows[S.SEEN]))[S.ID].to_pylist() == [4]

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, DataContext, Dataset, ExecutionResources
@@ -25,6 +27,7 @@ from ray.data.context import ShuffleStrategy
 from ray.data.block import Block, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from ..errors import RunFailed, root_cause
 from ..io import schema as S
 from ..io.readers import ReadSpec, Skipped, read_unit
 from ..io.storage import InputFile, open_filesystem
@@ -32,9 +35,11 @@ from ..io.writers import OutputSpec, write_outputs
 from ..plan import RunPlan
 from ..stages.carry import MemberCopy, copy_members
 from ..stages.diff import (Diff, diff_bucket, hash_rows, read_previous, read_previous_documents,
-                           read_seen, read_touched)
+                           read_seen, read_touched, today_ids)
 from ..stages.embed import EncodeStage, TokenizeEncodeStage, TokenizeStage
 from .expert_groups import RankGroup
+
+log = logging.getLogger("pipeline.graph")
 
 
 class ShardDatasource(Datasource):
@@ -134,8 +139,13 @@ def read_shards(plan: RunPlan, skipped: dict[str, Skipped] | None = None) -> Dat
     )
 
 
-def build_nightly_dataset(plan: RunPlan, diff: Diff,
-                          copies: tuple[MemberCopy, ...] = ()) -> Dataset:
+# Today's ids gathered on the driver before the shuffle (:func:`gather_today`) at most: 8
+# bytes each (a hash); beyond, the ids already in the snapshot all enter the shuffle.
+MAX_TODAY_IDS = 16_000_000
+
+
+def build_nightly_dataset(plan: RunPlan, diff: Diff, copies: tuple[MemberCopy, ...] = ()
+                          ) -> tuple[Dataset, dict[str, Any]]:
     """Read -> content hash -> diff against the previous snapshot (rows of one id meet in one
     call of a hash shuffle) -> tokenize -> encode -> write; see ``pipeline/stages/diff.py``.
 
@@ -148,6 +158,11 @@ def build_nightly_dataset(plan: RunPlan, diff: Diff,
     ``copies``: touched units whose unchanged files' rows are copied from the previous
     snapshot (``pipeline/stages/carry.py``), by read tasks of their own whose write records
     join the graph's; only the units' changed files are read.
+
+    With ``diff.gather_today`` (the ids already in the snapshot outnumber today's rows),
+    today's rows are read and hashed first (:func:`gather_today`), and the ids already in the
+    snapshot enter the shuffle only where today's rows may hold them. Returns the dataset and
+    ``{"today_ids": n}`` (the distinct ids gathered; None when not gathered).
     """
     DataContext.get_current().shuffle_strategy = (
         ShuffleStrategy.SORT_SHUFFLE_PULL_BASED if diff.bytes < SMALL_SHUFFLE_BYTES
@@ -156,6 +171,9 @@ def build_nightly_dataset(plan: RunPlan, diff: Diff,
         hash_rows, batch_format="pyarrow",
         fn_kwargs={"task": diff.task, "buckets": diff.buckets, "schema": diff.schema},
     )
+    today, gathered = None, None
+    if diff.gather_today:
+        ds, today, gathered = gather_today(ds)
     tasks = diff.for_tasks()  # each task carries only its own files
     if diff.previous_files:
         previous = ray.data.read_datasource(FunctionDatasource(
@@ -170,26 +188,59 @@ def build_nightly_dataset(plan: RunPlan, diff: Diff,
     if diff.seen_files:
         seen = ray.data.read_datasource(FunctionDatasource(
             [(uri, 0) for uri, _ in diff.seen_files],
-            functools.partial(read_seen, diff=tasks, storage_options=plan.storage_options),
+            functools.partial(with_today, read_seen, today, diff=tasks,
+                              storage_options=plan.storage_options),
             args={uri: (source,) for uri, source in diff.seen_files}))
         ds = ds.union(seen)
     if diff.touched_files:  # their changed files' previous rows, their copied files' ids
         touched = ray.data.read_datasource(FunctionDatasource(
             list(diff.touched_files),
-            functools.partial(read_touched, diff=tasks, storage_options=plan.storage_options),
+            functools.partial(with_today, read_touched, today, diff=tasks,
+                              storage_options=plan.storage_options),
             args=diff.touched))
         ds = ds.union(touched)
     ds = ds.groupby(S.BUCKET, num_partitions=diff.buckets).map_groups(
         diff_bucket, batch_format="pyarrow", fn_kwargs={"diff": tasks},
     )
-    written = embed_and_write(ds, plan)
+    written, facts = embed_and_write(ds, plan), {"today_ids": gathered}
     if not copies:
-        return written
+        return written, facts
     copied = ray.data.read_datasource(FunctionDatasource(
         [(c.unit, c.bytes) for c in copies],
         functools.partial(copy_records, storage_options=plan.storage_options),
         args={c.unit: (c,) for c in copies}))
-    return written.union(copied)
+    return written.union(copied), facts
+
+
+def gather_today(ds: Dataset) -> tuple[Dataset, Any, int | None]:
+    """Read and hash today's rows now (``ds``, materialized in the object store: the shuffle
+    after it holds them all anyway), and gather their ids' hashes (``diff.today_ids``, 8
+    bytes an id) for the readers of the ids already in the snapshot. Returns today's rows,
+    the hashes' object reference (None past :data:`MAX_TODAY_IDS`: no filter) and their
+    count. A failure here is the run's, reported as :class:`RunFailed`."""
+    try:
+        ds = ds.materialize()
+        parts = ray.get([_today_ids.remote(block) for block in ds.to_arrow_refs()])
+    except Exception as err:  # noqa: BLE001 - reported whole, with its type (as run.consume)
+        cause = root_cause(err)
+        raise RunFailed(f"the run failed: {type(cause).__name__}: {cause}") from err
+    hashes = np.unique(np.concatenate(parts)) if parts else np.empty(0, np.uint64)
+    if len(hashes) > MAX_TODAY_IDS:
+        log.info("today's rows hold %d ids, more than %d: every id already in the snapshot "
+                 "enters the diff", len(hashes), MAX_TODAY_IDS)
+        return ds, None, len(hashes)
+    return ds, ray.put(hashes), len(hashes)
+
+
+@ray.remote(num_cpus=1)
+def _today_ids(block: pa.Table):
+    return today_ids(block)
+
+
+def with_today(read, today, uri: str, *args, **kwargs) -> Iterator[Block]:
+    """``read(uri, *args, **kwargs)`` given today's ids (``today``: their object reference,
+    or None), fetched in the task that reads."""
+    yield from read(uri, *args, today=None if today is None else ray.get(today), **kwargs)
 
 
 def copy_records(_unit: str, job: MemberCopy,

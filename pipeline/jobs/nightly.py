@@ -181,12 +181,20 @@ def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str
                     previous.name, diff.reembed_reason)
     if copies and not diff.reuse:  # a unit is touched only when every setting is today's
         raise RuntimeError(f"internal error: units touched ({len(copies)}) without reuse")
+    # The ids already in the snapshot (its kept units', the copied files') go through the
+    # shuffle only where today's rows may hold them, once today's are gathered: worth it when
+    # they outnumber today's rows (input bytes as the manifests count them).
+    held_bytes = sum(unit.get("size", 0) for unit in work.kept.values()) + copied_bytes
+    read_bytes = sum(f.size for f in plan.files) - copied_bytes
     diff = dataclasses.replace(diff, touched_files=tuple(
-        f for f in previous.files if f[0] in touched) if previous else (), touched=touched)
+        f for f in previous.files if f[0] in touched) if previous else (), touched=touched,
+        gather_today=bool(seen or copies) and held_bytes > read_bytes)
+    ds, graph_facts = build_nightly_dataset(plan, diff, copies)
     facts = {"reused_previous": diff.reuse, "reembed_reason": diff.reembed_reason,
              "tokenizer_sha256": identity.get("tokenizer_sha256"),
-             "units_touched": len(copies), "files_copied": sum(len(c.kept) for c in copies)}
-    return build_nightly_dataset(plan, diff, copies), facts
+             "units_touched": len(copies), "files_copied": sum(len(c.kept) for c in copies),
+             "today_ids": graph_facts["today_ids"]}
+    return ds, facts
 
 
 def summarize(previous: Previous | None, snapshot: str, result: dict[str, Any],
@@ -215,6 +223,9 @@ def summarize(previous: Previous | None, snapshot: str, result: dict[str, Any],
         "rows_embedded": rows_out - counts["rows_reused"],
         "rows_deleted": prev_rows - counts["rows_changed"] - counts["rows_unchanged"],
         "reused_previous": facts.get("reused_previous", False),
+        # Today's distinct ids, gathered before the diff (None: not gathered; see
+        # pipeline/cluster/graph.py::gather_today).
+        "today_ids_gathered": facts.get("today_ids"),
         "reembed_reason": facts.get("reembed_reason") if previous else "first snapshot",
         "fingerprints": {"weights": model["weights_fingerprint"],
                          "tokenizer_sha256": facts.get("tokenizer_sha256"),

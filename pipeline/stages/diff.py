@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pandas.util import hash_array  # vectorised SipHash with a fixed key: one hash everywhere
 
 from .. import units
 from ..config import embedding_column
@@ -85,6 +86,10 @@ class Diff:
     touched_files: tuple[tuple[str, int], ...] = ()
     touched: dict[str, tuple[str, list[tuple[int, int]], list[tuple[int, int]]]] = \
         dataclasses.field(default_factory=dict)
+    # Today's rows are read first and their ids gathered (:func:`today_ids`), so that the ids
+    # already in the snapshot enter the shuffle only where today's rows may hold them: set
+    # when those ids outnumber today's rows (their input bytes, by the manifests).
+    gather_today: bool = False
 
     def for_tasks(self) -> "Diff":
         """This plan without its file lists, which only the driver needs (to build the graph):
@@ -154,21 +159,62 @@ def content_hash(prefixed: str) -> str:
     return hashlib.sha256(prefixed.encode("utf-8")).hexdigest()[:HASH_HEX_CHARS]
 
 
+def _splitmix64(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Integer ids (any width; nulls as 0) mixed to 64 bits by splitmix64's finaliser."""
+    x = pc.fill_null(ids, 0).to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64)
+    with np.errstate(over="ignore"):  # wrapping on purpose
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
 def bucket_of(ids: pa.ChunkedArray | pa.Array, buckets: int) -> pa.Array:
     """A bucket in ``[0, buckets)`` per id, the same in every process (nulls: bucket 0)."""
     ids = plain(ids)
     t = ids.type
     if pa.types.is_integer(t):
-        x = pc.fill_null(ids, 0).to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64)
-        with np.errstate(over="ignore"):  # splitmix64's finaliser, wrapping on purpose
-            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            x = x ^ (x >> np.uint64(31))
-        return pa.array((x % np.uint64(buckets)).astype(np.int64))
+        return pa.array((_splitmix64(ids) % np.uint64(buckets)).astype(np.int64))
     values = ids.to_pylist()
     return pa.array([0 if v is None else zlib.crc32(v.encode("utf-8") if isinstance(v, str)
                                                     else bytes(v)) % buckets
                      for v in values], pa.int64())
+
+
+def id_hashes(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A 64-bit hash per id, the same in every process for ids of one kind whatever their
+    width or layout (see :func:`id_kind`): what :func:`today_ids` gathers and :func:`among`
+    looks up (both set nulls apart). Two ids may share a hash; an id never gets two."""
+    ids = plain(ids)
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    if pa.types.is_integer(ids.type):
+        return _splitmix64(ids)
+    return hash_array(ids.to_numpy(zero_copy_only=False).astype(object),
+                      categorize=False) if len(ids) else np.empty(0, np.uint64)
+
+
+def today_ids(table: pa.Table) -> np.ndarray:
+    """The sorted distinct :func:`id_hashes` of a table of today's rows (the shuffle's
+    layout; null ids left out: they are rejected): gathered over all of today's rows before
+    the shuffle, so that the ids already in the snapshot enter it only where today's rows
+    may hold them (:func:`read_seen`)."""
+    if S.ID not in table.column_names:  # an empty block may have no column at all
+        return np.empty(0, np.uint64)
+    return np.unique(id_hashes(table[S.ID].drop_null()))
+
+
+def among(ids: pa.Array, today: np.ndarray) -> np.ndarray:
+    """Whether each id's hash is in ``today`` (sorted :func:`id_hashes`): True for every id
+    today holds, for the few others whose hash it shares, and for a null."""
+    hashes = id_hashes(ids)
+    found = np.zeros(len(hashes), bool)
+    if len(today):
+        at = np.searchsorted(today, hashes)
+        at[at == len(today)] = 0
+        found = today[at] == hashes
+    if ids.null_count:
+        found |= pc.is_null(ids).to_numpy(zero_copy_only=False)
+    return found
 
 
 def id_kind(kind: pa.DataType) -> str:
@@ -249,10 +295,12 @@ def _previous_rows(batch: pa.RecordBatch | pa.Table, diff: Diff, uri: str) -> pa
 
 def read_touched(uri: str, source: str, changed: list[tuple[int, int]],
                  copied: list[tuple[int, int]], diff: Diff,
-                 storage_options: dict[str, Any]) -> Iterator[pa.Table]:
+                 storage_options: dict[str, Any],
+                 today: np.ndarray | None = None) -> Iterator[pa.Table]:
     """One previous part file of a touched unit (``source``: the unit's name), read once: the
     rows of its changed files (``changed`` ranges) as previous rows, and the ids of its
-    copied files (``copied`` ranges, ``pipeline/stages/carry.py``) as seen ids."""
+    copied files (``copied`` ranges, ``pipeline/stages/carry.py``) as seen ids (with
+    ``today``, only those today's rows may hold: see :func:`read_seen`)."""
     fs, path = open_filesystem(uri, storage_options)
     with storage_errors(uri, "read the previous snapshot's"), fs.open(path, "rb") as f:
         table = pq.read_table(f, columns=_previous_columns(diff) if changed
@@ -261,7 +309,7 @@ def read_touched(uri: str, source: str, changed: list[tuple[int, int]],
     for batch in take_ranges(table, changed, uri, rows).to_batches(max_chunksize=65536):
         yield _previous_rows(batch, diff, uri)
     for batch in take_ranges(table, copied, uri, rows).to_batches(max_chunksize=65536):
-        yield _seen_rows(batch.column(diff.id_column), source, diff)
+        yield _seen_rows(batch.column(diff.id_column), source, diff, today)
 
 
 def read_previous_documents(uri: str, diff: Diff,
@@ -331,18 +379,26 @@ def _grouped(table: pa.Table, starts: np.ndarray, diff: Diff, uri: str) -> pa.Ta
     return pa.table(out)
 
 
-def read_seen(uri: str, source: str, diff: Diff,
-              storage_options: dict[str, Any]) -> Iterator[pa.Table]:
+def read_seen(uri: str, source: str, diff: Diff, storage_options: dict[str, Any],
+              today: np.ndarray | None = None) -> Iterator[pa.Table]:
     """The ids of one part file this snapshot already holds (committed before a resume, or
-    carried from the previous snapshot), marked as seen; ``source``: its input file."""
+    carried from the previous snapshot), marked as seen; ``source``: its input file.
+
+    ``today``: the :func:`today_ids` of all of today's rows, when they were gathered first;
+    then only the ids among them are kept (an id today does not hold rejects nothing), so a
+    night that reads 1% of the input shuffles ~1% of the snapshot's ids, not all of them."""
     fs, path = open_filesystem(uri, storage_options)
     with storage_errors(uri, "read the resumed snapshot's"), fs.open(path, "rb") as f:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=[diff.id_column]):
-            yield _seen_rows(batch.column(diff.id_column), source, diff)
+            yield _seen_rows(batch.column(diff.id_column), source, diff, today)
 
 
-def _seen_rows(ids: pa.Array, source: str, diff: Diff) -> pa.Table:
-    """Ids in the shuffle's layout, marked as seen (``source``: where they are)."""
+def _seen_rows(ids: pa.Array, source: str, diff: Diff,
+               today: np.ndarray | None = None) -> pa.Table:
+    """Ids in the shuffle's layout, marked as seen (``source``: where they are); with
+    ``today``, only those whose hash today's rows hold."""
+    if today is not None:
+        ids = ids.filter(pa.array(among(ids, today)))
     if diff.chunked:
         ids = pc.unique(ids)  # an id per chunk
     n = len(ids)
