@@ -148,6 +148,21 @@ def test_bench_chunking_smoke(tmp_path, tiny_model_dir, capsys):
     assert result["document_tokens"] > 4 * 1000
 
 
+def test_bench_parquet_times_both_encodings_of_the_same_rows(tmp_path, capsys):
+    import pyarrow as pa
+
+    threads = pa.cpu_count()
+    out = tmp_path / "parquet.json"
+    bench_main(["parquet", "--rows", "300", "--dims", "16,8", "--repeats", "1",
+                "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["dtypes"]) == {"float32", "float16"}
+    for r in result["dtypes"].values():  # each file was read back equal to the table
+        assert r["pyarrow_defaults"]["bytes"] > 0 and r["writer_encodings"]["bytes"] > 0
+        assert r["write_speedup"] > 0 and r["read_speedup"] > 0
+    assert pa.cpu_count() == threads  # the benchmark's one thread is given back
+
+
 @pytest.fixture(scope="module")
 def real_tokenizer(tmp_path_factory):
     """The real-size benchmark tokenizer of the synthetic lexicon (no wordfreq needed), built

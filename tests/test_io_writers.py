@@ -16,7 +16,8 @@ import pytest
 
 from pipeline.io import schema as S
 from pipeline.io.storage import open_filesystem, unit_key
-from pipeline.io.writers import OutputSpec, change_stats, split_rows, write_outputs
+from pipeline.io.writers import (OutputSpec, change_stats, split_rows, write_outputs,
+                                 write_parquet)
 from pipeline.stages.diff import HASH_COLUMN
 from tests.helpers import files_under, vector
 
@@ -323,3 +324,29 @@ def test_change_stats_outside_nightly_and_of_no_rows():
     embedded, _, stats = split_rows(table.drop_columns([S.CHANGE, S.REUSE, S.HASH]),
                                     nightly_output_spec(()))
     assert "content_hash" not in embedded.column_names and "rows_new" not in stats
+
+
+def test_part_files_encode_vectors_plainly_and_every_other_column_with_a_dictionary(tmp_path):
+    # A vector's values never repeat: no dictionary attempt, no min/max (io/writers.py::
+    # encodings); ids, hashes and kept columns (nested ones too) keep both.
+    out = tmp_path / "out"
+    fs, path = open_filesystem(str(out))
+    (a, _) = sorted(write_outputs(fs, path, encoded_table(ROWS), output_spec()),
+                    key=lambda r: r["source"])
+    meta = pq.ParquetFile(out / a["files"][0]).metadata.row_group(0)
+    columns = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
+    vectors = [p for p in columns if p.startswith("embedding_")]
+    assert vectors and len(vectors) < len(columns)
+    for p, c in columns.items():
+        dictionary = "RLE_DICTIONARY" in c.encodings
+        assert dictionary == c.is_stats_set == (p not in vectors), (p, c.encodings)
+    nested = pa.table({"tags": pa.array([["a"], ["a", "b"]]), "m": pa.array(
+        [[("k", 1)], []], pa.map_(pa.string(), pa.int64())), "s": pa.array([{"x": "a"}] * 2),
+        "v": pa.array([[0.5], [0.25]], pa.list_(pa.float16()))})
+    write_parquet(fs, f"{path}/n.parquet", nested)
+    meta = pq.ParquetFile(out / "n.parquet").metadata.row_group(0)
+    assert {meta.column(i).path_in_schema: "RLE_DICTIONARY" in meta.column(i).encodings
+            for i in range(meta.num_columns)} == {
+        "tags.list.element": True, "m.key_value.key": True, "m.key_value.value": True,
+        "s.x": True, "v.list.element": False}
+    assert pq.read_table(out / "n.parquet").equals(nested)

@@ -951,7 +951,8 @@ def test_the_ids_already_held_enter_the_diff_only_where_todays_rows_hold_them(tm
                        (pa.array([5, -7], pa.int32()), pa.array([5, -7], pa.int64())),
                        (pa.array(["a", "é", ""]), pa.array(["a", "é", ""], pa.large_string())),
                        (pa.array(["a", "b", "a"]), pa.array(["a", "b", "a"]).dictionary_encode()),
-                       (pa.array([b"ab", b"\xff\x00"]), pa.array([b"ab", b"\xff\x00"], pa.binary(2)))):
+                       (pa.array([b"ab", b"\xff\x00"]),
+                        pa.array([b"ab", b"\xff\x00"], pa.binary(2)))):
         assert list(N.id_hashes(one)) == list(N.id_hashes(other)), one.type
     assert len(set(N.id_hashes(pa.array(range(100_000), pa.int64())))) == 100_000
     assert len(set(N.id_hashes(pa.array([f"doc-{i}" for i in range(100_000)])))) == 100_000
@@ -984,8 +985,9 @@ def test_the_ids_already_held_enter_the_diff_only_where_todays_rows_hold_them(tm
         table = table.append_column(f"embedding_{w}",
                                     pa.FixedSizeListArray.from_arrays(pa.array(values), w))
     uri, _ = _snapshot_file(tmp_path / "part-a.parquet", table)
+    held = np.sort(N.id_hashes(pa.array([1, 4], pa.int64())))
     rows = pa.concat_tables(N.read_touched(uri, "u", [(1, 2)], [(0, 1), (3, 3)], d, {},
-                                           today=np.sort(N.id_hashes(pa.array([1, 4], pa.int64())))))
+                                           today=held))
     # The changed files' previous rows all come (they are compared); of the copied, only 4.
     assert rows.filter(pc.is_null(rows[S.SEEN]))[S.ID].to_pylist() == [1, 2]
     assert rows.filter(pc.is_valid(rows[S.SEEN]))[S.ID].to_pylist() == [4]

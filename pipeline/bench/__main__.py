@@ -1,11 +1,11 @@
 """``python -m pipeline.bench {encoder,pipeline,nightly,ep,chunking,tokenizer,gpu,serve,
-scale} [options]``: one benchmark a run."""
+scale,parquet} [options]``: one benchmark a run."""
 
 from __future__ import annotations
 
 import argparse
 
-from . import chunking, encoder, ep, gpu, nightly, pipeline, scale, serve, tokenizer
+from . import chunking, encoder, ep, gpu, nightly, parquet, pipeline, scale, serve, tokenizer
 
 BENCHMARKS = {
     "encoder": (encoder, "encoder alone: packed path vs. straightforward baseline"),
@@ -19,6 +19,8 @@ BENCHMARKS = {
     "serve": (serve, "the OpenAI /v1/embeddings service under 1, 8 and 64 concurrent clients (needs ray[serve])"),
     "scale": (scale, "many small files: driver RSS and CPU, per-file wall, summary and manifest "
                      "sizes, a resume of a run killed at 50%%, four nights (needs ray)"),
+    "parquet": (parquet, "part files written and read with pyarrow's defaults vs. the writer's "
+                         "encodings, one thread (no Ray)"),
 }
 
 

@@ -241,8 +241,36 @@ def write_parquet(fs, path: str, table: pa.Table) -> int:
     """Write ``table`` to ``path`` so that no reader sees it half-written; returns its bytes."""
     with storage_errors(to_uri(fs, path), "write"):
         with open_for_publish(fs, path) as f:
-            pq.write_table(table, f, row_group_size=ROW_GROUP_ROWS)
+            pq.write_table(table, f, row_group_size=ROW_GROUP_ROWS, **encodings(table.schema))
         return int(fs.size(path))
+
+
+def encodings(schema: pa.Schema) -> dict[str, Any]:
+    """``pq.write_table`` options: dictionary encoding and statistics for every column but the
+    vectors (lists of floats). A vector's values never repeat, so the writer's dictionary
+    attempt is wasted work before it falls back (25,000 rows at widths 64/32: 124 ms a write
+    with it, 22 ms without, and a 27% smaller file), and their min/max serve no reader."""
+    leaves = [path for field in schema if not _is_vector(field.type) for path in _leaves(field)]
+    return {"use_dictionary": leaves, "write_statistics": leaves}
+
+
+def _is_vector(kind: pa.DataType) -> bool:
+    return (pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind)
+            or pa.types.is_large_list(kind)) and pa.types.is_floating(kind.value_type)
+
+
+def _leaves(field: pa.Field, prefix: str = "") -> list[str]:
+    """The Parquet column paths of one Arrow field (a path no column has is ignored by the
+    writer: that column would only be written without a dictionary)."""
+    name, kind = prefix + field.name, field.type
+    if pa.types.is_struct(kind):
+        return [p for i in range(kind.num_fields) for p in _leaves(kind.field(i), name + ".")]
+    if pa.types.is_map(kind):
+        return [p for child in (kind.key_field, kind.item_field)
+                for p in _leaves(child, name + ".key_value.")]
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _leaves(kind.value_field.with_name("element"), name + ".list.")
+    return [name]
 
 
 def write_outputs(fs, output_path: str, table: pa.Table, spec: OutputSpec) -> list[dict[str, Any]]:

@@ -42,6 +42,7 @@ from ..config import RunConfig, embedding_column
 from ..errors import RunFailed, root_cause
 from ..io import schema as S
 from ..io.errors import InputError
+from ..io.writers import encodings
 from ..io.storage import (DOCUMENTS_DIR, OUTPUT_PART_GLOB, InputFile, check_disjoint,
                           glob_base, is_local, is_side_file, list_inputs,
                           is_iceberg, open_filesystem, open_for_publish, own_files, publish_json, relative,
@@ -260,7 +261,8 @@ def merge_file(source: str, parts: list[str], target: str, dims: tuple[int, ...]
         if is_local(tfs):
             tfs.makedirs(posixpath.dirname(tpath), exist_ok=True)
         with open_for_publish(tfs, tpath) as f:
-            pq.write_table(out, f, store_decimal_as_integer=decimals_as_integers)
+            pq.write_table(out, f, store_decimal_as_integer=decimals_as_integers,
+                           **encodings(out.schema))
     return {"source": source, "target": target, "rows": n, "rows_with_embeddings": int(have.sum())}
 
 
