@@ -991,3 +991,13 @@ def test_the_ids_already_held_enter_the_diff_only_where_todays_rows_hold_them(tm
     # The changed files' previous rows all come (they are compared); of the copied, only 4.
     assert rows.filter(pc.is_null(rows[S.SEEN]))[S.ID].to_pylist() == [1, 2]
     assert rows.filter(pc.is_valid(rows[S.SEEN]))[S.ID].to_pylist() == [4]
+
+
+def test_todays_ids_are_gathered_only_when_the_held_ids_outnumber_them():
+    assert N.worth_gathering(held_bytes=100, held_rows=10, read_bytes=1)  # a 1% night
+    assert not N.worth_gathering(held_bytes=100, held_rows=10, read_bytes=100)
+    assert not N.worth_gathering(held_bytes=100, held_rows=0, read_bytes=1)  # nothing held
+    # Never more than MAX_TODAY_IDS rows' ids on the driver (at the held units' bytes a row).
+    rows = N.MAX_TODAY_IDS
+    assert N.worth_gathering(held_bytes=10 * rows, held_rows=10 * rows, read_bytes=rows)
+    assert not N.worth_gathering(held_bytes=10 * rows, held_rows=10 * rows, read_bytes=rows + 1)

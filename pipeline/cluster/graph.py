@@ -34,8 +34,8 @@ from ..io.storage import InputFile, open_filesystem
 from ..io.writers import OutputSpec, write_outputs
 from ..plan import RunPlan
 from ..stages.carry import MemberCopy, copy_members
-from ..stages.diff import (Diff, diff_bucket, hash_rows, read_previous, read_previous_documents,
-                           read_seen, read_touched, today_ids)
+from ..stages.diff import (MAX_TODAY_IDS, Diff, diff_bucket, hash_rows, read_previous,
+                           read_previous_documents, read_seen, read_touched, today_ids)
 from ..stages.embed import EncodeStage, TokenizeEncodeStage, TokenizeStage
 from .expert_groups import RankGroup
 
@@ -139,11 +139,6 @@ def read_shards(plan: RunPlan, skipped: dict[str, Skipped] | None = None) -> Dat
     )
 
 
-# Today's ids gathered on the driver before the shuffle (:func:`gather_today`) at most: 8
-# bytes each (a hash); beyond, the ids already in the snapshot all enter the shuffle.
-MAX_TODAY_IDS = 16_000_000
-
-
 def build_nightly_dataset(plan: RunPlan, diff: Diff, copies: tuple[MemberCopy, ...] = ()
                           ) -> tuple[Dataset, dict[str, Any]]:
     """Read -> content hash -> diff against the previous snapshot (rows of one id meet in one
@@ -216,19 +211,21 @@ def gather_today(ds: Dataset) -> tuple[Dataset, Any, int | None]:
     """Read and hash today's rows now (``ds``, materialized in the object store: the shuffle
     after it holds them all anyway), and gather their ids' hashes (``diff.today_ids``, 8
     bytes an id) for the readers of the ids already in the snapshot. Returns today's rows,
-    the hashes' object reference (None past :data:`MAX_TODAY_IDS`: no filter) and their
-    count. A failure here is the run's, reported as :class:`RunFailed`."""
+    the hashes' object reference and their count (None and None past
+    :data:`~pipeline.stages.diff.MAX_TODAY_IDS` rows: no filter, and nothing fetched). A
+    failure here is the run's, reported as :class:`RunFailed`."""
     try:
         ds = ds.materialize()
+        rows = ds.count()  # from the blocks' metadata
+        if rows > MAX_TODAY_IDS:
+            log.info("today's rows are %d, more than %d: every id already in the snapshot "
+                     "enters the diff", rows, MAX_TODAY_IDS)
+            return ds, None, None
         parts = ray.get([_today_ids.remote(block) for block in ds.to_arrow_refs()])
     except Exception as err:  # noqa: BLE001 - reported whole, with its type (as run.consume)
         cause = root_cause(err)
         raise RunFailed(f"the run failed: {type(cause).__name__}: {cause}") from err
     hashes = np.unique(np.concatenate(parts)) if parts else np.empty(0, np.uint64)
-    if len(hashes) > MAX_TODAY_IDS:
-        log.info("today's rows hold %d ids, more than %d: every id already in the snapshot "
-                 "enters the diff", len(hashes), MAX_TODAY_IDS)
-        return ds, None, len(hashes)
     return ds, ray.put(hashes), len(hashes)
 
 

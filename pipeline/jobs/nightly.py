@@ -63,7 +63,7 @@ from ..snapshots import (LATEST, Previous, carriable, carry_refusal, carry_units
                          list_snapshots, load_previous, new_snapshot_name, prune, publish,
                          read_latest, unfinished_snapshot)
 from ..stages.carry import MemberCopy, member_copy
-from ..stages.diff import HASH_COLUMN, plan_diff
+from ..stages.diff import HASH_COLUMN, plan_diff, worth_gathering
 from .run import Carry, JobSpec, Work, run
 
 log = logging.getLogger("pipeline.nightly")
@@ -183,12 +183,15 @@ def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str
         raise RuntimeError(f"internal error: units touched ({len(copies)}) without reuse")
     # The ids already in the snapshot (its kept units', the copied files') go through the
     # shuffle only where today's rows may hold them, once today's are gathered: worth it when
-    # they outnumber today's rows (input bytes as the manifests count them).
+    # they outnumber today's rows (input bytes and rows as the manifests count them).
     held_bytes = sum(unit.get("size", 0) for unit in work.kept.values()) + copied_bytes
-    read_bytes = sum(f.size for f in plan.files) - copied_bytes
+    held_rows = sum(unit.get("rows", 0) for unit in work.kept.values()) + sum(
+        c.counts[i][0] for c in copies for i in c.kept)
+    gather = worth_gathering(held_bytes, held_rows,
+                             sum(f.size for f in plan.files) - copied_bytes)
     diff = dataclasses.replace(diff, touched_files=tuple(
         f for f in previous.files if f[0] in touched) if previous else (), touched=touched,
-        gather_today=bool(seen or copies) and held_bytes > read_bytes)
+        gather_today=bool(seen or copies) and gather)
     ds, graph_facts = build_nightly_dataset(plan, diff, copies)
     facts = {"reused_previous": diff.reuse, "reembed_reason": diff.reembed_reason,
              "tokenizer_sha256": identity.get("tokenizer_sha256"),

@@ -39,6 +39,9 @@ HASH_HEX_CHARS = 32  # 128 bits of SHA-256
 # two per CPU: each bucket is one diff call's table.
 BUCKET_BYTES = 256 << 20
 MAX_BUCKETS = 4096
+# Today's ids gathered before the shuffle (:func:`today_ids`, on the driver: 8 bytes each) at
+# most; a night with more rows to read lets every id already in the snapshot into the shuffle.
+MAX_TODAY_IDS = 16_000_000
 # Chunking options that add output but change no vector: a night that switches them still
 # reuses the previous chunk vectors (document vectors need the previous snapshot's own).
 OUTPUT_ONLY_CHUNKING = ("chunk_text", "doc_vectors")
@@ -88,7 +91,7 @@ class Diff:
         dataclasses.field(default_factory=dict)
     # Today's rows are read first and their ids gathered (:func:`today_ids`), so that the ids
     # already in the snapshot enter the shuffle only where today's rows may hold them: set
-    # when those ids outnumber today's rows (their input bytes, by the manifests).
+    # when those ids outnumber today's rows (:func:`worth_gathering`).
     gather_today: bool = False
 
     def for_tasks(self) -> "Diff":
@@ -115,6 +118,16 @@ class Diff:
     def reuse_documents(self) -> bool:
         """Whether reused documents take their document vectors from the previous snapshot."""
         return self.reuse and self.chunked and self.doc_vectors
+
+
+def worth_gathering(held_bytes: int, held_rows: int, read_bytes: int) -> bool:
+    """Whether to gather today's ids before the shuffle (``Diff.gather_today``): when the
+    input bytes of the units the snapshot already holds (``held_bytes``, ``held_rows``: kept,
+    carried or copied, by their manifests) exceed those read today, and today's rows, at the
+    held units' bytes per row, stay under :data:`MAX_TODAY_IDS`."""
+    if held_bytes <= read_bytes or held_rows <= 0:
+        return False
+    return read_bytes * held_rows / held_bytes <= MAX_TODAY_IDS
 
 
 def diff_schema(read, diff: Diff) -> pa.Schema:
