@@ -209,8 +209,8 @@ def build_nightly_dataset(plan: RunPlan, diff: Diff, copies: tuple[MemberCopy, .
 
 def gather_today(ds: Dataset) -> tuple[Dataset, Any, int | None]:
     """Read and hash today's rows now (``ds``, materialized in the object store: the shuffle
-    after it holds them all anyway), and gather their ids' hashes (``diff.today_ids``, 8
-    bytes an id) for the readers of the ids already in the snapshot. Returns today's rows,
+    after it holds them all anyway), and gather their ids' hashes (``stages/diff.py::
+    today_ids``, 8 bytes an id) for the readers of the ids already in the snapshot. Returns today's rows,
     the hashes' object reference and their count (None and None past
     :data:`~pipeline.stages.diff.MAX_TODAY_IDS` rows: no filter, and nothing fetched). A
     failure here is the run's, reported as :class:`RunFailed`."""
@@ -221,7 +221,9 @@ def gather_today(ds: Dataset) -> tuple[Dataset, Any, int | None]:
             log.info("today's rows are %d, more than %d: every id already in the snapshot "
                      "enters the diff", rows, MAX_TODAY_IDS)
             return ds, None, None
-        parts = ray.get([_today_ids.remote(block) for block in ds.to_arrow_refs()])
+        blocks = ds.to_arrow_refs()
+        parts = ray.get([_today_ids.remote(*blocks[i:i + BLOCKS_PER_TASK])
+                         for i in range(0, len(blocks), BLOCKS_PER_TASK)])
     except Exception as err:  # noqa: BLE001 - reported whole, with its type (as run.consume)
         cause = root_cause(err)
         raise RunFailed(f"the run failed: {type(cause).__name__}: {cause}") from err
@@ -229,9 +231,12 @@ def gather_today(ds: Dataset) -> tuple[Dataset, Any, int | None]:
     return ds, ray.put(hashes), len(hashes)
 
 
+BLOCKS_PER_TASK = 32  # of today's rows, hashed by one task (a block is a read task's table)
+
+
 @ray.remote(num_cpus=1)
-def _today_ids(block: pa.Table):
-    return today_ids(block)
+def _today_ids(*blocks: pa.Table) -> np.ndarray:
+    return np.unique(np.concatenate([today_ids(b) for b in blocks]))
 
 
 def with_today(read, today, uri: str, *args, **kwargs) -> Iterator[Block]:
