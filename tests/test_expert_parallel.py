@@ -350,3 +350,25 @@ def test_every_job_takes_the_option(job):
     args = build_parser().parse_args([job, "--input", "in/", "--output", "out/",
                                       "--expert-parallel", "4"])
     assert config_from_args(args).expert_parallel == 4
+
+
+def test_a_group_removed_while_the_orphans_are_swept_is_left_out(monkeypatch):
+    # A killed rank's encode actor removes its own group while a new actor sweeps orphans: the
+    # group is still in the table read a moment before, and looking it up by name then fails.
+    from pipeline.cluster import expert_groups as G
+
+    table = {1: {"name": "run-x-aa-1", "state": "CREATED"},
+             2: {"name": "run-x-bb-2", "state": "CREATED"},
+             3: {"name": "run-x-cc-3", "state": "REMOVED"}, 4: {"name": "other-dd-4"}}
+    monkeypatch.setattr(G, "placement_group_table", lambda: table)
+
+    def lookup(name):
+        if name == "run-x-aa-1":
+            raise ValueError(f"Failed to look up placement group with name: {name}")
+        return f"pg:{name}"
+
+    monkeypatch.setattr(G, "get_placement_group", lookup)
+    removed = []
+    monkeypatch.setattr(G, "remove_placement_group", removed.append)
+    assert G._groups("run-x") == [("pg:run-x-bb-2", "run-x-bb-2")]
+    assert G.release_groups("run-x") == 1 and removed == ["pg:run-x-bb-2"]

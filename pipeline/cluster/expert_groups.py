@@ -245,10 +245,17 @@ class RankGroup:
 
 
 def _groups(prefix: str) -> list:
-    """``(group, name)`` of the placement groups named ``prefix-...`` still holding resources."""
-    return [(get_placement_group(info["name"]), info["name"])
-            for info in placement_group_table().values()
-            if info.get("name", "").startswith(prefix + "-") and info.get("state") != "REMOVED"]
+    """``(group, name)`` of the placement groups named ``prefix-...`` still holding resources
+    (one removed meanwhile, by the encode actor that made it, is left out)."""
+    found = []
+    for info in placement_group_table().values():
+        name = info.get("name", "")
+        if name.startswith(prefix + "-") and info.get("state") != "REMOVED":
+            try:
+                found.append((get_placement_group(name), name))
+            except ValueError:  # "Failed to look up placement group": removed since the table
+                continue
+    return found
 
 
 def _actor_dead(actor_id: str) -> bool:
