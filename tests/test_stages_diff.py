@@ -916,16 +916,21 @@ def test_rows_without_previous_vectors_stay_small_in_the_shuffle(tmp_path):
         assert table.nbytes / table.num_rows < 200, table.nbytes / table.num_rows
 
 
-def test_a_touched_units_previous_part_file_is_read_once_for_previous_rows_and_seen_ids(tmp_path):
-    # pipeline/stages/carry.py: the changed files' rows are compared (previous rows, with
-    # their vectors), the copied files' rows only block their ids (seen, named by the unit).
+def _six_row_part_file(path):
+    """A previous snapshot's part file of ids 0-5, hashes h0-h5, row i's vectors all i."""
     table = pa.table({"id": pa.array(range(6), pa.int64()),
                       N.HASH_COLUMN: [f"h{i}" for i in range(6)]})
     for w in DIMS:
         values = np.repeat(np.arange(6, dtype=np.float32), w)
         table = table.append_column(f"embedding_{w}",
                                     pa.FixedSizeListArray.from_arrays(pa.array(values), w))
-    uri, size = _snapshot_file(tmp_path / "part-a.parquet", table)
+    return _snapshot_file(path, table)
+
+
+def test_a_touched_units_previous_part_file_is_read_once_for_previous_rows_and_seen_ids(tmp_path):
+    # pipeline/stages/carry.py: the changed files' rows are compared (previous rows, with
+    # their vectors), the copied files' rows only block their ids (seen, named by the unit).
+    uri, size = _six_row_part_file(tmp_path / "part-a.parquet")
     d = N.plan_diff(identity=identity(), read=read_spec(), previous_identity=identity(),
                     previous_files=(), todo_bytes=0, seen_files=(), cpus=1)
     rows = pa.concat_tables(N.read_touched(uri, "/in/a.jsonl#files[3]", [(1, 2)],
@@ -978,13 +983,7 @@ def test_the_ids_already_held_enter_the_diff_only_where_todays_rows_hold_them(tm
     reasons = dict(zip(out[S.ID].to_pylist(), out[S.REJECT].to_pylist()))
     assert all("committed earlier in this snapshot" in reasons[i] for i in (3, 11))
 
-    table = pa.table({"id": pa.array(range(6), pa.int64()),
-                      N.HASH_COLUMN: [f"h{i}" for i in range(6)]})
-    for w in DIMS:
-        values = np.repeat(np.arange(6, dtype=np.float32), w)
-        table = table.append_column(f"embedding_{w}",
-                                    pa.FixedSizeListArray.from_arrays(pa.array(values), w))
-    uri, _ = _snapshot_file(tmp_path / "part-a.parquet", table)
+    uri, _ = _six_row_part_file(tmp_path / "part-a.parquet")
     held = np.sort(N.id_hashes(pa.array([1, 4], pa.int64())))
     rows = pa.concat_tables(N.read_touched(uri, "u", [(1, 2)], [(0, 1), (3, 3)], d, {},
                                            today=held))

@@ -162,6 +162,7 @@ def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str
     units_by_name = {f.unit: f for f in plan.files}
     copied_bytes = sum(m.size for c in copies
                        for i, m in enumerate(units_by_name[c.unit].members) if i in c.kept)
+    read_bytes = sum(f.size for f in plan.files) - copied_bytes  # of today's input
     compared_bytes = sum(
         sizes.get(uri, 0) * sum(n for _, n in changed)
         // max(1, sum(n for _, n in changed) + sum(n for _, n in kept))
@@ -174,7 +175,7 @@ def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str
         if previous else (),
         previous_documents=tuple(f for f in previous.documents
                                  if previous.name_of(f[0]) not in carried) if previous else (),
-        todo_bytes=sum(f.size for f in plan.files) - copied_bytes + compared_bytes,
+        todo_bytes=read_bytes + compared_bytes,
         seen_files=seen, cpus=work.cpus)
     if previous is not None and not diff.reuse:
         log.warning("the previous snapshot %s: %s; every row is embedded again",
@@ -186,9 +187,8 @@ def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str
     # they outnumber today's rows (input bytes and rows as the manifests count them).
     held_bytes = sum(unit.get("size", 0) for unit in work.kept.values()) + copied_bytes
     held_rows = sum(unit.get("rows", 0) for unit in work.kept.values()) + sum(
-        c.counts[i][0] for c in copies for i in c.kept)
-    gather = worth_gathering(held_bytes, held_rows,
-                             sum(f.size for f in plan.files) - copied_bytes)
+        c.skipped.rows for c in copies)
+    gather = worth_gathering(held_bytes, held_rows, read_bytes)
     diff = dataclasses.replace(diff, touched_files=tuple(
         f for f in previous.files if f[0] in touched) if previous else (), touched=touched,
         gather_today=bool(seen or copies) and gather)
