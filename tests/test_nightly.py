@@ -403,6 +403,7 @@ def test_a_touched_unit_copies_its_unchanged_files_and_reads_only_the_changed_on
     from pipeline import units
 
     monkeypatch.setattr(units, "GROUPED_UNITS", 2)  # 8 files: 2 units of 4
+    sorts = count_sort_shuffle_blocks(monkeypatch)
     src = tmp_path / "in"
     src.mkdir()
     day1 = {f"a{k}.jsonl": {i: {"id": i, "text": f"text {k} {i}", "lang": "en"}
@@ -462,6 +463,29 @@ def test_a_touched_unit_copies_its_unchanged_files_and_reads_only_the_changed_on
     assert third["units"]["files_copied"] == 2  # a1, a2 (a0 and a3 changed)
     assert (third["rows_changed"], third["rows_unchanged"], third["rows_rejected"]) == (1, 24, 2)
     check_snapshot(pq.read_table(third["output_files"]).sort_by("id"), good(day3), embedder)
+    # Each night's diff went through the sort shuffle on at most its cap of blocks (2 here),
+    # though today's rows and every previous part file read came as blocks of their own.
+    assert len(sorts) == 3 and max(sorts) == 2, sorts
+
+
+def count_sort_shuffle_blocks(monkeypatch) -> list[int]:
+    """Cap the blocks a small night's sort shuffle gets at 2, and count the blocks of each
+    sort shuffle run in this process (Ray Data's shuffle runs in the driver): it makes one
+    partition per block, and the driver owns n * n of its objects."""
+    from ray.data._internal.planner.exchange.pull_based_shuffle_task_scheduler import (
+        PullBasedShuffleTaskScheduler as Sort)
+
+    from pipeline.cluster import graph
+
+    monkeypatch.setattr(graph, "SORT_SHUFFLE_BLOCKS", 2)
+    sorts, execute = [], Sort.execute
+
+    def counted(self, refs, output_num_blocks, *args, **kwargs):
+        sorts.append(sum(len(bundle.block_refs) for bundle in refs))
+        return execute(self, refs, output_num_blocks, *args, **kwargs)
+
+    monkeypatch.setattr(Sort, "execute", counted)
+    return sorts
 
 
 @pytest.mark.ray

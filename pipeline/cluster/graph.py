@@ -105,6 +105,11 @@ def read_files(files: list[InputFile], fmt: str, spec: ReadSpec,
 # Nights comparing fewer bytes than this (today's units to do and the previous snapshot's
 # files) are grouped by a task-based sort shuffle; larger ones by Ray's default shuffle.
 SMALL_SHUFFLE_BYTES = 1 << 30
+# The sort shuffle's rows are first brought to at most this many blocks. It makes as many
+# partitions as it gets blocks, and the driver owns each block's piece of each partition (held
+# in the driver's own memory when small): n blocks cost n * n objects there. A 1% night over
+# 10M rows came with hundreds of blocks (today's, and one or more per previous file read).
+SORT_SHUFFLE_BLOCKS = 64
 
 STATS = "__stats"  # the write stage's output: one JSON record per unit and write
 
@@ -148,7 +153,8 @@ def build_nightly_dataset(plan: RunPlan, diff: Diff, copies: tuple[MemberCopy, .
     embeddings are reused, the bucket count and the one schema of the shuffle. A small night
     (under :data:`SMALL_SHUFFLE_BYTES` to compare) is grouped by Ray Data's task-based sort shuffle,
     which starts no aggregator actors (a night of a few thousand rows took 3.1-3.4 s instead
-    of 7.0-7.2 s here); a large one by Ray's default (hash-based) shuffle.
+    of 7.0-7.2 s here), on rows brought to a few blocks first (:data:`SORT_SHUFFLE_BLOCKS`);
+    a large one by Ray's default (hash-based) shuffle.
 
     ``copies``: touched units whose unchanged files' rows are copied from the previous
     snapshot (``pipeline/stages/carry.py``), by read tasks of their own whose write records
@@ -159,8 +165,9 @@ def build_nightly_dataset(plan: RunPlan, diff: Diff, copies: tuple[MemberCopy, .
     snapshot enter the shuffle only where today's rows may hold them. Returns the dataset and
     ``{"today_ids": n}`` (the distinct ids gathered; None when not gathered).
     """
+    small = diff.bytes < SMALL_SHUFFLE_BYTES
     DataContext.get_current().shuffle_strategy = (
-        ShuffleStrategy.SORT_SHUFFLE_PULL_BASED if diff.bytes < SMALL_SHUFFLE_BYTES
+        ShuffleStrategy.SORT_SHUFFLE_PULL_BASED if small
         else DataContext().shuffle_strategy)  # before the dataset is made: it copies the context
     ds = read_shards(plan, {c.unit: c.skipped for c in copies}).map_batches(
         hash_rows, batch_format="pyarrow",
@@ -194,6 +201,8 @@ def build_nightly_dataset(plan: RunPlan, diff: Diff, copies: tuple[MemberCopy, .
                               storage_options=plan.storage_options),
             args=diff.touched))
         ds = ds.union(touched)
+    if small:  # split and combined, not shuffled (see SORT_SHUFFLE_BLOCKS)
+        ds = ds.repartition(min(diff.buckets, SORT_SHUFFLE_BLOCKS))
     ds = ds.groupby(S.BUCKET, num_partitions=diff.buckets).map_groups(
         diff_bucket, batch_format="pyarrow", fn_kwargs={"diff": tasks},
     )
