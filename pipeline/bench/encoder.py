@@ -106,8 +106,9 @@ def int8_matmul_ceiling(cfg: EncoderConfig, device: torch.device, rows: int = 40
             flops_per_token += times * 2.0 * n_in * n_out
     except (RuntimeError, AttributeError, NotImplementedError) as err:
         return {"error": f"{type(err).__name__}: {err}"}
-    return {"int8_matmul_tops": round(flops_per_token / seconds["int8"] / 1e12, 3),
-            "bfloat16_matmul_tflops": round(flops_per_token / seconds["bfloat16"] / 1e12, 3),
+    # Four significant digits: a tiny model's rates are thousandths of a TFLOP/s.
+    return {"int8_matmul_tops": float(f"{flops_per_token / seconds['int8'] / 1e12:.4g}"),
+            "bfloat16_matmul_tflops": float(f"{flops_per_token / seconds['bfloat16'] / 1e12:.4g}"),
             "vs_bfloat16_matmuls": round(seconds["bfloat16"] / seconds["int8"], 2),
             "int8_roofline_tokens_per_s": round(1.0 / seconds["int8"], 1)}
 
