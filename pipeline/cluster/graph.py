@@ -108,7 +108,8 @@ SMALL_SHUFFLE_BYTES = 1 << 30
 # The sort shuffle's rows are first brought to at most this many blocks. It makes as many
 # partitions as it gets blocks, and the driver owns each block's piece of each partition (held
 # in the driver's own memory when small): n blocks cost n * n objects there. A 1% night over
-# 10M rows came with hundreds of blocks (today's, and one or more per previous file read).
+# 2M rows, spread over 10,000 files, came with ~160 (today's rows, and one or more blocks
+# per previous part file read).
 SORT_SHUFFLE_BLOCKS = 64
 
 STATS = "__stats"  # the write stage's output: one JSON record per unit and write
@@ -147,14 +148,14 @@ def read_shards(plan: RunPlan, skipped: dict[str, Skipped] | None = None) -> Dat
 def build_nightly_dataset(plan: RunPlan, diff: Diff, copies: tuple[MemberCopy, ...] = ()
                           ) -> tuple[Dataset, dict[str, Any]]:
     """Read -> content hash -> diff against the previous snapshot (rows of one id meet in one
-    call of a hash shuffle) -> tokenize -> encode -> write; see ``pipeline/stages/diff.py``.
+    call after a shuffle) -> tokenize -> encode -> write; see ``pipeline/stages/diff.py``.
 
     ``diff`` holds the previous snapshot's part files (and document files), whether its
     embeddings are reused, the bucket count and the one schema of the shuffle. A small night
     (under :data:`SMALL_SHUFFLE_BYTES` to compare) is grouped by Ray Data's task-based sort shuffle,
     which starts no aggregator actors (a night of a few thousand rows took 3.1-3.4 s instead
     of 7.0-7.2 s here), on rows brought to a few blocks first (:data:`SORT_SHUFFLE_BLOCKS`);
-    a large one by Ray's default (hash-based) shuffle.
+    a large one by Ray Data's default shuffle (hash-based in Ray 2.60).
 
     ``copies``: touched units whose unchanged files' rows are copied from the previous
     snapshot (``pipeline/stages/carry.py``), by read tasks of their own whose write records

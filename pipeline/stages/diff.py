@@ -5,7 +5,7 @@ with its task prefix, the text the encoder sees) and an id bucket; the previous 
 rows (:func:`read_previous`: id, hash, vectors), with ``--doc-vectors`` its document vectors
 (:func:`read_previous_documents`: id, hash, one vector per width) and, on a resume, the ids
 this snapshot already committed (:func:`read_seen`) get the same buckets. The cluster's graph
-groups all of them by bucket (Ray Data's hash shuffle), so each id's rows meet in one call of
+groups all of them by bucket (a Ray Data shuffle), so each id's rows meet in one call of
 :func:`diff_bucket`, which marks today's rows new, changed or unchanged in Arrow, attaches
 the previous vectors to unchanged rows when they are reused, and rejects an id that occurs in
 more than one of today's files (a snapshot keys rows by id). :func:`plan_diff` decides, on the
