@@ -38,11 +38,12 @@ counts in the summary. The snapshot folders are ``pipeline/snapshots.py``.
 
 How rows meet their previous version: today's rows and the previous snapshot's (id, hash,
 vectors) are hashed by id into buckets and grouped by a Ray Data shuffle
-(``groupby().map_groups``; ``pipeline/cluster/graph.py`` says which), so each id's rows meet in one call of ``diff_bucket``, which
-classifies them in Arrow. The same call rejects an id that occurs in more than one of today's
-files (a snapshot keys rows by id; the first by file and row is kept), which a plain run does
-not check. A killed run is resumed by the next one: an unfinished snapshot built on the same
-previous snapshot is picked up with its committed units (``pipeline/units.py``).
+(``groupby().map_groups``; ``pipeline/cluster/graph.py`` says which), so each id's rows meet in
+one call of ``diff_bucket``, which classifies them in Arrow. The same call rejects an id that
+occurs in more than one of today's files (a snapshot keys rows by id; the first by file and row
+is kept), which a plain run does not check. A killed run is resumed by the next one: an
+unfinished snapshot built on the same previous snapshot is picked up with its committed units
+(``pipeline/units.py``).
 """
 
 from __future__ import annotations
