@@ -220,8 +220,8 @@ def build_nightly_dataset(plan: RunPlan, diff: Diff, copies: tuple[MemberCopy, .
 def gather_today(ds: Dataset) -> tuple[Dataset, Any, int | None]:
     """Read and hash today's rows now (``ds``, materialized in the object store: the shuffle
     after it holds them all anyway), and gather their ids' hashes (``stages/diff.py::
-    today_ids``, 8 bytes an id) for the readers of the ids already in the snapshot. Returns today's rows,
-    the hashes' object reference and their count (None and None past
+    today_ids``, 8 bytes an id) for the readers of the ids already in the snapshot. Returns
+    today's rows, the hashes' object reference and their count (None and None past
     :data:`~pipeline.stages.diff.MAX_TODAY_IDS` rows: no filter, and nothing fetched). A
     failure here is the run's, reported as :class:`RunFailed`."""
     try:
