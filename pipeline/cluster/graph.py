@@ -60,7 +60,16 @@ class ShardDatasource(Datasource):
         self._skipped = skipped or {}  # units some of whose files are not read, by name
 
     def estimate_inmemory_data_size(self) -> int:
-        return sum(f.size for f in self._files)
+        # The bytes to read: a night's touched unit reads its changed files alone (Ray Data
+        # sizes the read by this: counting the copied ones made a 1% night at 100,000 files
+        # read its 1,000 changed files in 200 tasks of 5, dispatched one at a time while the
+        # CPUs waited).
+        return sum(m.size for f in self._files for m in self._read(f))
+
+    def _read(self, unit: InputFile) -> list[InputFile]:
+        """The files of ``unit`` read (its files less those a night copies)."""
+        skipped = self._skipped.get(unit.unit)
+        return [m for m in unit.files if skipped is None or m.uri not in skipped.members]
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None,
                        data_context=None) -> list[ReadTask]:
@@ -68,8 +77,9 @@ class ShardDatasource(Datasource):
                                     self._storage_options,
                                     {f.unit: self._skipped[f.unit] for f in group
                                      if f.unit in self._skipped}),
-                         _metadata([(m.uri, m.size) for f in group for m in f.files]))
-                for group in deal(self._files, parallelism, lambda f: f.size)]
+                         _metadata([(m.uri, m.size) for f in group for m in self._read(f)]))
+                for group in deal(self._files, parallelism,
+                                  lambda f: sum(m.size for m in self._read(f)))]
 
 
 def named_task(fn, *args, **kwargs):
