@@ -232,8 +232,7 @@ def test_the_copy_takes_the_ranges_of_a_previous_part_file_in_order():
 
 def test_a_touched_units_read_is_sized_by_its_changed_files_alone():
     """Ray Data sizes a read by the datasource's estimate: a 1% night at 100,000 files counted
-    the copied files too, and read its 1,000 changed files in 200 tasks of 5 (each dispatched
-    by its executor's loop while the CPUs waited)."""
+    the copied files too, and read its 1,000 changed files in 200 tasks of 5."""
     from pipeline.cluster.graph import ShardDatasource
 
     def unit(k, files=256):
