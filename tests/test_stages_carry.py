@@ -235,13 +235,14 @@ def test_a_touched_units_read_is_sized_by_its_changed_files_alone():
     the copied files too, and read its 1,000 changed files in 200 tasks of 5."""
     from pipeline.cluster.graph import ShardDatasource
 
-    def unit(k, files=256):
+    def unit(k):
         files = tuple(InputFile(f"/in/f{k}-{i}.parquet", 1000, "parquet", None, version="v")
-                      for i in range(files))
+                      for i in range(256))
         return InputFile(files[0].uri, 1000 * len(files), "parquet", None, version="g",
                          members=files)
 
-    units = [unit(k) for k in range(40)] + [InputFile("/in/alone.parquet", 5000, "parquet", None)]
+    units = [unit(k) for k in range(40)] + [InputFile("/in/alone.parquet", 5000, "parquet",
+                                                      None)]
     changed = {u.unit: 1 + k % 3 for k, u in enumerate(units[:40])}  # 1-3 files of 256 read
     skipped = {u.unit: Skipped(frozenset(m.uri for m in u.members[changed[u.unit]:]), 0, 0)
                for u in units[:40]}

@@ -62,7 +62,7 @@ class ShardDatasource(Datasource):
     def estimate_inmemory_data_size(self) -> int:
         # The bytes to read: a night's touched unit reads its changed files alone (Ray Data
         # sizes the read by this: counting the copied ones made a 1% night at 100,000 files
-        # read its 1,000 changed files in 200 tasks of 5; now in 6 on 3 CPUs).
+        # read its 1,000 changed files in 200 tasks of 5; now in 2 per CPU).
         return sum(m.size for f in self._files for m in self._read(f))
 
     def _read(self, unit: InputFile) -> list[InputFile]:
