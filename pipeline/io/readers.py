@@ -499,6 +499,11 @@ class Skipped(NamedTuple):
     checksum: int
 
 
+def files_read(unit: InputFile, skipped: Skipped | None = None) -> list[InputFile]:
+    """The files of ``unit`` that are read: its members (or itself) less the ``skipped``."""
+    return [f for f in unit.files if skipped is None or f.uri not in skipped.members]
+
+
 def read_unit(unit: InputFile, spec: ReadSpec, storage_options: dict[str, Any] | None = None,
               skipped: Skipped | None = None) -> Iterator[pa.Table]:
     """Tables of one unit of work, each with the unit's name in ``__unit``.
@@ -523,9 +528,7 @@ def _read_members(unit: InputFile, spec: ReadSpec, storage_options: dict[str, An
     total, checksum = (skipped.rows, skipped.checksum) if skipped else (0, 0)
     # One filesystem for the unit's files (an S3 one is a client of its own: not one a file).
     fs, _ = open_filesystem(unit.uri, storage_options)
-    for member in unit.members:
-        if skipped and member.uri in skipped.members:
-            continue
+    for member in files_read(unit, skipped):
         file_rows = file_rowsum = 0
         for table in read_file(member, spec, storage_options, fs):
             file_rows = max(file_rows, pc.max(table[S.FILE_ROWS]).as_py() or 0)
