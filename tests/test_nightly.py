@@ -468,60 +468,6 @@ def test_a_touched_unit_copies_its_unchanged_files_and_reads_only_the_changed_on
     assert len(sorts) == 3 and max(sorts) == 2, sorts
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-def test_a_touched_units_part_files_without_a_changed_file_are_copied_as_they_are(
-        cluster, tmp_path, tiny_model_dir, embedder, monkeypatch):
-    """A snapshot's unit of several files has a part file per few files (2 here): a night
-    that changes one file re-writes that file's part alone, copies the unit's other full
-    part files byte for byte, and merges its short ones, so part files do not pile up."""
-    from pipeline import units
-    from pipeline.jobs import nightly
-
-    monkeypatch.setattr(units, "GROUPED_UNITS", 2)  # 8 files: 2 units of 4
-    monkeypatch.setattr(nightly, "SNAPSHOT_PART_FILES", 2)
-    monkeypatch.setattr(nightly, "MIN_FILE_ROWS", 1)
-    src, out = tmp_path / "in", tmp_path / "nightly"
-    src.mkdir()
-    day = {f"a{k}.jsonl": {i: {"id": i, "text": f"text {k} {i}", "lang": "en"}
-                           for i in range(10 * k, 10 * k + 3)} for k in range(8)}
-    for name, data in encoded(day).items():
-        (src / name).write_bytes(data)
-
-    def parts(summary) -> dict[tuple[str, ...], bytes]:
-        """The snapshot's part files of the unit a0-a3: {its files: its bytes}."""
-        folder = out / summary["snapshot"]
-        found = {}
-        for path in (folder / "_manifest").glob("unit-*.json"):
-            manifest = json.loads(path.read_text())
-            if manifest["members"][0].endswith("a0.jsonl"):
-                for name, runs in manifest["slices"].items():
-                    found[tuple(Path(manifest["members"][i]).stem for i, _ in runs)] = \
-                        (folder / name).read_bytes()
-        return found
-
-    first = run_nightly(config(str(src), str(out), tiny_model_dir))
-    assert sorted(parts(first)) == [("a0", "a1"), ("a2", "a3")]
-
-    def change(k: int, night: int) -> dict:
-        day[f"a{k}.jsonl"][10 * k] = {"id": 10 * k, "text": f"edited {night}", "lang": "en"}
-        time.sleep(0.01)
-        (src / f"a{k}.jsonl").write_bytes(encoded(day)[f"a{k}.jsonl"])
-        summary = run_nightly(config(str(src), str(out), tiny_model_dir))
-        assert summary["reconciled"] and summary["rows_changed"] == 1
-        assert summary["rows_unchanged"] == summary["rows_reused"] == 23
-        assert (summary["units"]["carried"], summary["units"]["touched"]) == (1, 1)
-        check_snapshot(pq.read_table(summary["output_files"]).sort_by("id"), day, embedder)
-        return summary
-
-    second = change(1, 2)  # a1's part re-written (a0 gathered), a2-a3's copied as it is
-    assert sorted(parts(second)) == [("a0",), ("a1",), ("a2", "a3")]
-    assert parts(second)[("a2", "a3")] == parts(first)[("a2", "a3")]
-    third = change(2, 3)  # a0's and a1's short parts merged, a3 taken out of a2-a3's
-    assert len(parts(third)) == 3 and ("a2",) in parts(third)
-    assert sorted(len(files) for files in parts(third)) == [1, 1, 2]
-
-
 def count_sort_shuffle_blocks(monkeypatch) -> list[int]:
     """Cap the blocks a small night's sort shuffle gets at 2, and count the blocks of each
     sort shuffle run in this process (Ray Data's shuffle runs in the driver): it makes one

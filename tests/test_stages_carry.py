@@ -5,7 +5,6 @@ reader that skips the copied files but counts them."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import fsspec
@@ -20,7 +19,7 @@ from pipeline.io.errors import OutputError
 from pipeline.io.readers import ReadSpec, Skipped, read_unit
 from pipeline.io.storage import (CHECKSUM_MOD, GROUP_MARK, InputFile, file_rows_checksum,
                                  unit_key)
-from pipeline.io.writers import is_full_part, part_sizes, split_runs, write_outputs
+from pipeline.io.writers import write_outputs
 from pipeline.stages.carry import MemberCopy, copy_members, member_copy, take_ranges
 from tests.test_io_writers import encoded_table, output_spec
 
@@ -260,104 +259,3 @@ def test_a_touched_units_read_is_sized_by_its_changed_files_alone():
     read = {uri for t in tasks for uri in t.metadata.input_files}
     assert read == {m.uri for u in units[:40] for m in u.members[:changed[u.unit]]} | {
         "/in/alone.parquet"}
-
-
-def test_part_sizes_cut_by_rows_and_by_files_at_the_first_file_end_that_fills_a_part():
-    rng = np.random.default_rng(3)
-    for _ in range(300):
-        found = [[f"f{i}", int(n)] for i, n in enumerate(rng.integers(1, 9, rng.integers(0, 30)))]
-        cap, per_part = int(rng.integers(3, 40)), int(rng.choice([0, 1, 2, 4]))
-        sizes = part_sizes(found, cap, per_part, 5)
-        assert sum(sizes) == sum(n for _, n in found) and all(0 < n <= cap for n in sizes)
-        pieces = split_runs(found, sizes)
-        assert [sum(n for _, n in p) for p in pieces] == sizes
-        assert [[f, n] for p in pieces for f, n in p] == _merged_by_file(pieces, found)
-        for k, piece in enumerate(pieces):  # each part closes where the rule first says so
-            rows = 0
-            for j, (_, n) in enumerate(piece):
-                rows += n
-                fills = per_part and j + 1 >= per_part and rows >= 5
-                assert not fills or j == len(piece) - 1, (piece, cap, per_part)
-            if k < len(pieces) - 1:
-                assert rows == cap or fills
-                assert is_full_part(piece, cap, per_part, 5)
-        for cut in range(len(found) + 1):  # a prefix's cuts are a prefix of the whole's
-            head = part_sizes(found[:cut], cap, per_part, 5)
-            assert head[:-1] == sizes[:max(0, len(head) - 1)]
-    assert part_sizes([["a", 7]], 3) == [3, 3, 1]  # by rows alone, a file cut anywhere
-    assert part_sizes([["a", 3], ["b", 3], ["c", 1]], 100, 2, 5) == [6, 1]
-    assert part_sizes([["a", 3], ["b", 3], ["c", 1]], 100, 2) == [7]  # 1,024 rows at least
-
-
-def _merged_by_file(pieces, found):
-    """The pieces' runs as they must be: ``found`` cut at the parts' ends, in order."""
-    out, queue = [], [list(r) for r in found]
-    for piece in pieces:
-        for f, n in piece:
-            assert queue[0][0] == f and queue[0][1] >= n
-            out.append([f, n])
-            queue[0][1] -= n
-            if not queue[0][1]:
-                queue.pop(0)
-    assert not queue
-    return out
-
-
-def _snapshot_unit(base, files: int, rows: int, versions, spec) -> tuple[InputFile, dict]:
-    """A unit of ``files`` files of ``rows`` rows (file k's ids k * 100 + row) written by
-    ``spec`` and committed at ``base``: the unit and its manifest."""
-    uris = [f"/in/f{k:02d}.jsonl" for k in range(files)]
-    unit = InputFile(uris[0], files, "jsonl", None, version="g", members=tuple(
-        InputFile(u, 1, "jsonl", None, version=v) for u, v in zip(uris, versions)))
-    name = f"{uris[0]}{GROUP_MARK}{files}]"
-    table = encoded_table([{"id": k * 100 + r, "source": u, "row": r}
-                           for k, u in enumerate(uris) for r in range(rows)])
-    table = table.append_column(S.UNIT, pa.array([name] * table.num_rows))
-    (record,) = write_outputs(fsspec.filesystem("file"), str(base), table, spec)
-    checksum = sum(file_rows_checksum(u, rows, rows * (rows - 1) // 2) for u in uris) \
-        % CHECKSUM_MOD
-    commits = []
-    tracker = units.Tracker([unit], commit=commits.append)
-    assert tracker.add(record | {"file_rows": files * rows, "file_rowsum": checksum})
-    return unit, json.loads(json.dumps(commits[0]))
-
-
-def test_a_snapshot_unit_is_cut_by_files_and_its_untouched_full_parts_are_copied_as_they_are(
-        tmp_path):
-    """A nightly snapshot's unit of several files writes a part file per ``files_per_part``
-    files; a night that changes one file re-writes that file's part alone (its other files'
-    rows gathered with the unit's short last part) and copies the other part files byte for
-    byte; and every file's rows stay once, in order."""
-    spec = dataclasses.replace(output_spec(), files_per_part=3, part_min_rows=4)
-    versions = ["v"] * 10
-    unit, manifest = _snapshot_unit(tmp_path / "prev", 10, 2, versions, spec)
-    parts = [f for f in manifest["files"] if f.startswith("part-")]
-    assert [[n for _, n in manifest["slices"][p]] for p in parts] == [[2] * 3] * 3 + [[2]]
-    assert [len(manifest["slices"][p]) for p in parts] == [3, 3, 3, 1]
-    # File 4 changed (the second part's): parts 1 and 3 are copied as they are; files 3 and
-    # 5 are taken out of part 2 and gathered with file 9's short part.
-    changed = unit.members[4]
-    today = dataclasses.replace(unit, members=unit.members[:4] + (
-        dataclasses.replace(changed, version="w"),) + unit.members[5:])
-    copy = member_copy(today, manifest, str(tmp_path / "prev"))
-    out = tmp_path / "out"
-    copy = dataclasses.replace(copy, output_uri=str(out), changed=(), files_per_part=3,
-                               part_min_rows=4, rows_per_file=spec.rows_per_file())
-    record = copy_members(copy, {})
-    new = record["files"]
-    previous = {p: (tmp_path / "prev" / p).read_bytes() for p in parts}
-    assert [(out / p).read_bytes() for p in new[:2]] == [previous[parts[0]], previous[parts[2]]]
-    assert [[f[-9:], n] for f, n in record["slices"][new[2]]] == [
-        ["f03.jsonl", 2], ["f05.jsonl", 2], ["f09.jsonl", 2]]
-    assert len(new) == 3 and record["rows_embedded"] == record["rows"] == 18
-    ids = [i for p in new for i in pq.read_table(out / p)["doc_id"].to_pylist()]
-    assert sorted(ids) == [k * 100 + r for k in range(10) if k != 4 for r in range(2)]
-    for p in new:  # each part file's slices are its rows
-        got = pq.read_table(out / p)["doc_id"].to_pylist()
-        want = [int(f[-8:-6]) * 100 + r for f, n in record["slices"][p] for r in range(n)]
-        assert got == want
-    # A byte copy checks the file's row count (its footer) against its slices first.
-    table = pq.read_table(tmp_path / "prev" / parts[0])
-    pq.write_table(table.slice(1), tmp_path / "prev" / parts[0])
-    with pytest.raises(OutputError, match="has 5 rows, its manifest's slices 6"):
-        copy_members(dataclasses.replace(copy, output_uri=str(tmp_path / "out2")), {})

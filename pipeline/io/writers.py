@@ -28,10 +28,6 @@ ROW_GROUP_ROWS = 8192
 # for one reader task).
 TARGET_FILE_BYTES = 128 << 20
 MIN_FILE_ROWS = 1024  # a write batch's floor: no tiny part files
-# A nightly snapshot's unit of several small files writes a part file per this many of its
-# files (each file's rows together): a later night copies a part file none of whose files
-# changed as it is, byte for byte, and re-writes only the part files of the changed files.
-SNAPSHOT_PART_FILES = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +43,6 @@ class OutputSpec:
     # (the nightly snapshot's content_hash, the enrichment's source row number).
     extra_columns: tuple[tuple[str, str], ...] = ()
     long_text: LongText = LongText()
-    # A unit of several files: a part file closes at the end of a file once it holds this
-    # many files and ``part_min_rows`` rows; 0: by rows alone (:func:`part_sizes`).
-    files_per_part: int = 0
-    part_min_rows: int = MIN_FILE_ROWS
 
     @property
     def bytes_per_row(self) -> int:
@@ -227,14 +219,8 @@ def runs(sources: pa.ChunkedArray | pa.Array) -> list[list[Any]]:
     """``[[file URI, rows], ...]``: the runs of equal values of a part file's sources, in its
     row order (the file's row slices of each input file)."""
     out: list[list[Any]] = []
-    for chunk in sources.chunks if isinstance(sources, pa.ChunkedArray) else [sources]:
-        if not len(chunk):
-            continue
-        encoded = pc.run_end_encode(chunk)
-        start = 0
-        for value, end in zip(encoded.values.to_pylist(), encoded.run_ends.to_pylist()):
-            add_run(out, value, end - start)
-            start = end
+    for value in sources.to_pylist():
+        add_run(out, value, 1)
     return out
 
 
@@ -244,59 +230,6 @@ def add_run(out: list[list[Any]], value: Any, rows: int) -> None:
         out[-1][1] += rows
     else:
         out.append([value, rows])
-
-
-def part_sizes(runs: list[list[Any]], rows_per_file: int, files_per_part: int = 0,
-               min_rows: int = MIN_FILE_ROWS) -> list[int]:
-    """The rows of each part file a unit's rows go to, given them as ``runs`` of files
-    (``[[file, rows], ...]``, in order): at most ``rows_per_file`` rows a part; with
-    ``files_per_part``, a part also closes at the end of a file once it holds that many
-    files and at least ``min_rows`` rows. Each cut depends on the rows before it alone, so
-    the sizes of a prefix of ``runs`` are a prefix of these (the last one aside)."""
-    sizes: list[int] = []
-    rows = files = 0
-    for _, n in runs:
-        files += 1
-        while n:
-            take = min(n, rows_per_file - rows)
-            rows, n = rows + take, n - take
-            if rows == rows_per_file:
-                sizes.append(rows)
-                rows, files = 0, 1 if n else 0
-        if files_per_part and files >= files_per_part and rows >= min_rows:
-            sizes.append(rows)
-            rows = files = 0
-    if rows:
-        sizes.append(rows)
-    return sizes
-
-
-def is_full_part(runs: list[list[Any]], rows_per_file: int, files_per_part: int = 0,
-                 min_rows: int = MIN_FILE_ROWS) -> bool:
-    """Whether a part file of ``runs`` (``[[file, rows], ...]``) is one :func:`part_sizes`
-    closes whole, not the short last part of a unit (a later night merges those)."""
-    rows = sum(n for _, n in runs)
-    return rows >= rows_per_file or bool(files_per_part) and rows >= min_rows \
-        and len(runs) >= files_per_part
-
-
-def split_runs(runs: list[list[Any]], sizes: list[int]) -> list[list[list[Any]]]:
-    """``runs`` (``[[file, rows], ...]``) cut into parts of ``sizes`` rows (summing to at
-    most theirs), in order."""
-    out: list[list[list[Any]]] = []
-    queue = [list(r) for r in runs]
-    i = 0
-    for size in sizes:
-        part: list[list[Any]] = []
-        while size:
-            take = min(size, queue[i][1])
-            add_run(part, queue[i][0], take)
-            queue[i][1] -= take
-            size -= take
-            if not queue[i][1]:
-                i += 1
-        out.append(part)
-    return out
 
 
 def part_name(unit: str) -> str:
@@ -364,22 +297,14 @@ def write_outputs(fs, output_path: str, table: pa.Table, spec: OutputSpec) -> li
         unit = unit_key(source)
         files, size = [], 0  # names relative to the output, whatever spelling it is given
         # One file per unit, or several when chunks made its rows many (a write batch
-        # counts documents), or when a snapshot's unit of several files is cut by files.
+        # counts documents).
         step = spec.rows_per_file()
-        if members:
-            found = runs(sources)
-            sizes = part_sizes(found, step, spec.files_per_part, spec.part_min_rows)
-            pieces = split_runs(found, sizes)
-        else:
-            sizes = [min(step, embedded.num_rows - s) for s in range(0, embedded.num_rows, step)]
-        start = 0
-        for k, n in enumerate(sizes):
+        for start in range(0, embedded.num_rows, step):
             name = part_name(unit)
-            size += write_parquet(fs, f"{base}/{name}", embedded.slice(start, n))
+            size += write_parquet(fs, f"{base}/{name}", embedded.slice(start, step))
             files.append(name)
             if members:
-                stats["slices"][name] = pieces[k]
-            start += n
+                stats["slices"][name] = runs(sources.slice(start, step))
         if rejects.num_rows:
             name = f"{REJECTS_DIR}/{part_name(unit)}"
             size += write_parquet(fs, f"{base}/{name}", rejects)

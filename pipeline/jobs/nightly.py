@@ -60,7 +60,6 @@ from ..errors import RunFailed
 from ..io import schema as S
 from ..io.errors import OutputError
 from ..io.storage import SUMMARY_NAME, is_side_file, open_filesystem, prepare_output
-from ..io.writers import MIN_FILE_ROWS, SNAPSHOT_PART_FILES
 from ..snapshots import (LATEST, Previous, carriable, carry_refusal, carry_units,
                          list_snapshots, load_previous, new_snapshot_name, prune, publish,
                          read_latest, unfinished_snapshot)
@@ -76,9 +75,7 @@ def nightly_spec(previous: Previous | None, snapshot: str) -> JobSpec:
     against it, the output has a ``content_hash`` column, the summary counts the changes."""
     return JobSpec(
         identity={"nightly": {"base": previous.name if previous else None}},
-        output=lambda spec: dataclasses.replace(spec, extra_columns=((HASH_COLUMN, S.HASH),),
-                                                files_per_part=SNAPSHOT_PART_FILES,
-                                                part_min_rows=MIN_FILE_ROWS),
+        output=lambda spec: dataclasses.replace(spec, extra_columns=((HASH_COLUMN, S.HASH),)),
         graph=functools.partial(diff_graph, previous),
         summarize=functools.partial(summarize, previous, snapshot),
         group_hints=previous.units if previous else {},
@@ -133,8 +130,6 @@ def touched_units(previous: Previous | None, work: Work,
             copies.append(dataclasses.replace(
                 copy, output_uri=work.plan.output_uri,
                 rows_per_file=work.plan.output.rows_per_file(),
-                files_per_part=work.plan.output.files_per_part,
-                part_min_rows=work.plan.output.part_min_rows,
                 bytes=sum(sizes.get(copy.uri(name), 0) for name, _ in copy.parts)))
     if copies:
         log.info("%d unit(s) of several files partly changed: %d unchanged file(s) of theirs "

@@ -30,9 +30,8 @@ import pyarrow.parquet as pq
 from ..io.errors import OutputError
 from ..io.readers import Skipped, has_rows
 from ..io.storage import (CHECKSUM_MOD, REJECTS_DIR, InputFile, file_rows_checksum,
-                          is_local, is_side_file, open_filesystem, storage_errors)
-from ..io.writers import (add_run, is_full_part, part_name, part_sizes, reason_kind, split_runs,
-                          write_parquet)
+                          is_side_file, open_filesystem, storage_errors)
+from ..io.writers import add_run, part_name, reason_kind, write_parquet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +51,6 @@ class MemberCopy:
     changed: tuple[InputFile, ...]  # the files read tonight
     output_uri: str = ""
     rows_per_file: int = 1 << 62  # a part file's most rows (the output's)
-    files_per_part: int = 0  # and its files (the output's ``OutputSpec.files_per_part``,
-    part_min_rows: int = 0  # ``.part_min_rows``)
     bytes: int = 0  # of the previous part files (for scheduling)
 
     def ranges(self, name: str, copied: bool) -> list[tuple[int, int]]:
@@ -120,19 +117,14 @@ def member_copy(unit: InputFile, manifest: dict[str, Any], source: str) -> Membe
         changed=tuple(m for i, m in enumerate(unit.members) if i not in kept))
 
 
-def check_rows(uri: str, held: int, rows: int) -> None:
-    """A previous part file (``uri``) holds the ``rows`` its manifest's slices say."""
-    if held != rows:
-        raise OutputError(f"{uri} has {held} rows, its manifest's slices {rows}; the "
-                          "previous snapshot is damaged: restore it, or delete the output's "
-                          "_LATEST to start afresh")
-
-
 def take_ranges(table: pa.Table, ranges: Iterable[tuple[int, int]], uri: str,
                 rows: int) -> pa.Table:
     """The rows of ``table`` (a previous part file's, ``uri``, of ``rows`` rows by its
     manifest's slices) in ``ranges`` (``(start, rows)``), in order."""
-    check_rows(uri, table.num_rows, rows)
+    if table.num_rows != rows:
+        raise OutputError(f"{uri} has {table.num_rows} rows, its manifest's slices {rows}; the "
+                          "previous snapshot is damaged: restore it, or delete the output's "
+                          "_LATEST to start afresh")
     ranges = list(ranges)
     if not ranges:
         return table.slice(0, 0)
@@ -142,15 +134,9 @@ def take_ranges(table: pa.Table, ranges: Iterable[tuple[int, int]], uri: str,
 
 def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, Any]:
     """Copy the unchanged files' rows (and rejects) of ``job``'s unit into part files of
-    today's unit under ``job.output_uri``; return the write record of those rows.
-
-    A previous part file all of whose rows are copied, and which is whole by the writer's
-    rule (``writers.is_full_part``: not the short last part of a unit), is copied as it is,
-    byte for byte (a server-side copy on object stores). The other copied rows are taken out
-    of their part files and gathered into part files as the writer cuts them
-    (``writers.part_sizes``: up to ``job.rows_per_file`` rows, and with
-    ``job.files_per_part`` by files), so a unit's short part files are merged, not kept
-    night after night, and a copy holds about one part file's rows in memory."""
+    today's unit under ``job.output_uri``, of up to ``job.rows_per_file`` rows each (so a
+    unit's part files do not multiply night after night, and a copy holds about one part
+    file's rows in memory); return the write record of those rows."""
     t0 = time.perf_counter()
     fs, base = open_filesystem(job.output_uri, storage_options)
     base = base.rstrip("/")
@@ -158,69 +144,38 @@ def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, 
     found: Counter = Counter()  # rows copied per file index, good and rejected
     pending: list[pa.Table] = []  # taken rows not written yet, and their [file URI, rows]
     pending_runs: list[list[Any]] = []
+    pending_rows = 0
 
-    def flush(last: bool) -> None:
-        """Write the parts the pending rows fill (``last``: and the short one after them)."""
-        nonlocal size, pending, pending_runs
-        sizes = part_sizes(pending_runs, job.rows_per_file, job.files_per_part,
-                           job.part_min_rows)
-        if not last:
-            sizes = sizes[:-1]  # the last part may grow with the next file's rows
-        if not sizes:
-            return
-        table, start = pa.concat_tables(pending), 0
-        pieces = split_runs(pending_runs, sizes + [sum(n for _, n in pending_runs) - sum(sizes)])
-        for n, runs in zip(sizes, pieces):
-            out = part_name(job.key)
-            size += write_parquet(fs, f"{base}/{out}", table.slice(start, n))
-            files.append(out)
-            slices_out[out] = runs
-            start += n
-        pending = [table.slice(start)] if start < table.num_rows else []
-        pending_runs = pieces[-1] if pending else []
+    def flush() -> None:
+        nonlocal size, pending, pending_runs, pending_rows
+        out = part_name(job.key)
+        size += write_parquet(fs, f"{base}/{out}", pa.concat_tables(pending))
+        files.append(out)
+        slices_out[out] = pending_runs
+        pending, pending_runs, pending_rows = [], [], 0
 
     for name, slices in job.parts:
         ranges = job.ranges(name, copied=True)
         if not ranges:
             continue
-        part_runs: list[list[Any]] = []
-        for i, n in slices:
-            if n:
-                add_run(part_runs, job.members[i], n)
-        rows = sum(n for _, n in slices)
-        if ranges == [(0, rows)] and is_full_part(part_runs, job.rows_per_file,
-                                                  job.files_per_part, job.part_min_rows):
-            out = part_name(job.key)  # every row copied: the file as it is
-            source_fs, path = open_filesystem(job.uri(name), storage_options)
-            with storage_errors(job.uri(name), "copy the previous snapshot's"):
-                with source_fs.open(path, "rb") as f:  # its footer alone
-                    check_rows(job.uri(name), pq.ParquetFile(f).metadata.num_rows, rows)
-                if is_local(fs):
-                    fs.makedirs(base, exist_ok=True)
-                fs.copy(path, f"{base}/{out}")  # the same store: the output root's
-                size += int(fs.size(f"{base}/{out}"))
-            files.append(out)
-            slices_out[out] = part_runs
-            n_good += rows
-            for i, n in slices:
-                found[i] += n
-            continue
         source_fs, path = open_filesystem(job.uri(name), storage_options)
         with storage_errors(job.uri(name), "copy rows of the previous snapshot's"), \
                 source_fs.open(path, "rb") as f:
             table = pq.read_table(f)
-        taken = take_ranges(table, ranges, job.uri(name), rows)
+        taken = take_ranges(table, ranges, job.uri(name), sum(n for _, n in slices))
         del table
+        if pending and pending_rows + taken.num_rows > job.rows_per_file:
+            flush()
         pending.append(taken)
+        pending_rows += taken.num_rows
         n_good += taken.num_rows
         for i, n in slices:
             if i in job.kept and n:
                 found[i] += n
                 add_run(pending_runs, job.members[i], n)
         del taken
-        flush(last=False)
     if pending:
-        flush(last=True)
+        flush()
     bad = []
     copied = pa.array(sorted(job.members[i] for i in job.kept), pa.string())
     for name in job.rejects:
