@@ -13,11 +13,12 @@ import pyarrow as pa
 
 from .chunking import Chunker
 from .config import RunConfig
-from .io.errors import InputError
+from .io.errors import InputError, OutputError
 from .io.readers import JSON_TEXT
 from .io.sampling import (json_id_type, json_value_type, preferred_record, sample_columns,
                           sample_records)
-from .io.storage import InputFile, check_disjoint, list_inputs, prepare_output, split_large_parquet
+from .io.storage import (LATEST_NAME, InputFile, check_disjoint, list_inputs, open_filesystem,
+                         prepare_output, split_large_parquet, storage_errors)
 from .model.config import check_dims, check_split, load_config
 from .plan import ModelInfo
 from .tokenize import TextTokenizer, TokenizerError, task_prefix
@@ -45,6 +46,7 @@ def check_inputs(config: RunConfig, listed: list[InputFile] | None = None) -> In
     files = split_large_parquet(files, config.storage_options, config.unit_bytes)
     fmt = files[0].format if files else "parquet"
     id_type, keep_types, checked, sampled = None, {}, False, set()
+    keys: set[str] = set()  # of the JSON records sampled
     for file in files:
         if len(sampled) >= MAX_SAMPLED_FILES or (
                 checked and id_type is not None and len(keep_types) == len(config.keep_columns)):
@@ -57,6 +59,7 @@ def check_inputs(config: RunConfig, listed: list[InputFile] | None = None) -> In
             columns = sample_columns(file, config.storage_options)
         else:
             records = sample_records(file, config.storage_options)
+            keys.update(k for r in records if isinstance(r, dict) for k in r)
             columns = preferred_record(records, config.id_column)
         if columns is None:
             continue  # no rows to look at
@@ -80,6 +83,11 @@ def check_inputs(config: RunConfig, listed: list[InputFile] | None = None) -> In
             values = [r.get(c) for r in records]
             if c not in keep_types and any(v is not None for v in values):
                 keep_types[c] = json_value_type(values)
+    absent = [c for c in config.keep_columns if c not in keys]
+    if fmt == "jsonl" and keys and absent:  # a JSON record may leave a key out; none has it
+        raise InputError(f"no record of the {len(sampled)} JSONL file(s) sampled (e.g. "
+                         f"{files[0].uri}) has the key {absent[0]!r} (keys: "
+                         f"{', '.join(sorted(keys))}); set --keep-columns")
     # Never seen with a value: JSONL keeps such columns as text; Parquet as strings.
     unseen = JSON_TEXT if fmt == "jsonl" else pa.string()
     keep = tuple((c, keep_types.get(c, unseen)) for c in config.keep_columns)
@@ -113,8 +121,18 @@ def _check_id_type(kind: pa.DataType, uri: str, column: str) -> pa.DataType:
 
 
 def check_output(config: RunConfig) -> list[str]:
-    """Check that the output is writable; returns the pipeline's files already there."""
-    return prepare_output(config.output, config.storage_options)
+    """Check that the output is writable and is not a nightly job's root (``_LATEST`` and
+    snapshot folders: a run's files beside them would stop every later night); returns the
+    pipeline's files already there."""
+    found = prepare_output(config.output, config.storage_options)
+    fs, path = open_filesystem(config.output, config.storage_options)
+    with storage_errors(config.output, "prepare output"):
+        nightly = fs.exists(f"{path.rstrip('/')}/{LATEST_NAME}")
+    if nightly:
+        raise OutputError(f"output {config.output} holds {LATEST_NAME}: it is the root of a "
+                          "nightly job's snapshots, and a run's files there would stop its "
+                          "next night; choose another output")
+    return found
 
 
 def load_model_info(config: RunConfig) -> ModelInfo:

@@ -15,11 +15,11 @@ from typing import Any, Iterable
 
 from . import units
 from .io.errors import OutputError
-from .io.storage import (DOCUMENTS_DIR, MANIFEST_DIR, SUMMARY_NAME, InputFile, is_side_file,
-                         is_local, open_for_publish, publish_json, relative, storage_errors,
-                         to_uri, unit_key)
+from .io.storage import (DOCUMENTS_DIR, LATEST_NAME, MANIFEST_DIR, SUMMARY_NAME, InputFile,
+                         is_local, is_side_file, open_for_publish, publish_json, relative,
+                         storage_errors, to_uri, unit_key)
 
-LATEST = "_LATEST"
+LATEST = LATEST_NAME
 COPY_THREADS = 16  # carried files copied at once (a server-side copy each on object stores)
 # Counts of the work a unit cost when it ran; a carried unit cost none of it tonight. (Its
 # ``bytes``, those of its files, stay: the files are in the snapshot, ``output_bytes``.)

@@ -90,6 +90,7 @@ def build(*, committed: dict[str, dict[str, Any]], resumed: Iterable[str],
                   "committed_now": len(set(committed) - resumed)},
         "rows_now": now["rows"],
         "tokens": every["tokens"],
+        "tokens_now": now["tokens"],  # this run's (a resumed run skips the units kept)
         "texts_truncated": every["texts_truncated"],
         # Padding in what the encoder computed: its matmuls run on real tokens only, and its
         # attention on varlen (GPU, no padding) or on grids of similar lengths (CPU).
@@ -236,10 +237,11 @@ def _work_lines(result: dict[str, Any], elapsed_s: float | None) -> list[str]:
         parts.append(f"{units['touched']} partly changed, {units['files_copied']:,} unchanged "
                      "file(s) of theirs copied, not read")
     carried = f" ({'; '.join(parts)})" if parts else ""
+    tokens = result.get("tokens_now", result["tokens"])
     return [f"this run: {units['committed'] - units['resumed']} of {units['total']} unit(s) "
-            f"committed{carried}{kept}{took}; {result['tokens_per_s']:,.0f} tokens/s end to end, "
-            f"{result['tokens_per_s_steady']:,.0f} once the encoders were up; "
-            f"{result['tokens']:,} tokens encoded"]
+            f"committed{carried}{kept}{took}; {tokens:,} tokens encoded, "
+            f"{result['tokens_per_s']:,.0f} tokens/s over the {result['wall_s']:.1f} s the "
+            f"graph ran, {result['tokens_per_s_steady']:,.0f} once the encoders were up"]
 
 
 def resume_hint(config, error: str = "") -> str:

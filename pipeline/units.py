@@ -174,8 +174,13 @@ def resumable_units(state: OutputState, identity: dict[str, Any],
     if state.empty:
         return {}
     if state.identity is None:
-        raise ResumeRefused(f"output {output_uri} holds {len(state.files)} file(s) of a run "
-                          f"without a resumable manifest; {hint}")
+        names = sorted(state.name(f) for f in state.files)
+        raise ResumeRefused(
+            f"output {output_uri} holds {len(names)} file(s) named as this pipeline names "
+            f"its own (part-*.parquet, _rejects/, _manifest/; e.g. {', '.join(names[:3])}) "
+            f"but no run manifest ({MANIFEST_DIR}/{RUN_FILE}): another tool's files, or a run "
+            "stopped before it began; --overwrite deletes these files (and no other), or "
+            "choose another output")
     changed = [f"{k}: {state.identity.get(k)!r} there, {identity.get(k)!r} now"
                for k in IDENTITY_FIELDS
                if k not in unknown and state.identity.get(k) != identity.get(k)]

@@ -140,13 +140,38 @@ def test_output_of_a_run_with_other_settings(capsys, local_corpus, tiny_model_di
     assert (out / "_manifest" / "_run.json").exists()  # refused, nothing deleted
 
 
+def test_a_nightly_root_is_refused_as_a_runs_output(capsys, local_corpus, tiny_model_dir):
+    """A run's files beside a nightly job's snapshots would stop its next night."""
+    out = local_corpus / "snapshots"
+    (out / "snapshot-20261207T000000Z").mkdir(parents=True)
+    (out / "_LATEST").write_text("snapshot-20261207T000000Z\n")
+    for extra in ((), ("--overwrite",)):
+        code, err = run_cli(capsys, "--input", str(local_corpus / "in"), "--output", str(out),
+                            "--model", str(tiny_model_dir), "--dims", "64", *extra)
+        assert code == 2 and "holds _LATEST" in err and "nightly" in err
+    assert sorted(p.name for p in out.iterdir()) == ["_LATEST", "snapshot-20261207T000000Z"]
+
+
+def test_a_kept_column_no_jsonl_record_has_is_refused(capsys, tmp_path, tiny_model_dir):
+    """JSON records may leave a key out, so a kept column is checked over the records
+    sampled: one none of them has is a typo, refused before any work."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jsonl").write_text('{"id": 1, "text": "a"}\n{"id": 2, "text": "b", "lang": "en"}\n')
+    code, err = run_cli(capsys, "--input", str(src), "--output", str(tmp_path / "o"),
+                        "--model", str(tiny_model_dir), "--dims", "64",
+                        "--keep-columns", "lang,nope")
+    assert code == 2 and "has the key 'nope'" in err and "keys: id, lang, text" in err
+
+
 def test_pipeline_files_without_a_manifest(capsys, local_corpus, tiny_model_dir):
     out = local_corpus / "o"
     out.mkdir()
     pq.write_table(pa.table({"id": [1]}), out / "part-0001.parquet")
     code, err = run_cli(capsys, "--input", str(local_corpus / "in"), "--output", str(out),
                         "--model", str(tiny_model_dir), "--dims", "64")
-    assert code == 2 and "without a resumable manifest" in err and "--overwrite" in err
+    assert code == 2 and "but no run manifest" in err and "--overwrite" in err
+    assert "e.g. part-0001.parquet" in err  # named: the user sees what --overwrite deletes
 
 
 @pytest.mark.parametrize("extra,message", [

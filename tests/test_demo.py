@@ -35,14 +35,16 @@ def test_demo_embeds_the_bundled_corpus(cluster, tmp_path, tiny_model_dir, capsy
     printed = capsys.readouterr().out
     assert '"rows_embedded"' not in printed, printed
     assert re.search(r"\b32 in, 32 embedded, 0 rejected\b", printed), printed
-    work = re.search(r"\bthis run: 3 of 3 unit\(s\) committed in ([\d.]+) s; ([\d,]+) tokens/s "
-                     r"end to end, [\d,]+ once the encoders were up; ([\d,]+) tokens encoded",
-                     printed)
+    work = re.search(r"\bthis run: 3 of 3 unit\(s\) committed in ([\d.]+) s; ([\d,]+) tokens "
+                     r"encoded, ([\d,]+) tokens/s over the ([\d.]+) s the graph ran, [\d,]+ "
+                     r"once the encoders were up", printed)
     assert work, printed
-    # The command's time, Ray's start too: printed to a tenth of a second (3.44 s is "3.4").
+    # The command's time, Ray's start too: printed to a tenth of a second (3.44 s is "3.4");
+    # the rate is over the graph's own seconds, printed beside it.
     assert float(work.group(1)) >= summary["wall_s"] - 0.05 > 0
-    assert int(work.group(2).replace(",", "")) == pytest.approx(summary["tokens_per_s"], abs=1)
-    assert int(work.group(3).replace(",", "")) == summary["tokens"] > 0
+    assert int(work.group(2).replace(",", "")) == summary["tokens_now"] == summary["tokens"] > 0
+    assert int(work.group(3).replace(",", "")) == pytest.approx(summary["tokens_per_s"], abs=1)
+    assert float(work.group(4)) == pytest.approx(summary["wall_s"], abs=0.05)
     assert f"output: {out}/" in printed and f"{out}/_summary.json" in printed
     assert "_rejects" not in printed  # nothing rejected, no rejects folder to point at
 

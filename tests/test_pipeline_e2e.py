@@ -121,12 +121,20 @@ def test_gzip_jsonl_with_bad_rows(cluster, s3_endpoint, s3_bucket, tiny_model_di
     }
     upload_dir(s3_client(s3_endpoint), s3_bucket, "jsonl", shards)
     out = f"s3://{s3_bucket}/jsonl-emb/"
-    code = main(["run", "--input", f"s3://{s3_bucket}/jsonl/*.jsonl.gz", "--output", out,
-                 "--model", str(tiny_model_dir), "--dims", "64,32", "--id-column", "doc_id",
-                 "--text-column", "body", "--keep-columns", "lang", "--task", "query",
-                 "--s3-endpoint", s3_endpoint, "--progress", "off"])
+    command = ["run", "--input", f"s3://{s3_bucket}/jsonl/*.jsonl.gz", "--output", out,
+               "--model", str(tiny_model_dir), "--dims", "64,32", "--id-column", "doc_id",
+               "--text-column", "body", "--keep-columns", "lang", "--task", "query",
+               "--s3-endpoint", s3_endpoint, "--progress", "off"]
+    # 2 of 47 rejected, more than 2%: the run fails and writes no summary (readers wait for
+    # one); relaxed, the same command keeps every unit and publishes it.
+    assert main(command + ["--max-reject-fraction", "0.02"]) == 3
+    fs = s3(s3_endpoint)
+    assert not fs.exists(out.removeprefix("s3://") + "_summary.json")
+    assert fs.exists(out.removeprefix("s3://") + "_manifest/files.json")
+    code = main(command)
     assert code == 0
     table, summary = read_output(s3(s3_endpoint), out)
+    assert summary["units"]["resumed"] == summary["units"]["total"]
     check_embeddings(table, [{"doc_id": r["doc_id"], "text": r["body"]} for r in rows], embedder,
                      "doc_id", "query")
     assert summary["rows_in"] == 47 and summary["rows_embedded"] == 45

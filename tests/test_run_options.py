@@ -283,7 +283,7 @@ def test_overwrite(tmp_path, tiny_model_dir):
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"id": [1], "text": ["a"]}), tmp_path / "in" / "a.parquet")
     # Files of a run without a manifest cannot be resumed: refused before Ray starts.
-    with pytest.raises(OutputError, match="without a resumable manifest.*--overwrite"):
+    with pytest.raises(OutputError, match="but no run manifest.*--overwrite deletes these files"):
         run(parse("--model", str(tiny_model_dir), "--dims", "64",
                   input=str(tmp_path / "in"), output=str(out)))
     # A mistake found after the output check (here: a width the model lacks) must not cost

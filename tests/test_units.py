@@ -395,8 +395,9 @@ def test_resumable_units_of_an_empty_output():
 
 def test_resumable_units_run_without_manifest_is_refused():
     st = state(identity=None, files=["/o/part-1.parquet", "/o/_summary.json"])
-    with pytest.raises(OutputError, match=r"s3://o/ holds 2 file\(s\) of a run without a "
-                                          r"resumable manifest.*--overwrite"):
+    with pytest.raises(OutputError, match=r"s3://o/ holds 2 file\(s\) named as this pipeline"
+                                          r".*e\.g\. _summary\.json, part-1\.parquet\) but no "
+                                          r"run manifest.*--overwrite deletes these files"):
         resumable_units(st, IDENT, INPUTS, "s3://o/")
 
 
@@ -518,7 +519,7 @@ def test_load_state_single_manifest_and_no_identity(tmp_path):
     write_json(fs, manifest_path(path, unit_key(A)), manifest(A))
     st = load_state(fs, path, own_files(fs, path))
     assert st.identity is None and st.units == {unit_key(A): manifest(A)}
-    with pytest.raises(OutputError, match="without a resumable manifest"):
+    with pytest.raises(OutputError, match="but no run manifest"):
         resumable_units(st, IDENT, INPUTS, str(tmp_path / "out"))
 
 

@@ -31,6 +31,7 @@ FORMAT_SUFFIXES = {".parquet": "parquet", ".pq": "parquet",
 COMPRESSION_SUFFIXES = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 OUTPUT_PART_GLOB = "part-*.parquet"
 SUMMARY_NAME = "_summary.json"
+LATEST_NAME = "_LATEST"  # a nightly job's root: the name of its newest snapshot folder
 REJECTS_DIR = "_rejects"
 DOCUMENTS_DIR = "_documents"  # --long-text chunk --doc-vectors: one vector per document
 SIDE_DIRS = (REJECTS_DIR, DOCUMENTS_DIR)  # part files beside the output's own rows

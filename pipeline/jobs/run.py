@@ -305,13 +305,14 @@ def finish(config: RunConfig, setup: Setup, planned: Planned, executed: Executed
     result = spec.summarize(result, committed, executed.facts)
     if driver is not None:
         result["driver_s"] = driver
-    write_summary(config, result)
+    # A run that failed writes no summary: readers take an output once its summary exists.
     if result["rows_in"] and result["reject_fraction"] > config.max_reject_fraction:
         raise RunFailed(
             f"{result['rows_rejected']} of {result['rows_in']} rows were rejected "
             f"({result['reject_fraction']:.1%}), more than --max-reject-fraction "
             f"{config.max_reject_fraction:g}; reasons: {result['reject_reasons']} (see "
             f"{config.output.rstrip('/')}/_rejects/)")
+    write_summary(config, result)
     return result
 
 
