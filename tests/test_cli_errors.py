@@ -164,14 +164,28 @@ def test_a_kept_column_no_jsonl_record_has_is_refused(capsys, tmp_path, tiny_mod
     assert code == 2 and "has the key 'nope'" in err and "keys: id, lang, text" in err
 
 
+def test_another_tools_part_files_are_refused_even_with_overwrite(capsys, local_corpus,
+                                                                   tiny_model_dir):
+    out = local_corpus / "spark"
+    out.mkdir()
+    spark = out / "part-00000-1a2b-c000.snappy.parquet"
+    pq.write_table(pa.table({"id": [1]}), spark)
+    for extra in ((), ("--overwrite",)):
+        code, err = run_cli(capsys, "--input", str(local_corpus / "in"), "--output", str(out),
+                            "--model", str(tiny_model_dir), "--dims", "64", *extra)
+        assert code == 2 and "did not write (e.g. part-00000-1a2b-c000.snappy.parquet)" in err
+    assert spark.exists()
+
+
 def test_pipeline_files_without_a_manifest(capsys, local_corpus, tiny_model_dir):
     out = local_corpus / "o"
     out.mkdir()
-    pq.write_table(pa.table({"id": [1]}), out / "part-0001.parquet")
+    pq.write_table(pa.table({"id": [1]}), out / "part-0123456789abcdef-0123456789ab.parquet")
     code, err = run_cli(capsys, "--input", str(local_corpus / "in"), "--output", str(out),
                         "--model", str(tiny_model_dir), "--dims", "64")
     assert code == 2 and "but no run manifest" in err and "--overwrite" in err
-    assert "e.g. part-0001.parquet" in err  # named: the user sees what --overwrite deletes
+    # Named: the user sees what --overwrite deletes.
+    assert "e.g. part-0123456789abcdef-0123456789ab.parquet" in err
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -398,7 +399,14 @@ def prepare_output(uri: str, storage_options: dict[str, Any] | None = None) -> l
     run to resume, or to replace with ``--overwrite``)."""
     fs, path = open_filesystem(uri, storage_options, preflight=True)
     with storage_errors(uri, "prepare output"):
-        previous = own_files(fs, path)
+        previous, foreign = output_files(fs, path)
+    if foreign:
+        names = [relative(f, path, is_local(fs)) for f in foreign]
+        raise OutputError(
+            f"output {uri} holds {len(names)} part file(s) this pipeline did not write (e.g. "
+            f"{', '.join(names[:3])}): readers of the output would take them for its rows, "
+            "and it never deletes them (--overwrite neither); move them, or choose another "
+            "output")
     probe = f"{path.rstrip('/')}/_write_probe-{uuid.uuid4().hex}"
     try:
         if is_local(fs):
@@ -452,27 +460,36 @@ def is_side_file(name: str) -> bool:
 def own_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     """The files the pipeline writes under an output ``path``: parts, rejects, manifests,
     the summary, and on local disks the temporaries of interrupted writes."""
+    return output_files(fs, path)[0]
+
+
+def output_files(fs: fsspec.AbstractFileSystem, path: str) -> tuple[list[str], list[str]]:
+    """``(own, foreign)`` under an output ``path``: the pipeline's files (:func:`own_files`),
+    and the ``part-*.parquet`` files where it writes its own that it did not write (another
+    tool's: named otherwise than :func:`~pipeline.io.writers.part_name` names them)."""
     try:
         if not fs.isdir(path):
-            return []
+            return [], []
         found = fs.find(path)
     except FileNotFoundError:
-        return []
-    ours = []
+        return [], []
+    ours, foreign = [], []
     for p in found:
         rel = relative(p, path, is_local(fs))
         top, _, rest = rel.partition("/")
-        single = "/" not in rest
-        if rel == SUMMARY_NAME or top == MANIFEST_DIR \
-                or (top in SIDE_DIRS and single and _is_part_or_temporary(rest)) \
-                or (not rest and _is_part_or_temporary(top)):
+        name = rest if top in SIDE_DIRS and "/" not in rest else None if rest else top
+        if rel == SUMMARY_NAME or top == MANIFEST_DIR or (name and _is_own(name)):
             ours.append(p)
-    return sorted(ours)
+        elif name and fnmatch.fnmatch(name, OUTPUT_PART_GLOB):
+            foreign.append(p)
+    return sorted(ours), sorted(foreign)
 
 
-def _is_part_or_temporary(name: str) -> bool:
-    return fnmatch.fnmatch(name, OUTPUT_PART_GLOB) or (
-        name.startswith(".") and ".tmp-" in name)
+OWN_PART = re.compile(r"part-[0-9a-f]{16}-[0-9a-f]{12}\.parquet")  # writers.part_name's
+
+
+def _is_own(name: str) -> bool:
+    return bool(OWN_PART.fullmatch(name)) or (name.startswith(".") and ".tmp-" in name)
 
 
 def check_disjoint(input_uri: str, output_uri: str) -> None:
