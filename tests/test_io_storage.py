@@ -156,8 +156,9 @@ def test_prepare_output_fresh_dir_created(tmp_path):
     assert out.is_dir() and files_under(out) == []  # the write probe is gone
 
 
-OWN = ["part-0123456789abcdef-0123456789ab.parquet", "part-fedcba9876543210-ba9876543210.parquet", "_summary.json",
-       "_rejects/part-0123456789abcdef-0123456789ab.parquet", "_manifest/_run.json", "_manifest/unit-abc.json",
+# Named as writers.part_name names them.
+P1, P2 = "part-0123456789abcdef-0123456789ab.parquet", "part-fedcba9876543210-ba9876543210.parquet"
+OWN = [P1, P2, "_summary.json", f"_rejects/{P1}", "_manifest/_run.json", "_manifest/unit-abc.json",
        "_manifest/.unit-def.json.tmp-1a2b3c4d", "_manifest/deeper/anything",
        ".part-abc-0123456789ab.parquet.tmp-deadbeef", "_rejects/.part-x.parquet.tmp-0badf00d"]
 
@@ -196,10 +197,10 @@ def test_remove_files_deletes_only_what_it_is_given(tmp_path):
 
 def test_prepare_output_earlier_run_is_not_refused(tmp_path):
     out = tmp_path / "out"
-    write_bytes(out / "part-0123456789abcdef-0123456789ab.parquet", b"x")
+    write_bytes(out / P1, b"x")
     write_bytes(out / "_summary.json", b"{}")
     found = prepare_output(str(out))  # no --overwrite any more: resume decides later
-    assert sorted(Path(p).name for p in found) == ["_summary.json", "part-0123456789abcdef-0123456789ab.parquet"]
+    assert sorted(Path(p).name for p in found) == ["_summary.json", P1]
 
 
 @pytest.mark.parametrize("rel", ["part-00000-1a2b-c000.snappy.parquet", "_rejects/part-1.parquet",
@@ -209,11 +210,11 @@ def test_part_files_the_pipeline_did_not_write_are_refused_and_kept(tmp_path, re
     rows, and deleting them (a resume's stray sweep, --overwrite) would lose someone's data."""
     out = tmp_path / "out"
     write_bytes(out / rel, b"x")
-    write_bytes(out / "part-0123456789abcdef-0123456789ab.parquet", b"x")
+    write_bytes(out / P1, b"x")
     with pytest.raises(OutputError, match=f"holds 1 part file.*did not write \\(e\\.g\\. {rel}\\)"
                                           ".*never deletes them"):
         prepare_output(str(out))
-    assert files_under(out) == sorted([rel, "part-0123456789abcdef-0123456789ab.parquet"])
+    assert files_under(out) == sorted([rel, P1])
 
 
 def test_prepare_output_unrelated_files_allowed(tmp_path):
