@@ -7,24 +7,28 @@ seconds, so that a misconfigured nightly job fails at start and not an hour in.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import pyarrow as pa
 
 from .chunking import Chunker
 from .config import RunConfig
-from .io.errors import InputError, OutputError
+from .io.errors import InputError
 from .io.readers import JSON_TEXT
 from .io.sampling import (json_id_type, json_value_type, preferred_record, sample_columns,
                           sample_records)
-from .io.storage import (LATEST_NAME, InputFile, check_disjoint, list_inputs, open_filesystem,
-                         prepare_output, split_large_parquet, storage_errors)
+from .io.storage import (InputFile, check_disjoint, list_inputs, prepare_output,
+                         refuse_nightly_root, split_large_parquet)
 from .model.config import check_dims, check_split, load_config
 from .plan import ModelInfo
 from .tokenize import TextTokenizer, TokenizerError, task_prefix
 
+log = logging.getLogger("pipeline.preflight")
+
 # Shards to look at for a first row before giving up on checking the columns up front.
 MAX_SAMPLED_FILES = 20
+SAMPLED_RECORDS = 100  # of each JSONL file sampled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +62,7 @@ def check_inputs(config: RunConfig, listed: list[InputFile] | None = None) -> In
         if file.format == "parquet":
             columns = sample_columns(file, config.storage_options)
         else:
-            records = sample_records(file, config.storage_options)
+            records = sample_records(file, config.storage_options, SAMPLED_RECORDS)
             keys.update(k for r in records if isinstance(r, dict) for k in r)
             columns = preferred_record(records, config.id_column)
         if columns is None:
@@ -84,10 +88,11 @@ def check_inputs(config: RunConfig, listed: list[InputFile] | None = None) -> In
             if c not in keep_types and any(v is not None for v in values):
                 keep_types[c] = json_value_type(values)
     absent = [c for c in config.keep_columns if c not in keys]
-    if fmt == "jsonl" and keys and absent:  # a JSON record may leave a key out; none has it
-        raise InputError(f"no record of the {len(sampled)} JSONL file(s) sampled (e.g. "
-                         f"{files[0].uri}) has the key {absent[0]!r} (keys: "
-                         f"{', '.join(sorted(keys))}); set --keep-columns")
+    if fmt == "jsonl" and keys and absent:  # JSON records may leave a key out: not an error
+        log.warning("kept column(s) %s: no key of that name in the first %d records of the %d "
+                    "JSONL file(s) sampled (keys seen: %s); they are null where a record "
+                    "lacks them: check --keep-columns", ", ".join(map(repr, absent)),
+                    SAMPLED_RECORDS, len(sampled), ", ".join(sorted(keys)))
     # Never seen with a value: JSONL keeps such columns as text; Parquet as strings.
     unseen = JSON_TEXT if fmt == "jsonl" else pa.string()
     keep = tuple((c, keep_types.get(c, unseen)) for c in config.keep_columns)
@@ -121,18 +126,10 @@ def _check_id_type(kind: pa.DataType, uri: str, column: str) -> pa.DataType:
 
 
 def check_output(config: RunConfig) -> list[str]:
-    """Check that the output is writable and is not a nightly job's root (``_LATEST`` and
-    snapshot folders: a run's files beside them would stop every later night); returns the
+    """Check that the output is writable and is not a nightly job's root; returns the
     pipeline's files already there."""
-    found = prepare_output(config.output, config.storage_options)
-    fs, path = open_filesystem(config.output, config.storage_options)
-    with storage_errors(config.output, "prepare output"):
-        nightly = fs.exists(f"{path.rstrip('/')}/{LATEST_NAME}")
-    if nightly:
-        raise OutputError(f"output {config.output} holds {LATEST_NAME}: it is the root of a "
-                          "nightly job's snapshots, and a run's files there would stop its "
-                          "next night; choose another output")
-    return found
+    refuse_nightly_root(config.output, config.storage_options)
+    return prepare_output(config.output, config.storage_options)
 
 
 def load_model_info(config: RunConfig) -> ModelInfo:

@@ -532,3 +532,17 @@ def test_nightly_refuses_a_kept_content_hash_column_and_a_run_output(tmp_path):
     with pytest.raises(ValueError, match="keep-all"):
         run_nightly(RunConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out2"),
                               on_duplicate="keep-all"))
+
+
+def test_a_latest_write_cut_short_does_not_stop_the_next_night(tmp_path, tiny_model_dir):
+    """A night killed while publishing _LATEST leaves its temporary at the root; the next
+    night removes it instead of taking the root for a `run`'s output. (Here that night stops
+    at its missing input, before Ray starts.)"""
+    from pipeline.io.errors import InputError
+
+    root = tmp_path / "snapshots"
+    root.mkdir()
+    (root / "._LATEST.tmp-1a2b3c4d").write_text("snapshot-20261207T000000Z\n")
+    with pytest.raises(InputError, match="does not exist|not found|no input"):
+        run_nightly(config(str(tmp_path / "missing"), str(root), tiny_model_dir))
+    assert not (root / "._LATEST.tmp-1a2b3c4d").exists()

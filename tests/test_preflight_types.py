@@ -233,3 +233,25 @@ def test_corrupt_gzip_first_shard_is_no_error(tmp_path, lines, expected):
     jsonl(tmp_path, "a.jsonl.gz", data=bytes(blob))
     jsonl(tmp_path, "b.jsonl", NEXT)
     assert settled(check_inputs(config(tmp_path))) == expected
+
+
+def test_a_kept_column_no_jsonl_record_sampled_has_is_warned_of(tmp_path, caplog):
+    """JSON records may leave a key out (a rare one, or one only newer files have), so a kept
+    column the sample never met is not refused, but named: it may be a typo."""
+    write = lambda name, rows: (tmp_path / "in" / name).write_text(  # noqa: E731
+        "".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "in").mkdir()
+    write("a.jsonl", [{"id": i, "text": "t"} for i in range(150)] + [{"id": 150, "text": "t",
+                                                                     "url": "u"}])
+    write("b.jsonl", [{"id": 200, "text": "t", "lang": "en"}])
+    with caplog.at_level("WARNING", logger="pipeline.preflight"):
+        inputs = check_inputs(config(tmp_path, keep=("lang", "url")))
+    assert dict(inputs.keep_types)["lang"] == pa.string()
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "'url'" in message and "'lang'" not in message
+    assert "first 100 records of the 2 JSONL file(s) sampled (keys seen: id, lang, text)" \
+        in message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.preflight"):
+        check_inputs(config(tmp_path, keep=("lang",)))
+    assert not caplog.records

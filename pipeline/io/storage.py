@@ -404,7 +404,7 @@ def prepare_output(uri: str, storage_options: dict[str, Any] | None = None) -> l
         names = [relative(f, path, is_local(fs)) for f in foreign]
         raise OutputError(
             f"output {uri} holds {len(names)} part file(s) this pipeline did not write (e.g. "
-            f"{', '.join(names[:3])}): readers of the output would take them for its rows, "
+            f"{', '.join(names[:3])}): readers of the output would take them for its files, "
             "and it never deletes them (--overwrite neither); move them, or choose another "
             "output")
     probe = f"{path.rstrip('/')}/_write_probe-{uuid.uuid4().hex}"
@@ -486,6 +486,23 @@ def output_files(fs: fsspec.AbstractFileSystem, path: str) -> tuple[list[str], l
 
 
 OWN_PART = re.compile(r"part-[0-9a-f]{16}-[0-9a-f]{12}\.parquet")  # writers.part_name's
+
+
+def refuse_nightly_root(uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Refuse ``uri`` as the output of ``run`` or ``enrich`` when it holds ``_LATEST``: it is
+    a nightly job's root, and their files beside its snapshots would stop its next night."""
+    fs, path = open_filesystem(uri, storage_options, preflight=True)
+    with storage_errors(uri, "prepare output"):
+        nightly = fs.exists(f"{path.rstrip('/')}/{LATEST_NAME}")
+    if nightly:
+        raise OutputError(f"output {uri} holds {LATEST_NAME}: it is the root of a nightly job's "
+                          "snapshots, and this job's files there would stop its next night; "
+                          "choose another output")
+
+
+def is_latest_temporary(path: str) -> bool:
+    """A temporary of ``_LATEST`` (a write of it cut short: :func:`open_for_publish`)."""
+    return posixpath.basename(path).startswith(f".{LATEST_NAME}.tmp-")
 
 
 def _is_own(name: str) -> bool:

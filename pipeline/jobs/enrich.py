@@ -43,10 +43,10 @@ from ..errors import RunFailed, root_cause
 from ..io import schema as S
 from ..io.errors import InputError
 from ..io.writers import encodings
-from ..io.storage import (DOCUMENTS_DIR, OUTPUT_PART_GLOB, InputFile, check_disjoint,
-                          glob_base, is_local, is_side_file, list_inputs,
-                          is_iceberg, open_filesystem, open_for_publish, own_files, publish_json, relative,
-                          storage_errors, to_uri)
+from ..io.storage import (DOCUMENTS_DIR, OUTPUT_PART_GLOB, InputFile, check_disjoint, glob_base,
+                          is_iceberg, is_local, is_side_file, list_inputs, open_filesystem,
+                          open_for_publish, own_files, publish_json, refuse_nightly_root,
+                          relative, storage_errors, to_uri)
 from .run import JobSpec, run
 
 log = logging.getLogger("pipeline.enrich")
@@ -89,6 +89,7 @@ def enrich_parquet(config: RunConfig) -> dict[str, Any]:
         raise InputError(f"enrich reads Parquet tables (or Iceberg ones); {config.input} holds "
                          f"{files[0].format} files: use `run`, which writes ids and vectors")
     check_disjoint(config.input, config.output)
+    refuse_nightly_root(config.output, config.storage_options)
     check_columns(files, config)
     out = config.output.rstrip("/")
     base = _input_base(config.input, files, config.storage_options)

@@ -59,7 +59,8 @@ from ..config import RunConfig
 from ..errors import RunFailed
 from ..io import schema as S
 from ..io.errors import OutputError
-from ..io.storage import SUMMARY_NAME, is_side_file, open_filesystem, prepare_output
+from ..io.storage import (SUMMARY_NAME, is_latest_temporary, is_side_file, open_filesystem,
+                          prepare_output, remove_files)
 from ..snapshots import (LATEST, Previous, carriable, carry_refusal, carry_units,
                          list_snapshots, load_previous, new_snapshot_name, prune, publish,
                          read_latest, unfinished_snapshot)
@@ -250,6 +251,9 @@ def run_nightly(config: RunConfig,
                          "rename that column")
     root_uri = config.output.rstrip("/")
     found = prepare_output(root_uri, config.storage_options)  # writable; no bucket is created
+    # A write of _LATEST cut short (a night killed while publishing) leaves its temporary.
+    remove_files(root_uri, [f for f in found if is_latest_temporary(f)], config.storage_options)
+    found = [f for f in found if not is_latest_temporary(f)]
     if found:
         raise OutputError(f"output {root_uri} holds the output of a `run` (e.g. {found[0]}); "
                           "nightly writes snapshot folders and _LATEST: choose another output")
