@@ -187,8 +187,10 @@ def report(result: dict[str, Any], config, command: str = "run",
                 "vectors)")
     else:
         done = f"{result['rows_embedded']:,} embedded"
+    truncated = result.get("texts_truncated") or 0
+    cut = f"; {truncated:,} text(s) cut at the token limit (--long-text)" if truncated else ""
     lines = [f"rows: {result['rows_in']:,} in, {done}, "
-             f"{result['rows_rejected']:,} rejected ({result['reject_fraction']:.1%})"]
+             f"{result['rows_rejected']:,} rejected ({result['reject_fraction']:.1%}){cut}"]
     if "chunks" in result:
         documents = f"; document vectors: {where}/_documents/" \
             if result.get("files", {}).get("documents") else ""

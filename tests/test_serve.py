@@ -369,6 +369,29 @@ def test_the_command_refuses_a_busy_port_before_ray(models, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
+def test_a_port_a_stopped_service_left_in_time_wait_is_free_to_listen_on():
+    """A service restarted right after a stop: its old connections sit in TIME-WAIT for a
+    minute; the pre-start check binds as Serve's proxy does (SO_REUSEADDR) and lets it
+    start, where a plain bind is refused."""
+    import time
+
+    from pipeline.serve.server import check_listen
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = server.accept()
+        conn.close()  # the server's side closes first: its end goes to TIME-WAIT
+        time.sleep(0.05)
+        client.close()
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))
+    check_listen("127.0.0.1", port)  # no error
+
+
 # ---------------------------------------------------------------------------------------------
 # the running service (Ray Serve)
 

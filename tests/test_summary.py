@@ -250,6 +250,10 @@ def test_report_without_rejects_shows_no_reasons_and_no_rejects_folder():
                         reject_reasons={})
     lines = summary.report(result, config("/data/out"))
     assert lines[0] == "rows: 10 in, 10 embedded, 0 rejected (0.0%)"
+    # Texts cut at the token limit are said where a person reads (not only in the JSON).
+    cut = summary.report(result | {"texts_truncated": 3}, config("/data/out"))[0]
+    assert cut == "rows: 10 in, 10 embedded, 0 rejected (0.0%); 3 text(s) cut at the token " \
+        "limit (--long-text)"
     assert not [line for line in lines if line.strip().startswith("rejected ")]
     assert "more reason" not in "\n".join(lines)
     (where,) = [line for line in lines if line.startswith("output: ")]

@@ -167,7 +167,7 @@ def resume_state(config: RunConfig, spec: JobSpec) -> Setup:
         inputs = dataclasses.replace(inputs, files=units.group_units(
             inputs.files, config.unit_bytes, hints))
     log.info("inputs: %d %s file(s) in %d unit(s); model %s (%s)",
-             sum(len(f.files) for f in inputs.files),
+             len({m.uri for f in inputs.files for m in f.files}),  # a file's slices: one file
              inputs.files[0].format if inputs.files else "?", len(inputs.files),
              model.model_id, model.fingerprint)
     if not config.overwrite:

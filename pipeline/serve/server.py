@@ -81,9 +81,12 @@ def _address_info(context) -> dict[str, Any]:
 
 def check_listen(host: str, port: int) -> None:
     """Raise :class:`UserError` unless ``host:port`` can be listened on here (Serve's proxy
-    would fail later, after Ray started, with a traceback). Bound as the proxy binds it."""
+    would fail later, after Ray started, with a traceback). Bound as the proxy binds it: with
+    ``SO_REUSEADDR``, so that the connections a stopped service left in TIME-WAIT (a minute
+    on Linux) do not refuse its restart, while a port some socket listens on still does."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as err:
