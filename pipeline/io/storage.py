@@ -31,6 +31,7 @@ FORMAT_SUFFIXES = {".parquet": "parquet", ".pq": "parquet",
                    ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
 COMPRESSION_SUFFIXES = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 OUTPUT_PART_GLOB = "part-*.parquet"
+OWN_PART = re.compile(r"part-[0-9a-f]{16}-[0-9a-f]{12}\.parquet")  # writers.part_name's names
 SUMMARY_NAME = "_summary.json"
 LATEST_NAME = "_LATEST"  # a nightly job's root: the name of its newest snapshot folder
 REJECTS_DIR = "_rejects"
@@ -477,7 +478,12 @@ def output_files(fs: fsspec.AbstractFileSystem, path: str) -> tuple[list[str], l
     for p in found:
         rel = relative(p, path, is_local(fs))
         top, _, rest = rel.partition("/")
-        name = rest if top in SIDE_DIRS and "/" not in rest else None if rest else top
+        if not rest:
+            name = top  # a file at the top
+        elif top in SIDE_DIRS and "/" not in rest:
+            name = rest  # a file of _rejects/ or _documents/
+        else:
+            name = None
         if rel == SUMMARY_NAME or top == MANIFEST_DIR or (name and _is_own(name)):
             ours.append(p)
         elif name and fnmatch.fnmatch(name, OUTPUT_PART_GLOB):
@@ -485,7 +491,8 @@ def output_files(fs: fsspec.AbstractFileSystem, path: str) -> tuple[list[str], l
     return sorted(ours), sorted(foreign)
 
 
-OWN_PART = re.compile(r"part-[0-9a-f]{16}-[0-9a-f]{12}\.parquet")  # writers.part_name's
+def _is_own(name: str) -> bool:
+    return bool(OWN_PART.fullmatch(name)) or (name.startswith(".") and ".tmp-" in name)
 
 
 def refuse_nightly_root(uri: str, storage_options: dict[str, Any] | None = None) -> None:
@@ -503,10 +510,6 @@ def refuse_nightly_root(uri: str, storage_options: dict[str, Any] | None = None)
 def is_latest_temporary(path: str) -> bool:
     """A temporary of ``_LATEST`` (a write of it cut short: :func:`open_for_publish`)."""
     return posixpath.basename(path).startswith(f".{LATEST_NAME}.tmp-")
-
-
-def _is_own(name: str) -> bool:
-    return bool(OWN_PART.fullmatch(name)) or (name.startswith(".") and ".tmp-" in name)
 
 
 def check_disjoint(input_uri: str, output_uri: str) -> None:
