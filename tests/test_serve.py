@@ -138,7 +138,10 @@ def texts_of(tokens: list[int], tokenizer: QueryTokenizer, offset: int = 0) -> l
     ({"input": 5}, "input", "not a number"),
     ({"input": ["a", None]}, "input", "input[1] is null"),
     ({"input": "a", "dimensions": 100}, "dimensions", "offers [768, 512, 256]"),
-    ({"input": "a", "dimensions": "256"}, "dimensions", "not offered"),
+    ({"input": "a", "dimensions": "256"}, "dimensions", "must be an integer, not a string"),
+    ({"input": "a", "dimensions": True}, "dimensions", "must be an integer"),
+    ({"input": ["a", 5]}, "input", "input[1] is a number, not a string"),  # not token ids
+    ({"input": [["a"]]}, "input", "input[0] is a list, not a string"),
     ({"input": "a", "encoding_format": "int8"}, "encoding_format", "'int8' is not one of"),
     ({"input": "a", "task": "search"}, "task", "'search' is not one of"),
     ({"input": "a", "dimension": 256}, "dimension", "unknown field"),

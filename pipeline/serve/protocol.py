@@ -100,7 +100,8 @@ def _texts(value: Any, max_inputs: int) -> tuple[str, ...]:
                           param="input")
     if not value:
         raise bad_request("`input` is an empty list; send at least one string", param="input")
-    if any(isinstance(v, (int, list)) and not isinstance(v, bool) for v in value):
+    if all(_is_id(v) for v in value) or all(
+            isinstance(v, list) and v and all(_is_id(i) for i in v) for v in value):
         raise bad_request("token-id inputs are refused: ids made by another tokenizer would "
                           "embed garbage; send the text and the service tokenizes it",
                           param="input", code="token_ids_refused")
@@ -115,11 +116,19 @@ def _texts(value: Any, max_inputs: int) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _is_id(value: Any) -> bool:
+    """A token id, as OpenAI's API takes them (a list of these, or a list of such lists)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _width(body: dict, widths: Sequence[int]) -> int:
     width = body.get("dimensions")
     if width is None:
         return widths[0]
-    if isinstance(width, bool) or not isinstance(width, int) or width not in widths:
+    if not _is_id(width):
+        raise bad_request(f"`dimensions` must be an integer, not {_kind(width)}",
+                          param="dimensions")
+    if width not in widths:
         raise bad_request(f"`dimensions` {width!r} is not offered; this service offers "
                           f"{list(widths)}", param="dimensions")
     return width
