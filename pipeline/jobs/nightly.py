@@ -252,8 +252,9 @@ def run_nightly(config: RunConfig,
     root_uri = config.output.rstrip("/")
     found = prepare_output(root_uri, config.storage_options)  # writable; no bucket is created
     # A write of _LATEST cut short (a night killed while publishing) leaves its temporary.
-    remove_files(root_uri, [f for f in found if is_latest_temporary(f)], config.storage_options)
-    found = [f for f in found if not is_latest_temporary(f)]
+    stale = [f for f in found if is_latest_temporary(f)]
+    remove_files(root_uri, stale, config.storage_options)
+    found = [f for f in found if f not in stale]
     if found:
         raise OutputError(f"output {root_uri} holds the output of a `run` (e.g. {found[0]}); "
                           "nightly writes snapshot folders and _LATEST: choose another output")
