@@ -9,15 +9,16 @@ import os
 import re
 import uuid
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.io import schema as S
-from pipeline.io.storage import open_filesystem, unit_key
-from pipeline.io.writers import (OutputSpec, change_stats, split_rows, write_outputs,
-                                 write_parquet)
+from pipeline.io.storage import GROUP_MARK, open_filesystem, unit_key
+from pipeline.io.writers import (OutputSpec, change_stats, file_row_groups, split_rows,
+                                 write_outputs, write_parquet)
 from pipeline.stages.diff import HASH_COLUMN
 from tests.helpers import files_under, vector
 
@@ -350,3 +351,40 @@ def test_part_files_encode_vectors_plainly_and_every_other_column_with_a_diction
         "tags.list.element": True, "m.key_value.key": True, "m.key_value.value": True,
         "s.x": True, "v.list.element": False}
     assert pq.read_table(out / "n.parquet").equals(nested)
+
+
+def test_a_group_units_row_groups_end_with_its_files_rows():
+    """``file_row_groups`` over random files: the row groups hold every row once, none more
+    than ``most``; each ends where a file's rows end unless it is full (``most`` rows, a
+    long file cut) or the last; and it ends at the first file end once it holds ``least``."""
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        rows = rng.integers(1, 60, int(rng.integers(0, 20))).tolist()
+        least, most = int(rng.integers(1, 40)), int(rng.integers(40, 90))
+        sizes = file_row_groups(rows, least=least, most=most)
+        assert sum(sizes) == sum(rows) and all(0 < n <= most for n in sizes)
+        ends = set(np.cumsum(rows).tolist())
+        at = 0
+        for i, n in enumerate(sizes):
+            at += n
+            assert at in ends or n == most or i == len(sizes) - 1, (rows, least, most, sizes)
+            # No file end inside it after ``least`` rows (it would have ended there).
+            inside = [e - (at - n) for e in ends if at - n < e < at]
+            assert all(k < least for k in inside), (rows, least, most, sizes)
+    assert file_row_groups([]) == []
+    assert file_row_groups([100] * 30) == [1100, 1100, 800]  # FILE_GROUP_ROWS = 1024
+
+
+def test_the_writer_cuts_a_group_units_part_file_at_its_files_ends(tmp_path, monkeypatch):
+    from pipeline.io import writers
+
+    monkeypatch.setattr(writers, "FILE_GROUP_ROWS", 4)
+    unit = f"/in/a.jsonl{GROUP_MARK}3]"
+    rows = [{"id": 10 * f + r, "source": f"/in/{name}.jsonl", "row": r}
+            for f, (name, n) in enumerate((("a", 3), ("b", 2), ("c", 5))) for r in range(n)]
+    table = encoded_table(rows).append_column(S.UNIT, pa.array([unit] * len(rows)))
+    (record,) = write_outputs(fsspec.filesystem("file"), str(tmp_path), table, output_spec())
+    (name,) = record["files"]
+    meta = pq.ParquetFile(tmp_path / name).metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [5, 5]
+    assert [n for _, n in record["slices"][name]] == [3, 2, 5]

@@ -24,6 +24,10 @@ from .storage import (CHECKSUM_MOD, DOCUMENTS_DIR, REJECTS_DIR, file_rows_checks
                       open_for_publish, storage_errors, to_uri, unit_key)
 
 ROW_GROUP_ROWS = 8192
+# A unit of several files: its part files' row groups end where a file's rows end, once they
+# hold this many rows, so that a later night moves those of unchanged files as bytes
+# (pipeline/stages/carry.py, pipeline/io/splice.py).
+FILE_GROUP_ROWS = 1024
 # Output files of about this many bytes of embeddings (no swarm of tiny files, none too big
 # for one reader task).
 TARGET_FILE_BYTES = 128 << 20
@@ -237,12 +241,49 @@ def part_name(unit: str) -> str:
     return f"part-{unit}-{uuid.uuid4().hex[:12]}.parquet"
 
 
-def write_parquet(fs, path: str, table: pa.Table) -> int:
-    """Write ``table`` to ``path`` so that no reader sees it half-written; returns its bytes."""
+def write_parquet(fs, path: str, table: pa.Table, row_groups: list[int] | None = None) -> int:
+    """Write ``table`` to ``path`` so that no reader sees it half-written, in row groups of
+    ``row_groups`` rows (default: of :data:`ROW_GROUP_ROWS`); returns its bytes."""
     with storage_errors(to_uri(fs, path), "write"):
         with open_for_publish(fs, path) as f:
-            pq.write_table(table, f, row_group_size=ROW_GROUP_ROWS, **encodings(table.schema))
+            write_table(f, table, row_groups)
         return int(fs.size(path))
+
+
+def write_table(f, table: pa.Table, row_groups: list[int] | None = None) -> None:
+    """``table`` as Parquet into the open file ``f`` (see :func:`write_parquet`)."""
+    if row_groups is None:
+        pq.write_table(table, f, row_group_size=ROW_GROUP_ROWS, **encodings(table.schema))
+        return
+    if sum(row_groups) != table.num_rows:
+        raise ValueError(f"row groups of {sum(row_groups)} rows for a table of {table.num_rows}")
+    with pq.ParquetWriter(f, table.schema, **encodings(table.schema)) as writer:
+        start = 0
+        for rows in row_groups:
+            writer.write_table(table.slice(start, rows), row_group_size=rows)
+            start += rows
+
+
+def file_row_groups(rows: list[int], least: int | None = None,
+                    most: int = ROW_GROUP_ROWS) -> list[int]:
+    """The row groups of a part file whose files' rows are ``rows`` (one count per run of a
+    file's rows, in order): each ends where a file's rows end once it holds ``least`` rows,
+    and none holds more than ``most`` (a longer file spans several); ``least`` defaults to
+    :data:`FILE_GROUP_ROWS`."""
+    least = FILE_GROUP_ROWS if least is None else least
+    sizes, current = [], 0
+    for n in rows:
+        while current + n > most:
+            n -= most - current
+            sizes.append(most)
+            current = 0
+        current += n
+        if current >= least:
+            sizes.append(current)
+            current = 0
+    if current:
+        sizes.append(current)
+    return sizes
 
 
 def encodings(schema: pa.Schema) -> dict[str, Any]:
@@ -301,10 +342,14 @@ def write_outputs(fs, output_path: str, table: pa.Table, spec: OutputSpec) -> li
         step = spec.rows_per_file()
         for start in range(0, embedded.num_rows, step):
             name = part_name(unit)
-            size += write_parquet(fs, f"{base}/{name}", embedded.slice(start, step))
-            files.append(name)
-            if members:
+            rows = embedded.slice(start, step)
+            if members:  # its files' runs, and row groups that end with a file's rows
                 stats["slices"][name] = runs(sources.slice(start, step))
+                size += write_parquet(fs, f"{base}/{name}", rows,
+                                      file_row_groups([n for _, n in stats["slices"][name]]))
+            else:
+                size += write_parquet(fs, f"{base}/{name}", rows)
+            files.append(name)
         if rejects.num_rows:
             name = f"{REJECTS_DIR}/{part_name(unit)}"
             size += write_parquet(fs, f"{base}/{name}", rejects)
