@@ -468,6 +468,65 @@ def test_a_touched_unit_copies_its_unchanged_files_and_reads_only_the_changed_on
     assert len(sorts) == 3 and max(sorts) == 2, sorts
 
 
+@pytest.mark.ray
+def test_a_touched_units_unchanged_row_groups_move_as_bytes_night_after_night(
+        cluster, tmp_path, tiny_model_dir, embedder, monkeypatch):
+    """One unit of 8 files of 150 rows: its part file's row groups end with its files' rows
+    (a0-a6's 1,050 rows, then a7's 150). A night where a7 changed moves the first row group
+    to the new snapshot as bytes; the next night, where a3 changed, decodes it and keeps the
+    rest. Each snapshot holds today's rows with the encoder's vectors, and DuckDB's own
+    Parquet reader reads it as pyarrow does."""
+    import duckdb
+
+    from pipeline import units
+    from pipeline.io import splice
+
+    monkeypatch.setattr(units, "GROUPED_UNITS", 1)
+    src, out = tmp_path / "in", tmp_path / "nightly"
+    src.mkdir()
+    day = {f"a{k}.jsonl": {i: {"id": i, "text": f"text {k} {i}", "lang": "en"}
+                           for i in range(1000 * k, 1000 * k + 150)} for k in range(8)}
+
+    def night(changed: list[str]) -> dict:
+        time.sleep(0.01)
+        for name in changed:
+            (src / name).write_bytes(encoded(day)[name])
+        summary = run_nightly(config(str(src), str(out), tiny_model_dir))
+        assert summary["reconciled"]
+        table = pq.read_table(summary["output_files"]).sort_by("id")
+        check_snapshot(table, day, embedder)
+        files = ", ".join(f"'{f}'" for f in summary["output_files"])
+        (count, total), = duckdb.sql(
+            f"SELECT count(*), sum(list_sum(embedding_{DIMS[-1]})) FROM read_parquet([{files}])"
+        ).fetchall()
+        assert count == table.num_rows
+        assert total == pytest.approx(float(pa.compute.sum(pa.compute.list_flatten(
+            table[f"embedding_{DIMS[-1]}"])).as_py()), rel=1e-6)
+        return summary
+
+    first = night(list(day))
+    (part,) = first["output_files"]
+    groups = splice.parse(Path(part).read_bytes()).row_groups
+    assert [g.rows for g in groups] == [1050, 150]
+
+    day["a7.jsonl"][7000]["text"] = "edited"
+    second = night(["a7.jsonl"])
+    assert (second["units"]["touched"], second["units"]["files_copied"]) == (1, 7)
+    assert (second["rows_changed"], second["rows_unchanged"]) == (1, 1199)
+    copied = [f for f in second["output_files"]
+              if [g.rows for g in splice.parse(Path(f).read_bytes()).row_groups] == [1050]]
+    assert len(copied) == 1  # the copy: a0-a6's row group, its bytes those of last night's
+    (moved,) = splice.parse(Path(copied[0]).read_bytes()).row_groups
+    assert moved.data[moved.start:moved.start + moved.size] == \
+        groups[0].data[groups[0].start:groups[0].start + groups[0].size]
+
+    day["a3.jsonl"][3001]["text"] = "edited too"
+    day["a3.jsonl"][3999] = {"id": 3999, "text": "a new row", "lang": "de"}
+    third = night(["a3.jsonl"])
+    assert (third["units"]["touched"], third["units"]["files_copied"]) == (1, 7)
+    assert (third["rows_new"], third["rows_changed"], third["rows_unchanged"]) == (1, 1, 1199)
+
+
 def count_sort_shuffle_blocks(monkeypatch) -> list[int]:
     """Cap the blocks a small night's sort shuffle gets at 2, and count the blocks of each
     sort shuffle run in this process (Ray Data's shuffle runs in the driver): it makes one

@@ -5,6 +5,7 @@ reader that skips the copied files but counts them."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import fsspec
@@ -259,3 +260,94 @@ def test_a_touched_units_read_is_sized_by_its_changed_files_alone():
     read = {uri for t in tasks for uri in t.metadata.input_files}
     assert read == {m.uri for u in units[:40] for m in u.members[:changed[u.unit]]} | {
         "/in/alone.parquet"}
+
+
+def test_row_groups_of_unchanged_files_alone_move_as_bytes_the_rest_is_decoded(monkeypatch):
+    """A previous part file whose row groups end with its files' rows: a night copies each
+    row group of unchanged files alone as bytes (unless it is small), decodes the others'
+    unchanged rows, and writes the copied rows back in order, over random files, row group
+    sizes and changes."""
+    from pipeline.stages import carry
+    from pipeline.io import splice
+    from pipeline.io.writers import file_row_groups, write_table
+
+    rng = np.random.default_rng(3)
+    moved_in_all = 0
+    for trial in range(30):
+        counts = rng.integers(1, 40, int(rng.integers(1, 12))).tolist()
+        slices = tuple((i, int(n)) for i, n in enumerate(counts))
+        if trial % 3 == 0 and len(slices) > 2:  # a file in two runs (copied, then written)
+            slices = slices + ((0, 3),)
+        files = [i for i, n in slices for _ in range(n)]  # each row's file
+        ids = [f"{i}:{k}" for k, i in enumerate(files)]
+        table = pa.table({"id": ids, "v": pa.array([[float(k)] * 4 for k in range(len(ids))],
+                                                   pa.list_(pa.float32()))})
+        least = int(rng.integers(1, 50))
+        buffer = pa.BufferOutputStream()
+        write_table(buffer, table, file_row_groups([n for _, n in slices], least=least))
+        data = buffer.getvalue().to_pybytes()
+        chosen = rng.choice(len(counts), int(rng.integers(1, len(counts) + 1)), replace=False)
+        kept = frozenset(int(i) for i in chosen)
+        small = int(rng.integers(1, 30))
+        monkeypatch.setattr(carry, "SMALL_GROUP_ROWS", small)
+        pieces = carry.copied_pieces(data, slices, kept, "part.parquet")
+        want = [k for k, i in enumerate(files) if i in kept]  # the copied rows' places
+        got = []
+        for piece in pieces:
+            if piece.group is not None:
+                assert piece.source.row_groups[piece.index] is piece.group
+                got += piece.source.table(piece.index)["id"].to_pylist()
+            else:
+                got += piece.table["id"].to_pylist()
+        assert got == [ids[k] for k in want], trial
+        assert [i for p in pieces for i, n in p.runs for _ in range(n)] == [files[k] for k in want]
+        # Every row group of kept files alone, not small, moved as bytes; no other did.
+        parsed, start, whole = splice.parse(data), 0, []
+        for group in parsed.row_groups:
+            files = {i for i, a, n in _spans(slices) if a < start + group.rows and a + n > start}
+            whole.append(files <= kept and group.rows >= small)
+            start += group.rows
+        moved = [p for p in pieces if p.group is not None]
+        assert len(moved) == sum(whole), trial
+        moved_in_all += len(moved)
+        out = io.BytesIO()
+        carry.write_pieces(out, pieces)
+        written = pq.read_table(io.BytesIO(out.getvalue()))
+        assert written.equals(table.take(want))
+    assert moved_in_all > 20  # the cases above did move row groups
+
+
+def _spans(slices):
+    at = 0
+    for i, n in slices:
+        yield i, at, n
+        at += n
+
+
+def test_pieces_of_files_whose_schemas_differ_are_written_again_whole(monkeypatch):
+    """Row groups of two previous part files whose Parquet schemas differ (here a field id
+    that one writer added) cannot share a footer: the copy decodes them and writes them
+    again, rows in order."""
+    from pipeline.stages import carry
+    from pipeline.io.writers import write_table
+
+    monkeypatch.setattr(carry, "SMALL_GROUP_ROWS", 1)
+    tables, pieces = [], []
+    for k, field_id in enumerate((None, "7")):
+        table = pa.table({"id": [f"{k}:{i}" for i in range(6)],
+                          "v": pa.array([[float(i)] * 2 for i in range(6)],
+                                        pa.list_(pa.float32()))})
+        if field_id:
+            table = table.cast(pa.schema([table.schema.field("id").with_metadata(
+                {"PARQUET:field_id": field_id}), table.schema.field("v")]))
+        buffer = pa.BufferOutputStream()
+        write_table(buffer, table, [3, 3])
+        pieces += carry.copied_pieces(buffer.getvalue().to_pybytes(), ((k, 6),),
+                                      frozenset({k}), f"part-{k}.parquet")
+        tables.append(table)
+    assert [p.group is not None for p in pieces] == [True] * 4
+    out = io.BytesIO()
+    carry.write_pieces(out, pieces)
+    written = pq.read_table(io.BytesIO(out.getvalue()))
+    assert written["id"].to_pylist() == [f"{k}:{i}" for k in range(2) for i in range(6)]
+    assert written["v"].to_pylist() == tables[0]["v"].to_pylist() * 2

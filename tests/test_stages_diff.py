@@ -1000,3 +1000,33 @@ def test_todays_ids_are_gathered_only_when_the_held_ids_outnumber_them():
     rows = N.MAX_TODAY_IDS
     assert N.worth_gathering(held_bytes=10 * rows, held_rows=10 * rows, read_bytes=rows)
     assert not N.worth_gathering(held_bytes=10 * rows, held_rows=10 * rows, read_bytes=rows + 1)
+
+
+def test_a_touched_read_decodes_only_the_row_groups_of_changed_rows():
+    """``_row_groups_of``: the row groups that hold any row of the ranges, and the ranges'
+    places among those row groups' rows alone, over random row groups and ranges."""
+    from pipeline.stages.diff import _row_groups_of
+
+    rng = np.random.default_rng(9)
+    for _ in range(200):
+        sizes = rng.integers(1, 12, int(rng.integers(1, 9))).tolist()
+        rows = sum(sizes)
+        buffer = pa.BufferOutputStream()
+        table = pa.table({"k": pa.array(range(rows), pa.int64())})
+        with pq.ParquetWriter(buffer, table.schema) as writer:
+            start = 0
+            for n in sizes:
+                writer.write_table(table.slice(start, n))
+                start += n
+        meta = pq.ParquetFile(pa.BufferReader(buffer.getvalue())).metadata
+        cuts = sorted(set(rng.integers(0, rows + 1, int(rng.integers(0, 6))).tolist()))
+        spans = list(zip([0, *cuts], [*cuts, rows]))
+        ranges = [(a, b - a) for a, b in spans if rng.random() < 0.5]
+        groups, local = _row_groups_of(meta, ranges)
+        starts = np.cumsum([0, *sizes])
+        held = {g for a, n in ranges for g in range(len(sizes))
+                if n and starts[g] < a + n and starts[g + 1] > a}
+        assert groups == sorted(held)
+        chosen = [k for g in groups for k in range(starts[g], starts[g + 1])]
+        assert [chosen[s + i] for s, n in local for i in range(n)] == \
+            [a + i for a, n in ranges for i in range(n)]

@@ -18,6 +18,7 @@ rejected; the previous rows of the changed files alone enter the shuffle with th
 from __future__ import annotations
 
 import dataclasses
+import io
 import time
 from collections import Counter
 from typing import Any, Iterable
@@ -29,9 +30,17 @@ import pyarrow.parquet as pq
 
 from ..io.errors import OutputError
 from ..io.readers import Skipped, has_rows
+from ..io import splice
+from ..io.splice import ParquetBytes, RowGroup
 from ..io.storage import (CHECKSUM_MOD, REJECTS_DIR, InputFile, file_rows_checksum,
-                          is_side_file, open_filesystem, storage_errors)
-from ..io.writers import add_run, part_name, reason_kind, write_parquet
+                          is_side_file, open_filesystem, open_for_publish, storage_errors, to_uri)
+from ..io.writers import (add_run, file_row_groups, part_name, reason_kind, write_parquet,
+                          write_table)
+
+# A row group of copied rows alone smaller than this is decoded with its neighbours rather
+# than moved as bytes, so that files changing night after night do not leave ever smaller
+# row groups behind.
+SMALL_GROUP_ROWS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,14 +126,19 @@ def member_copy(unit: InputFile, manifest: dict[str, Any], source: str) -> Membe
         changed=tuple(m for i, m in enumerate(unit.members) if i not in kept))
 
 
+def check_rows(found: int, rows: int, uri: str) -> None:
+    """A previous part file (``uri``) holds the ``rows`` its manifest's slices count."""
+    if found != rows:
+        raise OutputError(f"{uri} has {found} rows, its manifest's slices {rows}; the "
+                          "previous snapshot is damaged: restore it, or delete the output's "
+                          "_LATEST to start afresh")
+
+
 def take_ranges(table: pa.Table, ranges: Iterable[tuple[int, int]], uri: str,
                 rows: int) -> pa.Table:
     """The rows of ``table`` (a previous part file's, ``uri``, of ``rows`` rows by its
     manifest's slices) in ``ranges`` (``(start, rows)``), in order."""
-    if table.num_rows != rows:
-        raise OutputError(f"{uri} has {table.num_rows} rows, its manifest's slices {rows}; the "
-                          "previous snapshot is damaged: restore it, or delete the output's "
-                          "_LATEST to start afresh")
+    check_rows(table.num_rows, rows, uri)
     ranges = list(ranges)
     if not ranges:
         return table.slice(0, 0)
@@ -132,48 +146,153 @@ def take_ranges(table: pa.Table, ranges: Iterable[tuple[int, int]], uri: str,
     return table.take(pa.array(index))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+    """Copied rows of one previous part file: a row group moved as bytes (``group``), or
+    rows decoded (``table``); ``runs`` are their files' ``(index, rows)`` in row order."""
+
+    runs: tuple[tuple[int, int], ...]
+    group: RowGroup | None = None
+    source: ParquetBytes | None = None  # the group's file
+    index: int = -1  # the group's place in its file
+    table: pa.Table | None = None
+
+    @property
+    def rows(self) -> int:
+        return sum(n for _, n in self.runs)
+
+
+def _kept_runs(slices: tuple[tuple[int, int], ...], kept: frozenset[int], start: int,
+               stop: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The runs ``(file index, rows)`` of the copied files among rows ``[start, stop)`` of
+    a part file whose slices are ``slices``, and their ``(start, rows)`` ranges relative to
+    ``start``."""
+    out: list[tuple[int, int]] = []
+    ranges: list[tuple[int, int]] = []
+    at = 0
+    for index, rows in slices:
+        a, b = max(at, start), min(at + rows, stop)
+        if a < b and index in kept:
+            out.append((index, b - a))
+            if ranges and sum(ranges[-1]) == a - start:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + b - a)
+            else:
+                ranges.append((a - start, b - a))
+        at += rows
+    return out, ranges
+
+
+def copied_pieces(data: bytes, slices: tuple[tuple[int, int], ...], kept: frozenset[int],
+                  uri: str) -> list[_Piece]:
+    """The copied files' rows of one previous part file (its bytes ``data``, its manifest's
+    ``slices``), in order: each row group that holds only their rows as bytes, the rows of a
+    row group that also holds changed ones decoded (and a file that cannot be spliced,
+    ``pipeline/io/splice.py``, decoded whole)."""
+    rows = sum(n for _, n in slices)
+    try:
+        parsed = splice.parse(data)
+    except splice.SpliceError:
+        parsed = None
+    if parsed is None:
+        table = pq.read_table(pa.BufferReader(data))
+        runs, ranges = _kept_runs(slices, kept, 0, rows)
+        return [_Piece(tuple(runs), table=take_ranges(table, ranges, uri, rows))]
+    check_rows(sum(g.rows for g in parsed.row_groups), rows, uri)
+    pieces, start = [], 0
+    for i, group in enumerate(parsed.row_groups):
+        runs, ranges = _kept_runs(slices, kept, start, start + group.rows)
+        if ranges == [(0, group.rows)] and group.rows >= SMALL_GROUP_ROWS:
+            pieces.append(_Piece(tuple(runs), group=group, source=parsed, index=i))
+        elif ranges:
+            pieces.append(_Piece(tuple(runs), table=take_ranges(parsed.table(i), ranges, uri,
+                                                                 group.rows)))
+        start += group.rows
+    return pieces
+
+
+def write_pieces(f, pieces: list[_Piece]) -> None:
+    """A Parquet file of ``pieces``' rows in order into the open file ``f``: row groups moved
+    as bytes, each run of decoded rows written as row groups that end with a file's rows.
+    Pieces of files whose Parquet schemas differ (written by another version) are all
+    decoded and written again."""
+    groups: list[RowGroup] = []
+    template: ParquetBytes | None = None
+    decoded: list[_Piece] = []
+
+    def encode() -> None:
+        nonlocal template
+        buffer = io.BytesIO()
+        write_table(buffer, pa.concat_tables([p.table for p in decoded]),
+                    file_row_groups([n for p in decoded for _, n in p.runs]))
+        parsed = splice.parse(buffer.getvalue())
+        template = template or parsed
+        groups.extend(parsed.row_groups)
+        decoded.clear()
+
+    for piece in pieces:
+        if piece.group is None:
+            decoded.append(piece)
+            continue
+        if decoded:
+            encode()
+        template = template or piece.source
+        groups.append(piece.group)
+    if decoded:
+        encode()
+    try:
+        splice.write_spliced(f, groups, template)  # checks the schemas before it writes
+    except splice.SpliceError:
+        tables = [p.table if p.group is None
+                  else p.source.table(p.index) for p in pieces]
+        write_table(f, pa.concat_tables(tables),
+                    file_row_groups([n for p in pieces for _, n in p.runs]))
+
+
 def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, Any]:
     """Copy the unchanged files' rows (and rejects) of ``job``'s unit into part files of
     today's unit under ``job.output_uri``, of up to ``job.rows_per_file`` rows each (so a
     unit's part files do not multiply night after night, and a copy holds about one part
-    file's rows in memory); return the write record of those rows."""
+    file's rows in memory); return the write record of those rows. Row groups of copied
+    files alone move as bytes (:func:`copied_pieces`)."""
     t0 = time.perf_counter()
     fs, base = open_filesystem(job.output_uri, storage_options)
     base = base.rstrip("/")
     files, size, slices_out, n_good = [], 0, {}, 0
     found: Counter = Counter()  # rows copied per file index, good and rejected
-    pending: list[pa.Table] = []  # taken rows not written yet, and their [file URI, rows]
-    pending_runs: list[list[Any]] = []
+    pending: list[_Piece] = []  # pieces not written yet
     pending_rows = 0
 
     def flush() -> None:
-        nonlocal size, pending, pending_runs, pending_rows
+        nonlocal size, pending, pending_rows
         out = part_name(job.key)
-        size += write_parquet(fs, f"{base}/{out}", pa.concat_tables(pending))
+        path = f"{base}/{out}"
+        with storage_errors(to_uri(fs, path), "write"):
+            with open_for_publish(fs, path) as f:
+                write_pieces(f, pending)
+            size += int(fs.size(path))
         files.append(out)
-        slices_out[out] = pending_runs
-        pending, pending_runs, pending_rows = [], [], 0
+        slices_out[out] = []
+        for piece in pending:
+            for i, n in piece.runs:
+                add_run(slices_out[out], job.members[i], n)
+        pending, pending_rows = [], 0
 
     for name, slices in job.parts:
-        ranges = job.ranges(name, copied=True)
-        if not ranges:
+        if not job.ranges(name, copied=True):
             continue
         source_fs, path = open_filesystem(job.uri(name), storage_options)
         with storage_errors(job.uri(name), "copy rows of the previous snapshot's"), \
                 source_fs.open(path, "rb") as f:
-            table = pq.read_table(f)
-        taken = take_ranges(table, ranges, job.uri(name), sum(n for _, n in slices))
-        del table
-        if pending and pending_rows + taken.num_rows > job.rows_per_file:
-            flush()
-        pending.append(taken)
-        pending_rows += taken.num_rows
-        n_good += taken.num_rows
-        for i, n in slices:
-            if i in job.kept and n:
+            data = f.read()
+        for piece in copied_pieces(data, slices, job.kept, job.uri(name)):
+            if pending and pending_rows + piece.rows > job.rows_per_file:
+                flush()
+            pending.append(piece)
+            pending_rows += piece.rows
+            n_good += piece.rows
+            for i, n in piece.runs:
                 found[i] += n
-                add_run(pending_runs, job.members[i], n)
-        del taken
+        del data
     if pending:
         flush()
     bad = []

@@ -31,7 +31,7 @@ from ..io import schema as S
 from ..io.errors import OutputError
 from ..io.storage import open_filesystem, storage_errors
 from ..tokenize import add_prefix, task_prefix
-from .carry import take_ranges
+from .carry import check_rows, take_ranges
 
 HASH_COLUMN = "content_hash"
 HASH_HEX_CHARS = 32  # 128 bits of SHA-256
@@ -313,16 +313,51 @@ def read_touched(uri: str, source: str, changed: list[tuple[int, int]],
     """One previous part file of a touched unit (``source``: the unit's name), read once: the
     rows of its changed files (``changed`` ranges) as previous rows, and the ids of its
     copied files (``copied`` ranges, ``pipeline/stages/carry.py``) as seen ids (with
-    ``today``, only those today's rows may hold: see :func:`read_seen`)."""
+    ``today``, only those today's rows may hold: see :func:`read_seen`). Hashes and vectors
+    are decoded only from the row groups that hold changed rows."""
     fs, path = open_filesystem(uri, storage_options)
-    with storage_errors(uri, "read the previous snapshot's"), fs.open(path, "rb") as f:
-        table = pq.read_table(f, columns=_previous_columns(diff) if changed
-                              else [diff.id_column])
     rows = sum(n for _, n in changed) + sum(n for _, n in copied)  # every row of the file
-    for batch in take_ranges(table, changed, uri, rows).to_batches(max_chunksize=65536):
-        yield _previous_rows(batch, diff, uri)
-    for batch in take_ranges(table, copied, uri, rows).to_batches(max_chunksize=65536):
+    with storage_errors(uri, "read the previous snapshot's"), fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        ids = parquet.read(columns=[diff.id_column])
+        check_rows(ids.num_rows, rows, uri)
+        if changed:
+            groups, local = _row_groups_of(parquet.metadata, changed)
+            previous = parquet.read_row_groups(groups, columns=_previous_columns(diff))
+            previous = take_ranges(previous, local, uri, previous.num_rows)
+    if changed:
+        for batch in previous.to_batches(max_chunksize=65536):
+            yield _previous_rows(batch, diff, uri)
+    for batch in take_ranges(ids, copied, uri, rows).to_batches(max_chunksize=65536):
         yield _seen_rows(batch.column(diff.id_column), source, diff, today)
+
+
+def _row_groups_of(metadata: pq.FileMetaData, ranges: list[tuple[int, int]]
+                   ) -> tuple[list[int], list[tuple[int, int]]]:
+    """The row groups of a Parquet file that hold rows of ``ranges`` (``(start, rows)``, in
+    order), and those ranges' places among the rows of these row groups alone."""
+    bounds = np.cumsum([0] + [metadata.row_group(i).num_rows
+                              for i in range(metadata.num_row_groups)])
+    wanted: set[int] = set()
+    for start, n in ranges:
+        if n:
+            first = int(np.searchsorted(bounds, start, side="right")) - 1
+            last = int(np.searchsorted(bounds, start + n - 1, side="right")) - 1
+            wanted.update(range(first, last + 1))
+    groups = sorted(wanted)
+    # A row's place among the chosen row groups' rows: its own, less the rows of the row
+    # groups left out before its own.
+    left_out, skipped, before = {}, 0, 0
+    for g in groups:
+        skipped += int(bounds[g]) - before
+        left_out[g] = skipped
+        before = int(bounds[g + 1])
+    local = []
+    for start, n in ranges:
+        if n:
+            g = int(np.searchsorted(bounds, start, side="right")) - 1
+            local.append((start - left_out[g], n))
+    return groups, local
 
 
 def read_previous_documents(uri: str, diff: Diff,
