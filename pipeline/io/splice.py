@@ -22,6 +22,7 @@ entry's bytes with the offsets' values written anew.
 from __future__ import annotations
 
 import dataclasses
+import io
 import struct
 from typing import BinaryIO, Union
 
@@ -36,7 +37,7 @@ _LIST, _SET, _MAP, _STRUCT = 9, 10, 11, 12
 _INTS = (_I16, _I32, _I64)
 
 # Field ids of the Parquet footer (parquet.thrift) that name offsets or what moves with them.
-_FMD_SCHEMA, _FMD_NUM_ROWS, _FMD_ROW_GROUPS = 2, 3, 4
+_FMD_SCHEMA, _FMD_NUM_ROWS, _FMD_ROW_GROUPS, _FMD_CREATED_BY = 2, 3, 4, 6
 _FMD_ENCRYPTION = (8, 9)  # encryption_algorithm, footer_signing_key_metadata
 _RG_COLUMNS, _RG_NUM_ROWS, _RG_FILE_OFFSET, _RG_ORDINAL = 1, 3, 5, 7
 _CC_FILE_PATH, _CC_FILE_OFFSET, _CC_META = 1, 2, 3
@@ -213,54 +214,78 @@ def _put_list_head(out: bytearray, size: int, elem: int) -> None:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RowGroup:
-    """One row group of a Parquet file held in memory: its bytes and its footer entry."""
+    """One row group of a Parquet file: its column chunks' bytes and its footer entry."""
 
-    data: memoryview  # the whole file's bytes
-    start: int  # where its column chunks begin in ``data``
+    data: memoryview  # bytes that hold its column chunks (its file's, or its own)
+    at: int  # where its column chunks begin in ``data``
+    origin: int  # where they began in their file (the offsets in ``entry`` are its file's)
     size: int  # their bytes, end to end
     rows: int
-    entry: _Scanned  # its RowGroup struct in ``data``'s footer
-    schema: bytes  # its file's schema, as the footer encodes it (equal ones join)
+    entry: bytes  # its RowGroup struct as its file's footer encodes it
+    # (start, end, value) in ``entry`` of each offset (value > 0) to move with it, and the
+    # (start, end) of its ordinal, if it has one.
+    offsets: tuple[tuple[int, int, int], ...]
+    ordinal: tuple[int, int] | None
+    key: bytes  # its file's schema and writer: row groups of equal keys join
+
+    def detached(self) -> "RowGroup":
+        """The same row group holding a copy of its own bytes only (not its whole file's)."""
+        own = memoryview(bytes(self.data[self.at:self.at + self.size]))
+        return dataclasses.replace(self, data=own, at=0)
 
     def moved_entry(self, to: int, ordinal: int) -> bytes:
         """Its footer entry once its column chunks begin at ``to`` in a new file, as row
         group number ``ordinal``: the old entry's bytes, every offset written anew."""
-        shift = to - self.start
-        offsets = [self.entry.ints.get(_RG_FILE_OFFSET)]
-        for chunk in self.entry.lists[_RG_COLUMNS]:
-            meta = chunk.structs[_CC_META].ints
-            offsets += [chunk.ints.get(_CC_FILE_OFFSET)] + [meta.get(fid) for fid in _CM_OFFSETS]
-        # (start, end, new value) of each integer written anew; an offset of 0 means none.
-        patches = [(a, b, value + shift) for value, a, b in filter(None, offsets) if value > 0]
-        if _RG_ORDINAL in self.entry.ints:
-            patches.append(self.entry.ints[_RG_ORDINAL][1:] + (ordinal,))
-        out, at = bytearray(), self.entry.start
+        shift = to - self.origin
+        patches = [(a, b, value + shift) for a, b, value in self.offsets]
+        if self.ordinal is not None:
+            patches.append(self.ordinal + (ordinal,))
+        out, at = bytearray(), 0
         for a, b, value in sorted(patches):
-            out += self.data[at:a]
+            out += self.entry[at:a]
             _put_int(out, value)
             at = b
-        out += self.data[at:self.entry.end]
+        out += self.entry[at:]
         return bytes(out)
+
+    def chunks(self) -> memoryview:
+        return self.data[self.at:self.at + self.size]
+
+    def table(self, footer: "Footer") -> pa.Table:
+        """Its rows, decoded (``footer``: its file's)."""
+        buffer = io.BytesIO()
+        write_spliced(buffer, [self], footer)
+        return pq.read_table(pa.BufferReader(buffer.getvalue()))
+
+
+def _row_group(buf: memoryview, entry: _Scanned, start: int, size: int, key: bytes) -> RowGroup:
+    offsets = [entry.ints.get(_RG_FILE_OFFSET)]
+    for chunk in entry.lists[_RG_COLUMNS]:
+        meta = chunk.structs[_CC_META].ints
+        offsets += [chunk.ints.get(_CC_FILE_OFFSET)] + [meta.get(fid) for fid in _CM_OFFSETS]
+    base = entry.start  # positions relative to the entry's bytes; an offset of 0 means none
+    moved = tuple((a - base, b - base, value) for value, a, b in filter(None, offsets)
+                  if value > 0)
+    ordinal = entry.ints.get(_RG_ORDINAL)
+    return RowGroup(buf, start, start, size, entry.ints[_RG_NUM_ROWS][0],
+                    bytes(buf[entry.start:entry.end]), moved,
+                    (ordinal[1] - base, ordinal[2] - base) if ordinal else None, key)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ParquetBytes:
-    """A Parquet file read whole: its footer and row groups, ready to be spliced."""
+class Footer:
+    """A Parquet file's footer, apart from its file: what a new file of moved row groups
+    takes from it (schema, key-value metadata, writer)."""
 
-    data: memoryview
-    footer: _Scanned  # its FileMetaData, every top-level field kept
-    row_groups: tuple[RowGroup, ...]
-    schema: bytes
+    data: bytes  # the footer's bytes
+    fields: tuple[tuple[int, int, int, int], ...]  # its fields: (id, kind, start, end) in data
+    key: bytes  # its schema and writer (:attr:`RowGroup.key`)
 
-    def table(self, index: int) -> pa.Table:
-        """Row group ``index``, decoded."""
-        return pq.ParquetFile(pa.BufferReader(pa.py_buffer(self.data))).read_row_group(index)
-
-    def footer_with(self, entries: list[bytes], rows: int) -> bytes:
-        """This file's footer with the row groups ``entries`` (RowGroup structs, encoded)
-        of ``rows`` rows in all in place of its own."""
+    def with_row_groups(self, entries: list[bytes], rows: int) -> bytes:
+        """This footer with the row groups ``entries`` (RowGroup structs, encoded) of
+        ``rows`` rows in all in place of its own."""
         out, last = bytearray(), 0
-        for fid, kind, a, b in self.footer.fields:
+        for fid, kind, a, b in self.fields:
             _put_header(out, fid, last, kind)
             if fid == _FMD_NUM_ROWS:
                 _put_int(out, rows)
@@ -273,6 +298,19 @@ class ParquetBytes:
             last = fid
         out.append(0)
         return bytes(out)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ParquetBytes:
+    """A Parquet file read whole: its footer and row groups, ready to be spliced."""
+
+    data: memoryview
+    footer: Footer
+    row_groups: tuple[RowGroup, ...]
+
+    def table(self, index: int) -> pa.Table:
+        """Row group ``index``, decoded."""
+        return pq.ParquetFile(pa.BufferReader(pa.py_buffer(self.data))).read_row_group(index)
 
 
 def footer_span(buf: memoryview) -> tuple[int, int]:
@@ -308,7 +346,12 @@ def _row_groups(buf: memoryview, footer: _Scanned) -> ParquetBytes:
         raise SpliceError("an encrypted Parquet file")
     if _FMD_NUM_ROWS not in footer.ints or _FMD_ROW_GROUPS not in footer.lists:
         raise SpliceError("a Parquet footer without its row count or row groups")
-    (schema,) = [bytes(buf[a:b]) for fid, _, a, b in footer.fields if fid == _FMD_SCHEMA]
+    schema = [bytes(buf[a:b]) for fid, _, a, b in footer.fields if fid == _FMD_SCHEMA]
+    if len(schema) != 1:
+        raise SpliceError("a Parquet footer without its schema")
+    # The schema and the writer's name (readers work around a writer's known bugs by it).
+    key = schema[0] + b"".join(bytes(buf[a:b]) for fid, _, a, b in footer.fields
+                               if fid == _FMD_CREATED_BY)
     groups = []
     for entry in footer.lists[_FMD_ROW_GROUPS]:
         spans = []
@@ -332,25 +375,27 @@ def _row_groups(buf: memoryview, footer: _Scanned) -> ParquetBytes:
         start, end = spans[0][0], spans[-1][1]
         if start < len(MAGIC) or end > footer.start:
             raise SpliceError("a Parquet row group outside its file's data")
-        groups.append(RowGroup(buf, start, end - start, entry.ints[_RG_NUM_ROWS][0], entry,
-                               schema))
-    return ParquetBytes(buf, footer, tuple(groups), schema)
+        groups.append(_row_group(buf, entry, start, end - start, key))
+    fields = tuple((fid, kind, a - footer.start, b - footer.start)
+                   for fid, kind, a, b in footer.fields)
+    return ParquetBytes(buf, Footer(bytes(buf[footer.start:footer.end]), fields, key),
+                        tuple(groups))
 
 
-def write_spliced(f: BinaryIO, groups: list[RowGroup], template: ParquetBytes) -> int:
-    """Write a Parquet file of ``groups`` (in order) to ``f``, with ``template``'s footer
-    otherwise (schema, key-value metadata, writer); returns the bytes written. Every group's
-    file must have ``template``'s schema (checked before anything is written)."""
-    if any(group.schema != template.schema for group in groups):
-        raise SpliceError("row groups of Parquet files with different schemas")
+def write_spliced(f: BinaryIO, groups: list[RowGroup], template: Footer) -> int:
+    """Write a Parquet file of ``groups`` (in order) to ``f``, with ``template``'s schema,
+    key-value metadata and writer; returns the bytes written. Every group's file must have
+    ``template``'s schema and writer (checked before anything is written)."""
+    if any(group.key != template.key for group in groups):
+        raise SpliceError("row groups of Parquet files with different schemas or writers")
     entries, pos, rows = [], len(MAGIC), 0
     f.write(MAGIC)
     for i, group in enumerate(groups):
-        f.write(group.data[group.start:group.start + group.size])
+        f.write(group.chunks())
         entries.append(group.moved_entry(pos, i))
         pos += group.size
         rows += group.rows
-    footer = template.footer_with(entries, rows)
+    footer = template.with_row_groups(entries, rows)
     f.write(footer)
     f.write(struct.pack("<I", len(footer)))
     f.write(MAGIC)

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from ..io.errors import OutputError
 from ..io.readers import Skipped, has_rows
 from ..io import splice
-from ..io.splice import ParquetBytes, RowGroup
+from ..io.splice import Footer, RowGroup
 from ..io.storage import (CHECKSUM_MOD, REJECTS_DIR, InputFile, file_rows_checksum,
                           is_side_file, open_filesystem, open_for_publish, storage_errors, to_uri)
 from ..io.writers import (add_run, file_row_groups, part_name, reason_kind, write_parquet,
@@ -153,8 +153,7 @@ class _Piece:
 
     runs: tuple[tuple[int, int], ...]
     group: RowGroup | None = None
-    source: ParquetBytes | None = None  # the group's file
-    index: int = -1  # the group's place in its file
+    footer: Footer | None = None  # the group's file's
     table: pa.Table | None = None
 
     @property
@@ -202,7 +201,8 @@ def copied_pieces(data: bytes, slices: tuple[tuple[int, int], ...], kept: frozen
     for i, group in enumerate(parsed.row_groups):
         runs, ranges = _kept_runs(slices, kept, start, start + group.rows)
         if ranges == [(0, group.rows)] and group.rows >= SMALL_GROUP_ROWS:
-            pieces.append(_Piece(tuple(runs), group=group, source=parsed, index=i))
+            # Its own bytes: the pieces waiting to be written do not hold whole files.
+            pieces.append(_Piece(tuple(runs), group=group.detached(), footer=parsed.footer))
         elif ranges:
             pieces.append(_Piece(tuple(runs), table=take_ranges(parsed.table(i), ranges, uri,
                                                                  group.rows)))
@@ -210,22 +210,32 @@ def copied_pieces(data: bytes, slices: tuple[tuple[int, int], ...], kept: frozen
     return pieces
 
 
+def _file_rows(pieces: list[_Piece]) -> list[int]:
+    """The row groups of ``pieces``' rows written again (a file's runs in adjacent pieces
+    joined: a row group ends with a file's rows)."""
+    runs: list[list[Any]] = []
+    for piece in pieces:
+        for i, n in piece.runs:
+            add_run(runs, i, n)
+    return file_row_groups([n for _, n in runs])
+
+
 def write_pieces(f, pieces: list[_Piece]) -> None:
     """A Parquet file of ``pieces``' rows in order into the open file ``f``: row groups moved
     as bytes, each run of decoded rows written as row groups that end with a file's rows.
-    Pieces of files whose Parquet schemas differ (written by another version) are all
-    decoded and written again."""
+    When the pieces' files differ in their Parquet schemas or writers (one Arrow schema
+    written by another pyarrow, say), every piece is decoded and written again."""
     groups: list[RowGroup] = []
-    template: ParquetBytes | None = None
+    template: Footer | None = None
     decoded: list[_Piece] = []
 
     def encode() -> None:
         nonlocal template
         buffer = io.BytesIO()
         write_table(buffer, pa.concat_tables([p.table for p in decoded]),
-                    file_row_groups([n for p in decoded for _, n in p.runs]))
+                    _file_rows(decoded))
         parsed = splice.parse(buffer.getvalue())
-        template = template or parsed
+        template = template or parsed.footer
         groups.extend(parsed.row_groups)
         decoded.clear()
 
@@ -235,17 +245,15 @@ def write_pieces(f, pieces: list[_Piece]) -> None:
             continue
         if decoded:
             encode()
-        template = template or piece.source
+        template = template or piece.footer
         groups.append(piece.group)
     if decoded:
         encode()
     try:
         splice.write_spliced(f, groups, template)  # checks the schemas before it writes
     except splice.SpliceError:
-        tables = [p.table if p.group is None
-                  else p.source.table(p.index) for p in pieces]
-        write_table(f, pa.concat_tables(tables),
-                    file_row_groups([n for p in pieces for _, n in p.runs]))
+        tables = [p.table if p.group is None else p.group.table(p.footer) for p in pieces]
+        write_table(f, pa.concat_tables(tables), _file_rows(pieces))
 
 
 def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, Any]:
@@ -281,10 +289,12 @@ def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, 
         if not job.ranges(name, copied=True):
             continue
         source_fs, path = open_filesystem(job.uri(name), storage_options)
-        with storage_errors(job.uri(name), "copy rows of the previous snapshot's"), \
-                source_fs.open(path, "rb") as f:
-            data = f.read()
-        for piece in copied_pieces(data, slices, job.kept, job.uri(name)):
+        with storage_errors(job.uri(name), "copy rows of the previous snapshot's"):
+            with source_fs.open(path, "rb") as f:
+                data = f.read()
+            pieces = copied_pieces(data, slices, job.kept, job.uri(name))
+        del data
+        for piece in pieces:
             if pending and pending_rows + piece.rows > job.rows_per_file:
                 flush()
             pending.append(piece)
@@ -292,7 +302,6 @@ def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, 
             n_good += piece.rows
             for i, n in piece.runs:
                 found[i] += n
-        del data
     if pending:
         flush()
     bad = []
