@@ -22,6 +22,7 @@ entry's bytes with the offsets' values written anew.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import struct
 from typing import BinaryIO, Union
@@ -310,7 +311,11 @@ class ParquetBytes:
 
     def table(self, index: int) -> pa.Table:
         """Row group ``index``, decoded."""
-        return pq.ParquetFile(pa.BufferReader(pa.py_buffer(self.data))).read_row_group(index)
+        return self._reader.read_row_group(index)
+
+    @functools.cached_property
+    def _reader(self) -> pq.ParquetFile:
+        return pq.ParquetFile(pa.BufferReader(pa.py_buffer(self.data)))
 
 
 def footer_span(buf: memoryview) -> tuple[int, int]:

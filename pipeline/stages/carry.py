@@ -162,14 +162,16 @@ class _Piece:
 
 
 def _kept_runs(slices: tuple[tuple[int, int], ...], kept: frozenset[int], start: int,
-               stop: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+               stop: int, first: int = 0, at: int = 0
+               ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """The runs ``(file index, rows)`` of the copied files among rows ``[start, stop)`` of
     a part file whose slices are ``slices``, and their ``(start, rows)`` ranges relative to
-    ``start``."""
+    ``start``. The scan begins at slice ``first``, which begins at row ``at``."""
     out: list[tuple[int, int]] = []
     ranges: list[tuple[int, int]] = []
-    at = 0
-    for index, rows in slices:
+    for index, rows in slices[first:]:
+        if at >= stop:
+            break
         a, b = max(at, start), min(at + rows, stop)
         if a < b and index in kept:
             out.append((index, b - a))
@@ -198,8 +200,12 @@ def copied_pieces(data: bytes, slices: tuple[tuple[int, int], ...], kept: frozen
         return [_Piece(tuple(runs), table=take_ranges(table, ranges, uri, rows))]
     check_rows(sum(g.rows for g in parsed.row_groups), rows, uri)
     pieces, start = [], 0
+    first, at = 0, 0  # the first slice that reaches this row group, and where it begins
     for i, group in enumerate(parsed.row_groups):
-        runs, ranges = _kept_runs(slices, kept, start, start + group.rows)
+        while first < len(slices) and at + slices[first][1] <= start:
+            at += slices[first][1]
+            first += 1
+        runs, ranges = _kept_runs(slices, kept, start, start + group.rows, first, at)
         if ranges == [(0, group.rows)] and group.rows >= SMALL_GROUP_ROWS:
             # Its own bytes: the pieces waiting to be written do not hold whole files.
             pieces.append(_Piece(tuple(runs), group=group.detached(), footer=parsed.footer))
