@@ -8,7 +8,9 @@ only its changed files are read, hashed, diffed and encoded. :func:`copy_members
 copied rows as part files of today's unit and returns a write record for the driver, which
 counts them with the rows the graph writes for the unit's changed files: the unit is
 committed once both are out (the reader of the changed files gives the whole unit's row
-count and checksum, the copied files' taken from the previous manifest).
+count and checksum, the copied files' taken from the previous manifest). A previous part
+file's row groups that hold copied files' rows alone move into the new part file as bytes
+(``pipeline/io/splice.py``); only those that also hold changed files' rows are decoded.
 
 The copied rows' ids take part in the diff as seen ids (``diff.read_touched``, by
 :meth:`MemberCopy.ranges`), as a carried unit's do, so a changed file that repeats one is
@@ -28,9 +30,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..io import splice
 from ..io.errors import OutputError
 from ..io.readers import Skipped, has_rows
-from ..io import splice
 from ..io.splice import Footer, RowGroup
 from ..io.storage import (CHECKSUM_MOD, REJECTS_DIR, InputFile, file_rows_checksum,
                           is_side_file, open_filesystem, open_for_publish, storage_errors, to_uri)
