@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -196,13 +197,14 @@ def test_the_copy_gathers_several_previous_part_files_into_files_of_at_most_a_pa
     out = str(tmp_path / "out")
     record = copy_members(MemberCopy(**{**copy.__dict__, "output_uri": out}), {})
     (part,) = [f for f in record["files"] if f.startswith("part-")]
-    assert pq.read_table(f"{out}/{part}")["doc_id"].to_pylist() == [2, 20, 0, 1]
-    assert record["slices"] == {part: [[A, 1], [C, 1], [A, 2]]}
+    # a's rows were in two runs (one per write): they are gathered, each file's together
+    assert pq.read_table(f"{out}/{part}")["doc_id"].to_pylist() == [2, 0, 1, 20]
+    assert record["slices"] == {part: [[A, 3], [C, 1]]}
     assert record["rows_embedded"] == 4 and record["rows_rejected"] == 0
     small = copy_members(MemberCopy(**{**copy.__dict__, "output_uri": out + "2",
                                        "rows_per_file": 2}), {})
-    assert [n for runs in small["slices"].values() for _, n in runs] == [1, 1, 2]
-    assert len(small["files"]) == 2
+    assert [[(uri, n) for uri, n in small["slices"][f]] for f in small["files"]] == [
+        [(A, 2)], [(A, 1), (C, 1)]]
     # A previous part file with a row its slices do not count: the snapshot is damaged.
     first = [f for f in manifest["files"] if f.startswith("part-")][0]
     table = pq.read_table(f"{base}/{first}")
@@ -268,69 +270,198 @@ def test_a_touched_units_read_is_sized_by_its_changed_files_alone():
         "/in/alone.parquet"}
 
 
-def test_row_groups_of_unchanged_files_alone_move_as_bytes_the_rest_is_decoded(monkeypatch):
-    """A previous part file whose row groups end with its files' rows: a night copies each
-    row group of unchanged files alone as bytes (unless it is small), decodes the others'
-    unchanged rows, and writes the copied rows back in order, over random files, row group
-    sizes and changes."""
-    from pipeline.stages import carry
-    from pipeline.io import splice
+def _random_parts(rng, files: int, scattered: bool) -> list[list[tuple[int, int]]]:
+    """The slices of a unit's previous part files: each file's rows dealt to several writes
+    (a first night's shuffle), or each file in one part file, with a few split in two."""
+    counts = rng.integers(1, 40, files)
+    if scattered:
+        writes = int(rng.integers(1, 5))
+        dealt = [rng.multinomial(int(n), [1 / writes] * writes) for n in counts]
+        return [[(i, int(d[w])) for i, d in enumerate(dealt) if d[w]] for w in range(writes)]
+    parts, current = [], []
+    for i, n in enumerate(counts):
+        current.append((i, int(n)))
+        if rng.random() < 0.3:
+            parts.append(current)
+            current = []
+    return [part for part in parts + [current] if part]
+
+
+def _write_part(path, slices, rng, page_index=False) -> list[int]:
+    """A previous part file of ``slices`` (ids "file:part:k", a vector each), its row groups
+    ending with its files' rows as the writer cuts them; returns their rows."""
     from pipeline.io.writers import file_row_groups, write_table
 
-    rng = np.random.default_rng(3)
-    moved_in_all = 0
-    for trial in range(30):
-        counts = rng.integers(1, 40, int(rng.integers(1, 12))).tolist()
-        slices = tuple((i, int(n)) for i, n in enumerate(counts))
-        if trial % 3 == 0 and len(slices) > 2:  # a file in two runs (copied, then written)
-            slices = slices + ((0, 3),)
-        files = [i for i, n in slices for _ in range(n)]  # each row's file
-        ids = [f"{i}:{k}" for k, i in enumerate(files)]
-        table = pa.table({"id": ids, "v": pa.array([[float(k)] * 4 for k in range(len(ids))],
-                                                   pa.list_(pa.float32()))})
-        least = int(rng.integers(1, 50))
-        buffer = pa.BufferOutputStream()
-        write_table(buffer, table, file_row_groups([n for _, n in slices], least=least))
-        data = buffer.getvalue().to_pybytes()
-        chosen = rng.choice(len(counts), int(rng.integers(1, len(counts) + 1)), replace=False)
-        kept = frozenset(int(i) for i in chosen)
+    ids = [f"{i}:{path.stem}:{k}" for i, n in slices for k in range(n)]
+    table = pa.table({"id": ids, "v": pa.array([[float(len(s))] * 4 for s in ids],
+                                               pa.list_(pa.float32()))})
+    if page_index:  # another writer's file, whose row groups cannot move as bytes
+        pq.write_table(table, path, row_group_size=17, write_page_index=True)
+        meta = pq.read_metadata(path)
+        return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    groups = file_row_groups([n for _, n in slices], least=int(rng.integers(1, 50)))
+    with open(path, "wb") as f:
+        write_table(f, table, groups)
+    return groups
+
+
+def test_the_copy_plan_moves_clean_row_groups_and_decodes_whole_files():
+    """Over random units: a row group moves as bytes when it holds only copied files that
+    are each in one run of the unit and has enough rows; every copied file with rows in
+    another row group is decoded, all its row groups with it (checked against a plain fixed
+    point), and the others keep all their row groups moving."""
+    from pipeline.stages.carry import copy_plan
+
+    rng = np.random.default_rng(11)
+    for trial in range(200):
+        files = int(rng.integers(1, 12))
+        parts = _random_parts(rng, files, scattered=trial % 2 == 0)
+        spans = []
+        for slices in parts:
+            rows = [n for _, n in slices for _ in range(1)]
+            cuts = np.sort(rng.choice(np.arange(1, sum(rows)), min(sum(rows) - 1, int(
+                rng.integers(0, 4))), replace=False)) if sum(rows) > 1 else []
+            groups = np.diff([0, *cuts, sum(rows)]).tolist()
+            from pipeline.stages.carry import group_spans
+            spans.append(group_spans(tuple(slices), groups, "part"))
+        kept = frozenset(int(i) for i in rng.choice(files, int(rng.integers(1, files + 1)),
+                                                    replace=False))
         small = int(rng.integers(1, 30))
-        monkeypatch.setattr(carry, "SMALL_GROUP_ROWS", small)
-        pieces = carry.copied_pieces(data, slices, kept, "part.parquet")
-        want = [k for k, i in enumerate(files) if i in kept]  # the copied rows' places
-        got = []
-        for piece in pieces:
-            if piece.group is not None:  # holding its own bytes, not its file's
-                assert len(piece.group.data) == piece.group.size
-                got += piece.group.table(piece.footer)["id"].to_pylist()
-            else:
-                got += piece.table["id"].to_pylist()
-        assert got == [ids[k] for k in want], trial
-        assert [i for p in pieces for i, n in p.runs for _ in range(n)] == [files[k] for k in want]
-        # Every row group of kept files alone, not small, moved as bytes; no other did.
-        parsed, start, whole = splice.parse(data), 0, []
-        for group in parsed.row_groups:
-            files = {i for i, a, n in _spans(slices) if a < start + group.rows and a + n > start}
-            whole.append(files <= kept and group.rows >= small)
-            start += group.rows
-        moved = [p for p in pieces if p.group is not None]
-        assert len(moved) == sum(whole), trial
-        moved_in_all += len(moved)
-        out = io.BytesIO()
-        carry.write_pieces(out, pieces)
-        written = pq.read_table(io.BytesIO(out.getvalue()))
-        assert written.equals(table.take(want))
-    assert moved_in_all > 20  # the cases above did move row groups
+        moved, decoded = copy_plan(spans, kept, small)
+        runs = []
+        for part in spans:
+            for group in part:
+                for i, _, n in group:
+                    if runs and runs[-1][0] == i:
+                        runs[-1][1] += n
+                    else:
+                        runs.append([i, n])
+        scattered = {i for i in kept if sum(r[0] == i for r in runs) > 1}
+        groups = [(p, g) for p, part in enumerate(spans) for g in range(len(part))]
+        bad = {(p, g) for p, g in groups
+               if sum(n for _, _, n in spans[p][g]) < small
+               or any(i not in kept or i in scattered for i, _, _ in spans[p][g])}
+        while True:  # the fixed point, the plain way
+            want = {i for p, g in bad for i, _, _ in spans[p][g] if i in kept}
+            grown = bad | {(p, g) for p, g in groups if any(i in want for i, _, _ in spans[p][g])}
+            if grown == bad:
+                break
+            bad = grown
+        assert decoded == want, trial
+        assert [[(p, g) not in bad for g in range(len(part))] for p, part in enumerate(spans)] \
+            == moved, trial
+        for p, g in groups:
+            if moved[p][g]:
+                assert all(i in kept and i not in decoded and i not in scattered
+                           for i, _, _ in spans[p][g])
 
 
-def _spans(slices):
-    at = 0
-    for i, n in slices:
-        yield i, at, n
-        at += n
+def _copy_of(tmp_path, rng, parts, kept, name, page_index=False, rows_per_file=1 << 62):
+    base = tmp_path / name
+    base.mkdir()
+    files = 1 + max(i for part in parts for i, _ in part)
+    for k, slices in enumerate(parts):
+        _write_part(base / f"part-{k}.parquet", slices, rng, page_index and k == 0)
+    counts = [0] * files
+    for part in parts:
+        for i, n in part:
+            counts[i] += n
+    return MemberCopy(
+        unit="u", key="0123456789abcdef", source=str(base),
+        members=tuple(f"/in/{i}.parquet" for i in range(files)), kept=kept,
+        parts=tuple((f"part-{k}.parquet", tuple(s)) for k, s in enumerate(parts)),
+        rejects=(), counts=tuple((n, 0) for n in counts), changed=(),
+        output_uri=str(tmp_path / f"{name}-out"), rows_per_file=rows_per_file)
 
 
-def test_pieces_of_files_whose_schemas_differ_are_written_again_whole(monkeypatch):
+def test_the_copy_moves_the_planned_row_groups_as_bytes_and_gathers_each_files_rows(
+        tmp_path, monkeypatch):
+    """Over random units, their files' rows dealt over several writes (a first night) or not,
+    some part files another writer's: the copy holds every copied row once, each file's rows
+    together; the row groups the plan moves are in its part files byte for byte; no file
+    exceeds ``rows_per_file`` rows but by a moved row group. A second night on the copy
+    finds no file scattered, so its plan decodes only the row groups of changed files (and
+    small ones)."""
+    from pipeline.io import splice
+    from pipeline.stages import carry
+
+    rng = np.random.default_rng(5)
+    moved_in_all = decoded_in_all = moved_next = 0
+    for trial in range(24):
+        monkeypatch.setattr(carry, "SMALL_GROUP_ROWS", int(rng.integers(1, 20)))
+        files = int(rng.integers(2, 14))
+        parts = _random_parts(rng, files, scattered=trial % 2 == 0)
+        files = 1 + max(i for part in parts for i, _ in part)
+        kept = frozenset(int(i) for i in rng.choice(files, int(rng.integers(1, files + 1)),
+                                                    replace=False))
+        most = int(rng.integers(5, 80)) if trial % 3 == 0 else 1 << 62
+        job = _copy_of(tmp_path, rng, parts, kept, f"t{trial}", page_index=trial % 5 == 4,
+                       rows_per_file=most)
+        record = copy_members(job, {})
+        out = Path(job.output_uri)
+        tables = [pq.read_table(out / f) for f in record["files"]]
+        ids = [x for t in tables for x in t["id"].to_pylist()]
+        want = sorted(f"{i}:part-{p}:{k}" for p, slices in enumerate(parts)
+                      for i, n in slices for k in range(n) if i in kept)
+        assert sorted(ids) == want and len(ids) == len(set(ids)), trial
+        order = [int(x.split(":")[0]) for x in ids]
+        assert len([i for k, i in enumerate(order) if k == 0 or order[k - 1] != i]) == \
+            len(set(order)), trial  # each file's rows together
+        for f, t in zip(record["files"], tables):
+            got = [(int(x.split(":")[0]), 1) for x in t["id"].to_pylist()]
+            runs = []
+            for i, n in got:
+                if runs and runs[-1][0] == job.members[i]:
+                    runs[-1][1] += n
+                else:
+                    runs.append([job.members[i], n])
+            assert record["slices"][f] == runs, trial
+        # The planned row groups moved byte for byte (the other writer's file excepted).
+        spans = [carry.group_spans(s, [pq.read_metadata(Path(job.source) / n).row_group(g)
+                                       .num_rows for g in range(pq.read_metadata(
+                                           Path(job.source) / n).num_row_groups)], n)
+                 for n, s in job.parts]
+        moved, decoded = carry.copy_plan(spans, kept)
+        written = b"".join((out / f).read_bytes() for f in record["files"])
+        for (name, _), flags in zip(job.parts, moved):
+            data = (Path(job.source) / name).read_bytes()
+            try:
+                groups = splice.parse(data).row_groups
+            except splice.SpliceError:
+                continue
+            for group, flag in zip(groups, flags):
+                if flag:
+                    assert bytes(group.chunks()) in written, trial
+                    moved_in_all += 1
+        decoded_in_all += len(decoded)
+        sizes = [t.num_rows for t in tables]
+        biggest = max((g for part in spans for g in [sum(n for *_, n in grp) for grp in part]),
+                      default=0)
+        assert max(sizes) <= max(most, biggest), trial
+        # The next night: every copied file is in one run of the unit (none scattered), so
+        # its plan decodes only the row groups of a changed file, small ones, and their
+        # files' others.
+        again = [tuple((job.members.index(uri), n) for uri, n in record["slices"][f])
+                 for f in record["files"]]
+        spans = [carry.group_spans(s, [pq.read_metadata(out / f).row_group(g).num_rows
+                                       for g in range(pq.read_metadata(out / f)
+                                                      .num_row_groups)], f)
+                 for f, s in zip(record["files"], again)]
+        changed = {int(rng.choice(sorted(kept)))}
+        moved, decoded = carry.copy_plan(spans, kept - changed)
+        seeds = {i for part in spans for group in part
+                 if any(i in changed for i, _, _ in group)
+                 or sum(n for *_, n in group) < carry.SMALL_GROUP_ROWS
+                 for i, _, _ in group} - changed
+        assert seeds <= decoded, trial
+        assert all(not flag for part, flags in zip(spans, moved)
+                   for group, flag in zip(part, flags) if any(i in changed for i, _, _ in group))
+        moved_next += sum(map(sum, moved))
+    assert moved_in_all > 20 and decoded_in_all > 30 and moved_next > moved_in_all
+
+
+def test_row_groups_of_files_whose_schemas_differ_are_written_again_whole(tmp_path,
+                                                                          monkeypatch):
     """Row groups of two previous part files whose Parquet schemas differ (here a field id
     that one writer added) cannot share a footer: the copy decodes them and writes them
     again, rows in order."""
@@ -338,7 +469,9 @@ def test_pieces_of_files_whose_schemas_differ_are_written_again_whole(monkeypatc
     from pipeline.io.writers import write_table
 
     monkeypatch.setattr(carry, "SMALL_GROUP_ROWS", 1)
-    tables, pieces = [], []
+    base = tmp_path / "prev"
+    base.mkdir()
+    tables = []
     for k, field_id in enumerate((None, "7")):
         table = pa.table({"id": [f"{k}:{i}" for i in range(6)],
                           "v": pa.array([[float(i)] * 2 for i in range(6)],
@@ -346,14 +479,16 @@ def test_pieces_of_files_whose_schemas_differ_are_written_again_whole(monkeypatc
         if field_id:
             table = table.cast(pa.schema([table.schema.field("id").with_metadata(
                 {"PARQUET:field_id": field_id}), table.schema.field("v")]))
-        buffer = pa.BufferOutputStream()
-        write_table(buffer, table, [3, 3])
-        pieces += carry.copied_pieces(buffer.getvalue().to_pybytes(), ((k, 6),),
-                                      frozenset({k}), f"part-{k}.parquet")
+        with open(base / f"part-{k}.parquet", "wb") as f:
+            write_table(f, table, [3, 3])
         tables.append(table)
-    assert [p.group is not None for p in pieces] == [True] * 4
-    out = io.BytesIO()
-    carry.write_pieces(out, pieces)
-    written = pq.read_table(io.BytesIO(out.getvalue()))
+    job = MemberCopy(unit="u", key="0123456789abcdef", source=str(base),
+                     members=("/in/0", "/in/1", "/in/2"), kept=frozenset({0, 1}),
+                     parts=(("part-0.parquet", ((0, 6),)), ("part-1.parquet", ((1, 6),))),
+                     rejects=(), counts=((6, 0), (6, 0), (1, 0)), changed=(),
+                     output_uri=str(tmp_path / "out"))
+    record = copy_members(job, {})
+    (part,) = record["files"]
+    written = pq.read_table(tmp_path / "out" / part)
     assert written["id"].to_pylist() == [f"{k}:{i}" for k in range(2) for i in range(6)]
     assert written["v"].to_pylist() == tables[0]["v"].to_pylist() * 2

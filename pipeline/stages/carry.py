@@ -20,6 +20,7 @@ rejected; the previous rows of the changed files alone enter the shuffle with th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import time
 from collections import Counter
@@ -162,60 +163,161 @@ class _Piece:
     def rows(self) -> int:
         return sum(n for _, n in self.runs)
 
-
-def _kept_runs(slices: tuple[tuple[int, int], ...], kept: frozenset[int], start: int,
-               stop: int, first: int = 0, at: int = 0
-               ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """The runs ``(file index, rows)`` of the copied files among rows ``[start, stop)`` of
-    a part file whose slices are ``slices``, and their ``(start, rows)`` ranges relative to
-    ``start``. The scan begins at slice ``first``, which begins at row ``at``."""
-    out: list[tuple[int, int]] = []
-    ranges: list[tuple[int, int]] = []
-    for index, rows in slices[first:]:
-        if at >= stop:
-            break
-        a, b = max(at, start), min(at + rows, stop)
-        if a < b and index in kept:
-            out.append((index, b - a))
-            if ranges and sum(ranges[-1]) == a - start:
-                ranges[-1] = (ranges[-1][0], ranges[-1][1] + b - a)
-            else:
-                ranges.append((a - start, b - a))
-        at += rows
-    return out, ranges
+    def split(self, rows: int) -> tuple["_Piece", "_Piece"]:
+        """Its first ``rows`` decoded rows, and the rest."""
+        head: list[tuple[int, int]] = []
+        rest = list(self.runs)
+        left = rows
+        while left:
+            index, n = rest.pop(0)
+            if n > left:
+                rest.insert(0, (index, n - left))
+                n = left
+            head.append((index, n))
+            left -= n
+        return (_Piece(tuple(head), table=self.table.slice(0, rows)),
+                _Piece(tuple(rest), table=self.table.slice(rows)))
 
 
-def copied_pieces(data: bytes, slices: tuple[tuple[int, int], ...], kept: frozenset[int],
-                  uri: str) -> list[_Piece]:
-    """The copied files' rows of one previous part file (its bytes ``data``, its manifest's
-    ``slices``), in order: each row group that holds only their rows as bytes, the rows of a
-    row group that also holds changed ones decoded (and a file that cannot be spliced,
-    ``pipeline/io/splice.py``, decoded whole)."""
-    rows = sum(n for _, n in slices)
-    try:
-        parsed = splice.parse(data)
-    except splice.SpliceError:
-        parsed = None
-    if parsed is None:
-        table = pq.read_table(pa.BufferReader(data))
-        runs, ranges = _kept_runs(slices, kept, 0, rows)
-        return [_Piece(tuple(runs), table=take_ranges(table, ranges, uri, rows))]
-    check_rows(sum(g.rows for g in parsed.row_groups), rows, uri)
-    pieces, start = [], 0
-    first, at = 0, 0  # the first slice that reaches this row group, and where it begins
-    for i, group in enumerate(parsed.row_groups):
-        while first < len(slices) and at + slices[first][1] <= start:
-            at += slices[first][1]
-            first += 1
-        runs, ranges = _kept_runs(slices, kept, start, start + group.rows, first, at)
-        if ranges == [(0, group.rows)] and group.rows >= SMALL_GROUP_ROWS:
-            # Its own bytes: the pieces waiting to be written do not hold whole files.
-            pieces.append(_Piece(tuple(runs), group=group.detached(), footer=parsed.footer))
-        elif ranges:
-            pieces.append(_Piece(tuple(runs), table=take_ranges(parsed.table(i), ranges, uri,
-                                                                 group.rows)))
-        start += group.rows
-    return pieces
+Spans = list[list[tuple[int, int, int]]]  # a part file's row groups: (file, start, rows) each
+
+
+def group_spans(slices: tuple[tuple[int, int], ...], groups: list[int], uri: str) -> Spans:
+    """The rows of each row group of a previous part file by file: ``(file index, start in
+    the row group, rows)``, in order (``slices``: the file's, by its manifest; ``groups``:
+    its row groups' rows)."""
+    check_rows(sum(groups), sum(n for _, n in slices), uri)
+    out: Spans = []
+    k = used = 0  # the slice at hand, and its rows already placed
+    for size in groups:
+        spans, at = [], 0
+        while at < size:
+            index, rows = slices[k]
+            n = min(rows - used, size - at)
+            if n:
+                spans.append((index, at, n))
+            at, used = at + n, used + n
+            if used == rows:
+                k, used = k + 1, 0
+        out.append(spans)
+    return out
+
+
+def copy_plan(parts: list[Spans], kept: frozenset[int], small: int | None = None
+              ) -> tuple[list[list[bool]], set[int]]:
+    """Which row groups of a touched unit's previous part files (``parts``, in order) move as
+    bytes, and which copied files are decoded instead (``kept``: the copied files).
+
+    A file's rows must be together in a part file (one run), or its row groups could not
+    move without the others' rows: a copied file found in more than one run of the unit
+    (rows dealt to several writes by the shuffle, on the night they were embedded) is
+    *scattered*. A row group moves as bytes when it holds only copied files' rows, none of a
+    scattered file, and at least ``small`` rows (:data:`SMALL_GROUP_ROWS`). A copied file
+    with rows in any other row group is decoded, and so is every row group holding its rows:
+    a decoded file's rows are written together, so no file is left in two runs."""
+    small = SMALL_GROUP_ROWS if small is None else small
+    runs: list[list[Any]] = []
+    where: dict[int, list[tuple[int, int]]] = {}
+    for p, part in enumerate(parts):
+        for g, group in enumerate(part):
+            for index, _, n in group:
+                add_run(runs, index, n)
+                where.setdefault(index, []).append((p, g))
+    seen = Counter(index for index, _ in runs)
+    scattered = {index for index, count in seen.items() if count > 1}
+    bad = {(p, g) for p, part in enumerate(parts) for g, group in enumerate(part)
+           if sum(n for _, _, n in group) < small
+           or any(i not in kept or i in scattered for i, _, _ in group)}
+    decoded: set[int] = set()
+    todo = list(bad)
+    while todo:
+        p, g = todo.pop()
+        for index, _, _ in parts[p][g]:
+            if index in kept and index not in decoded:
+                decoded.add(index)
+                for other in where[index]:
+                    if other not in bad:
+                        bad.add(other)
+                        todo.append(other)
+    return [[(p, g) not in bad for g in range(len(part))] for p, part in enumerate(parts)], \
+        decoded
+
+
+def _chunks(rows: dict[int, int], most: int) -> list[frozenset[int]]:
+    """The decoded files (``rows``: each one's rows) in order, cut into sets of at most
+    ``most`` rows (a longer file alone)."""
+    out: list[frozenset[int]] = []
+    current: list[int] = []
+    total = 0
+    for index in sorted(rows):
+        if current and total + rows[index] > most:
+            out.append(frozenset(current))
+            current, total = [], 0
+        current.append(index)
+        total += rows[index]
+    if current:
+        out.append(frozenset(current))
+    return out
+
+
+class _Source:
+    """One previous part file read whole: its row groups as bytes, or decoded."""
+
+    def __init__(self, data: bytes, spans: Spans, uri: str) -> None:
+        self.uri, self.spans, self._data = uri, spans, data
+
+    @functools.cached_property
+    def parsed(self) -> splice.ParquetBytes | None:
+        """Its row groups as bytes; None when they cannot move (e.g. another writer's page
+        index: they are decoded instead)."""
+        try:
+            return splice.parse(self._data)
+        except splice.SpliceError:
+            return None
+
+    @functools.cached_property
+    def reader(self) -> pq.ParquetFile:
+        return pq.ParquetFile(pa.BufferReader(pa.py_buffer(self._data)))
+
+    def group(self, g: int) -> _Piece:
+        """Row group ``g`` whole: as bytes (holding only its own), or decoded."""
+        runs = tuple((i, n) for i, _, n in self.spans[g])
+        if self.parsed is not None:
+            return _Piece(runs, group=self.parsed.row_groups[g].detached(),
+                          footer=self.parsed.footer)
+        return _Piece(runs, table=self.reader.read_row_group(g))
+
+    def rows_of(self, groups: list[int], files: frozenset[int]
+                ) -> tuple[pa.Table, np.ndarray] | None:
+        """The rows of ``files`` in row groups ``groups`` (in order), decoded, and each one's
+        file index (None if none)."""
+        spans, ranges, at = [], [], 0
+        for g in groups:
+            for i, a, n in self.spans[g]:
+                if i in files:
+                    spans.append((i, n))
+                    ranges.append((at + a, n))
+            at += sum(n for _, _, n in self.spans[g])
+        if not spans:
+            return None
+        wanted = [g for g in groups if any(i in files for i, _, _ in self.spans[g])]
+        if len(wanted) < len(groups):  # decode only the row groups that hold some
+            return self.rows_of(wanted, files)
+        table = self.reader.read_row_groups(groups)
+        if ranges != [(0, at)]:
+            table = take_ranges(table, ranges, self.uri, at)
+        return table, np.repeat([i for i, _ in spans], [n for _, n in spans])
+
+
+def _gathered(found: list[tuple[pa.Table, np.ndarray]]) -> _Piece:
+    """Decoded rows of several row groups (each with its rows' file indices) as one piece,
+    each file's rows together, files in order (a file's rows in the order found)."""
+    table = pa.concat_tables([t for t, _ in found])
+    index = np.concatenate([i for _, i in found])
+    order = np.argsort(index, kind="stable")
+    files, counts = np.unique(index, return_counts=True)
+    return _Piece(tuple(zip(files.tolist(), counts.tolist())),
+                  table=table.take(pa.array(order)))
 
 
 def _file_rows(pieces: list[_Piece]) -> list[int]:
@@ -233,6 +335,9 @@ def write_pieces(f, pieces: list[_Piece]) -> None:
     as bytes, each run of decoded rows written as row groups that end with a file's rows.
     When the pieces' files differ in their Parquet schemas or writers (one Arrow schema
     written by another pyarrow, say), every piece is decoded and written again."""
+    if all(piece.group is None for piece in pieces):  # nothing moves: written as it is
+        write_table(f, pa.concat_tables([p.table for p in pieces]), _file_rows(pieces))
+        return
     groups: list[RowGroup] = []
     template: Footer | None = None
     decoded: list[_Piece] = []
@@ -267,9 +372,14 @@ def write_pieces(f, pieces: list[_Piece]) -> None:
 def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, Any]:
     """Copy the unchanged files' rows (and rejects) of ``job``'s unit into part files of
     today's unit under ``job.output_uri``, of up to ``job.rows_per_file`` rows each (so a
-    unit's part files do not multiply night after night, and a copy holds about one part
-    file's rows in memory); return the write record of those rows. Row groups of copied
-    files alone move as bytes (:func:`copied_pieces`)."""
+    unit's part files do not multiply night after night, and a copy holds about two part
+    files' rows in memory); return the write record of those rows.
+
+    The previous part files' row groups that :func:`copy_plan` picks move as bytes, in
+    order; the other copied rows are decoded and written after them, each file's rows
+    together, files in order. A unit whose files' rows the shuffle dealt to several writes
+    (its first night) is thus decoded once, and from then on only the row groups that
+    hold changed files' rows (or small ones) are."""
     t0 = time.perf_counter()
     fs, base = open_filesystem(job.output_uri, storage_options)
     base = base.rstrip("/")
@@ -293,23 +403,70 @@ def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, 
                 add_run(slices_out[out], job.members[i], n)
         pending, pending_rows = [], 0
 
-    for name, slices in job.parts:
-        if not job.ranges(name, copied=True):
-            continue
+    def add(piece: _Piece) -> None:
+        nonlocal pending_rows, n_good
+        n_good += piece.rows
+        for i, n in piece.runs:
+            found[i] += n
+        if pending and pending_rows + piece.rows > job.rows_per_file:
+            flush()
+        while piece.table is not None and piece.rows > job.rows_per_file:
+            head, piece = piece.split(job.rows_per_file)
+            pending.append(head)
+            flush()
+        pending.append(piece)
+        pending_rows += piece.rows
+
+    parts = [(name, slices) for name, slices in job.parts if job.ranges(name, copied=True)]
+    spans = []
+    for name, slices in parts:  # their footers alone first: the plan needs every row group
         source_fs, path = open_filesystem(job.uri(name), storage_options)
-        with storage_errors(job.uri(name), "copy rows of the previous snapshot's"):
-            with source_fs.open(path, "rb") as f:
-                data = f.read()
-            pieces = copied_pieces(data, slices, job.kept, job.uri(name))
-        del data
-        for piece in pieces:
-            if pending and pending_rows + piece.rows > job.rows_per_file:
-                flush()
-            pending.append(piece)
-            pending_rows += piece.rows
-            n_good += piece.rows
-            for i, n in piece.runs:
-                found[i] += n
+        with storage_errors(job.uri(name), "copy rows of the previous snapshot's"), \
+                source_fs.open(path, "rb") as f:
+            meta = pq.read_metadata(f)
+        spans.append(group_spans(slices, [meta.row_group(g).num_rows
+                                          for g in range(meta.num_row_groups)], job.uri(name)))
+    moved, decoded = copy_plan(spans, job.kept)
+    decoded_rows: Counter = Counter()
+    for part in spans:
+        for group in part:
+            for i, _, n in group:
+                if i in decoded:
+                    decoded_rows[i] += n
+    chunks = _chunks(decoded_rows, job.rows_per_file)
+
+    def read(p: int) -> _Source:
+        uri = job.uri(parts[p][0])
+        source_fs, path = open_filesystem(uri, storage_options)
+        with storage_errors(uri, "copy rows of the previous snapshot's"), \
+                source_fs.open(path, "rb") as f:
+            return _Source(f.read(), spans[p], uri)
+
+    def gather(p: int, source: _Source, files: frozenset[int], into: list) -> None:
+        with storage_errors(source.uri, "copy rows of the previous snapshot's"):
+            rows = source.rows_of([g for g in range(len(spans[p])) if not moved[p][g]], files)
+        if rows is not None:
+            into.append(rows)
+
+    first: list[tuple[pa.Table, np.ndarray]] = []
+    for p in range(len(parts)):
+        source = read(p)
+        with storage_errors(source.uri, "copy rows of the previous snapshot's"):
+            for g in range(len(spans[p])):
+                if moved[p][g]:
+                    add(source.group(g))
+        if chunks:
+            gather(p, source, chunks[0], first)
+        del source
+    if first:
+        add(_gathered(first))
+    for chunk in chunks[1:]:  # more decoded rows than a part file holds: one set at a time
+        found_now: list[tuple[pa.Table, np.ndarray]] = []
+        for p in range(len(parts)):
+            if any(not moved[p][g] and any(i in chunk for i, _, _ in group)
+                   for g, group in enumerate(spans[p])):
+                gather(p, read(p), chunk, found_now)
+        add(_gathered(found_now))
     if pending:
         flush()
     bad = []
