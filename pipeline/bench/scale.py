@@ -24,9 +24,13 @@ tiny model encodes), on one local Ray started once:
 - ``nightly``: the first night, an unchanged night (every unit carried from the previous
   snapshot), a night with 1% of the files changed in one run of consecutive files (a new
   partition, the common case in lakes: the units holding them go through the diff, the others
-  are carried), and a night with 1% of the files changed spread evenly (every 100th file: with
-  units of ``files // 64`` small files, every unit holds a changed file and goes through the
-  diff whole); each night's wall as a fraction of the first night's.
+  are carried), and ``--spread-nights`` nights in a row with 1% of the files changed spread
+  evenly (every 100th file, another one each night: with units of ``files // 64`` small
+  files, every unit holds a changed file and is touched: its changed files go through the
+  diff, the others are copied, ``pipeline/stages/carry.py``). The first of them copies each
+  unit as the first night's shuffle left it (a file's rows in several part files: decoded
+  once, gathered), the next ones as a night in a lake's routine; each night's wall as a
+  fraction of the first night's.
 
 ``driver_peak_rss_bytes`` is the benchmark process's peak (``ru_maxrss``): the driver, plus
 what writing the shards took (small: one shard at a time).
@@ -236,12 +240,15 @@ def bench_scale(args) -> dict:
                     write_shard(corpus, k, shards[k], args.format, night=3)
                 night["changed_clustered"] = nightly_night(nights, rate)
                 step = max(1, args.files // count)  # spread evenly
-                for k in range(0, args.files, step):
-                    write_shard(corpus, k, shards[k], args.format, night=4)
-                night["changed_spread"] = nightly_night(nights, rate)
-                for key in ("unchanged", "changed_clustered", "changed_spread"):
-                    night[key]["fraction_of_first_night"] = round(
-                        night[key]["wall_s"] / night["first"]["wall_s"], 4)
+                for j in range(args.spread_nights):  # other files each night
+                    for k in range((j * 37) % step, args.files, step):
+                        write_shard(corpus, k, shards[k], args.format, night=4 + j)
+                    key = "changed_spread" if j == 0 else f"changed_spread_{j + 1}"
+                    night[key] = nightly_night(nights, rate)
+                for key, value in night.items():
+                    if key != "first":
+                        value["fraction_of_first_night"] = round(
+                            value["wall_s"] / night["first"]["wall_s"], 4)
         _, rss = _usage()
         unchanged = result.get("nightly", {}).get("unchanged")
         base = result.get("baseline")
@@ -280,7 +287,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-nightly", dest="nightly", action="store_false",
                         help="skip the nights")
     parser.add_argument("--changed-percent", type=float, default=1.0,
-                        help="files changed before each of the last two nights")
+                        help="files changed before each night after the unchanged one")
+    parser.add_argument("--spread-nights", type=int, default=3,
+                        help="nights in a row with --changed-percent of the files changed "
+                        "spread evenly, other files each night (the first of them copies "
+                        "units as the first night's shuffle left them)")
     parser.add_argument("--work-dir", default=None, help="where the corpus and outputs go "
                                                          "(default: the system's temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the corpus and outputs")
@@ -294,6 +305,8 @@ def main(args) -> None:
     args.dims = parse_int_list(args.dims, "--dims") if isinstance(args.dims, str) else args.dims
     if args.files < 1 or args.rows < args.files:
         raise SystemExit("--files must be >= 1 and --rows >= --files")
+    if args.spread_nights < 0:
+        raise SystemExit("--spread-nights must be >= 0")
     if args.encoder_rate < 0:
         raise SystemExit("--encoder-rate must be 0 (the tiny model encodes) or positive tokens/s")
     emit(bench_scale(args), args.json)
