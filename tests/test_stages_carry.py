@@ -106,6 +106,16 @@ def test_which_files_of_a_unit_are_copied(tmp_path):
                        base).kept == {1}
 
 
+def test_a_manifest_whose_slices_name_no_file_of_the_unit_is_refused(tmp_path):
+    manifest, base = write_previous(tmp_path)
+    (part,) = manifest["slices"]
+    changed = members(versions=("v1", "v2b", "v3"))
+    for bad in ([5, 1], [1, -1]):  # a fourth file of three; a negative count of rows
+        broken = manifest | {"slices": {part: manifest["slices"][part] + [bad]}}
+        with pytest.raises(OutputError, match=r"has a row slice .* the snapshot is damaged"):
+            member_copy(changed, broken, base)
+
+
 def test_has_rows_stops_at_the_first_row(tmp_path):
     from pipeline.io.readers import has_rows
 
@@ -305,6 +315,36 @@ def _write_part(path, slices, rng, page_index=False) -> list[int]:
     return groups
 
 
+def _scattered(spans, kept) -> set[int]:
+    """The copied files found in more than one run of a unit's part files."""
+    runs = []
+    for part in spans:
+        for group in part:
+            for i, _, n in group:
+                if runs and runs[-1][0] == i:
+                    runs[-1][1] += n
+                else:
+                    runs.append([i, n])
+    return {i for i in kept if sum(r[0] == i for r in runs) > 1}
+
+
+def _plain_plan(spans, kept, small):
+    """``copy_plan`` the plain way: the row groups that cannot move, grown to a fixed point
+    (every row group of a decoded file), and the decoded files."""
+    scattered = _scattered(spans, kept)
+    groups = [(p, g) for p, part in enumerate(spans) for g in range(len(part))]
+    bad = {(p, g) for p, g in groups
+           if sum(n for _, _, n in spans[p][g]) < small
+           or any(i not in kept or i in scattered for i, _, _ in spans[p][g])}
+    while True:
+        want = {i for p, g in bad for i, _, _ in spans[p][g] if i in kept}
+        grown = bad | {(p, g) for p, g in groups if any(i in want for i, _, _ in spans[p][g])}
+        if grown == bad:
+            return [[(p, g) not in bad for g in range(len(part))]
+                    for p, part in enumerate(spans)], want
+        bad = grown
+
+
 def test_the_copy_plan_moves_clean_row_groups_and_decodes_whole_files():
     """Over random units: a row group moves as bytes when it holds only copied files that
     are each in one run of the unit and has enough rows; every copied file with rows in
@@ -328,28 +368,9 @@ def test_the_copy_plan_moves_clean_row_groups_and_decodes_whole_files():
                                                     replace=False))
         small = int(rng.integers(1, 30))
         moved, decoded = copy_plan(spans, kept, small)
-        runs = []
-        for part in spans:
-            for group in part:
-                for i, _, n in group:
-                    if runs and runs[-1][0] == i:
-                        runs[-1][1] += n
-                    else:
-                        runs.append([i, n])
-        scattered = {i for i in kept if sum(r[0] == i for r in runs) > 1}
+        assert (moved, decoded) == _plain_plan(spans, kept, small), trial
         groups = [(p, g) for p, part in enumerate(spans) for g in range(len(part))]
-        bad = {(p, g) for p, g in groups
-               if sum(n for _, _, n in spans[p][g]) < small
-               or any(i not in kept or i in scattered for i, _, _ in spans[p][g])}
-        while True:  # the fixed point, the plain way
-            want = {i for p, g in bad for i, _, _ in spans[p][g] if i in kept}
-            grown = bad | {(p, g) for p, g in groups if any(i in want for i, _, _ in spans[p][g])}
-            if grown == bad:
-                break
-            bad = grown
-        assert decoded == want, trial
-        assert [[(p, g) not in bad for g in range(len(part))] for p, part in enumerate(spans)] \
-            == moved, trial
+        scattered = _scattered(spans, kept)
         for p, g in groups:
             if moved[p][g]:
                 assert all(i in kept and i not in decoded and i not in scattered
@@ -404,6 +425,10 @@ def test_the_copy_moves_the_planned_row_groups_as_bytes_and_gathers_each_files_r
         want = sorted(f"{i}:part-{p}:{k}" for p, slices in enumerate(parts)
                       for i, n in slices for k in range(n) if i in kept)
         assert sorted(ids) == want and len(ids) == len(set(ids)), trial
+        for i in kept:  # a file's rows in the order they were found, part by part
+            mine = [x for x in ids if int(x.split(":")[0]) == i]
+            assert mine == sorted(mine, key=lambda x: (int(x.split(":")[1][5:]),
+                                                       int(x.split(":")[2]))), trial
         order = [int(x.split(":")[0]) for x in ids]
         assert len([i for k, i in enumerate(order) if k == 0 or order[k - 1] != i]) == \
             len(set(order)), trial  # each file's rows together
@@ -448,14 +473,10 @@ def test_the_copy_moves_the_planned_row_groups_as_bytes_and_gathers_each_files_r
                                                       .num_row_groups)], f)
                  for f, s in zip(record["files"], again)]
         changed = {int(rng.choice(sorted(kept)))}
+        assert not _scattered(spans, kept), trial
         moved, decoded = carry.copy_plan(spans, kept - changed)
-        seeds = {i for part in spans for group in part
-                 if any(i in changed for i, _, _ in group)
-                 or sum(n for *_, n in group) < carry.SMALL_GROUP_ROWS
-                 for i, _, _ in group} - changed
-        assert seeds <= decoded, trial
-        assert all(not flag for part, flags in zip(spans, moved)
-                   for group, flag in zip(part, flags) if any(i in changed for i, _, _ in group))
+        assert (moved, decoded) == _plain_plan(spans, kept - changed,
+                                               carry.SMALL_GROUP_ROWS), trial
         moved_next += sum(map(sum, moved))
     assert moved_in_all > 20 and decoded_in_all > 30 and moved_next > moved_in_all
 
@@ -492,3 +513,31 @@ def test_row_groups_of_files_whose_schemas_differ_are_written_again_whole(tmp_pa
     written = pq.read_table(tmp_path / "out" / part)
     assert written["id"].to_pylist() == [f"{k}:{i}" for k in range(2) for i in range(6)]
     assert written["v"].to_pylist() == tables[0]["v"].to_pylist() * 2
+
+
+def test_row_groups_planned_to_move_from_a_file_that_cannot_be_spliced_are_decoded_in_place(
+        tmp_path, monkeypatch):
+    """A previous part file with a page index (another writer's) holds only copied files, in
+    row groups the plan moves: they cannot move as bytes, so they are decoded, in their place
+    and order, before the row groups that do move."""
+    from pipeline.stages import carry
+
+    monkeypatch.setattr(carry, "SMALL_GROUP_ROWS", 1)
+    rng = np.random.default_rng(2)
+    parts = [[(0, 30), (1, 25)], [(2, 10), (3, 40)]]
+    job = _copy_of(tmp_path, rng, parts, frozenset({0, 1, 3}), "p", page_index=True)
+    spans = [carry.group_spans(s, [pq.read_metadata(Path(job.source) / n).row_group(g).num_rows
+                                   for g in range(pq.read_metadata(Path(job.source) / n)
+                                                  .num_row_groups)], n)
+             for n, s in job.parts]
+    assert len(spans[0]) > 2  # the page-index file's row groups of 17 rows
+    moved, decoded = carry.copy_plan(spans, job.kept)
+    assert all(moved[0]) and decoded <= {3}
+    record = copy_members(job, {})
+    (part,) = record["files"]
+    ids = pq.read_table(Path(job.output_uri) / part)["id"].to_pylist()
+    want = [f"{i}:part-0:{k}" for i, n in parts[0] for k in range(n)]
+    assert ids[:55] == want and len(ids) == 95
+    assert sorted(ids[55:]) == sorted(f"3:part-1:{k}" for k in range(40))
+    assert record["slices"][part] == [["/in/0.parquet", 30], ["/in/1.parquet", 25],
+                                      ["/in/3.parquet", 40]]

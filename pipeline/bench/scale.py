@@ -25,7 +25,7 @@ tiny model encodes), on one local Ray started once:
   snapshot), a night with 1% of the files changed in one run of consecutive files (a new
   partition, the common case in lakes: the units holding them go through the diff, the others
   are carried), and ``--spread-nights`` nights in a row with 1% of the files changed spread
-  evenly (every 100th file, another one each night: with units of ``files // 64`` small
+  evenly (every 100th file, the next one each night: with units of ``files // 64`` small
   files, every unit holds a changed file and is touched: its changed files go through the
   diff, the others are copied, ``pipeline/stages/carry.py``). The first of them copies each
   unit as the first night's shuffle left it (a file's rows in several part files: decoded
@@ -241,10 +241,11 @@ def bench_scale(args) -> dict:
                 night["changed_clustered"] = nightly_night(nights, rate)
                 step = max(1, args.files // count)  # spread evenly
                 for j in range(args.spread_nights):  # other files each night
-                    for k in range((j * 37) % step, args.files, step):
+                    changed = range(j % step, args.files, step)
+                    for k in changed:
                         write_shard(corpus, k, shards[k], args.format, night=4 + j)
                     key = "changed_spread" if j == 0 else f"changed_spread_{j + 1}"
-                    night[key] = nightly_night(nights, rate)
+                    night[key] = nightly_night(nights, rate) | {"files_changed": len(changed)}
                 for key, value in night.items():
                     if key != "first":
                         value["fraction_of_first_night"] = round(

@@ -112,6 +112,13 @@ def member_copy(unit: InputFile, manifest: dict[str, Any], source: str) -> Membe
     parts = [name for name in manifest["files"] if not is_side_file(name)]
     if set(parts) != set(slices):
         return None
+    bad = [s for name in parts for s in slices[name]
+           if not 0 <= int(s[0]) < len(unit.members) or int(s[1]) < 0]
+    if bad:
+        raise OutputError(f"the previous snapshot's manifest of {unit.unit} has a row slice "
+                          f"{bad[0]} that is not one of its {len(unit.members)} files' "
+                          "rows; the snapshot is damaged: restore it, or delete the "
+                          "output's _LATEST to start afresh")
     kept = frozenset(i for i, (m, (size, version, _, _)) in enumerate(zip(unit.members, described))
                      if m.version and version == m.version and size == m.size)
     # Nothing is copied from files that hold no row: the unit's count would then be its
@@ -186,6 +193,10 @@ def group_spans(slices: tuple[tuple[int, int], ...], groups: list[int], uri: str
     """The rows of each row group of a previous part file by file: ``(file index, start in
     the row group, rows)``, in order (``slices``: the file's, by its manifest; ``groups``:
     its row groups' rows)."""
+    if any(rows < 0 for _, rows in slices):
+        raise OutputError(f"{uri}: its manifest's slices count negative rows; the previous "
+                          "snapshot is damaged: restore it, or delete the output's _LATEST to "
+                          "start afresh")
     check_rows(sum(groups), sum(n for _, n in slices), uri)
     out: Spans = []
     k = used = 0  # the slice at hand, and its rows already placed
@@ -448,18 +459,24 @@ def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, 
         if rows is not None:
             into.append(rows)
 
-    first: list[tuple[pa.Table, np.ndarray]] = []
+    in_first: list[tuple[pa.Table, np.ndarray]] = []  # the first set's decoded rows
     for p in range(len(parts)):
+        needed = any(moved[p]) or bool(chunks) and any(
+            not moved[p][g] and any(i in chunks[0] for i, _, _ in group)
+            for g, group in enumerate(spans[p]))
+        if not needed:  # read again for a later set only
+            continue
         source = read(p)
         with storage_errors(source.uri, "copy rows of the previous snapshot's"):
             for g in range(len(spans[p])):
                 if moved[p][g]:
                     add(source.group(g))
         if chunks:
-            gather(p, source, chunks[0], first)
+            gather(p, source, chunks[0], in_first)
         del source
-    if first:
-        add(_gathered(first))
+    if in_first:
+        add(_gathered(in_first))
+        in_first.clear()
     for chunk in chunks[1:]:  # more decoded rows than a part file holds: one set at a time
         found_now: list[tuple[pa.Table, np.ndarray]] = []
         for p in range(len(parts)):
