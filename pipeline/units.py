@@ -406,7 +406,10 @@ class Tracker:
                 unit["slices"] = {name: [[index[uri], n] for uri, n in runs]
                                   for name, runs in slices.items()}
         self._commit(unit)
-        self.committed[key] = unit
+        # Kept without the slices, which a night's shuffle multiplies by the writes a unit's
+        # rows were dealt to (the driver's memory would grow with rows, not files); the
+        # published manifest has them.
+        self.committed[key] = {k: v for k, v in unit.items() if k != "slices"}
         return unit
 
     def unseen(self) -> list[str]:

@@ -73,6 +73,26 @@ def test_a_group_units_part_file_keeps_each_files_rows_together_and_records_its_
     assert manifest["member_files"] == [[10, "v1", 3, 3], [11, "v2", 2, 1], [12, "v3", 1, 0]]
 
 
+def test_the_driver_keeps_a_committed_unit_without_its_slices(tmp_path):
+    """The manifest published has the part files' slices; what the driver keeps of a
+    committed unit does not (they grow with the writes a unit's rows were dealt to)."""
+    fs = fsspec.filesystem("file")
+    rows, base = group_rows(), str(tmp_path / "prev")
+    records = [write_outputs(fs, base, rows.slice(k, 2), output_spec())[0] for k in (0, 2, 4)]
+    checksum = sum(file_rows_checksum(u, n, s) for u, n, s in
+                   ((A, 3, 3), (B, 2, 1), (C, 1, 0))) % CHECKSUM_MOD
+    commits = []
+    tracker = units.Tracker([members()], commit=commits.append)
+    tracker.add(records[0])
+    tracker.add(records[1])
+    assert tracker.add(records[2] | {"file_rows": 6, "file_rowsum": checksum}) is not None
+    (published,) = commits
+    assert len(published["slices"]) == 3
+    (kept,) = tracker.committed.values()
+    assert "slices" not in kept
+    assert {k: v for k, v in published.items() if k != "slices"} == kept
+
+
 def test_which_files_of_a_unit_are_copied(tmp_path):
     manifest, base = write_previous(tmp_path)
     copy = member_copy(members(versions=("v1", "v2b", "v3")), manifest, base)
