@@ -509,11 +509,7 @@ def diff_bucket(table: pa.Table, diff: Diff) -> Iterator[pa.Table]:
         for d in diff.dims:
             out = out.append_column(prev_doc_embedding(d), _take(
                 documents, prev_doc_embedding(d), taken, diff.prev_doc_type(d)))
-    # A unit's rows together: the shuffle dealt them to every bucket by id, and the write
-    # stage writes a part file per unit and write batch, so in the shuffle's order a unit
-    # would get a part file in nearly every write batch of the night (hundreds, of tens of
-    # rows each, at 768/512/256 over 10M rows); together, about one per bucket.
-    yield out.take(pc.sort_indices(out[S.UNIT]))
+    yield out
 
 
 def _split_documents(previous: pa.Table, diff: Diff) -> tuple[pa.Table, pa.Table | None]:
