@@ -20,10 +20,10 @@ from pipeline import units
 from pipeline.io import schema as S
 from pipeline.io.errors import InputError, OutputError
 from pipeline.io.readers import ReadSpec, Skipped, read_unit
-from pipeline.io.storage import (CHECKSUM_MOD, GROUP_MARK, InputFile, file_rows_checksum,
-                                 unit_key)
+from pipeline.io.storage import CHECKSUM_MOD, GROUP_MARK, InputFile, file_rows_checksum
 from pipeline.io.writers import write_outputs
-from pipeline.stages.carry import MemberCopy, copy_members, member_copy, take_ranges
+from pipeline.stages.carry import (MemberCopy, copy_members, copy_plan, group_spans,
+                                   member_copy, take_ranges)
 from tests.test_io_writers import encoded_table, output_spec
 
 A, B, C = "/in/a.jsonl", "/in/b.jsonl", "/in/c.jsonl"
@@ -327,8 +327,7 @@ def _write_part(path, slices, rng, page_index=False) -> list[int]:
                                                pa.list_(pa.float32()))})
     if page_index:  # another writer's file, whose row groups cannot move as bytes
         pq.write_table(table, path, row_group_size=17, write_page_index=True)
-        meta = pq.read_metadata(path)
-        return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        return _group_rows(path)
     groups = file_row_groups([n for _, n in slices], least=int(rng.integers(1, 50)))
     with open(path, "wb") as f:
         write_table(f, table, groups)
@@ -370,19 +369,16 @@ def test_the_copy_plan_moves_clean_row_groups_and_decodes_whole_files():
     are each in one run of the unit and has enough rows; every copied file with rows in
     another row group is decoded, all its row groups with it (checked against a plain fixed
     point), and the others keep all their row groups moving."""
-    from pipeline.stages.carry import copy_plan
-
     rng = np.random.default_rng(11)
     for trial in range(200):
         files = int(rng.integers(1, 12))
         parts = _random_parts(rng, files, scattered=trial % 2 == 0)
         spans = []
-        for slices in parts:
-            rows = [n for _, n in slices for _ in range(1)]
-            cuts = np.sort(rng.choice(np.arange(1, sum(rows)), min(sum(rows) - 1, int(
-                rng.integers(0, 4))), replace=False)) if sum(rows) > 1 else []
-            groups = np.diff([0, *cuts, sum(rows)]).tolist()
-            from pipeline.stages.carry import group_spans
+        for slices in parts:  # row groups cut anywhere
+            rows = sum(n for _, n in slices)
+            cuts = np.sort(rng.choice(np.arange(1, rows), min(rows - 1, int(
+                rng.integers(0, 4))), replace=False)) if rows > 1 else []
+            groups = np.diff([0, *cuts, rows]).tolist()
             spans.append(group_spans(tuple(slices), groups, "part"))
         kept = frozenset(int(i) for i in rng.choice(files, int(rng.integers(1, files + 1)),
                                                     replace=False))
@@ -395,6 +391,12 @@ def test_the_copy_plan_moves_clean_row_groups_and_decodes_whole_files():
             if moved[p][g]:
                 assert all(i in kept and i not in decoded and i not in scattered
                            for i, _, _ in spans[p][g])
+
+
+def _group_rows(path) -> list[int]:
+    """The rows of each row group of the Parquet file at ``path``."""
+    meta = pq.read_metadata(path)
+    return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
 
 
 def _copy_of(tmp_path, rng, parts, kept, name, page_index=False, rows_per_file=1 << 62):
@@ -462,10 +464,7 @@ def test_the_copy_moves_the_planned_row_groups_as_bytes_and_gathers_each_files_r
                     runs.append([job.members[i], n])
             assert record["slices"][f] == runs, trial
         # The planned row groups moved byte for byte (the other writer's file excepted).
-        spans = [carry.group_spans(s, [pq.read_metadata(Path(job.source) / n).row_group(g)
-                                       .num_rows for g in range(pq.read_metadata(
-                                           Path(job.source) / n).num_row_groups)], n)
-                 for n, s in job.parts]
+        spans = [group_spans(s, _group_rows(Path(job.source) / n), n) for n, s in job.parts]
         moved, decoded = carry.copy_plan(spans, kept)
         written = b"".join((out / f).read_bytes() for f in record["files"])
         for (name, _), flags in zip(job.parts, moved):
@@ -488,10 +487,7 @@ def test_the_copy_moves_the_planned_row_groups_as_bytes_and_gathers_each_files_r
         # files' others.
         again = [tuple((job.members.index(uri), n) for uri, n in record["slices"][f])
                  for f in record["files"]]
-        spans = [carry.group_spans(s, [pq.read_metadata(out / f).row_group(g).num_rows
-                                       for g in range(pq.read_metadata(out / f)
-                                                      .num_row_groups)], f)
-                 for f, s in zip(record["files"], again)]
+        spans = [group_spans(s, _group_rows(out / f), f) for f, s in zip(record["files"], again)]
         changed = {int(rng.choice(sorted(kept)))}
         assert not _scattered(spans, kept), trial
         moved, decoded = carry.copy_plan(spans, kept - changed)
@@ -546,10 +542,7 @@ def test_row_groups_planned_to_move_from_a_file_that_cannot_be_spliced_are_decod
     rng = np.random.default_rng(2)
     parts = [[(0, 30), (1, 25)], [(2, 10), (3, 40)]]
     job = _copy_of(tmp_path, rng, parts, frozenset({0, 1, 3}), "p", page_index=True)
-    spans = [carry.group_spans(s, [pq.read_metadata(Path(job.source) / n).row_group(g).num_rows
-                                   for g in range(pq.read_metadata(Path(job.source) / n)
-                                                  .num_row_groups)], n)
-             for n, s in job.parts]
+    spans = [group_spans(s, _group_rows(Path(job.source) / n), n) for n, s in job.parts]
     assert len(spans[0]) > 2  # the page-index file's row groups of 17 rows
     moved, decoded = carry.copy_plan(spans, job.kept)
     assert all(moved[0]) and decoded <= {3}
