@@ -9,8 +9,9 @@ copied rows as part files of today's unit and returns a write record for the dri
 counts them with the rows the graph writes for the unit's changed files: the unit is
 committed once both are out (the reader of the changed files gives the whole unit's row
 count and checksum, the copied files' taken from the previous manifest). A previous part
-file's row groups that hold copied files' rows alone move into the new part file as bytes
-(``pipeline/io/splice.py``); only those that also hold changed files' rows are decoded.
+file's row groups that hold copied files' rows alone, each file in one run of the unit, move
+into the new part file as bytes (``pipeline/io/splice.py``); the other copied files are
+decoded and written each file's rows together (:func:`copy_plan`).
 
 The copied rows' ids take part in the diff as seen ids (``diff.read_touched``, by
 :meth:`MemberCopy.ranges`), as a carried unit's do, so a changed file that repeats one is
@@ -302,6 +303,9 @@ class _Source:
                 ) -> tuple[pa.Table, np.ndarray] | None:
         """The rows of ``files`` in row groups ``groups`` (in order), decoded, and each one's
         file index (None if none)."""
+        groups = [g for g in groups if any(i in files for i, _, _ in self.spans[g])]
+        if not groups:
+            return None
         spans, ranges, at = [], [], 0
         for g in groups:
             for i, a, n in self.spans[g]:
@@ -309,11 +313,6 @@ class _Source:
                     spans.append((i, n))
                     ranges.append((at + a, n))
             at += sum(n for _, _, n in self.spans[g])
-        if not spans:
-            return None
-        wanted = [g for g in groups if any(i in files for i, _, _ in self.spans[g])]
-        if len(wanted) < len(groups):  # decode only the row groups that hold some
-            return self.rows_of(wanted, files)
         table = self.reader.read_row_groups(groups)
         if ranges != [(0, at)]:
             table = take_ranges(table, ranges, self.uri, at)
@@ -459,13 +458,15 @@ def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, 
         if rows is not None:
             into.append(rows)
 
+    def decodes(p: int, files: frozenset[int]) -> bool:
+        """Part ``p`` has rows of ``files`` in row groups that do not move."""
+        return any(not moved[p][g] and any(i in files for i, _, _ in group)
+                   for g, group in enumerate(spans[p]))
+
     in_first: list[tuple[pa.Table, np.ndarray]] = []  # the first set's decoded rows
     for p in range(len(parts)):
-        needed = any(moved[p]) or bool(chunks) and any(
-            not moved[p][g] and any(i in chunks[0] for i, _, _ in group)
-            for g, group in enumerate(spans[p]))
-        if not needed:  # read again for a later set only
-            continue
+        if not any(moved[p]) and not (chunks and decodes(p, chunks[0])):
+            continue  # read for a later set only
         source = read(p)
         with storage_errors(source.uri, "copy rows of the previous snapshot's"):
             for g in range(len(spans[p])):
@@ -480,8 +481,7 @@ def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, 
     for chunk in chunks[1:]:  # more decoded rows than a part file holds: one set at a time
         found_now: list[tuple[pa.Table, np.ndarray]] = []
         for p in range(len(parts)):
-            if any(not moved[p][g] and any(i in chunk for i, _, _ in group)
-                   for g, group in enumerate(spans[p])):
+            if decodes(p, chunk):
                 gather(p, read(p), chunk, found_now)
         add(_gathered(found_now))
     if pending:
