@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.bench import scale
 from pipeline.io.storage import MANIFEST_DIR, SUMMARY_NAME, list_inputs
@@ -37,3 +38,18 @@ def test_kill_at_half_leaves_the_earlier_half(tmp_path):
     # The two committed first (the highest k: the earliest commit times) are kept.
     assert sorted(p.name for p in manifests.iterdir()) == ["unit-3.json", "unit-4.json"]
     assert not (tmp_path / SUMMARY_NAME).exists()
+
+
+def test_each_job_gets_its_own_peak():
+    # A phase's peak must not carry an earlier phase's: 128 MiB touched then freed before the
+    # reset is in the process's peak (kept in PEAKS), not in the next phase's.
+    big = bytearray(128 << 20)
+    big[::4096] = b"x" * len(big[::4096])
+    del big
+    reset = scale._new_peak()
+    if not reset:
+        pytest.skip("the peak RSS cannot be reset on this system")
+    before = scale.PEAKS[-1]
+    after = scale._peak_since(reset)
+    assert after < before - (96 << 20)
+    assert scale._peak_since(False) is None

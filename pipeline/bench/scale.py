@@ -33,7 +33,10 @@ tiny model encodes), on one local Ray started once:
   fraction of the first night's.
 
 ``driver_peak_rss_bytes`` is the benchmark process's peak (``ru_maxrss``): the driver, plus
-what writing the shards took (small: one shard at a time).
+what writing the shards took (small: one shard at a time). On Linux each job's own peak is
+reported too (``driver_peak_rss_bytes`` in the run's and each night's entry): the peak is
+reset before each job (``/proc/self/clear_refs``), so a growth is pinned on the job that
+makes it; the top-level figure is then the largest of them and of the rest.
 """
 
 from __future__ import annotations
@@ -99,9 +102,30 @@ def write_corpus(root: Path, files: int, rows: int, fmt: str) -> list[range]:
 
 
 def _usage() -> tuple[float, int]:
-    """(the process's CPU seconds, its peak RSS in bytes)."""
+    """(the process's CPU seconds, its peak RSS in bytes: since the last :func:`_new_peak`
+    where that could reset it)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime, r.ru_maxrss * 1024
+
+
+PEAKS: list[int] = []  # the process's peaks before each reset
+
+
+def _new_peak() -> bool:
+    """Start measuring a new peak RSS (Linux: writing 5 to ``/proc/self/clear_refs`` resets
+    it to the current RSS); the one so far is kept in :data:`PEAKS`. False where the peak
+    cannot be reset (then every peak read is the process's)."""
+    PEAKS.append(_usage()[1])
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_since(reset: bool) -> int | None:
+    return _usage()[1] if reset else None
 
 
 def dir_bytes(path: Path) -> tuple[int, int]:
@@ -123,11 +147,12 @@ def output_ids(out: Path) -> tuple[int, int]:
 def measured_run(config: RunConfig, files: int, rate: float = 0) -> dict:
     from ..jobs.run import RUN, run  # lazy: ray (the other benchmarks run without it)
 
+    reset = _new_peak()
     cpu0, _ = _usage()
     t0 = time.perf_counter()
     summary = run(config, rate_spec(rate) if rate else RUN)
     wall = time.perf_counter() - t0
-    cpu1, rss = _usage()
+    cpu1, _ = _usage()
     out = Path(config.output)
     committed = summary["units"]["committed_now"]
     manifests = dir_bytes(out / MANIFEST_DIR)
@@ -139,7 +164,7 @@ def measured_run(config: RunConfig, files: int, rate: float = 0) -> dict:
         "tokens": summary["tokens"],
         "driver_cpu_s": round(cpu1 - cpu0, 2),
         "driver_cpu_ms_per_unit": round(1000 * (cpu1 - cpu0) / committed, 3) if committed else None,
-        "driver_peak_rss_bytes_so_far": rss,
+        "driver_peak_rss_bytes": _peak_since(reset),
         "summary_bytes": (out / SUMMARY_NAME).stat().st_size,
         "manifest_files": manifests[0], "manifest_bytes": manifests[1],
         "part_files": len(list(out.glob("part-*.parquet"))),
@@ -174,14 +199,17 @@ def resume_plan_seconds(config: RunConfig, rate: float = 0) -> float:
 def nightly_night(config: RunConfig, rate: float = 0) -> dict:
     from ..jobs.nightly import run_nightly  # lazy: ray (see above)
 
+    reset = _new_peak()
     t0 = time.perf_counter()
     summary = run_nightly(config, functools.partial(with_rate_encoder, rate=rate)
                           if rate else None)
     wall = time.perf_counter() - t0
+    peak = _peak_since(reset)
     keep = ("rows_in", "rows_new", "rows_changed", "rows_unchanged", "rows_reused",
             "rows_embedded", "reconciled")
     return {k: summary[k] for k in keep} | {"wall_s": round(wall, 2),
                                             "driver_s": summary.get("driver_s"),
+                                            "driver_peak_rss_bytes": peak,
                                             "units": summary["units"]}
 
 
@@ -250,7 +278,7 @@ def bench_scale(args) -> dict:
                     if key != "first":
                         value["fraction_of_first_night"] = round(
                             value["wall_s"] / night["first"]["wall_s"], 4)
-        _, rss = _usage()
+        rss = max([*PEAKS, _usage()[1]])
         unchanged = result.get("nightly", {}).get("unchanged")
         base = result.get("baseline")
         driver = first["driver_s"] or {}
