@@ -27,6 +27,7 @@ import posixpath
 import time
 from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import pyarrow as pa
 
 from .io.readers import JSON_TEXT
@@ -91,9 +92,33 @@ def load_state(fs, path: str, files: list[str]) -> OutputState:
         contents = {manifests[0]: contents}
     for data in contents.values():
         manifest = json.loads(data)
+        if "slices" in manifest:
+            manifest["slices"] = packed_slices(manifest["slices"])
         units[manifest["unit"]] = manifest
     state.identity, state.units = identity, units
     return state
+
+
+def packed_slices(slices: Any) -> Any:
+    """A unit manifest's part files' slices as the driver holds them: per part file, an
+    ``(n, 2)`` int64 array of ``[file index, rows]``, 16 bytes a slice. As loaded from JSON a
+    slice is a list of two ints, ~100 bytes; a night's shuffle deals a unit's rows over
+    several part files, so their slices grow with rows, and a snapshot of 100,000 small files
+    and 10M rows held ~0.1 GiB of them. Slices that are not such pairs are returned as they
+    are (``pipeline/stages/carry.py::member_copy`` refuses them). :func:`storage.publish_json`
+    writes the arrays back as lists."""
+    if not isinstance(slices, dict):
+        return slices
+    packed = {}
+    for name, runs in slices.items():
+        try:
+            array = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+        except (ValueError, TypeError):
+            return slices
+        if array.size != 2 * len(runs):  # e.g. [1, 2] or [[1, 2, 3], [4, 5, 6]]
+            return slices
+        packed[name] = array
+    return packed
 
 
 # Small files are grouped into units of several once the input has many: the per-unit costs
@@ -364,6 +389,7 @@ class Tracker:
         self.open: dict[str, dict[str, Any]] = {}
         self.committed: dict[str, dict[str, Any]] = {}
         self._commit = commit
+        self._index: dict[str, dict[str, int]] = {}  # an open unit's files' indices, by URI
 
     def add(self, record: dict[str, Any]) -> dict[str, Any] | None:
         """Take one write record; returns the unit's manifest if this completed it."""
@@ -371,6 +397,8 @@ class Tracker:
         if key in self.committed or key not in self.files:
             raise RowsDuplicated(f"rows of {record['source']} arrived after its unit was "
                                  "committed (or it is not an input of this run)")
+        if "slices" in record:  # held as arrays of [file index, rows] (see packed_slices)
+            record = record | {"slices": self._packed(key, record["slices"])}
         unit = merge(self.open.get(key), record)
         self.open[key] = unit
         if 0 <= unit["file_rows"] < unit["rows"]:
@@ -379,6 +407,22 @@ class Tracker:
         if complete(unit):
             return self._finish(key)
         return None
+
+    def _packed(self, key: str, slices: dict[str, list]) -> dict[str, np.ndarray]:
+        """A write record's slices (``[file URI, rows]`` runs by part file) as arrays of
+        ``[file index in the unit's members, rows]``."""
+        index = self._index.get(key)
+        if index is None:
+            index = self._index[key] = {m.uri: i for i, m in enumerate(self.files[key].members)}
+        packed = {}
+        for name, runs in slices.items():
+            unknown = [uri for uri, _ in runs if uri not in index]
+            if unknown:
+                raise OutputError(f"a write of {self.files[key].unit} names rows of "
+                                  f"{unknown[0]}, not one of its files")
+            packed[name] = np.array([[index[uri], n] for uri, n in runs],
+                                    dtype=np.int64).reshape(-1, 2)
+        return packed
 
     def finish_empty(self, key: str, rows: int) -> dict[str, Any] | None:
         """Commit a unit that produced no row if its file is indeed empty (``rows`` == 0)."""
@@ -391,6 +435,7 @@ class Tracker:
 
     def _finish(self, key: str) -> dict[str, Any]:
         unit, f = self.open.pop(key), self.files[key]
+        self._index.pop(key, None)
         unit |= {"size": f.size, "version": f.version, "committed_at": time.time()}
         if f.members:  # what a resume needs to plan the same unit again
             unit["members"] = [m.uri for m in f.members]
@@ -400,11 +445,9 @@ class Tracker:
                 # files instead of reading it again (pipeline/stages/carry.py): each file's
                 # size, version, rows and the sum of their numbers, and each part file's
                 # slices, [file's index in ``members``, rows] in the part file's order.
-                index = {m.uri: i for i, m in enumerate(f.members)}
                 unit["member_files"] = [[m.size, m.version, *rows.get(m.uri, (0, 0))]
                                         for m in f.members]
-                unit["slices"] = {name: [[index[uri], n] for uri, n in runs]
-                                  for name, runs in slices.items()}
+                unit["slices"] = {name: runs.tolist() for name, runs in slices.items()}
         self._commit(unit)
         # Kept without the slices, which a night's shuffle multiplies by the writes a unit's
         # rows were dealt to (the driver's memory would grow with rows, not files); the

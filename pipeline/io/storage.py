@@ -555,5 +555,13 @@ def publish_json(fs: fsspec.AbstractFileSystem, path: str, document: dict[str, A
     """Publish a JSON document (a manifest, a summary) whole or not at all; returns ``path``.
     The one JSON writer of the pipeline's own files."""
     with storage_errors(to_uri(fs, path), "write"), open_for_publish(fs, path) as f:
-        f.write(json.dumps(document, indent=1, sort_keys=True, default=str).encode())
+        f.write(json.dumps(document, indent=1, sort_keys=True, default=_jsonable).encode())
     return path
+
+
+def _jsonable(value: Any) -> Any:
+    """What :func:`publish_json` writes for a value JSON has no type for: an array (a
+    manifest's slices as the driver holds them, ``units.packed_slices``) as lists, anything
+    else as its text."""
+    tolist = getattr(value, "tolist", None)
+    return tolist() if callable(tolist) else str(value)

@@ -57,8 +57,9 @@ class MemberCopy:
     source: str  # the previous snapshot's folder URI
     members: tuple[str, ...]  # the unit's files, in order
     kept: frozenset[int]  # indices of the files copied (unchanged since the previous snapshot)
-    # The previous part files and each one's slices: ((file index, rows), ...) in row order.
-    parts: tuple[tuple[str, tuple[tuple[int, int], ...]], ...]
+    # The previous part files and each one's slices: ((file index, rows), ...) in row order
+    # (an (n, 2) array where member_copy made it: 16 bytes a slice on the driver).
+    parts: tuple[tuple[str, Any], ...]
     rejects: tuple[str, ...]  # the previous reject files of the unit
     counts: tuple[tuple[int, int], ...]  # each file's rows and row-number sum (all members)
     changed: tuple[InputFile, ...]  # the files read tonight
@@ -71,7 +72,7 @@ class MemberCopy:
         ``copied``, of the changed ones), adjacent ones merged."""
         out: list[tuple[int, int]] = []
         start = 0
-        for index, rows in dict(self.parts)[name]:
+        for index, rows in pairs(dict(self.parts)[name]):
             if (index in self.kept) == copied and rows:
                 if out and out[-1][0] + out[-1][1] == start:
                     out[-1] = (out[-1][0], out[-1][1] + rows)
@@ -113,8 +114,7 @@ def member_copy(unit: InputFile, manifest: dict[str, Any], source: str) -> Membe
     parts = [name for name in manifest["files"] if not is_side_file(name)]
     if set(parts) != set(slices):
         return None
-    bad = [s for name in parts for s in slices[name]
-           if not 0 <= int(s[0]) < len(unit.members) or int(s[1]) < 0]
+    bad = [s for s in (bad_slice(slices[name], len(unit.members)) for name in parts) if s]
     if bad:
         raise OutputError(f"the previous snapshot's manifest of {unit.unit} has a row slice "
                           f"{bad[0]} that is not one of its {len(unit.members)} files' "
@@ -131,10 +131,26 @@ def member_copy(unit: InputFile, manifest: dict[str, Any], source: str) -> Membe
     return MemberCopy(
         unit=unit.unit, key=manifest["unit"], source=source,
         members=tuple(m.uri for m in unit.members), kept=kept,
-        parts=tuple((name, tuple((int(i), int(n)) for i, n in slices[name])) for name in parts),
+        parts=tuple((name, np.asarray(slices[name], dtype=np.int64).reshape(-1, 2))
+                    for name in parts),
         rejects=tuple(n for n in manifest["files"] if n.startswith(REJECTS_DIR + "/")),
         counts=tuple((int(rows), int(row_sum)) for _, _, rows, row_sum in described),
         changed=tuple(m for i, m in enumerate(unit.members) if i not in kept))
+
+
+def bad_slice(runs: Any, members: int) -> list | None:
+    """The first of a part file's slices that is not ``[index of one of the unit's members,
+    rows >= 0]``, or None."""
+    if isinstance(runs, np.ndarray):  # as units.packed_slices holds them
+        bad = (runs[:, 0] < 0) | (runs[:, 0] >= members) | (runs[:, 1] < 0)
+        return runs[bad][0].tolist() if bad.any() else None
+    return next((list(s) for s in runs if not 0 <= int(s[0]) < members or int(s[1]) < 0),
+                None)
+
+
+def pairs(slices: Any) -> list:
+    """A part file's slices as Python ``[index, rows]`` pairs (from an array, or as given)."""
+    return slices.tolist() if isinstance(slices, np.ndarray) else slices
 
 
 def check_rows(found: int, rows: int, uri: str) -> None:
@@ -427,7 +443,8 @@ def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, 
         pending.append(piece)
         pending_rows += piece.rows
 
-    parts = [(name, slices) for name, slices in job.parts if job.ranges(name, copied=True)]
+    parts = [(name, pairs(slices)) for name, slices in job.parts
+             if job.ranges(name, copied=True)]
     spans = []
     for name, slices in parts:  # their footers alone first: the plan needs every row group
         source_fs, path = open_filesystem(job.uri(name), storage_options)
