@@ -20,7 +20,8 @@ from pipeline import units
 from pipeline.io import schema as S
 from pipeline.io.errors import InputError, OutputError
 from pipeline.io.readers import ReadSpec, Skipped, read_unit
-from pipeline.io.storage import CHECKSUM_MOD, GROUP_MARK, InputFile, file_rows_checksum
+from pipeline.io.storage import (CHECKSUM_MOD, GROUP_MARK, InputFile, file_rows_checksum,
+                                  publish_json)
 from pipeline.io.writers import write_outputs
 from pipeline.stages.carry import (MemberCopy, copy_members, copy_plan, group_spans,
                                    member_copy, take_ranges)
@@ -134,6 +135,41 @@ def test_a_manifest_whose_slices_name_no_file_of_the_unit_is_refused(tmp_path):
         broken = manifest | {"slices": {part: manifest["slices"][part] + [bad]}}
         with pytest.raises(OutputError, match=r"has a row slice .* the snapshot is damaged"):
             member_copy(changed, broken, base)
+
+
+def test_the_driver_holds_loaded_slices_as_arrays_and_publishes_them_as_lists(tmp_path):
+    """A loaded manifest's slices are (n, 2) int64 arrays (16 bytes a slice, not a JSON
+    list's ~100: they grow with the writes a unit's rows were dealt to); copies planned from
+    them are the same, and a manifest published again is the one read."""
+    manifest, base = write_previous(tmp_path)
+    fs, out = fsspec.filesystem("file"), str(tmp_path / "snap")
+    path = publish_json(fs, units.manifest_path(out, manifest["unit"]), manifest)
+    (loaded,) = units.load_state(fs, out, [path]).units.values()
+    (part,) = loaded["slices"]
+    assert loaded["slices"][part].dtype == np.int64
+    assert loaded["slices"][part].tolist() == manifest["slices"][part]
+    changed = members(versions=("v1", "v2b", "v3"))
+    ours, theirs = member_copy(changed, loaded, base), member_copy(changed, manifest, base)
+    assert ours.ranges(part, copied=True) == theirs.ranges(part, copied=True) == [(0, 3), (4, 1)]
+    assert ours.kept == theirs.kept and ours.skipped == theirs.skipped
+    publish_json(fs, path, loaded)
+    assert json.loads(Path(path).read_text()) == manifest
+    # Damaged slices are refused as arrays too; slices that are not pairs are left as loaded.
+    broken = loaded | {"slices": {part: np.vstack([loaded["slices"][part], [[3, 1]]])}}
+    with pytest.raises(OutputError, match=r"has a row slice \[3, 1\] that is not one of"):
+        member_copy(changed, broken, base)
+    for odd in ({part: [1, 2]}, {part: [[1, 2, 3], [4, 5, 6]]}, {part: [["a", 1]]}, [[0, 1]]):
+        assert units.packed_slices(odd) == odd
+
+
+def test_a_write_naming_a_file_not_of_its_unit_is_refused(tmp_path):
+    (record,) = write_outputs(fsspec.filesystem("file"), str(tmp_path / "prev"),
+                              group_rows(), output_spec())
+    (part,) = record["slices"]
+    tracker = units.Tracker([members()], commit=lambda unit: None)
+    stray = record | {"slices": {part: record["slices"][part] + [["/in/d.jsonl", 1]]}}
+    with pytest.raises(OutputError, match="names rows of /in/d.jsonl, not one of its files"):
+        tracker.add(stray)
 
 
 def test_has_rows_stops_at_the_first_row(tmp_path):
