@@ -34,6 +34,7 @@ from .io.readers import JSON_TEXT
 from .io.storage import (CHECKSUM_MOD, MANIFEST_DIR, SUMMARY_NAME, InputFile, OutputError,
                          group_version, is_local, publish_json, relative, storage_errors, to_uri,
                          unit_key)
+from .io.writers import pair_array
 
 log = logging.getLogger("pipeline.units")
 
@@ -104,18 +105,15 @@ def packed_slices(slices: Any) -> Any:
     ``(n, 2)`` int64 array of ``[file index, rows]``, 16 bytes a slice. As loaded from JSON a
     slice is a list of two ints, ~100 bytes; a night's shuffle deals a unit's rows over
     several part files, so their slices grow with rows, and a snapshot of 100,000 small files
-    and 10M rows held ~0.1 GiB of them. Slices that are not such pairs are returned as they
-    are (``pipeline/stages/carry.py::member_copy`` refuses them). :func:`storage.publish_json`
-    writes the arrays back as lists."""
+    and 10M rows held ~0.1 GiB of them. Slices that are not such pairs of int64 are returned
+    as they are (``pipeline/stages/carry.py::member_copy`` refuses them as damaged).
+    :func:`storage.publish_json` writes the arrays back as lists."""
     if not isinstance(slices, dict):
         return slices
     packed = {}
     for name, runs in slices.items():
-        try:
-            array = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
-        except (ValueError, TypeError):
-            return slices
-        if array.size != 2 * len(runs):  # e.g. [1, 2] or [[1, 2, 3], [4, 5, 6]]
+        array = pair_array(runs)
+        if array is None:
             return slices
         packed[name] = array
     return packed

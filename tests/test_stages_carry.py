@@ -158,8 +158,14 @@ def test_the_driver_holds_loaded_slices_as_arrays_and_publishes_them_as_lists(tm
     broken = loaded | {"slices": {part: np.vstack([loaded["slices"][part], [[3, 1]]])}}
     with pytest.raises(OutputError, match=r"has a row slice \[3, 1\] that is not one of"):
         member_copy(changed, broken, base)
-    for odd in ({part: [1, 2]}, {part: [[1, 2, 3], [4, 5, 6]]}, {part: [["a", 1]]}, [[0, 1]]):
-        assert units.packed_slices(odd) == odd
+    odd = ([1, 2], [[0, 3, 9], [1, 1, 9]], [[[0, 3]], [[1, 1]]], [["a", 1]], [[0, None]],
+           [[0, 1 << 64]], [[0, 2.5]], [[True, 1]])
+    for runs in odd:
+        assert units.packed_slices({part: runs}) == {part: runs}
+        with pytest.raises(OutputError, match=r"has slices .* that are not pairs of integers"):
+            member_copy(changed, loaded | {"slices": {part: runs}}, base)
+    assert units.packed_slices([[0, 1]]) == [[0, 1]]
+    assert hash(ours) == hash(ours) and ours == ours  # a frozen dataclass, arrays and all
 
 
 def test_a_write_naming_a_file_not_of_its_unit_is_refused(tmp_path):
@@ -210,6 +216,7 @@ def test_the_copy_writes_the_unchanged_files_rows_and_rejects_and_their_record(t
     assert copied.equals(previous.slice(0, 4))  # bit for bit, schema metadata included
     assert copied.schema.metadata == previous.schema.metadata
     assert record["slices"] == {part: [[A, 3], [B, 1]]}
+    assert json.loads(json.dumps(record)) == record  # plain ints, not the plan's arrays'
     assert pq.read_table(tmp_path / "out" / reject)["source"].to_pylist() == [B]
     assert record["member_rows"] == {A: [3, 3], B: [2, 1]}
 

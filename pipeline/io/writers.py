@@ -236,6 +236,22 @@ def add_run(out: list[list[Any]], value: Any, rows: int) -> None:
         out.append([value, rows])
 
 
+def pair_array(runs: Any) -> np.ndarray | None:
+    """``runs`` (a list of ``[int, int]``, or such an array) as an ``(n, 2)`` int64 array;
+    None if they are not that."""
+    if isinstance(runs, np.ndarray) and runs.dtype == np.int64 and runs.ndim == 2 \
+            and runs.shape[1] == 2:
+        return runs
+    if not isinstance(runs, (list, tuple)) or not all(
+            isinstance(s, (list, tuple)) and len(s) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in s) for s in runs):
+        return None
+    try:
+        return np.array(runs, dtype=np.int64).reshape(-1, 2)
+    except OverflowError:
+        return None
+
+
 def part_name(unit: str) -> str:
     """A fresh name for a file of one unit's rows (``part-*.parquet`` is the output's glob)."""
     return f"part-{unit}-{uuid.uuid4().hex[:12]}.parquet"

@@ -38,8 +38,8 @@ from ..io.readers import Skipped, has_rows
 from ..io.splice import Footer, RowGroup
 from ..io.storage import (CHECKSUM_MOD, REJECTS_DIR, InputFile, file_rows_checksum,
                           is_side_file, open_filesystem, open_for_publish, storage_errors, to_uri)
-from ..io.writers import (add_run, file_row_groups, part_name, reason_kind, write_parquet,
-                          write_table)
+from ..io.writers import (add_run, file_row_groups, pair_array, part_name, reason_kind,
+                          write_parquet, write_table)
 
 # A row group of copied rows alone smaller than this is decoded with its neighbours rather
 # than moved as bytes, so that files changing night after night do not leave ever smaller
@@ -59,7 +59,7 @@ class MemberCopy:
     kept: frozenset[int]  # indices of the files copied (unchanged since the previous snapshot)
     # The previous part files and each one's slices: ((file index, rows), ...) in row order
     # (an (n, 2) array where member_copy made it: 16 bytes a slice on the driver).
-    parts: tuple[tuple[str, Any], ...]
+    parts: tuple[tuple[str, Any], ...] = dataclasses.field(compare=False)
     rejects: tuple[str, ...]  # the previous reject files of the unit
     counts: tuple[tuple[int, int], ...]  # each file's rows and row-number sum (all members)
     changed: tuple[InputFile, ...]  # the files read tonight
@@ -114,12 +114,16 @@ def member_copy(unit: InputFile, manifest: dict[str, Any], source: str) -> Membe
     parts = [name for name in manifest["files"] if not is_side_file(name)]
     if set(parts) != set(slices):
         return None
-    bad = [s for s in (bad_slice(slices[name], len(unit.members)) for name in parts) if s]
+    runs = {name: pair_array(slices[name]) for name in parts}
+    bad = [f"slices {str(slices[name])[:60]} that are not pairs of integers"
+           for name in parts if runs[name] is None]
+    bad += [f"a row slice {s} that is not one of its {len(unit.members)} files' rows"
+            for s in (bad_slice(runs[name], len(unit.members)) for name in parts
+                      if runs[name] is not None) if s]
     if bad:
-        raise OutputError(f"the previous snapshot's manifest of {unit.unit} has a row slice "
-                          f"{bad[0]} that is not one of its {len(unit.members)} files' "
-                          "rows; the snapshot is damaged: restore it, or delete the "
-                          "output's _LATEST to start afresh")
+        raise OutputError(f"the previous snapshot's manifest of {unit.unit} has {bad[0]}; "
+                          "the snapshot is damaged: restore it, or delete the output's "
+                          "_LATEST to start afresh")
     kept = frozenset(i for i, (m, (size, version, _, _)) in enumerate(zip(unit.members, described))
                      if m.version and version == m.version and size == m.size)
     # Nothing is copied from files that hold no row: the unit's count would then be its
@@ -131,21 +135,17 @@ def member_copy(unit: InputFile, manifest: dict[str, Any], source: str) -> Membe
     return MemberCopy(
         unit=unit.unit, key=manifest["unit"], source=source,
         members=tuple(m.uri for m in unit.members), kept=kept,
-        parts=tuple((name, np.asarray(slices[name], dtype=np.int64).reshape(-1, 2))
-                    for name in parts),
+        parts=tuple((name, runs[name]) for name in parts),
         rejects=tuple(n for n in manifest["files"] if n.startswith(REJECTS_DIR + "/")),
         counts=tuple((int(rows), int(row_sum)) for _, _, rows, row_sum in described),
         changed=tuple(m for i, m in enumerate(unit.members) if i not in kept))
 
 
-def bad_slice(runs: Any, members: int) -> list | None:
-    """The first of a part file's slices that is not ``[index of one of the unit's members,
-    rows >= 0]``, or None."""
-    if isinstance(runs, np.ndarray):  # as units.packed_slices holds them
-        bad = (runs[:, 0] < 0) | (runs[:, 0] >= members) | (runs[:, 1] < 0)
-        return runs[bad][0].tolist() if bad.any() else None
-    return next((list(s) for s in runs if not 0 <= int(s[0]) < members or int(s[1]) < 0),
-                None)
+def bad_slice(runs: np.ndarray, members: int) -> list[int] | None:
+    """The first of a part file's slices (an ``(n, 2)`` array of ``[file index, rows]``) that
+    is not ``[index of one of the unit's members, rows >= 0]``, or None."""
+    bad = (runs[:, 0] < 0) | (runs[:, 0] >= members) | (runs[:, 1] < 0)
+    return runs[bad][0].tolist() if bad.any() else None
 
 
 def pairs(slices: Any) -> list:
