@@ -159,7 +159,7 @@ def test_the_driver_holds_loaded_slices_as_arrays_and_publishes_them_as_lists(tm
     with pytest.raises(OutputError, match=r"has a row slice \[3, 1\] that is not one of"):
         member_copy(changed, broken, base)
     odd = ([1, 2], [[0, 3, 9], [1, 1, 9]], [[[0, 3]], [[1, 1]]], [["a", 1]], [[0, None]],
-           [[0, 1 << 64]], [[0, 2.5]], [[True, 1]])
+           [[0, 1 << 64]], [[0, 2.5]], [[0, 1], [2]], [[True, False]])
     for runs in odd:
         assert units.packed_slices({part: runs}) == {part: runs}
         with pytest.raises(OutputError, match=r"has slices .* that are not pairs of integers"):

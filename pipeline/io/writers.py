@@ -238,18 +238,17 @@ def add_run(out: list[list[Any]], value: Any, rows: int) -> None:
 
 def pair_array(runs: Any) -> np.ndarray | None:
     """``runs`` (a list of ``[int, int]``, or such an array) as an ``(n, 2)`` int64 array;
-    None if they are not that."""
-    if isinstance(runs, np.ndarray) and runs.dtype == np.int64 and runs.ndim == 2 \
-            and runs.shape[1] == 2:
-        return runs
-    if not isinstance(runs, (list, tuple)) or not all(
-            isinstance(s, (list, tuple)) and len(s) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in s) for s in runs):
+    None if they are not that (other numbers, other shapes, ints beyond int64)."""
+    if isinstance(runs, (list, tuple)) and not runs:
+        return np.empty((0, 2), np.int64)
+    if not isinstance(runs, (list, tuple, np.ndarray)):
         return None
     try:
-        return np.array(runs, dtype=np.int64).reshape(-1, 2)
-    except OverflowError:
+        array = np.asarray(runs)
+    except ValueError:  # ragged
         return None
+    ok = array.dtype == np.int64 and array.ndim == 2 and array.shape[1] == 2
+    return array if ok else None
 
 
 def part_name(unit: str) -> str:
