@@ -387,7 +387,6 @@ class Tracker:
         self.open: dict[str, dict[str, Any]] = {}
         self.committed: dict[str, dict[str, Any]] = {}
         self._commit = commit
-        self._index: dict[str, dict[str, int]] = {}  # an open unit's files' indices, by URI
 
     def add(self, record: dict[str, Any]) -> dict[str, Any] | None:
         """Take one write record; returns the unit's manifest if this completed it."""
@@ -409,18 +408,14 @@ class Tracker:
     def _packed(self, key: str, slices: dict[str, list]) -> dict[str, np.ndarray]:
         """A write record's slices (``[file URI, rows]`` runs by part file) as arrays of
         ``[file index in the unit's members, rows]``."""
-        index = self._index.get(key)
-        if index is None:
-            index = self._index[key] = {m.uri: i for i, m in enumerate(self.files[key].members)}
-        packed = {}
-        for name, runs in slices.items():
-            unknown = [uri for uri, _ in runs if uri not in index]
-            if unknown:
-                raise OutputError(f"a write of {self.files[key].unit} names rows of "
-                                  f"{unknown[0]}, not one of its files")
-            packed[name] = np.array([[index[uri], n] for uri, n in runs],
-                                    dtype=np.int64).reshape(-1, 2)
-        return packed
+        index = {m.uri: i for i, m in enumerate(self.files[key].members)}
+        try:
+            return {name: np.array([[index[uri], n] for uri, n in runs],
+                                   dtype=np.int64).reshape(-1, 2)
+                    for name, runs in slices.items()}
+        except KeyError as err:
+            raise OutputError(f"a write of {self.files[key].unit} names rows of "
+                              f"{err.args[0]}, not one of its files") from None
 
     def finish_empty(self, key: str, rows: int) -> dict[str, Any] | None:
         """Commit a unit that produced no row if its file is indeed empty (``rows`` == 0)."""
@@ -433,7 +428,6 @@ class Tracker:
 
     def _finish(self, key: str) -> dict[str, Any]:
         unit, f = self.open.pop(key), self.files[key]
-        self._index.pop(key, None)
         unit |= {"size": f.size, "version": f.version, "committed_at": time.time()}
         if f.members:  # what a resume needs to plan the same unit again
             unit["members"] = [m.uri for m in f.members]

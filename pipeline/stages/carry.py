@@ -115,15 +115,13 @@ def member_copy(unit: InputFile, manifest: dict[str, Any], source: str) -> Membe
     if set(parts) != set(slices):
         return None
     runs = {name: pair_array(slices[name]) for name in parts}
-    bad = [f"slices {str(slices[name])[:60]} that are not pairs of integers"
-           for name in parts if runs[name] is None]
-    bad += [f"a row slice {s} that is not one of its {len(unit.members)} files' rows"
-            for s in (bad_slice(runs[name], len(unit.members)) for name in parts
-                      if runs[name] is not None) if s]
-    if bad:
-        raise OutputError(f"the previous snapshot's manifest of {unit.unit} has {bad[0]}; "
-                          "the snapshot is damaged: restore it, or delete the output's "
-                          "_LATEST to start afresh")
+    for name in parts:
+        wrong = f"slices {str(slices[name])[:60]} that are not pairs of integers" \
+            if runs[name] is None else bad_slice(runs[name], len(unit.members))
+        if wrong:
+            raise OutputError(f"the previous snapshot's manifest of {unit.unit} has {wrong}; "
+                              "the snapshot is damaged: restore it, or delete the output's "
+                              "_LATEST to start afresh")
     kept = frozenset(i for i, (m, (size, version, _, _)) in enumerate(zip(unit.members, described))
                      if m.version and version == m.version and size == m.size)
     # Nothing is copied from files that hold no row: the unit's count would then be its
@@ -141,11 +139,12 @@ def member_copy(unit: InputFile, manifest: dict[str, Any], source: str) -> Membe
         changed=tuple(m for i, m in enumerate(unit.members) if i not in kept))
 
 
-def bad_slice(runs: np.ndarray, members: int) -> list[int] | None:
+def bad_slice(runs: np.ndarray, members: int) -> str | None:
     """The first of a part file's slices (an ``(n, 2)`` array of ``[file index, rows]``) that
-    is not ``[index of one of the unit's members, rows >= 0]``, or None."""
+    is not ``[index of one of the unit's members, rows >= 0]``, described; or None."""
     bad = (runs[:, 0] < 0) | (runs[:, 0] >= members) | (runs[:, 1] < 0)
-    return runs[bad][0].tolist() if bad.any() else None
+    return f"a row slice {runs[bad][0].tolist()} that is not one of its {members} files' rows" \
+        if bad.any() else None
 
 
 def pairs(slices: Any) -> list:
