@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -53,3 +54,19 @@ def test_each_job_gets_its_own_peak():
     after = scale._peak_since(reset)
     assert after < before - (96 << 20)
     assert scale._peak_since(False) is None
+
+
+def test_rss_kinds_peak_holds_memory_freed_before_the_end():
+    # 96 MiB of the process's own memory, touched then freed inside the block: its anon peak
+    # holds them (sampled while they were there), its end does not.
+    if not scale.rss_kinds():
+        pytest.skip("no /proc/self/status on this system")
+    before = scale.rss_kinds()["anon"]
+    with scale.RssKindPeaks(every=0.01) as kinds:
+        big = bytearray(96 << 20)
+        big[::4096] = b"x" * len(big[::4096])
+        time.sleep(0.1)
+        del big
+    assert set(kinds.peaks) == {"anon", "file", "shmem"}
+    assert kinds.peaks["anon"] >= before + (80 << 20)
+    assert scale.rss_kinds()["anon"] < kinds.peaks["anon"] - (64 << 20)

@@ -36,7 +36,12 @@ tiny model encodes), on one local Ray started once:
 what writing the shards took (small: one shard at a time). On Linux each job's own peak is
 reported too (``driver_peak_rss_bytes`` in the run's and each night's entry): the peak is
 reset before each job (``/proc/self/clear_refs``), so a growth is pinned on the job that
-makes it; the top-level figure is then the largest of them and of the rest.
+makes it; the top-level figure is then the largest of them and of the rest. Each job's entry
+also has ``driver_peak_rss_kinds``: the peaks of the driver's RSS by kind, sampled every 50
+ms from ``/proc/self/status`` (Linux): ``anon`` (the process's own memory: Python, Arrow,
+Ray's core worker), ``file`` (mapped files: libraries) and ``shmem`` (pages of Ray's object
+store that the driver mapped to read objects, e.g. write records: the node's shared memory,
+counted in every process that touched them).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ import os
 import resource
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -128,6 +134,51 @@ def _peak_since(reset: bool) -> int | None:
     return _usage()[1] if reset else None
 
 
+RSS_KINDS = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+
+
+def rss_kinds() -> dict[str, int]:
+    """This process's resident bytes by kind (Linux ``/proc/self/status``; empty elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            lines = f.readlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in RSS_KINDS:
+            out[RSS_KINDS[key]] = int(value.split()[0]) * 1024
+    return out
+
+
+class RssKindPeaks:
+    """The peaks of :func:`rss_kinds` while the block runs, sampled every ``every`` seconds
+    by a thread (``.peaks``; empty where the kinds cannot be read)."""
+
+    def __init__(self, every: float = 0.05) -> None:
+        self.every, self.peaks = every, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            for kind, n in rss_kinds().items():
+                self.peaks[kind] = max(self.peaks.get(kind, 0), n)
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self) -> "RssKindPeaks":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        for kind, n in rss_kinds().items():  # a last sample: the block's end
+            self.peaks[kind] = max(self.peaks.get(kind, 0), n)
+
+
 def dir_bytes(path: Path) -> tuple[int, int]:
     """(files, bytes) under ``path``."""
     found = [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
@@ -150,7 +201,8 @@ def measured_run(config: RunConfig, files: int, rate: float = 0) -> dict:
     reset = _new_peak()
     cpu0, _ = _usage()
     t0 = time.perf_counter()
-    summary = run(config, rate_spec(rate) if rate else RUN)
+    with RssKindPeaks() as kinds:
+        summary = run(config, rate_spec(rate) if rate else RUN)
     wall = time.perf_counter() - t0
     cpu1, _ = _usage()
     out = Path(config.output)
@@ -165,6 +217,7 @@ def measured_run(config: RunConfig, files: int, rate: float = 0) -> dict:
         "driver_cpu_s": round(cpu1 - cpu0, 2),
         "driver_cpu_ms_per_unit": round(1000 * (cpu1 - cpu0) / committed, 3) if committed else None,
         "driver_peak_rss_bytes": _peak_since(reset),
+        "driver_peak_rss_kinds": kinds.peaks,
         "summary_bytes": (out / SUMMARY_NAME).stat().st_size,
         "manifest_files": manifests[0], "manifest_bytes": manifests[1],
         "part_files": len(list(out.glob("part-*.parquet"))),
@@ -201,8 +254,9 @@ def nightly_night(config: RunConfig, rate: float = 0) -> dict:
 
     reset = _new_peak()
     t0 = time.perf_counter()
-    summary = run_nightly(config, functools.partial(with_rate_encoder, rate=rate)
-                          if rate else None)
+    with RssKindPeaks() as kinds:
+        summary = run_nightly(config, functools.partial(with_rate_encoder, rate=rate)
+                              if rate else None)
     wall = time.perf_counter() - t0
     peak = _peak_since(reset)
     keep = ("rows_in", "rows_new", "rows_changed", "rows_unchanged", "rows_reused",
@@ -210,6 +264,7 @@ def nightly_night(config: RunConfig, rate: float = 0) -> dict:
     return {k: summary[k] for k in keep} | {"wall_s": round(wall, 2),
                                             "driver_s": summary.get("driver_s"),
                                             "driver_peak_rss_bytes": peak,
+                                            "driver_peak_rss_kinds": kinds.peaks,
                                             "units": summary["units"]}
 
 
