@@ -526,6 +526,53 @@ def test_a_touched_units_unchanged_row_groups_move_as_bytes_night_after_night(
     assert (third["rows_new"], third["rows_changed"], third["rows_unchanged"]) == (1, 1, 1199)
 
 
+@pytest.mark.ray
+def test_units_the_shuffle_scattered_are_gathered_before_they_are_committed(
+        cluster, tmp_path, tiny_model_dir, embedder, monkeypatch):
+    """Two units of 6 files of 40 rows, on a first night with 8 buckets and write batches of
+    100 rows (a cluster's many buckets, at a smaller scale): each unit's rows are dealt to
+    several writes, and each is committed gathered into one part file, each file's rows
+    together; the part files written first are gone. The next night copies from them."""
+    import dataclasses
+
+    from pipeline import units
+    from pipeline.jobs import nightly
+
+    monkeypatch.setattr(units, "GROUPED_UNITS", 2)
+    plan_diff = nightly.plan_diff
+    monkeypatch.setattr(nightly, "plan_diff", lambda **kw: dataclasses.replace(
+        plan_diff(**kw), buckets=8))
+    src, out = tmp_path / "in", tmp_path / "nightly"
+    src.mkdir()
+    day = {f"f{k:02d}.jsonl": {i: {"id": i, "text": f"text {k} {i}", "lang": "en"}
+                               for i in range(1000 * k, 1000 * k + 40)} for k in range(12)}
+    for name, data in encoded(day).items():
+        (src / name).write_bytes(data)
+    night = dataclasses.replace(config(str(src), str(out), tiny_model_dir), rows_per_file=100)
+
+    first = run_nightly(night)
+    assert first["reconciled"] and first["units"]["total"] == 2
+    assert first["units"]["gathered"] == 2
+    check_snapshot(pq.read_table(first["output_files"]).sort_by("id"), day, embedder)
+    snap = out / first["snapshot"]
+    manifests = [json.loads(p.read_text()) for p in (snap / "_manifest").glob("unit-*.json")]
+    named = {f for m in manifests for f in m["files"]}
+    assert {p.name for p in snap.glob("part-*.parquet")} == named  # nothing else is left
+    for m in manifests:
+        assert m["gathered_from"] >= 3
+        (part,) = m["files"]
+        assert m["slices"] == {part: [[i, 40] for i in range(6)]}  # one run a file
+
+    day["f03.jsonl"][3001]["text"] = "edited"
+    time.sleep(0.01)
+    (src / "f03.jsonl").write_bytes(encoded(day)["f03.jsonl"])
+    second = run_nightly(night)
+    assert second["reconciled"] and second["units"]["gathered"] == 0
+    assert (second["units"]["touched"], second["units"]["files_copied"]) == (1, 5)
+    assert (second["rows_changed"], second["rows_unchanged"]) == (1, 479)
+    check_snapshot(pq.read_table(second["output_files"]).sort_by("id"), day, embedder)
+
+
 def count_sort_shuffle_blocks(monkeypatch) -> list[int]:
     """Cap the blocks a small night's sort shuffle gets at 2, and count the blocks of each
     sort shuffle run in this process (Ray Data's shuffle runs in the driver): it makes one

@@ -23,8 +23,8 @@ from pipeline.io.readers import ReadSpec, Skipped, read_unit
 from pipeline.io.storage import (CHECKSUM_MOD, GROUP_MARK, InputFile, file_rows_checksum,
                                   publish_json)
 from pipeline.io.writers import write_outputs
-from pipeline.stages.carry import (MemberCopy, copy_members, copy_plan, group_spans,
-                                   member_copy, take_ranges)
+from pipeline.stages.carry import (MemberCopy, copy_members, copy_plan, gather_unit, gathering,
+                                   group_spans, member_copy, take_ranges)
 from tests.test_io_writers import encoded_table, output_spec
 
 A, B, C = "/in/a.jsonl", "/in/b.jsonl", "/in/c.jsonl"
@@ -597,3 +597,63 @@ def test_row_groups_planned_to_move_from_a_file_that_cannot_be_spliced_are_decod
     assert sorted(ids[55:]) == sorted(f"3:part-1:{k}" for k in range(40))
     assert record["slices"][part] == [["/in/0.parquet", 30], ["/in/1.parquet", 25],
                                       ["/in/3.parquet", 40]]
+
+
+def test_a_unit_scattered_over_writes_is_gathered_into_one_part_file(tmp_path):
+    """A unit whose rows came in three writes (as a night's shuffle deals them): its three
+    part files and reject file are copied into one part file of each file's rows together
+    and one reject file, with the same rows and counts; a later night copies from it."""
+    fs = fsspec.filesystem("file")
+    rows, base = group_rows(), str(tmp_path / "snap")
+    records = [write_outputs(fs, base, rows.slice(k, 2), output_spec())[0] for k in (0, 2, 4)]
+    checksum = sum(file_rows_checksum(u, n, s) for u, n, s in
+                   ((A, 3, 3), (B, 2, 1), (C, 1, 0))) % CHECKSUM_MOD
+    commits = []
+    tracker = units.Tracker([members()], commit=commits.append)
+    tracker.add(records[0])
+    tracker.add(records[1])
+    tracker.add(records[2] | {"file_rows": 6, "file_rowsum": checksum})
+    manifest = json.loads(json.dumps(commits[0]))
+    scattered = [f for f in manifest["files"] if f.startswith("part-")]
+    assert len(scattered) == 3
+    # 5 good rows in 3 part files: more than 1 file of 1,000 rows needs (and 1 to spare);
+    # in files of 2 rows they need 3: nothing to gather.
+    assert gathering(manifest, base, 1000) is not None
+    assert gathering(manifest, base, 2) is None
+    assert gather_unit(manifest, base, {}, 2) is None
+
+    gathered = gather_unit(manifest, base, {}, 1000)
+    (part, reject) = gathered["files"]
+    assert part.startswith("part-") and reject.startswith("_rejects/")
+    assert not set(gathered["files"]) & set(manifest["files"])  # the first ones: strays now
+    table = pq.read_table(f"{base}/{part}")
+    ids = table["doc_id"].to_pylist()
+    assert sorted(ids[:3]) == [0, 1, 2] and ids[3:] == [10, 20]  # each file's rows together
+    assert gathered["slices"] == {part: [[0, 3], [1, 1], [2, 1]]}
+    assert pq.read_table(f"{base}/{reject}")["row"].to_pylist() == [1]
+    assert gathered["gathered_from"] == 3
+    assert gathered["bytes"] == sum(Path(f"{base}/{f}").stat().st_size for f in gathered["files"])
+    same = ("rows", "row_sum", "rows_embedded", "rows_rejected", "member_files", "members")
+    assert {k: gathered[k] for k in same} == {k: manifest[k] for k in same}
+    # A later night copies its unchanged files from the gathered unit as from any.
+    copy = member_copy(members(versions=("v1", "v2b", "v3")), gathered, base)
+    assert copy.kept == {0, 2} and copy.rejects == (reject,)
+    assert copy.ranges(part, copied=True) == [(0, 3), (4, 1)]  # a's rows, then c's
+
+
+def test_a_damaged_scattered_unit_is_not_gathered_silently(tmp_path):
+    fs = fsspec.filesystem("file")
+    rows, base = group_rows(), str(tmp_path / "snap")
+    records = [write_outputs(fs, base, rows.slice(k, 2), output_spec())[0] for k in (0, 2, 4)]
+    commits = []
+    tracker = units.Tracker([members()], commit=commits.append)
+    for record in records[:2]:
+        tracker.add(record)
+    checksum = sum(file_rows_checksum(u, n, s) for u, n, s in
+                   ((A, 3, 3), (B, 2, 1), (C, 1, 0))) % CHECKSUM_MOD
+    tracker.add(records[2] | {"file_rows": 6, "file_rowsum": checksum})
+    manifest = json.loads(json.dumps(commits[0]))
+    part = sorted(f for f in manifest["files"] if f.startswith("part-"))[0]
+    Path(f"{base}/{part}").unlink()  # lost before the gathering read it
+    with pytest.raises(FileNotFoundError, match=re.escape(part)):
+        gather_unit(manifest, base, {}, 1000)

@@ -81,6 +81,7 @@ def nightly_spec(previous: Previous | None, snapshot: str) -> JobSpec:
         summarize=functools.partial(summarize, previous, snapshot),
         group_hints=previous.units if previous else {},
         carry=functools.partial(carry, previous),
+        gather=True,
     )
 
 
@@ -198,7 +199,8 @@ def diff_graph(previous: Previous | None, work: Work) -> tuple[Dataset, dict[str
     facts = {"reused_previous": diff.reuse, "reembed_reason": diff.reembed_reason,
              "tokenizer_sha256": identity.get("tokenizer_sha256"),
              "units_touched": len(copies), "files_copied": sum(len(c.kept) for c in copies),
-             "today_ids": graph_facts["today_ids"]}
+             "today_ids": graph_facts["today_ids"],
+             "copied_units": tuple(c.key for c in copies)}
     return ds, facts
 
 
@@ -220,7 +222,11 @@ def summarize(previous: Previous | None, snapshot: str, result: dict[str, Any],
                             "committed_now": counted["committed_now"] + now,
                             # units of several files, some changed: the others were copied
                             "touched": facts.get("units_touched", 0),
-                            "files_copied": facts.get("files_copied", 0)},
+                            "files_copied": facts.get("files_copied", 0),
+                            # units whose rows the shuffle scattered, gathered before commit
+                            "gathered": sum(1 for unit in committed.values()
+                                            if unit.get("gathered_from")
+                                            and not unit.get("carried_from"))},
         "snapshot": snapshot,
         "previous_snapshot": previous.name if previous else None,
         "rows_out": rows_out,  # rows in the snapshot

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from .. import summary, units
 from ..cluster.expert_groups import new_group_name
+from ..cluster.gather import UnitGatherer
 from ..cluster.graph import Dataset, build_dataset, limit_resources, write_records
 from ..cluster.session import configure_progress, lost_nodes, ray_session
 from ..config import RunConfig
@@ -80,6 +81,11 @@ class JobSpec:
     # committed at the output without running them (their files put there, e.g. copied),
     # and facts for the summary. Nightly carries units unchanged since the previous snapshot.
     carry: Callable[["Carry"], tuple[dict[str, dict[str, Any]], dict[str, Any]]] | None = None
+    # Units whose rows the graph scattered over many part files are gathered before they are
+    # committed (pipeline/cluster/gather.py): nightly's shuffle deals a unit's rows to about
+    # one write per bucket. The graph's facts may name units never to gather
+    # (``"copied_units"``: touched ones, whose copy and graph rows are two parts by design).
+    gather: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,8 +240,14 @@ def execute(config: RunConfig, setup: Setup, planned: Planned, spec: JobSpec,
             cluster: Cluster) -> Executed:
     """Run the job's graph over the units to do, committing each unit as it completes."""
     fs, out_path = setup.fs, setup.out_path
-    tracker = units.Tracker(planned.plan.files, commit=lambda u: publish_json(
-        fs, units.manifest_path(out_path, u["unit"]), u))
+
+    def publish(unit: dict[str, Any]) -> None:
+        publish_json(fs, units.manifest_path(out_path, unit["unit"]), unit)
+
+    gatherer = UnitGatherer(publish, planned.plan.output_uri, config.storage_options,
+                            planned.plan.output.rows_per_file()) if spec.gather else None
+    tracker = units.Tracker(planned.plan.files,
+                            commit=gatherer.commit if gatherer else publish)
     configure_progress(config.progress)
     t0, facts, first_record_s = time.perf_counter(), dict(planned.facts), None
     if planned.plan.files:
@@ -243,9 +255,13 @@ def execute(config: RunConfig, setup: Setup, planned: Planned, spec: JobSpec,
         ds, graph_facts = spec.graph(Work(planned.plan, planned.identity, cluster.cpus,
                                           planned.keep))
         facts |= graph_facts
+        if gatherer:
+            gatherer.skip = frozenset(graph_facts.get("copied_units", ()))
         records = write_records(ds)
         try:
             first = consume(records, tracker, config)
+            if gatherer:
+                gather(gatherer, tracker)
         except RunFailed as err:
             gone = lost_nodes(cluster)
             if gone:  # a likely cause (the error itself comes first: it may be another)
@@ -259,6 +275,18 @@ def execute(config: RunConfig, setup: Setup, planned: Planned, spec: JobSpec,
         log.warning("%s; what they held was run again elsewhere, and every unit was committed "
                     "once", describe_lost(gone))
     return Executed(tracker, time.perf_counter() - t0, facts, first_record_s, tuple(gone))
+
+
+def gather(gatherer: UnitGatherer, tracker: units.Tracker) -> None:
+    """Wait for the units being gathered (committed as each is done); the tracker then
+    holds their gathered files."""
+    try:
+        gatherer.drain()
+    except Exception as err:  # noqa: BLE001 - reported whole, with its type (as consume)
+        cause = root_cause(err)
+        raise RunFailed(f"the run failed: {type(cause).__name__}: {cause}") from err
+    for key, unit in gatherer.gathered.items():
+        tracker.committed[key] = {k: v for k, v in unit.items() if k != "slices"}
 
 
 NODES_NAMED = 5  # in a message; the summary lists up to summary.MAX_NODES_LOST

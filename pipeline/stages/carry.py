@@ -36,8 +36,9 @@ from ..io import splice
 from ..io.errors import OutputError
 from ..io.readers import Skipped, has_rows
 from ..io.splice import Footer, RowGroup
-from ..io.storage import (CHECKSUM_MOD, REJECTS_DIR, InputFile, file_rows_checksum,
-                          is_side_file, open_filesystem, open_for_publish, storage_errors, to_uri)
+from ..io.storage import (CHECKSUM_MOD, DOCUMENTS_DIR, REJECTS_DIR, InputFile,
+                          file_rows_checksum, is_side_file, open_filesystem, open_for_publish,
+                          storage_errors, to_uri)
 from ..io.writers import (add_run, file_row_groups, pair_array, part_name, reason_kind,
                           write_parquet, write_table)
 
@@ -541,6 +542,57 @@ def copy_members(job: MemberCopy, storage_options: dict[str, Any]) -> dict[str, 
         "member_rows": {job.members[i]: list(job.counts[i]) for i in sorted(job.kept)},
         "write_s": time.perf_counter() - t0,
     }
+
+
+def gathering(manifest: dict[str, Any], output_uri: str,
+              rows_per_file: int) -> MemberCopy | None:
+    """The copy that gathers a unit just written whose rows are in more part files than its
+    rows need (``manifest``: the unit as it is about to be committed, in the output folder
+    ``output_uri``; ``rows_per_file``: the output's), or None when it needs none.
+
+    A night's shuffle deals a unit's rows to several writes, about one per bucket of the diff
+    (two or more per CPU of the cluster), so a unit read whole, e.g. on a first night, would
+    otherwise be committed in that many small part files, each of its files' rows in all of
+    them. Its part files and rejects are copied into part files of up to ``rows_per_file``
+    rows, each file's rows together, as a touched unit's unchanged files are
+    (:func:`copy_members`); the files written first are then named by no manifest and deleted
+    with the run's other strays. Only units of several files with slices are gathered (not
+    ``--long-text chunk`` rows, nor a unit with document vectors)."""
+    slices, described = manifest.get("slices"), manifest.get("member_files")
+    members = manifest.get("members")
+    if not slices or described is None or not members \
+            or any(n.startswith(DOCUMENTS_DIR + "/") for n in manifest["files"]):
+        return None
+    parts = [name for name in manifest["files"] if not is_side_file(name)]
+    runs = {name: pair_array(slices.get(name, ())) for name in parts}
+    if set(parts) != set(slices) or any(r is None for r in runs.values()):
+        return None
+    good = sum(int(r[:, 1].sum()) for r in runs.values())
+    if len(parts) <= -(-good // rows_per_file) + 1:
+        return None
+    return MemberCopy(
+        unit=manifest["uri"], key=manifest["unit"], source=output_uri, members=tuple(members),
+        kept=frozenset(i for i, d in enumerate(described) if int(d[2])),
+        parts=tuple((name, runs[name]) for name in parts),
+        rejects=tuple(n for n in manifest["files"] if n.startswith(REJECTS_DIR + "/")),
+        counts=tuple((int(rows), int(row_sum)) for _, _, rows, row_sum in described),
+        changed=(), output_uri=output_uri, rows_per_file=rows_per_file)
+
+
+def gather_unit(manifest: dict[str, Any], output_uri: str, storage_options: dict[str, Any],
+                rows_per_file: int) -> dict[str, Any] | None:
+    """``manifest`` with its part files and rejects gathered (:func:`gathering`): its files,
+    bytes and slices those of the new files; None when it needs no gathering."""
+    job = gathering(manifest, output_uri, rows_per_file)
+    if job is None:
+        return None
+    record = copy_members(job, storage_options)
+    index = {uri: i for i, uri in enumerate(job.members)}
+    return manifest | {
+        "files": record["files"], "bytes": record["bytes"],
+        "slices": {name: [[index[uri], n] for uri, n in runs]
+                   for name, runs in record["slices"].items()},
+        "gathered_from": len(job.parts)}
 
 
 def _check_counts(job: MemberCopy, found: Counter) -> None:

@@ -1,0 +1,68 @@
+"""Committing a night's units, gathering first those whose rows the shuffle scattered.
+
+A night's shuffle deals a unit's rows to about one write per bucket of the diff, so a unit
+read whole (every unit on a first night) would be committed in that many small part files.
+:class:`UnitGatherer` takes the units the tracker completes: a unit whose rows are in more
+part files than they need (``pipeline/stages/carry.py::gathering``) is copied into part files
+of its files' rows together by a Ray task, and committed with those once the task is done;
+the others are committed at once. The part files written first are then named by no
+manifest, and the run deletes them with its other strays (as it deletes a failed write's).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import ray
+
+from ..stages.carry import gather_unit, gathering
+
+
+@ray.remote(num_cpus=1, max_retries=3)
+def _gather(unit: dict[str, Any], output_uri: str, storage_options: dict[str, Any],
+            rows_per_file: int) -> dict[str, Any] | None:
+    return gather_unit(unit, output_uri, storage_options, rows_per_file)
+
+
+class UnitGatherer:
+    """The tracker's commit (``commit``): ``publish`` a unit's manifest now, or once its
+    rows are gathered. Units in ``skip`` (a touched unit: part of its rows copied, the rest
+    written by the graph) are never gathered. :meth:`drain` waits for the gatherings left;
+    ``gathered`` has the manifests committed after one, by unit key."""
+
+    def __init__(self, publish: Callable[[dict[str, Any]], Any], output_uri: str,
+                 storage_options: dict[str, Any], rows_per_file: int) -> None:
+        self.publish, self.output_uri = publish, output_uri
+        self.storage_options, self.rows_per_file = storage_options, rows_per_file
+        self.skip: frozenset[str] = frozenset()
+        self.gathered: dict[str, dict[str, Any]] = {}
+        self._pending: dict[Any, str] = {}  # task -> unit key
+
+    def commit(self, unit: dict[str, Any]) -> None:
+        if unit["unit"] in self.skip \
+                or gathering(unit, self.output_uri, self.rows_per_file) is None:
+            self.publish(unit)
+        else:
+            ref = _gather.remote(unit, self.output_uri, self.storage_options,
+                                 self.rows_per_file)
+            self._pending[ref] = unit["unit"]
+        self._take(wait=False)
+
+    def _take(self, wait: bool) -> None:
+        """Commit the gathered units whose tasks are done (at least one if ``wait``)."""
+        if not self._pending:
+            return
+        ready, _ = ray.wait(list(self._pending), num_returns=1 if wait else len(self._pending),
+                            timeout=None if wait else 0)
+        for ref in ready:
+            key = self._pending.pop(ref)
+            unit = ray.get(ref)
+            if unit is None:  # gathering() said yes on the driver: it cannot say no there
+                raise RuntimeError(f"internal error: unit {key} was not gathered")
+            self.publish(unit)
+            self.gathered[key] = unit
+
+    def drain(self) -> None:
+        """Wait for every gathering left, committing each unit as its task is done."""
+        while self._pending:
+            self._take(wait=True)
