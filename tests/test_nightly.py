@@ -573,6 +573,48 @@ def test_units_the_shuffle_scattered_are_gathered_before_they_are_committed(
     check_snapshot(pq.read_table(second["output_files"]).sort_by("id"), day, embedder)
 
 
+@pytest.mark.ray
+def test_the_gatherer_commits_gathered_units_and_stops_on_a_failed_one(cluster, tmp_path):
+    """``UnitGatherer`` on Ray: a scattered unit is committed gathered (the tracker then
+    holds its new files, without slices); a unit whose part file is gone stops the night
+    with an error naming it; :meth:`cancel` leaves nothing running or committed."""
+    from pipeline import units
+    from pipeline.cluster.gather import UnitGatherer
+    from pipeline.errors import RunFailed
+    from pipeline.jobs.run import gather
+    from tests.test_stages_carry import members, scattered_unit
+
+    base = str(tmp_path / "a")
+    manifest = scattered_unit(base)
+    published = []
+    gatherer = UnitGatherer(published.append, base, {}, 1000)
+    tracker = units.Tracker([members()], commit=gatherer.commit)
+    gatherer.commit(manifest)
+    gather(gatherer, tracker)
+    (unit,) = published
+    assert unit["gathered_from"] == 3 and len(unit["files"]) == 2
+    assert tracker.committed[unit["unit"]] == {k: v for k, v in unit.items() if k != "slices"}
+
+    base = str(tmp_path / "b")
+    broken = scattered_unit(base)
+    Path(base, [f for f in broken["files"] if f.startswith("part-")][0]).unlink()
+    gatherer = UnitGatherer(published.append, base, {}, 1000)
+    gatherer.commit(broken)
+    with pytest.raises(RunFailed, match="cannot gather the 3 part files of unit"):
+        gather(gatherer, tracker)
+    assert len(published) == 1
+
+    base = str(tmp_path / "c")
+    gatherer = UnitGatherer(published.append, base, {}, 1000)
+    unit = scattered_unit(base)
+    gatherer.commit(unit)
+    gatherer.cancel()
+    gatherer.drain()  # nothing left to wait for
+    time.sleep(2)  # a task left running would have written its part file by now
+    assert {p.name for p in Path(base).glob("part-*.parquet")} == set(unit["slices"])
+    assert len(published) == 1 and not gatherer.gathered
+
+
 def count_sort_shuffle_blocks(monkeypatch) -> list[int]:
     """Cap the blocks a small night's sort shuffle gets at 2, and count the blocks of each
     sort shuffle run in this process (Ray Data's shuffle runs in the driver): it makes one

@@ -599,12 +599,11 @@ def test_row_groups_planned_to_move_from_a_file_that_cannot_be_spliced_are_decod
                                       ["/in/3.parquet", 40]]
 
 
-def test_a_unit_scattered_over_writes_is_gathered_into_one_part_file(tmp_path):
-    """A unit whose rows came in three writes (as a night's shuffle deals them): its three
-    part files and reject file are copied into one part file of each file's rows together
-    and one reject file, with the same rows and counts; a later night copies from it."""
+def scattered_unit(base: str) -> dict:
+    """The unit's rows written in three writes (as a night's shuffle deals them) into the
+    folder ``base``: the manifest the tracker commits (3 part files, 1 reject file)."""
     fs = fsspec.filesystem("file")
-    rows, base = group_rows(), str(tmp_path / "snap")
+    rows = group_rows()
     records = [write_outputs(fs, base, rows.slice(k, 2), output_spec())[0] for k in (0, 2, 4)]
     checksum = sum(file_rows_checksum(u, n, s) for u, n, s in
                    ((A, 3, 3), (B, 2, 1), (C, 1, 0))) % CHECKSUM_MOD
@@ -613,7 +612,15 @@ def test_a_unit_scattered_over_writes_is_gathered_into_one_part_file(tmp_path):
     tracker.add(records[0])
     tracker.add(records[1])
     tracker.add(records[2] | {"file_rows": 6, "file_rowsum": checksum})
-    manifest = json.loads(json.dumps(commits[0]))
+    return json.loads(json.dumps(commits[0]))
+
+
+def test_a_unit_scattered_over_writes_is_gathered_into_one_part_file(tmp_path):
+    """A unit whose rows came in three writes: its three part files and reject file are
+    copied into one part file of each file's rows together and one reject file, with the
+    same rows and counts; a later night copies from it."""
+    base = str(tmp_path / "snap")
+    manifest = scattered_unit(base)
     scattered = [f for f in manifest["files"] if f.startswith("part-")]
     assert len(scattered) == 3
     # 5 good rows in 3 part files: more than 1 file of 1,000 rows needs (and 1 to spare);
@@ -642,18 +649,16 @@ def test_a_unit_scattered_over_writes_is_gathered_into_one_part_file(tmp_path):
 
 
 def test_a_damaged_scattered_unit_is_not_gathered_silently(tmp_path):
-    fs = fsspec.filesystem("file")
-    rows, base = group_rows(), str(tmp_path / "snap")
-    records = [write_outputs(fs, base, rows.slice(k, 2), output_spec())[0] for k in (0, 2, 4)]
-    commits = []
-    tracker = units.Tracker([members()], commit=commits.append)
-    for record in records[:2]:
-        tracker.add(record)
-    checksum = sum(file_rows_checksum(u, n, s) for u, n, s in
-                   ((A, 3, 3), (B, 2, 1), (C, 1, 0))) % CHECKSUM_MOD
-    tracker.add(records[2] | {"file_rows": 6, "file_rowsum": checksum})
-    manifest = json.loads(json.dumps(commits[0]))
+    base = str(tmp_path / "snap")
+    manifest = scattered_unit(base)
+    # Rows its manifest does not count: refused, naming the unit and this snapshot, with no
+    # advice meant for a damaged previous snapshot (deleting _LATEST would lose a good one).
+    miscounted = manifest | {"member_files": [[10, "v1", 4, 3]] + manifest["member_files"][1:]}
+    with pytest.raises(OutputError, match=r"cannot gather the 3 part files of unit "
+                       rf"{re.escape(UNIT)} in {re.escape(base)}: .*holds 3 row.*counts 4") as err:
+        gather_unit(miscounted, base, {}, 1000)
+    assert "_LATEST" not in str(err.value) and "run the night again" in str(err.value)
     part = sorted(f for f in manifest["files"] if f.startswith("part-"))[0]
     Path(f"{base}/{part}").unlink()  # lost before the gathering read it
-    with pytest.raises(FileNotFoundError, match=re.escape(part)):
+    with pytest.raises(OutputError, match=r"FileNotFoundError: .*" + re.escape(part)):
         gather_unit(manifest, base, {}, 1000)

@@ -11,6 +11,7 @@ manifest, and the run deletes them with its other strays (as it deletes a failed
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import ray
@@ -24,11 +25,16 @@ def _gather(unit: dict[str, Any], output_uri: str, storage_options: dict[str, An
     return gather_unit(unit, output_uri, storage_options, rows_per_file)
 
 
+POLL_S = 0.5  # how often the commits look for gatherings done, while records come
+
+
 class UnitGatherer:
     """The tracker's commit (``commit``): ``publish`` a unit's manifest now, or once its
     rows are gathered. Units in ``skip`` (a touched unit: part of its rows copied, the rest
-    written by the graph) are never gathered. :meth:`drain` waits for the gatherings left;
-    ``gathered`` has the manifests committed after one, by unit key."""
+    written by the graph) are never gathered. :meth:`drain` waits for the gatherings left,
+    :meth:`cancel` stops them (a failed run: none may write after it); ``gathered`` has the
+    manifests committed after one (without their slices, as the tracker keeps units), by
+    unit key."""
 
     def __init__(self, publish: Callable[[dict[str, Any]], Any], output_uri: str,
                  storage_options: dict[str, Any], rows_per_file: int) -> None:
@@ -37,6 +43,7 @@ class UnitGatherer:
         self.skip: frozenset[str] = frozenset()
         self.gathered: dict[str, dict[str, Any]] = {}
         self._pending: dict[Any, str] = {}  # task -> unit key
+        self._polled = 0.0
 
     def commit(self, unit: dict[str, Any]) -> None:
         if unit["unit"] in self.skip \
@@ -46,10 +53,12 @@ class UnitGatherer:
             ref = _gather.remote(unit, self.output_uri, self.storage_options,
                                  self.rows_per_file)
             self._pending[ref] = unit["unit"]
-        self._take(wait=False)
+        if time.monotonic() - self._polled > POLL_S:
+            self._take(wait=False)
 
     def _take(self, wait: bool) -> None:
         """Commit the gathered units whose tasks are done (at least one if ``wait``)."""
+        self._polled = time.monotonic()
         if not self._pending:
             return
         ready, _ = ray.wait(list(self._pending), num_returns=1 if wait else len(self._pending),
@@ -60,9 +69,22 @@ class UnitGatherer:
             if unit is None:  # gathering() said yes on the driver: it cannot say no there
                 raise RuntimeError(f"internal error: unit {key} was not gathered")
             self.publish(unit)
-            self.gathered[key] = unit
+            self.gathered[key] = {k: v for k, v in unit.items() if k != "slices"}
 
     def drain(self) -> None:
         """Wait for every gathering left, committing each unit as its task is done."""
         while self._pending:
             self._take(wait=True)
+
+    def cancel(self) -> None:
+        """Stop the gatherings left and wait until none runs (their files, named by no
+        manifest, are strays the next attempt deletes)."""
+        refs = list(self._pending)
+        self._pending.clear()
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        for ref in refs:
+            try:
+                ray.get(ref)
+            except Exception:  # noqa: BLE001, S110 - cancelled or failed: either way, done
+                pass

@@ -223,10 +223,9 @@ def summarize(previous: Previous | None, snapshot: str, result: dict[str, Any],
                             # units of several files, some changed: the others were copied
                             "touched": facts.get("units_touched", 0),
                             "files_copied": facts.get("files_copied", 0),
-                            # units whose rows the shuffle scattered, gathered before commit
-                            "gathered": sum(1 for unit in committed.values()
-                                            if unit.get("gathered_from")
-                                            and not unit.get("carried_from"))},
+                            # units whose rows the shuffle scattered, gathered before
+                            # their commit (by this attempt)
+                            "gathered": facts.get("units_gathered", 0)},
         "snapshot": snapshot,
         "previous_snapshot": previous.name if previous else None,
         "rows_out": rows_out,  # rows in the snapshot

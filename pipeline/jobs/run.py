@@ -262,12 +262,15 @@ def execute(config: RunConfig, setup: Setup, planned: Planned, spec: JobSpec,
             first = consume(records, tracker, config)
             if gatherer:
                 gather(gatherer, tracker)
+                facts["units_gathered"] = len(gatherer.gathered)
         except RunFailed as err:
             gone = lost_nodes(cluster)
             if gone:  # a likely cause (the error itself comes first: it may be another)
                 raise RunFailed(f"{err}; meanwhile {describe_lost(gone)}") from err
             raise
         finally:
+            if gatherer:  # a failed run's gatherings stop: none may write after it
+                gatherer.cancel()
             records.close()  # stop Ray Data's iterator now, while Ray is still up
         first_record_s = None if first is None else first - t0
     gone = lost_nodes(cluster)
@@ -285,8 +288,7 @@ def gather(gatherer: UnitGatherer, tracker: units.Tracker) -> None:
     except Exception as err:  # noqa: BLE001 - reported whole, with its type (as consume)
         cause = root_cause(err)
         raise RunFailed(f"the run failed: {type(cause).__name__}: {cause}") from err
-    for key, unit in gatherer.gathered.items():
-        tracker.committed[key] = {k: v for k, v in unit.items() if k != "slices"}
+    tracker.committed.update(gatherer.gathered)
 
 
 NODES_NAMED = 5  # in a message; the summary lists up to summary.MAX_NODES_LOST

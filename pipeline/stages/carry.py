@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import re
 import time
 from collections import Counter
 from typing import Any, Iterable
@@ -586,7 +587,14 @@ def gather_unit(manifest: dict[str, Any], output_uri: str, storage_options: dict
     job = gathering(manifest, output_uri, rows_per_file)
     if job is None:
         return None
-    record = copy_members(job, storage_options)
+    try:
+        record = copy_members(job, storage_options)
+    except Exception as err:  # noqa: BLE001 - named with the unit, and what to do
+        detail = re.split(r"; the (?:previous )?snapshot is damaged", str(err))[0]
+        raise OutputError(
+            f"cannot gather the {len(job.parts)} part files of unit {job.unit} in "
+            f"{output_uri}: {type(err).__name__}: {detail}; this snapshot is not published: "
+            "run the night again (the unit is then done again)") from err
     index = {uri: i for i, uri in enumerate(job.members)}
     return manifest | {
         "files": record["files"], "bytes": record["bytes"],
@@ -602,6 +610,6 @@ def _check_counts(job: MemberCopy, found: Counter) -> None:
     for i in sorted(job.kept):
         if found.get(i, 0) != job.counts[i][0]:
             raise OutputError(
-                f"the previous snapshot holds {found.get(i, 0)} row(s) of {job.members[i]}, "
+                f"the snapshot {job.source} holds {found.get(i, 0)} row(s) of {job.members[i]}, "
                 f"its manifest counts {job.counts[i][0]} (unit {job.unit}); the snapshot is "
                 f"damaged: restore it, or delete the output's _LATEST to start afresh")
