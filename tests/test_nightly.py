@@ -607,7 +607,8 @@ def test_the_gatherer_commits_gathered_units_and_stops_on_a_failed_one(cluster, 
     base = str(tmp_path / "c")
     gatherer = UnitGatherer(published.append, base, {}, 1000)
     unit = scattered_unit(base)
-    gatherer.commit(unit)
+    gatherer.commit(unit)  # queued until the graph is done
+    gatherer.start()
     gatherer.cancel()
     gatherer.drain()  # nothing left to wait for
     time.sleep(2)  # a task left running would have written its part file by now
