@@ -611,7 +611,7 @@ def test_the_gatherer_commits_gathered_units_and_stops_on_a_failed_one(cluster, 
     gatherer.start()
     gatherer.cancel()
     gatherer.drain()  # nothing left to wait for
-    time.sleep(2)  # a task left running would have written its part file by now
+    time.sleep(1)  # a task left running would have written its part file by now
     assert {p.name for p in Path(base).glob("part-*.parquet")} == set(unit["slices"])
     assert len(published) == 1 and not gatherer.gathered
 

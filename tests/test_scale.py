@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import time
 
 import pyarrow.parquet as pq
@@ -57,16 +58,19 @@ def test_each_job_gets_its_own_peak():
 
 
 def test_rss_kinds_peak_holds_memory_freed_before_the_end():
-    # 96 MiB of the process's own memory, touched then freed inside the block: its anon peak
-    # holds them (sampled while they were there), its end does not.
+    # 96 MiB of new private anonymous pages (a mapping of their own: the allocator's free pages,
+    # already resident in a long-lived process, cannot stand in), touched then unmapped
+    # inside the block: its anon peak holds them (sampled while they were there), its end
+    # does not.
     if not scale.rss_kinds():
         pytest.skip("no /proc/self/status on this system")
     before = scale.rss_kinds()["anon"]
     with scale.RssKindPeaks(every=0.01) as kinds:
-        big = bytearray(96 << 20)
-        big[::4096] = b"x" * len(big[::4096])
+        big = mmap.mmap(-1, 96 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        for at in range(0, len(big), 4096):
+            big[at] = 1
         time.sleep(0.1)
-        del big
+        big.close()
     assert set(kinds.peaks) == {"anon", "file", "shmem"}
     assert kinds.peaks["anon"] >= before + (80 << 20)
     assert scale.rss_kinds()["anon"] < kinds.peaks["anon"] - (64 << 20)

@@ -355,7 +355,7 @@ def test_units_carried_tonight_are_committed_by_this_run_not_kept_from_an_earlie
                            model={"weights_fingerprint": "w"}, input_files=2)
     out = nightly.summarize(prev, now.name, result, committed, facts)
     assert out["units"] == {"total": 2, "committed": 2, "carried": 1, "resumed": 0,
-                            "committed_now": 2, "touched": 0, "files_copied": 0}
+                            "committed_now": 2, "touched": 0, "files_copied": 0, "gathered": 0}
     assert out["rows_unchanged"] == 3 and out["rows_new"] == 3 and out["rows_deleted"] == 3
     # A resume that finds the carried unit committed by its earlier attempt keeps it.
     again = nightly.summarize(prev, now.name, result, committed, {})

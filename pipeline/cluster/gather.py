@@ -46,11 +46,12 @@ class UnitGatherer:
         self._pending: dict[Any, str] = {}  # task -> unit key
 
     def commit(self, unit: dict[str, Any]) -> None:
-        if unit["unit"] in self.skip \
-                or gathering(unit, self.output_uri, self.rows_per_file) is None:
+        job = None if unit["unit"] in self.skip \
+            else gathering(unit, self.output_uri, self.rows_per_file)
+        if job is None:
             self.publish(unit)
-        else:
-            self._queued.append(unit)
+        else:  # its slices queued as arrays (16 bytes a slice), not as the manifest's lists
+            self._queued.append(unit | {"slices": dict(job.parts)})
 
     def start(self) -> None:
         """Submit the gatherings of the units queued so far."""
