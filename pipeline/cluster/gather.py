@@ -61,12 +61,9 @@ class UnitGatherer:
             self._pending[ref] = unit["unit"]
         self._queued.clear()
 
-    def _take(self, wait: bool) -> None:
-        """Commit the gathered units whose tasks are done (at least one if ``wait``)."""
-        if not self._pending:
-            return
-        ready, _ = ray.wait(list(self._pending), num_returns=1 if wait else len(self._pending),
-                            timeout=None if wait else 0)
+    def _take(self) -> None:
+        """Wait for a gathering to be done, and commit its unit."""
+        ready, _ = ray.wait(list(self._pending), num_returns=1)
         for ref in ready:
             key = self._pending.pop(ref)
             unit = ray.get(ref)
@@ -79,7 +76,7 @@ class UnitGatherer:
         """Gather the units queued, committing each as its task is done."""
         self.start()
         while self._pending:
-            self._take(wait=True)
+            self._take()
 
     def cancel(self) -> None:
         """Stop the gatherings left and wait until none runs (their files, named by no
