@@ -74,11 +74,12 @@ def test_a_group_units_part_file_keeps_each_files_rows_together_and_records_its_
     assert manifest["member_files"] == [[10, "v1", 3, 3], [11, "v2", 2, 1], [12, "v3", 1, 0]]
 
 
-def test_the_driver_keeps_a_committed_unit_without_its_slices(tmp_path):
-    """The manifest published has the part files' slices; what the driver keeps of a
-    committed unit does not (they grow with the writes a unit's rows were dealt to)."""
+def commit_scattered(base: str) -> tuple[units.Tracker, list[dict], dict | None]:
+    """The unit's rows written in three writes (as a night's shuffle deals them) into the
+    folder ``base`` (3 part files, 1 reject file) and given to a tracker: the tracker, the
+    manifests it committed, and what its last ``add`` returned."""
     fs = fsspec.filesystem("file")
-    rows, base = group_rows(), str(tmp_path / "prev")
+    rows = group_rows()
     records = [write_outputs(fs, base, rows.slice(k, 2), output_spec())[0] for k in (0, 2, 4)]
     checksum = sum(file_rows_checksum(u, n, s) for u, n, s in
                    ((A, 3, 3), (B, 2, 1), (C, 1, 0))) % CHECKSUM_MOD
@@ -86,7 +87,15 @@ def test_the_driver_keeps_a_committed_unit_without_its_slices(tmp_path):
     tracker = units.Tracker([members()], commit=commits.append)
     tracker.add(records[0])
     tracker.add(records[1])
-    assert tracker.add(records[2] | {"file_rows": 6, "file_rowsum": checksum}) is not None
+    last = tracker.add(records[2] | {"file_rows": 6, "file_rowsum": checksum})
+    return tracker, commits, last
+
+
+def test_the_driver_keeps_a_committed_unit_without_its_slices(tmp_path):
+    """The manifest published has the part files' slices; what the driver keeps of a
+    committed unit does not (they grow with the writes a unit's rows were dealt to)."""
+    tracker, commits, last = commit_scattered(str(tmp_path / "prev"))
+    assert last is not None
     (published,) = commits
     assert len(published["slices"]) == 3
     (kept,) = tracker.committed.values()
@@ -600,19 +609,8 @@ def test_row_groups_planned_to_move_from_a_file_that_cannot_be_spliced_are_decod
 
 
 def scattered_unit(base: str) -> dict:
-    """The unit's rows written in three writes (as a night's shuffle deals them) into the
-    folder ``base``: the manifest the tracker commits (3 part files, 1 reject file)."""
-    fs = fsspec.filesystem("file")
-    rows = group_rows()
-    records = [write_outputs(fs, base, rows.slice(k, 2), output_spec())[0] for k in (0, 2, 4)]
-    checksum = sum(file_rows_checksum(u, n, s) for u, n, s in
-                   ((A, 3, 3), (B, 2, 1), (C, 1, 0))) % CHECKSUM_MOD
-    commits = []
-    tracker = units.Tracker([members()], commit=commits.append)
-    tracker.add(records[0])
-    tracker.add(records[1])
-    tracker.add(records[2] | {"file_rows": 6, "file_rowsum": checksum})
-    return json.loads(json.dumps(commits[0]))
+    """The manifest :func:`commit_scattered` commits, as loaded from JSON."""
+    return json.loads(json.dumps(commit_scattered(base)[1][0]))
 
 
 def test_a_unit_scattered_over_writes_is_gathered_into_one_part_file(tmp_path):
